@@ -1,0 +1,1 @@
+"""Framework backends. Only code under here imports mlx or torch."""

@@ -1,0 +1,98 @@
+"""Llama-family layers in MLX (llama, mistral, qwen2): a contiguous slice of the model.
+
+Uses only `mx.fast.*` kernels and plain array ops, so the same code runs on Metal and on the
+CPU. Rows of all sequences are flattened for the projections; attention runs per sequence.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from engine.config import ModelConfig
+
+from ..cache import KVCache
+
+
+class Attention:
+    def __init__(self, cfg: ModelConfig, w: dict[str, mx.array], p: str, rope_freqs: mx.array):
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.scale = self.head_dim**-0.5
+        self.rope_freqs = rope_freqs
+        # fused q/k/v, stored transposed (in, out) for x @ w
+        self.wqkv = mx.concatenate([w[p + f"{x}_proj.weight"] for x in "qkv"]).T
+        self.bqkv = mx.concatenate([w[p + f"{x}_proj.bias"] for x in "qkv"]) if cfg.attention_bias else None
+        self.wo = w[p + "o_proj.weight"].T
+        self.bo = w.get(p + "o_proj.bias")
+
+    def __call__(self, x: mx.array, segments, caches: list[KVCache]) -> mx.array:
+        qd, kd = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        qkv = x @ self.wqkv
+        if self.bqkv is not None:
+            qkv = qkv + self.bqkv
+        q, k, v = mx.split(qkv, [qd, qd + kd], axis=-1)
+        outs = []
+        for (start, length, offset), cache in zip(segments, caches):
+            # (1, heads, T, head_dim)
+            qs = q[start : start + length].reshape(1, length, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
+            ks = k[start : start + length].reshape(1, length, self.n_kv, self.head_dim).transpose(0, 2, 1, 3)
+            vs = v[start : start + length].reshape(1, length, self.n_kv, self.head_dim).transpose(0, 2, 1, 3)
+            qs = mx.fast.rope(qs, self.head_dim, traditional=False, base=None, scale=1.0, offset=offset,
+                              freqs=self.rope_freqs)
+            ks = mx.fast.rope(ks, self.head_dim, traditional=False, base=None, scale=1.0, offset=offset,
+                              freqs=self.rope_freqs)
+            keys, values = cache.update_and_fetch(ks, vs)
+            o = mx.fast.scaled_dot_product_attention(qs, keys, values, scale=self.scale,
+                                                     mask="causal" if length > 1 else None)
+            outs.append(o.transpose(0, 2, 1, 3).reshape(length, qd))
+        out = (mx.concatenate(outs) if len(outs) > 1 else outs[0]) @ self.wo
+        return out + self.bo if self.bo is not None else out
+
+
+class Block:
+    def __init__(self, cfg: ModelConfig, w: dict[str, mx.array], i: int, rope_freqs: mx.array):
+        p = f"model.layers.{i}."
+        self.eps = cfg.rms_norm_eps
+        self.attn_norm = w[p + "input_layernorm.weight"]
+        self.mlp_norm = w[p + "post_attention_layernorm.weight"]
+        self.attn = Attention(cfg, w, p + "self_attn.", rope_freqs)
+        self.w_gate_up = mx.concatenate([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]]).T
+        self.w_down = w[p + "mlp.down_proj.weight"].T
+
+    def __call__(self, x, segments, caches):
+        x = x + self.attn(mx.fast.rms_norm(x, self.attn_norm, self.eps), segments, caches)
+        gate, up = mx.split(mx.fast.rms_norm(x, self.mlp_norm, self.eps) @ self.w_gate_up, 2, axis=-1)
+        return x + (gate * mx.sigmoid(gate) * up) @ self.w_down
+
+
+class LlamaStage:
+    """Layers [first, last]; the embedding on the first stage, norm and head on the last."""
+
+    def __init__(self, cfg: ModelConfig, w: dict[str, mx.array], first: int, last: int, rope_freqs: mx.array):
+        self.eps = cfg.rms_norm_eps
+        is_last = last == cfg.num_hidden_layers - 1
+        self.embed = w["model.embed_tokens.weight"] if first == 0 else None
+        self.layers = [Block(cfg, w, i, rope_freqs) for i in range(first, last + 1)]
+        self.norm = w["model.norm.weight"] if is_last else None
+        # tied embeddings: the head is the embedding matrix
+        self.lm_head = (w.get("lm_head.weight", w.get("model.embed_tokens.weight"))) if is_last else None
+
+    def __call__(self, x, segments, caches: list[list[KVCache]], sample_rows=None):
+        """x: (N,) token ids on the first stage, else (N, hidden). caches[seq][layer]."""
+        if self.embed is not None:
+            x = self.embed[x]
+        for j, layer in enumerate(self.layers):
+            x = layer(x, segments, [c[j] for c in caches])
+        if self.lm_head is None:
+            return x
+        # only the rows that sample reach the head: never a (N, vocab) array
+        return (mx.fast.rms_norm(x[sample_rows], self.norm, self.eps) @ self.lm_head.T).astype(mx.float32)
+
+    def parameters(self) -> list[mx.array]:
+        out = [a for a in (self.embed, self.norm, self.lm_head) if a is not None]
+        for b in self.layers:
+            out += [b.attn_norm, b.mlp_norm, b.attn.wqkv, b.attn.wo, b.w_gate_up, b.w_down]
+            out += [a for a in (b.attn.bqkv, b.attn.bo) if a is not None]
+        return out
+
+
+StageModel = LlamaStage

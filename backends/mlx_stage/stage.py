@@ -1,0 +1,82 @@
+"""The MLX stage: a `Stage` whose layers run in mlx.core (Metal GPU on a Mac, CPU elsewhere)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import mlx.core as mx
+import numpy as np
+
+from engine.config import ModelConfig, rope_inv_freq
+from engine.errors import UserError
+from engine.stage import BaseStage, Hidden, Layout, SeqChunk, StageInfo
+from engine.weights import load_stage_tensors
+
+from . import blas
+from .cache import KVCache
+
+MLX_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+
+
+def to_mlx(a, dtype: mx.Dtype) -> mx.array:
+    """A typed numpy array to an mx.array of `dtype`; bfloat16 words are viewed, not converted."""
+    if a.dtype == "bfloat16":
+        return mx.array(np.ascontiguousarray(a.data)).view(mx.bfloat16).astype(dtype)
+    return mx.array(np.ascontiguousarray(a.data)).astype(dtype)
+
+
+def to_hidden(x: mx.array, dtype: str) -> Hidden:
+    if x.dtype == mx.bfloat16:
+        return Hidden(np.array(x.view(mx.uint16)), dtype)
+    return Hidden(np.array(x), dtype)
+
+
+class MLXStage(BaseStage):
+    def __init__(self, model_dir, cfg: ModelConfig, first: int, last: int, device: str, dtype: str):
+        super().__init__(StageInfo("mlx", device, dtype, first, last, cfg.num_hidden_layers), cfg)
+        self.dtype = MLX_DTYPES[dtype]
+        raw = load_stage_tensors(model_dir, cfg, first, last)
+        weights = {name: to_mlx(t, self.dtype) for name, t in raw.items()}
+        # mx.fast.rope takes periods (1 / inverse frequency)
+        freqs = mx.array(1.0 / rope_inv_freq(cfg))
+        model_cls = importlib.import_module(f"{__package__}.models.{cfg.family}").StageModel
+        self.model = model_cls(cfg, weights, first, last, freqs)
+        mx.eval(self.model.parameters())
+        self.caches: dict[int, list[KVCache]] = {}
+
+    def _compute(self, seqs: list[SeqChunk], hidden: Hidden | None):
+        lay = Layout.of(seqs)
+        if hidden is None:
+            x = mx.array(np.concatenate([s.token_ids for s in seqs]).astype(np.int32))
+        else:
+            x = to_mlx(hidden, self.dtype)
+        caches = [self.caches.setdefault(s.seq_id, [KVCache() for _ in self.model.layers]) for s in seqs]
+        segments = list(zip(lay.starts, lay.lengths, lay.offsets))
+        out = self.model(x, segments, caches, mx.array(lay.sample_rows))
+        mx.eval(out, *[a for c in caches for kv in c for a in (kv.keys, kv.values)])
+        if self.info.is_last:
+            return np.array(out)
+        return to_hidden(out, self.info.dtype)
+
+    def _free(self, seq_id: int) -> None:
+        self.caches.pop(seq_id, None)
+
+    def kv_bytes(self) -> int:
+        return sum(c.nbytes for layers in self.caches.values() for c in layers)
+
+
+def create_stage(model_dir, cfg: ModelConfig, first: int, last: int, *, device=None, dtype="float32",
+                 threads=None) -> MLXStage:
+    device = device or ("gpu" if mx.metal.is_available() else "cpu")
+    if device not in ("gpu", "cpu"):
+        raise UserError(f"mlx device must be gpu or cpu, not {device!r}")
+    if device == "gpu" and not mx.metal.is_available():
+        raise UserError("mlx device 'gpu' needs Metal, which this machine lacks; use --device cpu")
+    mx.set_default_device(mx.gpu if device == "gpu" else mx.cpu)
+    if device == "cpu" and sys.platform.startswith("linux") and blas.loaded is None:
+        print("hetpipe: OpenBLAS not found; MLX CPU matmuls use the slow reference BLAS "
+              "(apt-get install libopenblas0-pthread)", file=sys.stderr)
+    stage = MLXStage(model_dir, cfg, first, last, device, dtype)
+    stage.warmup()
+    return stage

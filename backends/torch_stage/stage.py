@@ -1,0 +1,93 @@
+"""The PyTorch stage: a `Stage` whose layers run in torch on cuda, mps or cpu."""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import torch
+
+from engine.config import ModelConfig, rope_inv_freq
+from engine.errors import UserError
+from engine.stage import BaseStage, Hidden, Layout, SeqChunk, StageInfo
+from engine.weights import load_stage_tensors
+
+from .cache import KVCache
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def default_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def to_torch(a, dtype: torch.dtype, device) -> torch.Tensor:
+    """A typed numpy array to a torch tensor of `dtype`; bfloat16 words are viewed, not converted."""
+    if a.dtype == "bfloat16":
+        t = torch.from_numpy(np.ascontiguousarray(a.data).view(np.int16)).view(torch.bfloat16)
+    else:
+        t = torch.from_numpy(np.array(a.data))
+    return t.to(device=device, dtype=dtype)
+
+
+def to_hidden(x: torch.Tensor, dtype: str) -> Hidden:
+    x = x.detach().cpu().contiguous()
+    if x.dtype == torch.bfloat16:
+        return Hidden(x.view(torch.int16).numpy().view(np.uint16), dtype)
+    return Hidden(x.numpy(), dtype)
+
+
+class TorchStage(BaseStage):
+    def __init__(self, model_dir, cfg: ModelConfig, first: int, last: int, device: str, dtype: str):
+        super().__init__(StageInfo("torch", device, dtype, first, last, cfg.num_hidden_layers), cfg)
+        self.device = torch.device(device)
+        self.dtype = TORCH_DTYPES[dtype]
+        raw = load_stage_tensors(model_dir, cfg, first, last)
+        weights = {name: to_torch(t, self.dtype, self.device) for name, t in raw.items()}
+        model_cls = importlib.import_module(f"{__package__}.models.{cfg.family}").StageModel
+        self.model = model_cls(cfg, weights, first, last).eval()
+        self.inv_freq = torch.from_numpy(rope_inv_freq(cfg)).to(self.device)
+        self.caches: dict[int, list[KVCache]] = {}
+
+    @torch.inference_mode()
+    def _compute(self, seqs: list[SeqChunk], hidden: Hidden | None):
+        lay = Layout.of(seqs)
+        if hidden is None:
+            x = torch.from_numpy(np.concatenate([s.token_ids for s in seqs]).astype(np.int64)).to(self.device)
+        else:
+            x = to_torch(hidden, self.dtype, self.device)
+        pos = torch.from_numpy(lay.positions).to(self.device)
+        freqs = pos[:, None].float() * self.inv_freq[None, :]
+        emb = torch.cat([freqs, freqs], dim=-1)[:, None, :]  # (N, 1, head_dim)
+        cos, sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+        caches = [self.caches.setdefault(s.seq_id, [KVCache() for _ in self.model.layers]) for s in seqs]
+        segments = list(zip(lay.starts, lay.lengths, lay.offsets))
+        rows = torch.from_numpy(lay.sample_rows).to(self.device)
+        out = self.model(x, cos, sin, segments, caches, rows)
+        if self.info.is_last:
+            return out.cpu().numpy()
+        return to_hidden(out, self.info.dtype)
+
+    def _free(self, seq_id: int) -> None:
+        self.caches.pop(seq_id, None)
+
+    def kv_bytes(self) -> int:
+        return sum(c.nbytes for layers in self.caches.values() for c in layers)
+
+
+def create_stage(model_dir, cfg: ModelConfig, first: int, last: int, *, device=None, dtype="float32",
+                 threads=None) -> TorchStage:
+    if threads:
+        torch.set_num_threads(threads)
+    device = device or default_device()
+    try:
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise UserError(f"torch device {device!r} is not usable here: {str(e).splitlines()[0]}") from None
+    stage = TorchStage(model_dir, cfg, first, last, device, dtype)
+    stage.warmup()
+    return stage

@@ -1,0 +1,1 @@
+"""hetpipe engine: framework-neutral (numpy, token ids, dataclasses). Imports neither mlx nor torch."""

@@ -1,0 +1,5 @@
+"""Errors a user caused: the CLI prints these as one line and exits with code 2."""
+
+
+class UserError(Exception):
+    """Bad input from a user (model, ranges, options, prompt): a clear one-line message."""

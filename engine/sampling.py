@@ -1,0 +1,98 @@
+"""Sampling in plain numpy: the last stage uses it whatever its backend.
+
+Order of logit processing follows transformers: repetition penalty, temperature, top-k, top-p,
+min-p. Log-probabilities are those of the model's own distribution (log-softmax of the raw
+logits), as vLLM and llama.cpp report them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import UserError
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    min_p: float = 0.0  # 0: off
+    repetition_penalty: float = 1.0  # 1: off
+    seed: int | None = None
+    logprobs: int = 1  # how many top log-probabilities to report (1: the chosen token only)
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise UserError("temperature must be >= 0")
+        if self.top_k < 0:
+            raise UserError("top-k must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise UserError("top-p must be in (0, 1]")
+        if not 0 <= self.min_p <= 1:
+            raise UserError("min-p must be in [0, 1]")
+        if self.repetition_penalty <= 0:
+            raise UserError("repetition penalty must be > 0")
+        if not 0 <= self.logprobs <= 20:
+            raise UserError("logprobs must be between 0 and 20")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
+    """transformers' rule: positive logits of seen tokens are divided by the penalty, negative multiplied."""
+    if penalty == 1.0 or len(seen) == 0:
+        return logits
+    out = logits.copy()
+    vals = out[seen]
+    out[seen] = np.where(vals > 0, vals / penalty, vals * penalty)
+    return out
+
+
+def filter_logits(logits: np.ndarray, p: SamplingParams) -> np.ndarray:
+    """Temperature, top-k, top-p, min-p: returns logits with removed tokens at -inf."""
+    x = logits.astype(np.float64) / p.temperature
+    if p.top_k and p.top_k < x.size:
+        kth = np.partition(x, -p.top_k)[-p.top_k]
+        x = np.where(x < kth, -np.inf, x)
+    if p.top_p < 1.0:
+        order = np.argsort(-x, kind="stable")
+        probs = np.exp(x[order] - x[order[0]])
+        probs /= probs.sum()
+        # keep the smallest prefix whose mass reaches top_p (at least one token)
+        cut = int(np.searchsorted(np.cumsum(probs), p.top_p)) + 1
+        x[order[cut:]] = -np.inf
+    if p.min_p > 0.0:
+        probs = np.exp(x - x.max())
+        x = np.where(probs < p.min_p * probs.max(), -np.inf, x)
+    return x
+
+
+def sample_token(logits: np.ndarray, p: SamplingParams, rng: np.random.Generator, seen: np.ndarray) -> int:
+    """One token id from one row of logits (V,)."""
+    logits = apply_repetition_penalty(logits, seen, p.repetition_penalty)
+    if p.greedy:
+        return int(np.argmax(logits))
+    x = filter_logits(logits, p)
+    probs = np.exp(x - x.max())
+    cdf = np.cumsum(probs)
+    return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), x.size - 1))
+
+
+def top_logprobs(logprobs: np.ndarray, n: int) -> list[tuple[int, float]]:
+    """The n most likely (token id, logprob) pairs, most likely first."""
+    if n <= 0:
+        return []
+    idx = np.argpartition(-logprobs, n - 1)[:n]
+    idx = idx[np.argsort(-logprobs[idx], kind="stable")]
+    return [(int(i), float(logprobs[i])) for i in idx]

@@ -1,0 +1,233 @@
+"""The `Stage` contract every backend (and, later, the remote client) satisfies.
+
+A stage holds the contiguous layers [first, last] of a model. The first stage also holds the
+embedding and takes token ids; the last also holds the final norm and head and returns sampled
+token ids with their log-probabilities, never vocab-sized logits. Every call carries a batch of
+sequences, each with its id, its new tokens (and, past the first stage, its hidden rows), and its
+position offset, so ragged prefill and a decode step of many sequences are the same call.
+Everything here is numpy and dataclasses so it can cross a socket unchanged.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+from .config import ModelConfig
+from .errors import UserError
+from .tensors import TypedArray
+from .sampling import SamplingParams, log_softmax, sample_token, top_logprobs
+
+BACKENDS = {"mlx": "backends.mlx_stage", "torch": "backends.torch_stage"}
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(slots=True)
+class SeqChunk:
+    """One sequence's share of a stage call."""
+
+    seq_id: int
+    offset: int  # tokens already in this sequence's KV cache == position of the first new token
+    token_ids: np.ndarray  # (T,) int32: the new tokens (the last stage keeps them for penalties)
+    sampling: SamplingParams | None = None  # None: no token wanted yet (a middle prefill chunk)
+
+
+# Activations between stages: (sum of T, hidden_size) rows in the batch's sequence order.
+Hidden = TypedArray
+
+
+@dataclass(slots=True)
+class StageBatch:
+    seqs: list[SeqChunk]
+    hidden: Hidden | None = None  # None for the first stage
+
+
+@dataclass(slots=True)
+class SampledToken:
+    seq_id: int
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob), best first
+
+
+@dataclass(slots=True)
+class StageResult:
+    hidden: Hidden | None = None  # from every stage but the last
+    tokens: list[SampledToken] = field(default_factory=list)  # from the last stage
+
+
+@dataclass(slots=True)
+class StageInfo:
+    backend: str
+    device: str
+    dtype: str
+    first: int
+    last: int
+    num_layers: int  # of the whole model
+
+    @property
+    def is_first(self) -> bool:
+        return self.first == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.last == self.num_layers - 1
+
+
+@runtime_checkable
+class Stage(Protocol):
+    info: StageInfo
+
+    def forward(self, batch: StageBatch) -> StageResult:
+        """Run the batch through this stage's layers, appending to each sequence's KV cache."""
+        ...
+
+    def release(self, seq_ids: Sequence[int]) -> None:
+        """Free the KV caches (and sampler state) of these sequences."""
+        ...
+
+    def live_sequences(self) -> list[int]: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(slots=True)
+class Layout:
+    """Where each sequence's rows sit in a flattened batch, in numpy (backends copy it over)."""
+
+    starts: list[int]
+    lengths: list[int]
+    offsets: list[int]
+    positions: np.ndarray  # (sum T,) int64: absolute position of every row
+    sample_rows: np.ndarray  # (B',) int64: the last row of each sequence that samples
+
+    @classmethod
+    def of(cls, seqs: Sequence[SeqChunk]) -> "Layout":
+        lengths = [len(s.token_ids) for s in seqs]
+        starts = np.cumsum([0] + lengths[:-1]).tolist()
+        offsets = [s.offset for s in seqs]
+        positions = np.concatenate([np.arange(o, o + n) for o, n in zip(offsets, lengths)])
+        rows = [a + n - 1 for a, n, s in zip(starts, lengths, seqs) if s.sampling is not None]
+        return cls(starts, lengths, offsets, positions.astype(np.int64), np.asarray(rows, dtype=np.int64))
+
+
+@dataclass(slots=True)
+class _SeqState:
+    length: int = 0  # tokens in the KV cache
+    seen: list[int] = field(default_factory=list)  # token ids, for the repetition penalty
+    rng: np.random.Generator | None = None
+
+
+class BaseStage:
+    """Bookkeeping shared by the backends: offsets, sequence lifetimes, sampling.
+
+    A backend subclass provides `_compute(seqs, hidden)` returning either the hidden rows (as a
+    `Hidden`) or, on the last stage, float32 logits (B', vocab) for the sequences that sample,
+    and `_free(seq_id)` dropping that sequence's KV cache.
+    """
+
+    def __init__(self, info: StageInfo, cfg: ModelConfig):
+        self.info = info
+        self.cfg = cfg
+        self.hidden_size = cfg.hidden_size
+        self._seqs: dict[int, _SeqState] = {}
+
+    def forward(self, batch: StageBatch) -> StageResult:
+        self._check(batch)
+        for s in batch.seqs:
+            self._seqs.setdefault(s.seq_id, _SeqState())
+        try:
+            out = self._compute(batch.seqs, batch.hidden)
+        except Exception:
+            # a half-run batch leaves caches of unknown length: drop them rather than lie
+            self.release([s.seq_id for s in batch.seqs])
+            raise
+        for s in batch.seqs:
+            st = self._seqs[s.seq_id]
+            st.length += len(s.token_ids)
+            if self.info.is_last:
+                st.seen.extend(s.token_ids.tolist())
+        if not self.info.is_last:
+            return StageResult(hidden=out)
+        return StageResult(tokens=self._sample(batch.seqs, out))
+
+    def release(self, seq_ids: Sequence[int]) -> None:
+        for sid in seq_ids:
+            if self._seqs.pop(sid, None) is not None:
+                self._free(sid)
+
+    def live_sequences(self) -> list[int]:
+        return sorted(self._seqs)
+
+    def close(self) -> None:
+        self.release(list(self._seqs))
+
+    def _check(self, batch: StageBatch) -> None:
+        ids = [s.seq_id for s in batch.seqs]
+        if len(set(ids)) != len(ids):
+            raise ValueError("a sequence appears twice in one batch")
+        total = 0
+        for s in batch.seqs:
+            have = self._seqs[s.seq_id].length if s.seq_id in self._seqs else 0
+            if s.offset != have:
+                raise ValueError(f"sequence {s.seq_id}: offset {s.offset} but {have} tokens cached")
+            if len(s.token_ids) == 0:
+                raise ValueError(f"sequence {s.seq_id}: no new tokens")
+            total += len(s.token_ids)
+        if self.info.is_first != (batch.hidden is None):
+            raise ValueError("the first stage takes token ids only; later stages take hidden rows")
+        if batch.hidden is not None and batch.hidden.data.shape[0] != total:
+            raise ValueError(f"hidden has {batch.hidden.data.shape[0]} rows for {total} tokens")
+
+    def _sample(self, seqs: list[SeqChunk], logits: np.ndarray) -> list[SampledToken]:
+        out = []
+        for s, row in zip([s for s in seqs if s.sampling is not None], logits):
+            p, st = s.sampling, self._seqs[s.seq_id]
+            if st.rng is None:
+                st.rng = np.random.default_rng(p.seed)
+            seen = np.unique(np.asarray(st.seen, dtype=np.int64)) if p.repetition_penalty != 1.0 else _EMPTY
+            tok = sample_token(row, p, st.rng, seen)
+            lp = log_softmax(row)
+            top = top_logprobs(lp, p.logprobs) if p.logprobs > 1 else []
+            out.append(SampledToken(s.seq_id, tok, float(lp[tok]), top))
+        return out
+
+    def warmup(self) -> None:
+        """Run a short prefill and one decode step so the first request pays no one-time cost."""
+        sid = -(2**62)  # an id no client sends: negative ids are refused at the API edge
+        p = SamplingParams()
+        for n, off in ((8, 0), (1, 8)):
+            toks = np.zeros(n, dtype=np.int32)
+            hidden = None if self.info.is_first else Hidden.from_float32(
+                np.zeros((n, self.hidden_size), np.float32), self.info.dtype)
+            self.forward(StageBatch([SeqChunk(sid, off, toks, p)], hidden))
+        self.release([sid])
+
+    def _compute(self, seqs: list[SeqChunk], hidden: Hidden | None):
+        raise NotImplementedError
+
+    def _free(self, seq_id: int) -> None:
+        raise NotImplementedError
+
+
+_EMPTY = np.zeros(0, dtype=np.int64)
+
+
+def load_stage(backend: str, model_dir: str, first: int, last: int, *, device: str | None = None,
+               dtype: str = "float32", threads: int | None = None) -> Stage:
+    """Build an in-process stage of `backend`; the backend module is imported only here."""
+    if backend not in BACKENDS:
+        raise UserError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    cfg = ModelConfig.load(model_dir)
+    if not 0 <= first <= last < cfg.num_hidden_layers:
+        raise UserError(f"layers {first}-{last} are outside the model's 0-{cfg.num_hidden_layers - 1}")
+    try:
+        module = importlib.import_module(BACKENDS[backend])
+    except ImportError as e:
+        raise UserError(f"backend {backend!r} is not available here: {e}") from None
+    return module.create_stage(model_dir, cfg, first, last, device=device, dtype=dtype, threads=threads)

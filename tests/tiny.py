@@ -1,0 +1,35 @@
+"""Tiny random-config checkpoints of each supported model_type, written by transformers itself."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=256, max_position_embeddings=256, rms_norm_eps=1e-5,
+            rope_theta=10000.0, bos_token_id=1, eos_token_id=2)
+
+VARIANTS = {
+    "llama": dict(model_type="llama", tie_word_embeddings=False),
+    "llama-tied": dict(model_type="llama", tie_word_embeddings=True),
+    "llama3-rope": dict(model_type="llama", rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                        high_freq_factor=4.0, original_max_position_embeddings=32), rope_theta=500000.0),
+    "mistral": dict(model_type="mistral", sliding_window=None),
+    "qwen2": dict(model_type="qwen2", tie_word_embeddings=True),
+}
+
+
+def make_tiny(out: Path, variant: str, seed: int = 0, shard: bool = False) -> Path:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kw = {**TINY, **VARIANTS[variant]}
+    model_type = kw.pop("model_type")
+    cfg = AutoConfig.for_model(model_type, **kw)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():  # random init is small; widen it so layers matter and tokens differ
+        for p in model.parameters():
+            p.normal_(0, 0.08)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, max_shard_size="100KB" if shard else "2GB")
+    return out
