@@ -1,0 +1,138 @@
+"""The `hetpipe` command line. Bad input: one line on stderr and exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import UserError
+from .stage import DTYPES
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own errors: one line, exit 2
+        raise UserError(f"{self.prog}: {message}")
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (the default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--logprobs", type=int, default=1, help="top log-probabilities per token (N > 1 adds `top`)")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="hetpipe", description="Run one LLM split across MLX and PyTorch stages.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    f = sub.add_parser("fetch", help="download and import a known model (default: smollm2)")
+    f.add_argument("name", nargs="?", default="smollm2")
+    f.add_argument("--out", default=None, help="directory (default: ~/.cache/hetpipe/models/NAME)")
+
+    g = sub.add_parser("import-gguf", help="import a Llama-family GGUF into a Hugging Face layout directory")
+    g.add_argument("file")
+    g.add_argument("--out", required=True)
+
+    gen = sub.add_parser("generate", help="generate text through a pipeline of stages")
+    gen.add_argument("prompt")
+    gen.add_argument("--model", default=None, help="model directory (default: the fetched smollm2)")
+    gen.add_argument("--local", required=True, metavar="SPEC",
+                     help="in-process stages: mlx:0-14,torch:15-29, or backends alone (torch, mlx,torch)")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the chat template")
+    gen.add_argument("--dtype", default="float32", help=f"one of {', '.join(DTYPES)}")
+    gen.add_argument("--device", default=None, help="torch: cuda, mps or cpu; mlx: gpu or cpu (default: best)")
+    gen.add_argument("--json", action="store_true", help="print one JSON line instead of streaming text")
+    _add_sampling(gen)
+    return p
+
+
+def _model_dir(arg: str | None) -> str:
+    from .fetch import default_model_dir
+
+    if arg:
+        return arg
+    d = default_model_dir()
+    if not d.is_dir():
+        raise UserError("no --model given and the default model is not fetched (run `hetpipe fetch smollm2`)")
+    return str(d)
+
+
+def cmd_fetch(args) -> int:
+    from .fetch import fetch
+
+    print(fetch(args.name, args.out, progress=sys.stderr.isatty()))
+    return 0
+
+
+def cmd_import_gguf(args) -> int:
+    from .gguf_import import import_gguf
+
+    print(import_gguf(args.file, args.out, progress=sys.stderr.isatty()))
+    return 0
+
+
+def local_pipeline(model_dir: str, spec: str, dtype: str, device: str | None):
+    from .config import ModelConfig
+    from .partition import parse_local_spec
+    from .pipeline import Pipeline
+    from .stage import load_stage
+
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    cfg = ModelConfig.load(model_dir)
+    specs = parse_local_spec(spec, cfg.num_hidden_layers)
+    if device and len({s.backend for s in specs}) > 1:
+        raise UserError("--device applies to one backend; with mixed backends leave it out")
+    return Pipeline([load_stage(s.backend, model_dir, s.first, s.last, device=device, dtype=dtype) for s in specs])
+
+
+def cmd_generate(args) -> int:
+    from .generate import Generator
+    from .sampling import SamplingParams
+
+    model_dir = _model_dir(args.model)
+    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                              repetition_penalty=args.repetition_penalty, seed=args.seed, logprobs=args.logprobs)
+    pipeline = local_pipeline(model_dir, args.local, args.dtype, args.device)
+    gen = Generator(model_dir, pipeline)
+    opts = dict(chat=args.chat, max_tokens=args.max_tokens, sampling=sampling, stop=args.stop)
+    if args.json:
+        print(json.dumps(gen.generate(args.prompt, **opts).to_json()))
+        return 0
+    for piece in gen.stream(args.prompt, **opts):
+        sys.stdout.write(piece.text)
+        sys.stdout.flush()
+    t = gen.last_timing
+    sys.stdout.write("\n")
+    rate = (t["n"] - 1) / (t["last"] - t["first"]) if t["last"] > t["first"] else 0.0
+    print(f"[{t['n']} tokens, ttft {1000 * (t['first'] - t['start']):.0f} ms, {rate:.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
+COMMANDS = {"fetch": cmd_fetch, "import-gguf": cmd_import_gguf, "generate": cmd_generate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except UserError as e:
+        print(f"hetpipe: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("hetpipe: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

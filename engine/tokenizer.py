@@ -1,0 +1,113 @@
+"""Tokenizer, chat template and incremental detokenizer, from a model directory.
+
+`tokenizers` does the BPE; jinja2 renders the chat template with the same environment
+transformers' `apply_chat_template` uses, so both give the same ids.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+from .errors import UserError
+
+
+class Tokenizer:
+    def __init__(self, model_dir: str | Path):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        model_dir = Path(model_dir)
+        path = model_dir / "tokenizer.json"
+        if not path.is_file():
+            raise UserError(f"no tokenizer in {model_dir}: tokenizer.json not found")
+        self._tok = HFTokenizer.from_file(str(path))
+        cfg_path = model_dir / "tokenizer_config.json"
+        self.config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        self.chat_template = self.config.get("chat_template")
+        self.bos_token = _content(self.config.get("bos_token"))
+        self.eos_token = _content(self.config.get("eos_token"))
+        self.bos_id = self._tok.token_to_id(self.bos_token) if self.bos_token else None
+        self.add_bos = bool(self.config.get("add_bos_token", False)) and self.bos_id is not None
+        self.eos_ids = self._eos_ids(model_dir)
+        self.vocab_size = self._tok.get_vocab_size()
+
+    def _eos_ids(self, model_dir: Path) -> set[int]:
+        ids = set()
+        if self.eos_token and self._tok.token_to_id(self.eos_token) is not None:
+            ids.add(self._tok.token_to_id(self.eos_token))
+        gen = model_dir / "generation_config.json"
+        if gen.is_file():
+            eos = json.loads(gen.read_text()).get("eos_token_id")
+            ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        return ids
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        if add_special_tokens and self.add_bos and (not ids or ids[0] != self.bos_id):
+            ids = [self.bos_id] + ids
+        return ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Render the model's chat template and tokenize it as transformers does (no extra BOS)."""
+        if not self.chat_template:
+            raise UserError("this model has no chat template; drop --chat")
+        text = _compile(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "", eos_token=self.eos_token or "",
+        )
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+
+def _content(tok) -> str | None:
+    return tok.get("content") if isinstance(tok, dict) else tok
+
+
+def _compile(template: str):
+    from jinja2 import TemplateError
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = lambda x, indent=None, separators=None, sort_keys=False: json.dumps(
+        x, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(template)
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text pieces that never split a UTF-8 character.
+
+    Decodes a short window of recent tokens (vLLM's prefix/read offsets) and holds back output
+    while the window ends in an incomplete byte sequence (U+FFFD).
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tok = tokenizer
+        self.ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        prefix = self.tok.decode(self.ids[self.prefix_offset : self.read_offset])
+        text = self.tok.decode(self.ids[self.prefix_offset :])
+        if len(text) > len(prefix) and not text.endswith("\ufffd"):
+            piece = text[len(prefix) :]
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return piece
+        return ""
+
+    def flush(self) -> str:
+        """What is still held back (an incomplete character at the very end)."""
+        prefix = self.tok.decode(self.ids[self.prefix_offset : self.read_offset])
+        text = self.tok.decode(self.ids[self.prefix_offset :])
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return text[len(prefix) :]
