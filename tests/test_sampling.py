@@ -1,0 +1,77 @@
+"""The numpy sampler against brute-force definitions and transformers' logits processors."""
+
+import numpy as np
+import pytest
+
+from engine.errors import UserError
+from engine.sampling import SamplingParams, apply_repetition_penalty, filter_logits, log_softmax, sample_token, top_logprobs
+
+RNG = np.random.default_rng(0)
+LOGITS = RNG.normal(0, 3, size=64).astype(np.float32)
+
+
+def kept(x):
+    return set(np.flatnonzero(np.isfinite(x)).tolist())
+
+
+def test_greedy_is_argmax():
+    assert sample_token(LOGITS, SamplingParams(), np.random.default_rng(), np.zeros(0, int)) == int(LOGITS.argmax())
+
+
+def test_top_k_keeps_the_k_largest():
+    assert kept(filter_logits(LOGITS, SamplingParams(temperature=1, top_k=5))) == set(np.argsort(-LOGITS)[:5])
+
+
+def test_top_p_keeps_smallest_prefix_reaching_p():
+    p = np.exp(log_softmax(LOGITS))
+    order = np.argsort(-p)
+    n = int(np.argmax(np.cumsum(p[order]) >= 0.8)) + 1
+    assert kept(filter_logits(LOGITS, SamplingParams(temperature=1, top_p=0.8))) == set(order[:n].tolist())
+
+
+def test_min_p_drops_tokens_below_fraction_of_best():
+    p = np.exp(log_softmax(LOGITS))
+    expect = set(np.flatnonzero(p >= 0.1 * p.max()).tolist())
+    assert kept(filter_logits(LOGITS, SamplingParams(temperature=1, min_p=0.1))) == expect
+
+
+def test_processors_match_transformers():
+    torch = pytest.importorskip("torch")
+    from transformers import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                              TopKLogitsWarper, TopPLogitsWarper)
+
+    seen = np.array([3, 7, 11, 40])
+    ids = torch.tensor([seen.tolist()])
+    x = torch.tensor(LOGITS)[None].double()
+    ref = RepetitionPenaltyLogitsProcessor(1.3)(ids, x.clone())
+    np.testing.assert_allclose(apply_repetition_penalty(LOGITS.astype(np.float64), seen, 1.3), ref[0].numpy())
+    for warper, params in [
+        (TopKLogitsWarper(7), SamplingParams(temperature=0.7, top_k=7)),
+        (TopPLogitsWarper(0.9), SamplingParams(temperature=0.7, top_p=0.9)),
+        (MinPLogitsWarper(0.05), SamplingParams(temperature=0.7, min_p=0.05)),
+    ]:
+        ref = warper(ids, TemperatureLogitsWarper(0.7)(ids, x.clone()))[0].numpy()
+        assert kept(filter_logits(LOGITS, params)) == kept(np.where(np.isneginf(ref), -np.inf, ref))
+
+
+def test_sampling_follows_the_distribution_and_seed():
+    p = SamplingParams(temperature=1.0, seed=3)
+    draws = [sample_token(LOGITS, p, np.random.default_rng(i), np.zeros(0, int)) for i in range(4000)]
+    freq = np.bincount(draws, minlength=64) / len(draws)
+    np.testing.assert_allclose(freq, np.exp(log_softmax(LOGITS)), atol=0.03)
+    a = [sample_token(LOGITS, p, np.random.default_rng(5), np.zeros(0, int)) for _ in range(5)]
+    assert len(set(a)) == 1
+
+
+def test_top_logprobs_sorted_and_normalized():
+    lp = log_softmax(LOGITS)
+    top = top_logprobs(lp, 4)
+    assert [t for t, _ in top] == np.argsort(-lp)[:4].tolist()
+    assert abs(np.exp(lp).sum() - 1) < 1e-9
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-2),
+                                dict(min_p=2), dict(repetition_penalty=0), dict(logprobs=50)])
+def test_bad_params_are_user_errors(kw):
+    with pytest.raises(UserError):
+        SamplingParams(**kw)
