@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from .errors import UserError
+from .errors import StageFailure, UserError
 from .stage import DTYPES
 
 EXIT_USAGE = 2
@@ -45,13 +45,31 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate text through a pipeline of stages")
     gen.add_argument("prompt")
     gen.add_argument("--model", default=None, help="model directory (default: the fetched smollm2)")
-    gen.add_argument("--local", required=True, metavar="SPEC",
-                     help="in-process stages: mlx:0-14,torch:15-29, or backends alone (torch, mlx,torch)")
+    where = gen.add_mutually_exclusive_group(required=True)
+    where.add_argument("--local", metavar="SPEC",
+                       help="in-process stages: mlx:0-14,torch:15-29, or backends alone (torch, mlx,torch)")
+    where.add_argument("--stages", metavar="ADDR[=FIRST-LAST],...",
+                       help="stage daemons in pipeline order; without ranges a planner splits by measured speed")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the chat template")
     gen.add_argument("--dtype", default="float32", help=f"one of {', '.join(DTYPES)}")
     gen.add_argument("--device", default=None, help="torch: cuda, mps or cpu; mlx: gpu or cpu (default: best)")
     gen.add_argument("--json", action="store_true", help="print one JSON line instead of streaming text")
+    gen.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a stage's answer")
     _add_sampling(gen)
+
+    st = sub.add_parser("stage", help="serve a stage daemon over ZeroMQ")
+    st.add_argument("--backend", required=True, help="mlx or torch")
+    st.add_argument("--model", default=None, help="this machine's copy of the model directory")
+    st.add_argument("--listen", default="tcp://127.0.0.1:5555", help="address to bind (port 0: any free port)")
+    st.add_argument("--device", default=None)
+    st.add_argument("--dtype", default="float32", help=f"one of {', '.join(DTYPES)}")
+    st.add_argument("--threads", type=int, default=None, help="CPU threads for the backend")
+    st.add_argument("--layers", default=None, metavar="FIRST-LAST", help="load these layers at start")
+
+    demo = sub.add_parser("demo", help="fetch SmolLM2, start an MLX and a torch stage daemon, chat through them")
+    demo.add_argument("prompt", nargs="?", default="Explain in two sentences why the sky is blue.")
+    demo.add_argument("--max-tokens", type=int, default=96)
+    demo.add_argument("--dtype", default="float32")
     return p
 
 
@@ -99,6 +117,50 @@ def local_pipeline(model_dir: str, spec: str, dtype: str, device: str | None):
     return Pipeline([load_stage(s.backend, model_dir, s.first, s.last, device=device, dtype=dtype) for s in specs])
 
 
+def remote_pipeline(model_dir: str, spec: str, timeout: float):
+    from transport.client import connect_pipeline
+
+    from .config import ModelConfig
+
+    cfg = ModelConfig.load(model_dir)
+    return connect_pipeline(model_dir, spec, cfg.num_hidden_layers, timeout, log=lambda m: print(m, file=sys.stderr))
+
+
+def cmd_stage(args) -> int:
+    import signal
+
+    from transport.daemon import StageDaemon
+
+    from .partition import StageSpec
+
+    layers = None
+    if args.layers:
+        try:
+            a, _, b = args.layers.partition("-")
+            layers = (int(a), int(b or a))
+        except ValueError:
+            raise UserError(f"bad --layers {args.layers!r} (want FIRST-LAST)") from None
+    StageSpec(args.backend, *(layers or (0, 0)))  # validates the backend name
+    if args.dtype not in DTYPES:
+        raise UserError(f"unknown dtype {args.dtype!r}; choose from {', '.join(DTYPES)}")
+    daemon = StageDaemon(args.backend, _model_dir(args.model), args.listen, device=args.device, dtype=args.dtype,
+                         threads=args.threads, layers=layers)
+
+    def stop(signum, frame):
+        daemon.running = False
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    daemon.serve()
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.prompt, args.max_tokens, args.dtype)
+
+
 def cmd_generate(args) -> int:
     from .generate import Generator
     from .sampling import SamplingParams
@@ -106,7 +168,10 @@ def cmd_generate(args) -> int:
     model_dir = _model_dir(args.model)
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                               repetition_penalty=args.repetition_penalty, seed=args.seed, logprobs=args.logprobs)
-    pipeline = local_pipeline(model_dir, args.local, args.dtype, args.device)
+    if args.local:
+        pipeline = local_pipeline(model_dir, args.local, args.dtype, args.device)
+    else:
+        pipeline = remote_pipeline(model_dir, args.stages, args.timeout)
     gen = Generator(model_dir, pipeline)
     opts = dict(chat=args.chat, max_tokens=args.max_tokens, sampling=sampling, stop=args.stop)
     if args.json:
@@ -122,7 +187,8 @@ def cmd_generate(args) -> int:
     return 0
 
 
-COMMANDS = {"fetch": cmd_fetch, "import-gguf": cmd_import_gguf, "generate": cmd_generate}
+COMMANDS = {"fetch": cmd_fetch, "import-gguf": cmd_import_gguf, "generate": cmd_generate, "stage": cmd_stage,
+            "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"hetpipe: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except StageFailure as e:
+        print(f"hetpipe: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("hetpipe: interrupted", file=sys.stderr)
         return 130

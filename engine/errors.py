@@ -3,3 +3,7 @@
 
 class UserError(Exception):
     """Bad input from a user (model, ranges, options, prompt): a clear one-line message."""
+
+
+class StageFailure(RuntimeError):
+    """A stage answered a request with an error, or did not answer in time."""

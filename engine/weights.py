@@ -42,7 +42,7 @@ def checkpoint_files(model_dir: str | Path) -> dict[str, Path]:
     single = model_dir / "model.safetensors"
     if not single.is_file():
         raise UserError(f"no weights in {model_dir}: expected model.safetensors or its index")
-    return {name: single for name in _read_header(single)[0]}
+    return {name: single for name in read_header(single)[0]}
 
 
 def stage_tensor_names(cfg: ModelConfig, names, first: int, last: int) -> list[str]:
@@ -72,7 +72,7 @@ def load_stage_tensors(model_dir: str | Path, cfg: ModelConfig, first: int, last
         by_file.setdefault(files[name], []).append(name)
     out = {}
     for path, names in by_file.items():
-        header, data = _read_header(path)
+        header, data = read_header(path)
         for name in names:
             out[name] = _tensor(header[name], data, path, name)
     missing = [n for n in _required_names(cfg, first, last) if n not in out]
@@ -95,7 +95,7 @@ def _required_names(cfg: ModelConfig, first: int, last: int) -> list[str]:
     return req
 
 
-def _read_header(path: Path) -> tuple[dict, memoryview]:
+def read_header(path: Path) -> tuple[dict, memoryview]:
     try:
         with open(path, "rb") as f:
             buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)

@@ -28,7 +28,7 @@ def default_device() -> str:
 def to_torch(a, dtype: torch.dtype, device) -> torch.Tensor:
     """A typed numpy array to a torch tensor of `dtype`; bfloat16 words are viewed, not converted."""
     if a.dtype == "bfloat16":
-        t = torch.from_numpy(np.ascontiguousarray(a.data).view(np.int16)).view(torch.bfloat16)
+        t = torch.from_numpy(np.array(a.data).view(np.int16)).view(torch.bfloat16)
     else:
         t = torch.from_numpy(np.array(a.data))
     return t.to(device=device, dtype=dtype)

@@ -1,0 +1,51 @@
+"""Assign contiguous layer ranges to stages in proportion to their measured speed.
+
+Splitting by memory alone is what made exo's clusters slower than one node: a slow machine
+with much memory got most of the layers. Here each stage gets layers in proportion to its
+speed (1 / ms per layer), capped by what fits in its memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import UserError
+
+
+@dataclass(slots=True)
+class StageCapacity:
+    address: str
+    ms_per_layer: float  # measured decode time of one layer, one token
+    max_layers: int  # how many layers fit in its free memory
+
+
+@dataclass(slots=True)
+class Plan:
+    ranges: list[tuple[int, int]]
+    predicted_ms_per_token: float
+
+    def describe(self, caps: list[StageCapacity]) -> str:
+        parts = [f"{c.address}={a}-{b} ({b - a + 1} layers x {c.ms_per_layer:.2f} ms)"
+                 for c, (a, b) in zip(caps, self.ranges)]
+        return "plan: " + ", ".join(parts) + f"; predicted {self.predicted_ms_per_token:.1f} ms/token"
+
+
+def plan_layers(caps: list[StageCapacity], num_layers: int, hop_ms: float = 0.1) -> Plan:
+    """Layer counts proportional to speed, each at least 1 and at most its memory allows."""
+    if sum(min(c.max_layers, num_layers) for c in caps) < num_layers:
+        raise UserError(f"the stages' memory holds {sum(c.max_layers for c in caps)} layers; "
+                        f"the model has {num_layers}")
+    if len(caps) > num_layers:
+        raise UserError(f"{len(caps)} stages for a model of {num_layers} layers")
+    counts = [1] * len(caps)
+    # hand out the rest one layer at a time to the stage whose finish time grows least
+    for _ in range(num_layers - len(caps)):
+        open_ = [i for i, c in enumerate(caps) if counts[i] < c.max_layers]
+        i = min(open_, key=lambda i: (counts[i] + 1) * caps[i].ms_per_layer)
+        counts[i] += 1
+    ranges, first = [], 0
+    for n in counts:
+        ranges.append((first, first + n - 1))
+        first += n
+    predicted = sum(n * c.ms_per_layer for n, c in zip(counts, caps)) + hop_ms * len(caps)
+    return Plan(ranges, predicted)

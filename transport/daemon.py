@@ -1,0 +1,225 @@
+"""The stage daemon: one poll loop on a ROUTER socket, dispatching on the header to `handle_*`.
+
+A FORWARD carries its `route` (the addresses of the stages still to run) and the `client` it
+came from. After computing, the daemon passes its hidden rows straight to the next stage on the
+route; the stage that ends the route answers the client directly. Activations never detour
+through the coordinator. Any error is answered to the client; the daemon serves on.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import numpy as np
+import zmq
+
+from engine.config import ModelConfig
+from engine.errors import UserError
+from engine.identity import config_hash, weights_hash
+from engine.stage import SeqChunk, StageBatch, load_stage
+from engine.weights import checkpoint_files, read_header, stage_tensor_names
+
+from . import protocol as P
+from .wire import WireError, pack, pack_batch, pack_result, unpack, unpack_batch
+
+
+def system_available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def resident_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def bind_address(sock: zmq.Socket, listen: str) -> str:
+    """Bind; port 0 picks a free port. Returns the address actually bound."""
+    if listen.startswith("tcp://") and listen.rsplit(":", 1)[-1] == "0":
+        listen = listen.rsplit(":", 1)[0] + ":*"
+    try:
+        sock.bind(listen)
+    except zmq.ZMQError as e:
+        raise UserError(f"cannot listen on {listen}: {e}") from None
+    return sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+
+class StageDaemon:
+    def __init__(self, backend: str, model_dir: str, listen: str, *, device=None, dtype="float32",
+                 threads=None, layers: tuple[int, int] | None = None, calibrate: bool = True):
+        self.backend, self.model_dir, self.device, self.dtype, self.threads = backend, model_dir, device, dtype, threads
+        self.cfg = ModelConfig.load(model_dir)
+        self.identity = {"config": config_hash(model_dir), "weights": weights_hash(model_dir)}
+        self.stage = None
+        self.layer_bytes = self._layer_bytes()
+        self.ms_per_layer = self._calibrate() if calibrate else 0.0
+        if layers:
+            self._load(*layers)
+        self.ctx = zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.address = bind_address(self.sock, listen)
+        self.next_hops: dict[str, zmq.Socket] = {}
+        self.running = True
+
+    # -- start-up ------------------------------------------------------------------------------
+
+    def _layer_bytes(self) -> int:
+        """Bytes of one decoder layer in this daemon's dtype (from the checkpoint's index)."""
+        files = checkpoint_files(self.model_dir)
+        names = [n for n in stage_tensor_names(self.cfg, files, 0, 0) if n.startswith("model.layers.0.")]
+        numel = 0
+        for n in names:
+            header, _ = read_header(files[n])
+            numel += int(np.prod(header[n]["shape"]))
+        return numel * (4 if self.dtype == "float32" else 2)
+
+    def _calibrate(self) -> float:
+        """Median decode time of one layer, one token, on this device (a one-layer stage)."""
+        stage = load_stage(self.backend, self.model_dir, 0, 0, device=self.device, dtype=self.dtype,
+                           threads=self.threads)
+        toks = np.arange(16, dtype=np.int32)
+        stage.forward(StageBatch([SeqChunk(0, 0, toks)]))
+        times = []
+        for i in range(12):
+            t = time.perf_counter()
+            stage.forward(StageBatch([SeqChunk(0, 16 + i, toks[:1])]))
+            times.append(time.perf_counter() - t)
+        self.device = stage.info.device
+        stage.close()
+        return float(np.median(times) * 1000)
+
+    def _load(self, first: int, last: int) -> None:
+        if self.stage is not None:
+            if (self.stage.info.first, self.stage.info.last) == (first, last):
+                return
+            if self.stage.live_sequences():
+                raise UserError(f"stage serves layers {self.stage.info.first}-{self.stage.info.last} "
+                                "with live sequences; cannot reassign")
+            self.stage.close()
+            self.stage = None
+        self.stage = load_stage(self.backend, self.model_dir, first, last, device=self.device, dtype=self.dtype,
+                                threads=self.threads)
+
+    def info(self) -> dict:
+        st = self.stage
+        return {
+            "address": self.address, "backend": self.backend, "device": self.device, "dtype": self.dtype,
+            "layers": [st.info.first, st.info.last] if st else None, "num_layers": self.cfg.num_hidden_layers,
+            "live_sequences": st.live_sequences() if st else [], "kv_bytes": st.kv_bytes() if st else 0,
+            "free_memory": system_available_memory(), "layer_bytes": self.layer_bytes,
+            "ms_per_layer": self.ms_per_layer, "resident_bytes": resident_bytes(), "identity": self.identity,
+        }
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        print(f"ready {self.address} backend={self.backend} device={self.device} dtype={self.dtype}", flush=True)
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        while self.running:
+            if not poller.poll(200):
+                continue
+            sender, *frames = self.sock.recv_multipart(copy=False)
+            self.dispatch(sender.bytes, frames)
+        self.close()
+
+    def dispatch(self, sender: bytes, frames) -> None:
+        header = {}
+        try:
+            header, arrays = unpack(frames)
+            handler = getattr(self, f"handle_{header['kind']}", None)
+            if handler is None:
+                raise WireError(f"a stage does not take {header['kind']!r} messages")
+            handler(sender, header, arrays)
+        except (WireError, UserError, ValueError) as e:
+            self._error(sender, header, str(e))
+        except Exception as e:  # a bug or a backend failure: report it, keep serving
+            self._error(sender, header, f"{type(e).__name__}: {e}")
+
+    def _reply_to(self, sender: bytes, header: dict) -> bytes:
+        client = header.get("client")
+        return client.encode() if isinstance(client, str) and client else sender
+
+    def _send(self, identity: bytes, frames) -> None:
+        try:
+            self.sock.send_multipart([identity, *frames], copy=False)
+        except zmq.ZMQError as e:  # client gone (EHOSTUNREACH): nothing to deliver to
+            print(f"stage {self.address}: cannot reach client: {e}", file=sys.stderr)
+
+    def _error(self, sender: bytes, header: dict, message: str) -> None:
+        req = header.get("req") if isinstance(header, dict) else None
+        self._send(self._reply_to(sender, header if isinstance(header, dict) else {}),
+                   pack(P.ERROR, req=req, message=message, stage=self.address))
+
+    def handle_hello(self, sender, header, arrays) -> None:
+        theirs = header.get("identity") or {}
+        if theirs.get("config") != self.identity["config"]:
+            raise UserError(f"stage {self.address} serves a different model (config {self.identity['config']}, "
+                            f"coordinator has {theirs.get('config')})")
+        if theirs.get("weights") and self.identity["weights"] and theirs["weights"] != self.identity["weights"]:
+            raise UserError(f"stage {self.address} holds different weights for the same config")
+        self._send(sender, pack(P.INFO, req=header.get("req"), info=self.info()))
+
+    def handle_ping(self, sender, header, arrays) -> None:
+        self._send(sender, pack(P.INFO, req=header.get("req"), info=self.info()))
+
+    def handle_load(self, sender, header, arrays) -> None:
+        layers = header.get("layers")
+        if not (isinstance(layers, list) and len(layers) == 2 and all(isinstance(x, int) for x in layers)):
+            raise WireError("load needs layers [first, last]")
+        self._load(*layers)
+        self._send(sender, pack(P.INFO, req=header.get("req"), info=self.info()))
+
+    def handle_release(self, sender, header, arrays) -> None:
+        ids = header.get("seq_ids")
+        if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
+            raise WireError("release needs a list of seq_ids")
+        if self.stage is not None:
+            self.stage.release(ids)
+        self._send(sender, pack(P.OK, req=header.get("req")))
+
+    def handle_forward(self, sender, header, arrays) -> None:
+        if self.stage is None:
+            raise UserError(f"stage {self.address} has no layers assigned yet")
+        route = header.get("route", [])
+        if not isinstance(route, list) or not all(isinstance(a, str) for a in route):
+            raise WireError("route must be a list of addresses")
+        batch = unpack_batch(header, arrays)
+        t = time.perf_counter()
+        result = self.stage.forward(batch)
+        timings = list(header.get("timings", [])) + [[self.address, (time.perf_counter() - t) * 1000]]
+        fields = dict(req=header.get("req"), client=header.get("client"), timings=timings)
+        if route and result.hidden is not None:
+            hop = StageBatch(batch.seqs, result.hidden)
+            self._next_hop(route[0]).send_multipart(pack_batch(hop, route=route[1:], **fields), copy=False)
+        else:
+            self._send(self._reply_to(sender, header), pack_result(result, **fields))
+
+    def _next_hop(self, address: str) -> zmq.Socket:
+        sock = self.next_hops.get(address)
+        if sock is None:
+            sock = self.ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(address)
+            self.next_hops[address] = sock
+        return sock
+
+    def close(self) -> None:
+        for s in self.next_hops.values():
+            s.close(0)
+        self.sock.close(0)
+        if self.stage is not None:
+            self.stage.close()

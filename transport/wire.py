@@ -1,0 +1,134 @@
+"""Wire format: a msgpack header, then raw array frames. Zero-copy on receive, never pickle.
+
+    frames = [header, *arrays]     header = {"v": VERSION, "kind": ..., "arrays": [[dtype, shape], ...], ...}
+
+bfloat16 arrays travel as their 2-byte words with the dtype named in the header: never upcast.
+"""
+
+from __future__ import annotations
+
+import msgpack
+import numpy as np
+
+from engine.sampling import SamplingParams
+from engine.stage import Hidden, SampledToken, SeqChunk, StageBatch, StageResult
+from engine.tensors import STORAGE
+
+from . import protocol as P
+
+_NP = {**STORAGE, "int32": np.int32}
+_SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "logprobs")
+
+
+class WireError(ValueError):
+    """A message that breaks the protocol; the daemon answers it with an error and carries on."""
+
+
+def pack(kind: str, arrays: list[tuple[str, np.ndarray]] = (), **fields) -> list:
+    """Header + frames. `arrays` are (logical dtype, array) pairs."""
+    header = {"v": P.VERSION, "kind": kind, **fields,
+              "arrays": [[dt, list(a.shape)] for dt, a in arrays]}
+    return [msgpack.packb(header)] + [np.ascontiguousarray(a) for _, a in arrays]
+
+
+def unpack(frames) -> tuple[dict, list[tuple[str, np.ndarray]]]:
+    """Validate and decode; arrays are read-only views on the received frames."""
+    if not frames:
+        raise WireError("empty message")
+    raw = _bytes(frames[0])
+    if len(raw) > P.MAX_HEADER_BYTES:
+        raise WireError("header too large")
+    try:
+        header = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+    except Exception:
+        raise WireError("header is not valid msgpack") from None
+    if not isinstance(header, dict):
+        raise WireError("header is not a map")
+    if header.get("v") != P.VERSION:
+        raise WireError(f"protocol version {header.get('v')!r}, expected {P.VERSION}")
+    if header.get("kind") not in P.KINDS:
+        raise WireError(f"unknown message kind {header.get('kind')!r}")
+    specs = header.get("arrays", [])
+    if not isinstance(specs, list) or len(specs) != len(frames) - 1:
+        raise WireError(f"header names {len(specs) if isinstance(specs, list) else '?'} arrays, "
+                        f"message has {len(frames) - 1}")
+    arrays = []
+    for spec, frame in zip(specs, frames[1:]):
+        if not (isinstance(spec, list) and len(spec) == 2 and spec[0] in P.ARRAY_DTYPES
+                and isinstance(spec[1], list) and all(isinstance(d, int) and 0 <= d < 2**31 for d in spec[1])):
+            raise WireError(f"bad array spec {spec!r}")
+        dtype, shape = spec
+        buf = _buffer(frame)
+        if len(buf) > P.MAX_FRAME_BYTES:
+            raise WireError("array frame too large")
+        want = int(np.prod(shape, dtype=np.int64)) * np.dtype(_NP[dtype]).itemsize
+        if want != len(buf):
+            raise WireError(f"array of shape {shape} {dtype} needs {want} bytes, frame has {len(buf)}")
+        arrays.append((dtype, np.frombuffer(buf, dtype=_NP[dtype]).reshape(shape)))
+    return header, arrays
+
+
+def _bytes(frame) -> bytes:
+    return frame.bytes if hasattr(frame, "bytes") else bytes(frame)
+
+
+def _buffer(frame):
+    return frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
+
+
+# -- batches and results -------------------------------------------------------------------------
+
+def pack_batch(batch: StageBatch, **fields) -> list:
+    seqs = [[s.seq_id, s.offset, len(s.token_ids),
+             None if s.sampling is None else {f: getattr(s.sampling, f) for f in _SAMPLING_FIELDS}]
+            for s in batch.seqs]
+    tokens = np.concatenate([s.token_ids for s in batch.seqs]).astype(np.int32)
+    arrays = [("int32", tokens)]
+    if batch.hidden is not None:
+        arrays.append((batch.hidden.dtype, batch.hidden.data))
+    return pack(P.FORWARD, arrays, seqs=seqs, **fields)
+
+
+def unpack_batch(header: dict, arrays) -> StageBatch:
+    seqs = header.get("seqs")
+    if not isinstance(seqs, list) or not 0 < len(seqs) <= P.MAX_SEQS_PER_CALL:
+        raise WireError("forward needs a non-empty list of seqs")
+    if not 1 <= len(arrays) <= 2 or arrays[0][0] != "int32" or arrays[0][1].ndim != 1:
+        raise WireError("forward needs an int32 token frame and at most one hidden frame")
+    tokens = arrays[0][1]
+    out, at = [], 0
+    for s in seqs:
+        if not (isinstance(s, list) and len(s) == 4 and all(isinstance(x, int) for x in s[:3])
+                and s[0] >= 0 and s[1] >= 0 and s[2] > 0):
+            raise WireError(f"bad seq entry {s!r}")
+        sampling = None
+        if s[3] is not None:
+            if not isinstance(s[3], dict) or set(s[3]) - set(_SAMPLING_FIELDS):
+                raise WireError("bad sampling params")
+            try:
+                sampling = SamplingParams(**s[3])
+            except Exception as e:
+                raise WireError(f"bad sampling params: {e}") from None
+        out.append(SeqChunk(s[0], s[1], tokens[at : at + s[2]], sampling))
+        at += s[2]
+    if at != len(tokens):
+        raise WireError(f"seqs count {at} tokens, token frame has {len(tokens)}")
+    hidden = None
+    if len(arrays) == 2:
+        dtype, data = arrays[1]
+        if dtype == "int32" or data.ndim != 2 or data.shape[0] != at:
+            raise WireError("hidden frame must be (tokens, hidden_size) floats")
+        hidden = Hidden(data, dtype)
+    return StageBatch(out, hidden)
+
+
+def pack_result(result: StageResult, **fields) -> list:
+    tokens = [[t.seq_id, t.token_id, t.logprob, [list(p) for p in t.top]] for t in result.tokens]
+    arrays = [] if result.hidden is None else [(result.hidden.dtype, result.hidden.data)]
+    return pack(P.RESULT, arrays, tokens=tokens, **fields)
+
+
+def unpack_result(header: dict, arrays) -> StageResult:
+    tokens = [SampledToken(s, t, lp, [(int(a), float(b)) for a, b in top]) for s, t, lp, top in header["tokens"]]
+    hidden = Hidden(arrays[0][1], arrays[0][0]) if arrays else None
+    return StageResult(hidden, tokens)
