@@ -230,4 +230,18 @@ def load_stage(backend: str, model_dir: str, first: int, last: int, *, device: s
         module = importlib.import_module(BACKENDS[backend])
     except ImportError as e:
         raise UserError(f"backend {backend!r} is not available here: {e}") from None
-    return module.create_stage(model_dir, cfg, first, last, device=device, dtype=dtype, threads=threads)
+    stage = module.create_stage(model_dir, cfg, first, last, device=device, dtype=dtype, threads=threads)
+    _trim_heap()
+    return stage
+
+
+def _trim_heap() -> None:
+    """Hand the loading's freed scratch (unfused copies of weights) back to the OS (glibc only)."""
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass

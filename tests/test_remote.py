@@ -1,0 +1,122 @@
+"""Real stage daemons on loopback (tcp with free ports, and ipc): remote equals in-process."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from engine.cli import local_pipeline
+from engine.demo import start_stage, stop_stages
+from engine.errors import UserError
+from engine.generate import Generator
+from transport.client import connect_pipeline
+
+PROMPT = "Write a haiku about the sea."
+N = 24
+
+
+@pytest.fixture(scope="module")
+def daemons(real_model, tmp_path_factory):
+    """Three daemons: mlx on tcp, torch on tcp, torch on ipc."""
+    sock = tmp_path_factory.mktemp("ipc") / "torch2.sock"
+    procs = []
+    try:
+        for backend, listen in (("mlx", "tcp://127.0.0.1:0"), ("torch", "tcp://127.0.0.1:0"),
+                                ("torch", f"ipc://{sock}")):
+            procs.append(start_stage(backend, real_model, listen=listen))
+        yield [address for _, address in procs]
+    finally:
+        stop_stages([p for p, _ in procs])
+
+
+def local_tokens(model_dir, spec):
+    gen = Generator(model_dir, local_pipeline(str(model_dir), spec, "float32", None))
+    return gen.generate(PROMPT, chat=True, max_tokens=N)
+
+
+@pytest.mark.parametrize("pair", [(0, 1), (1, 2)], ids=["mlx+torch", "torch+torch(ipc)"])
+def test_remote_greedy_equals_local(real_model, daemons, pair):
+    a, b = daemons[pair[0]], daemons[pair[1]]
+    pipe = connect_pipeline(str(real_model), f"{a}=0-14,{b}=15-29", 30)
+    gen = Generator(real_model, pipe)
+    remote = gen.generate(PROMPT, chat=True, max_tokens=N)
+    spec = "mlx:0-14,torch:15-29" if pair == (0, 1) else "torch:0-14,torch:15-29"
+    local = local_tokens(real_model, spec)
+    assert remote.token_ids == local.token_ids
+    np.testing.assert_allclose([e["logprob"] for e in remote.logprobs], [e["logprob"] for e in local.logprobs],
+                               atol=1e-4)
+    assert [s.live_sequences() for s in pipe.stages] == [[], []]
+    # every stage computed every step; the coordinator saw only tokens
+    assert pipe.calls == len(remote.token_ids) and all(ms > 0 for ms in pipe.compute_ms.values())
+    pipe.close()
+
+
+def test_planner_splits_by_measured_speed(real_model, daemons):
+    logs = []
+    pipe = connect_pipeline(str(real_model), f"{daemons[0]},{daemons[1]}", 30, log=logs.append)
+    (plan,) = logs
+    assert plan.startswith("plan: ") and "predicted" in plan
+    ranges = [(s.info.first, s.info.last) for s in pipe.stages]
+    assert ranges[0][0] == 0 and ranges[-1][1] == 29 and ranges[0][1] + 1 == ranges[1][0]
+    ms = [s.remote["ms_per_layer"] for s in pipe.stages]
+    counts = [b - a + 1 for a, b in ranges]
+    # the faster stage never gets fewer layers
+    assert (counts[0] >= counts[1]) == (ms[0] <= ms[1]) or abs(counts[0] - counts[1]) <= 1
+    pipe.close()
+
+
+def test_model_mismatch_is_refused(real_model, daemons, tiny_dirs):
+    with pytest.raises(UserError, match="different model"):
+        connect_pipeline(str(tiny_dirs["llama"]), f"{daemons[1]}=0-3", 4)
+
+
+def test_resident_memory_reflects_only_its_layers(real_model, tmp_path):
+    infos = {}
+    for layers in ("15-29", "25-29"):
+        proc, address = start_stage("torch", real_model, extra=["--layers", layers])
+        try:
+            code = ("import json, sys; from transport.client import Client; from transport import protocol as P; "
+                    f"print(json.dumps(Client().call({address!r}, P.PING)['info']))")
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+            infos[layers] = json.loads(out.stdout)
+        finally:
+            stop_stages([proc])
+    layer_bytes = infos["15-29"]["layer_bytes"]
+    grew = infos["15-29"]["resident_bytes"] - infos["25-29"]["resident_bytes"]
+    # 10 more layers: about 10 layers' worth of resident memory, not the whole model
+    assert 0.7 * 10 * layer_bytes < grew < 1.5 * 10 * layer_bytes
+
+
+def test_coordinator_imports_neither_framework(real_model, daemons):
+    code = f"""
+import sys
+from engine.generate import Generator
+from transport.client import connect_pipeline
+pipe = connect_pipeline({str(real_model)!r}, "{daemons[0]}=0-14,{daemons[1]}=15-29", 30)
+res = Generator({str(real_model)!r}, pipe).generate("Hi", chat=True, max_tokens=4)
+assert len(res.token_ids) >= 1
+bad = [m for m in sys.modules if m.split('.')[0] in ('mlx', 'torch')]
+assert not bad, bad
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_cli_generate_over_stages_has_the_same_json(real_model, daemons):
+    r = subprocess.run([sys.executable, "-m", "engine.cli", "generate", "--model", str(real_model), "--stages",
+                        f"{daemons[0]}=0-14,{daemons[1]}=15-29", "--chat", "--max-tokens", "5", "--json", PROMPT],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    local = local_tokens(real_model, "mlx:0-14,torch:15-29")
+    assert out["token_ids"] == local.token_ids[:5]
+    assert [s["backend"] for s in out["stages"]] == ["mlx", "torch"]
+
+
+def test_unreachable_stage_is_a_clear_error(real_model):
+    r = subprocess.run([sys.executable, "-m", "engine.cli", "generate", "--model", str(real_model), "--stages",
+                        "tcp://127.0.0.1:1=0-29", "--timeout", "3", "hi"], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "did not answer" in r.stderr and "Traceback" not in r.stderr
