@@ -17,6 +17,7 @@ class StageCapacity:
     address: str
     ms_per_layer: float  # measured decode time of one layer, one token
     max_layers: int  # how many layers fit in its free memory
+    head_ms: float = 0.0  # final norm + head, paid by whichever stage is last
 
 
 @dataclass(slots=True)
@@ -27,6 +28,8 @@ class Plan:
     def describe(self, caps: list[StageCapacity]) -> str:
         parts = [f"{c.address}={a}-{b} ({b - a + 1} layers x {c.ms_per_layer:.2f} ms)"
                  for c, (a, b) in zip(caps, self.ranges)]
+        if caps[-1].head_ms:
+            parts[-1] += f" + head {caps[-1].head_ms:.1f} ms"
         return "plan: " + ", ".join(parts) + f"; predicted {self.predicted_ms_per_token:.1f} ms/token"
 
 
@@ -37,15 +40,18 @@ def plan_layers(caps: list[StageCapacity], num_layers: int, hop_ms: float = 0.1)
                         f"the model has {num_layers}")
     if len(caps) > num_layers:
         raise UserError(f"{len(caps)} stages for a model of {num_layers} layers")
+    last = len(caps) - 1
+    cost = lambda i, n: n * caps[i].ms_per_layer + (caps[i].head_ms if i == last else 0.0)  # noqa: E731
     counts = [1] * len(caps)
-    # hand out the rest one layer at a time to the stage whose finish time grows least
+    # hand out the rest one layer at a time to the stage whose time per token stays lowest:
+    # balanced stages mean layers in proportion to speed, and no idle stage in a full pipeline
     for _ in range(num_layers - len(caps)):
         open_ = [i for i, c in enumerate(caps) if counts[i] < c.max_layers]
-        i = min(open_, key=lambda i: (counts[i] + 1) * caps[i].ms_per_layer)
+        i = min(open_, key=lambda i: cost(i, counts[i] + 1))
         counts[i] += 1
     ranges, first = [], 0
     for n in counts:
         ranges.append((first, first + n - 1))
         first += n
-    predicted = sum(n * c.ms_per_layer for n, c in zip(counts, caps)) + hop_ms * len(caps)
+    predicted = sum(cost(i, n) for i, n in enumerate(counts)) + hop_ms * len(caps)
     return Plan(ranges, predicted)

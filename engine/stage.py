@@ -134,6 +134,7 @@ class BaseStage:
         self.cfg = cfg
         self.hidden_size = cfg.hidden_size
         self._seqs: dict[int, _SeqState] = {}
+        self.caches: dict[int, list] = {}  # seq_id -> the backend's KV cache object for each layer
 
     def forward(self, batch: StageBatch) -> StageResult:
         self._check(batch)
@@ -167,6 +168,8 @@ class BaseStage:
 
     def _check(self, batch: StageBatch) -> None:
         ids = [s.seq_id for s in batch.seqs]
+        if not ids:
+            raise ValueError("empty batch")
         if len(set(ids)) != len(ids):
             raise ValueError("a sequence appears twice in one batch")
         total = 0
@@ -209,8 +212,16 @@ class BaseStage:
     def _compute(self, seqs: list[SeqChunk], hidden: Hidden | None):
         raise NotImplementedError
 
+    def _seq_caches(self, seqs: list[SeqChunk], new_cache) -> list[list]:
+        """caches[seq][layer], made with `new_cache()` for sequences seen for the first time."""
+        n = self.info.last - self.info.first + 1
+        return [self.caches.setdefault(s.seq_id, [new_cache() for _ in range(n)]) for s in seqs]
+
     def _free(self, seq_id: int) -> None:
-        raise NotImplementedError
+        self.caches.pop(seq_id, None)
+
+    def kv_bytes(self) -> int:
+        return sum(c.nbytes for layers in self.caches.values() for c in layers)
 
 
 _EMPTY = np.zeros(0, dtype=np.int64)

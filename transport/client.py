@@ -186,7 +186,8 @@ def connect_pipeline(model_dir: str, spec: str, num_layers: int, timeout_s: floa
         check_coverage(ranges, num_layers)
     else:
         caps = [StageCapacity(s.address, s.remote["ms_per_layer"],
-                              int(0.8 * s.remote["free_memory"] // max(s.remote["layer_bytes"], 1)))
+                              int(0.8 * s.remote["free_memory"] // max(s.remote["layer_bytes"], 1)),
+                              s.remote["head_ms"])
                 for s in stages]
         plan = plan_layers(caps, num_layers)
         log(plan.describe(caps))

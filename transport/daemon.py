@@ -18,7 +18,8 @@ import zmq
 from engine.config import ModelConfig
 from engine.errors import UserError
 from engine.identity import config_hash, weights_hash
-from engine.stage import SeqChunk, StageBatch, load_stage
+from engine.sampling import SamplingParams
+from engine.stage import Hidden, SeqChunk, StageBatch, load_stage
 from engine.weights import checkpoint_files, read_header, stage_tensor_names
 
 from . import protocol as P
@@ -63,7 +64,7 @@ class StageDaemon:
         self.identity = {"config": config_hash(model_dir), "weights": weights_hash(model_dir)}
         self.stage = None
         self.layer_bytes = self._layer_bytes()
-        self.ms_per_layer = self._calibrate() if calibrate else 0.0
+        self.ms_per_layer, self.head_ms = self._calibrate() if calibrate else (0.0, 0.0)
         if layers:
             self._load(*layers)
         self.ctx = zmq.Context.instance()
@@ -86,16 +87,29 @@ class StageDaemon:
             numel += int(np.prod(header[n]["shape"]))
         return numel * (4 if self.dtype == "float32" else 2)
 
-    def _calibrate(self) -> float:
-        """Median decode time of one layer, one token, on this device (a one-layer stage)."""
-        stage = load_stage(self.backend, self.model_dir, 0, 0, device=self.device, dtype=self.dtype,
+    def _calibrate(self) -> tuple[float, float]:
+        """(ms per layer, ms of the final norm + head) per decoded token on this device.
+
+        Medians over one-layer stages: layer 0 alone, then the last layer with the head.
+        """
+        last = self.cfg.num_hidden_layers - 1
+        layer_ms = self._time_stage(0, 0)
+        head_ms = max(0.0, self._time_stage(last, last) - layer_ms) if last > 0 else 0.0
+        return layer_ms, head_ms
+
+    def _time_stage(self, first: int, last: int) -> float:
+        stage = load_stage(self.backend, self.model_dir, first, last, device=self.device, dtype=self.dtype,
                            threads=self.threads)
         toks = np.arange(16, dtype=np.int32)
-        stage.forward(StageBatch([SeqChunk(0, 0, toks)]))
+        hidden = None if first == 0 else Hidden.from_float32(np.zeros((16, self.cfg.hidden_size), np.float32),
+                                                             self.dtype)
+        sampling = SamplingParams() if stage.info.is_last else None
+        stage.forward(StageBatch([SeqChunk(0, 0, toks, sampling)], hidden))
         times = []
         for i in range(12):
+            h = None if hidden is None else Hidden(hidden.data[:1], hidden.dtype)
             t = time.perf_counter()
-            stage.forward(StageBatch([SeqChunk(0, 16 + i, toks[:1])]))
+            stage.forward(StageBatch([SeqChunk(0, 16 + i, toks[:1], sampling)], h))
             times.append(time.perf_counter() - t)
         self.device = stage.info.device
         stage.close()
@@ -120,7 +134,7 @@ class StageDaemon:
             "layers": [st.info.first, st.info.last] if st else None, "num_layers": self.cfg.num_hidden_layers,
             "live_sequences": st.live_sequences() if st else [], "kv_bytes": st.kv_bytes() if st else 0,
             "free_memory": system_available_memory(), "layer_bytes": self.layer_bytes,
-            "ms_per_layer": self.ms_per_layer, "resident_bytes": resident_bytes(), "identity": self.identity,
+            "ms_per_layer": self.ms_per_layer, "head_ms": self.head_ms, "resident_bytes": resident_bytes(), "identity": self.identity,
         }
 
     # -- the loop --------------------------------------------------------------------------------

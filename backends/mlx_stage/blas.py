@@ -37,3 +37,11 @@ def preload_openblas() -> str | None:
         loaded = path
         return path
     return None
+
+
+def set_threads(n: int) -> bool:
+    """Limit OpenBLAS's worker threads (MLX's CPU matmuls); False when OpenBLAS is not in use."""
+    if not loaded:
+        return False
+    ctypes.CDLL(loaded).openblas_set_num_threads(int(n))
+    return True

@@ -43,7 +43,6 @@ class MLXStage(BaseStage):
         model_cls = importlib.import_module(f"{__package__}.models.{cfg.family}").StageModel
         self.model = model_cls(cfg, weights, first, last, freqs)
         mx.eval(self.model.parameters())
-        self.caches: dict[int, list[KVCache]] = {}
 
     def _compute(self, seqs: list[SeqChunk], hidden: Hidden | None):
         lay = Layout.of(seqs)
@@ -51,19 +50,13 @@ class MLXStage(BaseStage):
             x = mx.array(np.concatenate([s.token_ids for s in seqs]).astype(np.int32))
         else:
             x = to_mlx(hidden, self.dtype)
-        caches = [self.caches.setdefault(s.seq_id, [KVCache() for _ in self.model.layers]) for s in seqs]
+        caches = self._seq_caches(seqs, KVCache)
         segments = list(zip(lay.starts, lay.lengths, lay.offsets))
         out = self.model(x, segments, caches, mx.array(lay.sample_rows))
         mx.eval(out, *[a for c in caches for kv in c for a in (kv.keys, kv.values)])
         if self.info.is_last:
             return np.array(out)
         return to_hidden(out, self.info.dtype)
-
-    def _free(self, seq_id: int) -> None:
-        self.caches.pop(seq_id, None)
-
-    def kv_bytes(self) -> int:
-        return sum(c.nbytes for layers in self.caches.values() for c in layers)
 
 
 def create_stage(model_dir, cfg: ModelConfig, first: int, last: int, *, device=None, dtype="float32",
@@ -74,6 +67,8 @@ def create_stage(model_dir, cfg: ModelConfig, first: int, last: int, *, device=N
     if device == "gpu" and not mx.metal.is_available():
         raise UserError("mlx device 'gpu' needs Metal, which this machine lacks; use --device cpu")
     mx.set_default_device(mx.gpu if device == "gpu" else mx.cpu)
+    if threads and device == "cpu" and not blas.set_threads(threads):
+        print("hetpipe: --threads has no effect without OpenBLAS", file=sys.stderr)
     if device == "cpu" and sys.platform.startswith("linux") and blas.loaded is None:
         print("hetpipe: OpenBLAS not found; MLX CPU matmuls use the slow reference BLAS "
               "(apt-get install libopenblas0-pthread)", file=sys.stderr)

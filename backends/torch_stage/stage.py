@@ -51,7 +51,6 @@ class TorchStage(BaseStage):
         model_cls = importlib.import_module(f"{__package__}.models.{cfg.family}").StageModel
         self.model = model_cls(cfg, weights, first, last).eval()
         self.inv_freq = torch.from_numpy(rope_inv_freq(cfg)).to(self.device)
-        self.caches: dict[int, list[KVCache]] = {}
 
     @torch.inference_mode()
     def _compute(self, seqs: list[SeqChunk], hidden: Hidden | None):
@@ -64,19 +63,13 @@ class TorchStage(BaseStage):
         freqs = pos[:, None].float() * self.inv_freq[None, :]
         emb = torch.cat([freqs, freqs], dim=-1)[:, None, :]  # (N, 1, head_dim)
         cos, sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
-        caches = [self.caches.setdefault(s.seq_id, [KVCache() for _ in self.model.layers]) for s in seqs]
+        caches = self._seq_caches(seqs, KVCache)
         segments = list(zip(lay.starts, lay.lengths, lay.offsets))
         rows = torch.from_numpy(lay.sample_rows).to(self.device)
         out = self.model(x, cos, sin, segments, caches, rows)
         if self.info.is_last:
             return out.cpu().numpy()
         return to_hidden(out, self.info.dtype)
-
-    def _free(self, seq_id: int) -> None:
-        self.caches.pop(seq_id, None)
-
-    def kv_bytes(self) -> int:
-        return sum(c.nbytes for layers in self.caches.values() for c in layers)
 
 
 def create_stage(model_dir, cfg: ModelConfig, first: int, last: int, *, device=None, dtype="float32",

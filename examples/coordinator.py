@@ -1,0 +1,43 @@
+"""A coordinator script: stream a chat answer through stage daemons, or through in-process stages.
+
+    # daemons already running (see examples/lan.md):
+    python examples/coordinator.py --stages tcp://192.168.1.20:5555=0-14,tcp://192.168.1.30:5555=15-29
+    # or everything in this process:
+    python examples/coordinator.py --local mlx:0-14,torch:15-29
+
+The coordinator needs only the model's config and tokenizer; with --stages it imports neither
+mlx nor torch.
+"""
+
+import argparse
+import sys
+
+from engine.fetch import default_model_dir
+from engine.generate import Generator
+from engine.sampling import SamplingParams
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--model", default=str(default_model_dir()))
+where = ap.add_mutually_exclusive_group(required=True)
+where.add_argument("--stages")
+where.add_argument("--local")
+ap.add_argument("prompt", nargs="?", default="Give me three tips for writing clear code.")
+args = ap.parse_args()
+
+if args.stages:
+    from transport.client import connect_pipeline
+
+    pipeline = connect_pipeline(args.model, args.stages, num_layers=30, log=lambda m: print(m, file=sys.stderr))
+else:
+    from engine.cli import local_pipeline
+
+    pipeline = local_pipeline(args.model, args.local, "float32", None)
+
+gen = Generator(args.model, pipeline)
+messages = [{"role": "user", "content": args.prompt}]
+for piece in gen.stream(messages, max_tokens=200, sampling=SamplingParams(temperature=0.7, top_p=0.9, seed=0)):
+    print(piece.text, end="", flush=True)
+print()
+result = gen.generate(messages, max_tokens=16)  # a whole result, with timings and log-probabilities
+print(f"[ttft {result.ttft_ms:.0f} ms, {result.decode_tokens_per_s:.1f} tokens/s, stages {result.stages}]",
+      file=sys.stderr)
