@@ -102,7 +102,7 @@ def local_pipeline(model_dir: str, spec: str, dtype: str, device: str | None):
     from .config import ModelConfig
     from .partition import parse_local_spec
     from .pipeline import Pipeline
-    from .stage import load_stage
+    from .stage import import_backends, load_stage
 
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
@@ -114,6 +114,7 @@ def local_pipeline(model_dir: str, spec: str, dtype: str, device: str | None):
         # two thread pools in one process: torch's OpenMP workers must sleep, not spin, while
         # MLX/OpenBLAS runs (measured: 2x faster mixed decode on 2 cores). Read when torch loads.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import_backends({s.backend for s in specs})
     return Pipeline([load_stage(s.backend, model_dir, s.first, s.last, device=device, dtype=dtype) for s in specs])
 
 
