@@ -114,6 +114,8 @@ def local_pipeline(model_dir: str, spec: str, dtype: str, device: str | None):
         # two thread pools in one process: torch's OpenMP workers must sleep, not spin, while
         # MLX/OpenBLAS runs (measured: 2x faster mixed decode on 2 cores). Read when torch loads.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        # and OpenBLAS's workers stop spinning after ~2^4 cycles instead of ~2^28 (read at its load)
+        os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
     import_backends({s.backend for s in specs})
     return Pipeline([load_stage(s.backend, model_dir, s.first, s.last, device=device, dtype=dtype) for s in specs])
 
