@@ -120,3 +120,19 @@ def test_unreachable_stage_is_a_clear_error(real_model):
     r = subprocess.run([sys.executable, "-m", "engine.cli", "generate", "--model", str(real_model), "--stages",
                         "tcp://127.0.0.1:1=0-29", "--timeout", "3", "hi"], capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "did not answer" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_demo_streams_through_two_daemons_and_stops_them(real_model):
+    import os
+    import re
+
+    r = subprocess.run([sys.executable, "-m", "engine.cli", "demo", "--max-tokens", "12", "Say hello."],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "tokens/s decode" in r.stdout and "mlx" in r.stdout and "torch" in r.stdout
+    assert "plan: " in r.stderr
+    pids = [int(p) for p in re.findall(r"daemon \(pid (\d+)\)", r.stderr)]
+    assert len(pids) == 2
+    for pid in pids:  # both daemons were stopped (SIGTERM) before the demo returned
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
