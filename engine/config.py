@@ -62,7 +62,7 @@ class ModelConfig:
         return self.num_attention_heads // self.num_key_value_heads
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
+    def from_dict(cls, d: dict) -> ModelConfig:
         model_type = d.get("model_type")
         if model_type not in MODEL_FAMILIES:
             raise UserError(
@@ -101,7 +101,7 @@ class ModelConfig:
         )
 
     @classmethod
-    def load(cls, model_dir: str | Path) -> "ModelConfig":
+    def load(cls, model_dir: str | Path) -> ModelConfig:
         path = Path(model_dir) / "config.json"
         if not path.is_file():
             raise UserError(f"no model at {model_dir}: {path.name} not found (run `hetpipe fetch smollm2`?)")

@@ -43,7 +43,7 @@ def parse_local_spec(spec: str, num_layers: int) -> list[StageSpec]:
     if any(with_ranges) and not all(with_ranges):
         raise UserError(f"stage spec {spec!r}: give a range for every stage or for none")
     if not any(with_ranges):
-        return [StageSpec(b, f, l) for b, (f, l) in zip(items, even_split(num_layers, len(items)))]
+        return [StageSpec(b, first, last) for b, (first, last) in zip(items, even_split(num_layers, len(items)))]
     stages = []
     for item in items:
         backend, _, rng = item.partition(":")

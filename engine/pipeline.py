@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from .partition import check_coverage
 from .stage import SampledToken, Stage, StageBatch

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -118,7 +119,7 @@ class Layout:
     sample_rows: np.ndarray  # (B',) int64: the last row of each sequence that samples
 
     @classmethod
-    def of(cls, seqs: Sequence[SeqChunk]) -> "Layout":
+    def of(cls, seqs: Sequence[SeqChunk]) -> Layout:
         lengths = [len(s.token_ids) for s in seqs]
         starts = np.cumsum([0] + lengths[:-1]).tolist()
         offsets = [s.offset for s in seqs]

@@ -25,7 +25,7 @@ class TypedArray:
         return self.data.astype(np.float32)
 
     @classmethod
-    def from_float32(cls, x: np.ndarray, dtype: str) -> "TypedArray":
+    def from_float32(cls, x: np.ndarray, dtype: str) -> TypedArray:
         """Round-to-nearest-even to bfloat16 words, or a plain cast."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         if dtype != "bfloat16":

@@ -83,11 +83,10 @@ def _mlx_lm(model_dir, tokens):
         pass
     rates, ttft = [], []
     for _ in range(3):
-        for r in stream_generate(model, tok, PROMPT, max_tokens=tokens):
-            pass
-        rates.append(r.generation_tps)
+        *_, last = stream_generate(model, tok, PROMPT, max_tokens=tokens)
+        rates.append(last.generation_tps)
         t = time.perf_counter()
-        for r in stream_generate(model, tok, long_ids, max_tokens=1):
+        for _ in stream_generate(model, tok, long_ids, max_tokens=1):
             pass
         ttft.append((time.perf_counter() - t) * 1000)
     return {"decode_tokens_per_s": statistics.median(rates), "ttft_512_ms": statistics.median(ttft)}
@@ -125,7 +124,7 @@ def main():
             print(f"round {r + 1} {c}: {results[c][-1]}", file=sys.stderr)
     table = {c: {k: statistics.median(x[k] for x in v) for k in v[0]} for c, v in results.items() if v}
     base = table.get("transformers:bfloat16", {}).get("decode_tokens_per_s")
-    print(f"| configuration | decode tokens/s | vs transformers bf16 | TTFT 512 tokens (ms) |")
+    print("| configuration | decode tokens/s | vs transformers bf16 | TTFT 512 tokens (ms) |")
     print("|---|---|---|---|")
     for c, v in table.items():
         ratio = f"{v['decode_tokens_per_s'] / base:.2f}x" if base else "-"

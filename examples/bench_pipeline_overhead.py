@@ -45,7 +45,7 @@ def main():
             for name, g in (("in-process", local), ("zeromq", remote)):
                 rates[name].append(g.generate("Once upon a time", max_tokens=args.tokens).decode_tokens_per_s)
         med = {k: statistics.median(v) for k, v in rates.items()}
-        ratios = [r / l for l, r in zip(rates["in-process"], rates["zeromq"])]
+        ratios = [zmq / local for local, zmq in zip(rates["in-process"], rates["zeromq"])]
         print(f"split mlx:{a} torch:{b} {args.dtype}, {args.rounds} alternating rounds of {args.tokens} tokens")
         for k, v in rates.items():
             print(f"  {k:10s} decode tokens/s: median {med[k]:.2f}  runs {' '.join(f'{x:.2f}' for x in v)}")

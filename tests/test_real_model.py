@@ -43,7 +43,7 @@ def references(hf, real_model):
 @pytest.mark.parametrize("spec", SPECS)
 def test_greedy_tokens_and_logprobs_match_transformers(real_model, references, spec):
     gen = Generator(real_model, local_pipeline(str(real_model), spec, "float32", None))
-    for kind, text in PROMPTS:
+    for _, text in PROMPTS:
         ids, ref_toks, ref_lps = references[text]
         # no EOS stop: compare all N tokens even if the model would end its turn
         gen.eos_ids = set()

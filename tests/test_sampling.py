@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from engine.errors import UserError
-from engine.sampling import SamplingParams, apply_repetition_penalty, filter_logits, log_softmax, sample_token, top_logprobs
+from engine.sampling import (SamplingParams, apply_repetition_penalty, filter_logits, log_softmax, sample_token,
+                             top_logprobs)
 
 RNG = np.random.default_rng(0)
 LOGITS = RNG.normal(0, 3, size=64).astype(np.float32)

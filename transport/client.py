@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import time
 import uuid
-from typing import Sequence
+from collections.abc import Sequence
 
 import zmq
 
@@ -97,7 +97,8 @@ class RemoteStage:
 
     def load(self, first: int, last: int) -> None:
         try:
-            self.remote = self.client.call(self.address, P.LOAD, timeout_s=P.LOAD_TIMEOUT_S, layers=[first, last])["info"]
+            reply = self.client.call(self.address, P.LOAD, timeout_s=P.LOAD_TIMEOUT_S, layers=[first, last])
+            self.remote = reply["info"]
         except StageError as e:
             raise UserError(str(e)) from None
         self.info = self._stage_info()
@@ -166,7 +167,8 @@ def parse_stages_spec(spec: str) -> list[tuple[str, tuple[int, int] | None]]:
         out.append((address, layers))
     if not out:
         raise UserError("empty --stages")
-    if any(l is None for _, l in out) and any(l is not None for _, l in out):
+    given = [layers is not None for _, layers in out]
+    if any(given) and not all(given):
         raise UserError("--stages: give a range for every stage or for none")
     return out
 

@@ -134,7 +134,8 @@ class StageDaemon:
             "layers": [st.info.first, st.info.last] if st else None, "num_layers": self.cfg.num_hidden_layers,
             "live_sequences": st.live_sequences() if st else [], "kv_bytes": st.kv_bytes() if st else 0,
             "free_memory": system_available_memory(), "layer_bytes": self.layer_bytes,
-            "ms_per_layer": self.ms_per_layer, "head_ms": self.head_ms, "resident_bytes": resident_bytes(), "identity": self.identity,
+            "ms_per_layer": self.ms_per_layer, "head_ms": self.head_ms, "resident_bytes": resident_bytes(),
+            "identity": self.identity,
         }
 
     # -- the loop --------------------------------------------------------------------------------
