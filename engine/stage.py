@@ -193,6 +193,8 @@ class BaseStage:
                 raise ValueError(f"sequence {s.seq_id}: offset {s.offset} but {have} tokens cached")
             if len(s.token_ids) == 0:
                 raise ValueError(f"sequence {s.seq_id}: no new tokens")
+            if s.token_ids.min() < 0 or s.token_ids.max() >= self.cfg.vocab_size:
+                raise ValueError(f"sequence {s.seq_id}: token ids must be in 0..{self.cfg.vocab_size - 1}")
             total += len(s.token_ids)
         if self.info.is_first != (batch.hidden is None):
             raise ValueError("the first stage takes token ids only; later stages take hidden rows")

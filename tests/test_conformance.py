@@ -119,6 +119,8 @@ def test_bad_offsets_and_shapes_are_refused(tiny_dirs, backend):
     with pytest.raises(ValueError, match="twice"):
         stage.forward(StageBatch([SeqChunk(0, 2, np.array([1], np.int32), P5)] * 2))
     assert stage.live_sequences() == [0]
+    with pytest.raises(ValueError, match="token ids"):
+        stage.forward(StageBatch([SeqChunk(1, 0, np.array([1, 99999], np.int32), P5)]))
     later = load_stage(backend, tiny_dirs["llama"], 2, 3)
     with pytest.raises(ValueError, match="hidden"):
         later.forward(StageBatch([SeqChunk(0, 0, np.array([1], np.int32), P5)]))
