@@ -185,8 +185,7 @@ def cmd_generate(args) -> int:
         sys.stdout.flush()
     t = gen.last_timing
     sys.stdout.write("\n")
-    rate = (t["n"] - 1) / (t["last"] - t["first"]) if t["last"] > t["first"] else 0.0
-    print(f"[{t['n']} tokens, ttft {1000 * (t['first'] - t['start']):.0f} ms, {rate:.1f} tokens/s]", file=sys.stderr)
+    print(f"[{t.tokens} tokens, ttft {t.ttft_ms:.0f} ms, {t.decode_tokens_per_s:.1f} tokens/s]", file=sys.stderr)
     return 0
 
 

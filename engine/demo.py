@@ -69,14 +69,11 @@ def run_demo(prompt: str, max_tokens: int, dtype: str) -> int:
                                     log=lambda m: print(m, file=sys.stderr))
         gen.pipeline = pipeline
         print(f"\nuser: {prompt}\nassistant: ", end="", flush=True)
-        n = 0
         for piece in gen.stream(prompt, chat=True, max_tokens=max_tokens):
             print(piece.text, end="", flush=True)
-            n += 1
         t = gen.last_timing
-        rate = (t["n"] - 1) / (t["last"] - t["first"]) if t["last"] > t["first"] else 0.0
-        print(f"\n\n{n} tokens, time to first token {1000 * (t['first'] - t['start']):.0f} ms, "
-              f"{rate:.1f} tokens/s decode")
+        print(f"\n\n{t.tokens} tokens, time to first token {t.ttft_ms:.0f} ms, "
+              f"{t.decode_tokens_per_s:.1f} tokens/s decode")
         for s, d in zip(pipeline.stages, pipeline.describe()):
             ms = pipeline.compute_ms[s.address] / max(pipeline.calls, 1)
             print(f"  {d['backend']:5s} {d['device']} {d['dtype']} layers {d['layers'][0]}-{d['layers'][1]} "

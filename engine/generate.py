@@ -38,6 +38,25 @@ class GenerationChunk:
 
 
 @dataclass(slots=True)
+class Timing:
+    """Clock readings of one request (perf_counter seconds)."""
+
+    start: float
+    first: float | None = None  # first token out
+    last: float | None = None  # latest token out
+    tokens: int = 0
+
+    @property
+    def ttft_ms(self) -> float:
+        return (self.first - self.start) * 1000 if self.first else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        span = (self.last or 0.0) - (self.first or 0.0)
+        return (self.tokens - 1) / span if span > 0 else 0.0
+
+
+@dataclass(slots=True)
 class GenerationResult:
     text: str
     prompt_token_ids: list[int]
@@ -59,7 +78,7 @@ class Generator:
         self.pipeline = pipeline
         self.eos_ids = self.tokenizer.eos_ids | set(self.cfg.eos_token_ids)
         self._ids = itertools.count()
-        self.last_timing: dict = {}
+        self.last_timing: Timing | None = None
 
     def prompt_ids(self, prompt: str | list[dict], chat: bool = False) -> list[int]:
         if isinstance(prompt, list):
@@ -80,13 +99,12 @@ class Generator:
         seq_id = next(self._ids)
         detok = IncrementalDetokenizer(self.tokenizer)
         stops = _StopMatcher(stop)
-        timing = self.last_timing = {"start": time.perf_counter(), "first": None, "last": None, "n": 0}
+        timing = self.last_timing = Timing(time.perf_counter())
         try:
             tok = self._prefill(seq_id, ids, sampling)
             for n in itertools.count(1):
-                now = time.perf_counter()
-                timing["first"] = timing["first"] or now
-                timing["last"], timing["n"] = now, n
+                timing.last, timing.tokens = time.perf_counter(), n
+                timing.first = timing.first or timing.last
                 finish = self._finish_reason(tok.token_id, n, len(ids) + n, max_tokens)
                 piece = "" if tok.token_id in self.eos_ids else detok.add(tok.token_id)
                 if finish:
@@ -102,15 +120,12 @@ class Generator:
         finally:
             self.pipeline.release([seq_id])
 
-    def generate(self, prompt, **kw) -> GenerationResult:
-        """Run `stream()` to the end and collect the result."""
+    def generate(self, prompt, *, chat: bool = False, **kw) -> GenerationResult:
+        """Run `stream()` to the end and collect the result (same arguments)."""
         sampling = kw.get("sampling") or SamplingParams()
-        chat = kw.get("chat", False)
         prompt_ids = list(prompt) if _is_ids(prompt) else self.prompt_ids(prompt, chat)
-        kw.pop("chat", None)
         chunks = list(self.stream(prompt_ids, **kw))
         t = self.last_timing
-        decode_s = t["last"] - t["first"]
         logprobs = []
         for c in chunks:
             entry = {"token_id": c.token_id, "logprob": c.logprob}
@@ -123,8 +138,8 @@ class Generator:
             token_ids=[c.token_id for c in chunks],
             logprobs=logprobs,
             finish_reason=chunks[-1].finish_reason,
-            ttft_ms=(t["first"] - t["start"]) * 1000,
-            decode_tokens_per_s=(t["n"] - 1) / decode_s if decode_s > 0 else 0.0,
+            ttft_ms=t.ttft_ms,
+            decode_tokens_per_s=t.decode_tokens_per_s,
             stages=self.pipeline.describe(),
         )
 

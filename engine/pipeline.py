@@ -27,8 +27,7 @@ class Pipeline:
             stage.release(seq_ids)
 
     def describe(self) -> list[dict]:
-        return [{"backend": s.info.backend, "device": s.info.device, "dtype": s.info.dtype,
-                 "layers": [s.info.first, s.info.last]} for s in self.stages]
+        return [s.info.describe() for s in self.stages]
 
     def close(self) -> None:
         for stage in self.stages:

@@ -90,6 +90,10 @@ class StageInfo:
     def is_last(self) -> bool:
         return self.last == self.num_layers - 1
 
+    def describe(self) -> dict:
+        """The `stages` entry of `--json` output."""
+        return {"backend": self.backend, "device": self.device, "dtype": self.dtype, "layers": [self.first, self.last]}
+
 
 @runtime_checkable
 class Stage(Protocol):

@@ -11,6 +11,7 @@ from engine.cli import local_pipeline
 from engine.demo import start_stage, stop_stages
 from engine.errors import UserError
 from engine.generate import Generator
+from engine.planner import StageCapacity, plan_layers
 from transport.client import connect_pipeline
 
 PROMPT = "Write a haiku about the sea."
@@ -60,10 +61,12 @@ def test_planner_splits_by_measured_speed(real_model, daemons):
     assert plan.startswith("plan: ") and "predicted" in plan
     ranges = [(s.info.first, s.info.last) for s in pipe.stages]
     assert ranges[0][0] == 0 and ranges[-1][1] == 29 and ranges[0][1] + 1 == ranges[1][0]
-    ms = [s.remote["ms_per_layer"] for s in pipe.stages]
-    counts = [b - a + 1 for a, b in ranges]
-    # the faster stage never gets fewer layers
-    assert (counts[0] >= counts[1]) == (ms[0] <= ms[1]) or abs(counts[0] - counts[1]) <= 1
+    # the ranges are the planner's answer to the speeds and memory the daemons reported
+    caps = [StageCapacity(s.address, s.remote["ms_per_layer"],
+                          int(0.8 * s.remote["free_memory"] // s.remote["layer_bytes"]), s.remote["head_ms"])
+            for s in pipe.stages]
+    assert all(c.ms_per_layer > 0 for c in caps) and caps[-1].head_ms > 0
+    assert ranges == plan_layers(caps, 30).ranges
     pipe.close()
 
 
@@ -93,6 +96,7 @@ def test_coordinator_imports_neither_framework(real_model, daemons):
     code = f"""
 import sys
 from engine.generate import Generator
+from engine.planner import StageCapacity, plan_layers
 from transport.client import connect_pipeline
 pipe = connect_pipeline({str(real_model)!r}, "{daemons[0]}=0-14,{daemons[1]}=15-29", 30)
 res = Generator({str(real_model)!r}, pipe).generate("Hi", chat=True, max_tokens=4)

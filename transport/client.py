@@ -67,8 +67,11 @@ class Client:
                     raise StageError(f"stage {header.get('stage', address)}: {header.get('message')}")
                 return header, arrays
 
+    def next_req(self) -> int:
+        return next(self._req)
+
     def call(self, address: str, kind: str, timeout_s: float | None = None, **fields) -> dict:
-        req = next(self._req)
+        req = self.next_req()
         self.send(address, pack(kind, req=req, **fields))
         return self.wait(address, req, timeout_s)[0]
 
@@ -104,7 +107,7 @@ class RemoteStage:
         self.info = self._stage_info()
 
     def forward(self, batch: StageBatch, route: Sequence[str] = ()) -> StageResult:
-        req = next(self.client._req)
+        req = self.client.next_req()
         self.client.send(self.address, pack_batch(batch, req=req, client=self.client.id, route=list(route)))
         header, arrays = self.client.wait(route[-1] if route else self.address, req)
         self.last_timings = header.get("timings", [])
@@ -143,8 +146,7 @@ class RemotePipeline:
             s.release(seq_ids)
 
     def describe(self) -> list[dict]:
-        return [{"backend": s.info.backend, "device": s.info.device, "dtype": s.info.dtype,
-                 "layers": [s.info.first, s.info.last], "address": s.address} for s in self.stages]
+        return [{**s.info.describe(), "address": s.address} for s in self.stages]
 
     def close(self) -> None:
         self.stages[0].client.close()

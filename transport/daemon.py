@@ -81,10 +81,8 @@ class StageDaemon:
         """Bytes of one decoder layer in this daemon's dtype (from the checkpoint's index)."""
         files = checkpoint_files(self.model_dir)
         names = [n for n in stage_tensor_names(self.cfg, files, 0, 0) if n.startswith("model.layers.0.")]
-        numel = 0
-        for n in names:
-            header, _ = read_header(files[n])
-            numel += int(np.prod(header[n]["shape"]))
+        headers = {path: read_header(path)[0] for path in {files[n] for n in names}}
+        numel = sum(int(np.prod(headers[files[n]][n]["shape"])) for n in names)
         return numel * (4 if self.dtype == "float32" else 2)
 
     def _calibrate(self) -> tuple[float, float]:
