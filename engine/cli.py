@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--dtype", default="float32", help=f"one of {', '.join(DTYPES)}")
     st.add_argument("--threads", type=int, default=None, help="CPU threads for the backend")
     st.add_argument("--layers", default=None, metavar="FIRST-LAST", help="load these layers at start")
+    st.add_argument("--kv-tokens", type=int, default=None,
+                    help="KV cache budget in tokens, all sequences together (default: half the free memory)")
 
     demo = sub.add_parser("demo", help="fetch SmolLM2, start an MLX and a torch stage daemon, chat through them")
     demo.add_argument("prompt", nargs="?", default="Explain in two sentences why the sky is blue.")
@@ -147,7 +149,7 @@ def cmd_stage(args) -> int:
     if args.dtype not in DTYPES:
         raise UserError(f"unknown dtype {args.dtype!r}; choose from {', '.join(DTYPES)}")
     daemon = StageDaemon(args.backend, _model_dir(args.model), args.listen, device=args.device, dtype=args.dtype,
-                         threads=args.threads, layers=layers)
+                         threads=args.threads, layers=layers, kv_tokens=args.kv_tokens)
 
     def stop(signum, frame):
         daemon.running = False

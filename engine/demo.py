@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+from .config import ModelConfig
 from .errors import UserError
 from .fetch import fetch
 from .generate import Generator
@@ -64,10 +65,9 @@ def run_demo(prompt: str, max_tokens: int, dtype: str) -> int:
             procs.append(proc)
             addresses.append(address)
             print(f"started {backend} stage daemon (pid {proc.pid}) at {address}", file=sys.stderr)
-        gen = Generator(model_dir, None)
-        pipeline = connect_pipeline(str(model_dir), ",".join(addresses), gen.cfg.num_hidden_layers,
+        pipeline = connect_pipeline(str(model_dir), ",".join(addresses), ModelConfig.load(model_dir).num_hidden_layers,
                                     log=lambda m: print(m, file=sys.stderr))
-        gen.pipeline = pipeline
+        gen = Generator(model_dir, pipeline)
         print(f"\nuser: {prompt}\nassistant: ", end="", flush=True)
         for piece in gen.stream(prompt, chat=True, max_tokens=max_tokens):
             print(piece.text, end="", flush=True)
@@ -78,6 +78,7 @@ def run_demo(prompt: str, max_tokens: int, dtype: str) -> int:
             ms = pipeline.compute_ms[s.address] / max(pipeline.calls, 1)
             print(f"  {d['backend']:5s} {d['device']} {d['dtype']} layers {d['layers'][0]}-{d['layers'][1]} "
                   f"at {s.address}: {ms:.1f} ms compute per step")
+        gen.close()
         pipeline.close()
         return 0
     finally:

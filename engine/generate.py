@@ -1,59 +1,33 @@
-"""The coordinator's generation loop: tokenize, prefill, decode, detokenize. Streaming is the primitive.
+"""The coordinator's API: tokenize, submit to the serving engine, stream chunks back, detokenized.
 
     gen = Generator(model_dir, pipeline)
-    for piece in gen.stream("Hello", max_tokens=32):
+    for piece in gen.stream("Hello", max_tokens=32):             # synchronous
         print(piece.text, end="")
-    result = gen.generate("Hello", max_tokens=32)   # joins stream()
+    async for piece in gen.astream("Hello", max_tokens=32): ...   # asyncio
+    result = gen.generate("Hello", max_tokens=32)                 # joins stream()
+    results = gen.generate_batch(["Hi", "Bye"], max_tokens=32)    # many at once, batched
+
+Every call may come from any thread at any time: requests join the running batch (continuous
+batching, see `serving.Engine`). Leaving a stream early cancels its request and frees its KV caches.
 """
 
 from __future__ import annotations
 
-import itertools
-import time
-from dataclasses import dataclass, field
+import asyncio
+import queue
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Iterator, Sequence
-
-import numpy as np
 
 from .config import ModelConfig
-from .errors import UserError
-from .pipeline import Pipeline
+from .errors import StageFailure, UserError
 from .sampling import SamplingParams
-from .stage import SeqChunk, StageBatch
-from .tokenizer import IncrementalDetokenizer, Tokenizer
+from .serving import Engine, GenerationChunk, Timing
+from .tokenizer import Tokenizer
 
-PREFILL_CHUNK = 512  # prompt tokens per stage call: bounds activation memory on long prompts
+__all__ = ["GenerationChunk", "GenerationResult", "Generator", "Timing"]
 
-
-@dataclass(slots=True)
-class GenerationChunk:
-    """One streamed step: a token and the text it completes (may be empty mid-character)."""
-
-    token_id: int | None
-    text: str
-    logprob: float | None = None
-    top: list[tuple[int, float]] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" or "length" on the last chunk
-
-
-@dataclass(slots=True)
-class Timing:
-    """Clock readings of one request (perf_counter seconds)."""
-
-    start: float
-    first: float | None = None  # first token out
-    last: float | None = None  # latest token out
-    tokens: int = 0
-
-    @property
-    def ttft_ms(self) -> float:
-        return (self.first - self.start) * 1000 if self.first else 0.0
-
-    @property
-    def decode_tokens_per_s(self) -> float:
-        span = (self.last or 0.0) - (self.first or 0.0)
-        return (self.tokens - 1) / span if span > 0 else 0.0
+CONSUMER_CHECK_S = 1.0  # a stream waiting for its next token checks this often that the engine lives
 
 
 @dataclass(slots=True)
@@ -72,64 +46,167 @@ class GenerationResult:
 
 
 class Generator:
-    def __init__(self, model_dir: str | Path, pipeline: Pipeline):
+    """Text in, text out, over a pipeline. Engine options (`inflight`, `max_seqs`, `max_queue`,
+    `max_batch_tokens`, `prefill_with_decode`) pass through to `serving.Engine`."""
+
+    def __init__(self, model_dir: str | Path, pipeline, **engine_opts):
         self.cfg = ModelConfig.load(model_dir)
         self.tokenizer = Tokenizer(model_dir)
         self.pipeline = pipeline
         self.eos_ids = self.tokenizer.eos_ids | set(self.cfg.eos_token_ids)
-        self._ids = itertools.count()
-        self.last_timing: Timing | None = None
+        self.engine = None if pipeline is None else Engine(
+            pipeline, self.tokenizer, eos_ids=self.eos_ids, context=self.cfg.max_position_embeddings,
+            vocab_size=self.cfg.vocab_size, **engine_opts)
+        self.last_timing: Timing | None = None  # of the latest request submitted
 
-    def prompt_ids(self, prompt: str | list[dict], chat: bool = False) -> list[int]:
+    def prompt_ids(self, prompt: str | list[dict] | Sequence[int], chat: bool = False) -> list[int]:
+        """Text, a chat message list, or token ids. With `chat`, text becomes one user turn."""
+        if isinstance(prompt, (list, tuple)) and not prompt:
+            raise UserError("empty prompt")
+        if _is_ids(prompt):
+            return list(prompt)
         if isinstance(prompt, list):
             return self.tokenizer.apply_chat_template(prompt)
+        if not isinstance(prompt, str):
+            raise UserError("a prompt is text, a list of chat messages, or a list of token ids")
         if chat:
             return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
         return self.tokenizer.encode(prompt)
 
-    def stream(self, prompt: str | list[dict] | Sequence[int], *, chat: bool = False, max_tokens: int = 128,
-               sampling: SamplingParams | None = None, stop: Sequence[str] = ()) -> Iterator[GenerationChunk]:
+    def stream(self, prompt, *, chat: bool = False, max_tokens: int = 128, sampling: SamplingParams | None = None,
+               stop: Sequence[str] = (), ignore_eos: bool = False) -> Iterator[GenerationChunk]:
         """Yield one `GenerationChunk` per generated token; the last carries `finish_reason`.
 
-        `prompt` is text, a chat message list, or token ids. With `chat`, text becomes one user turn.
+        Closing the iterator early (break, or garbage collection) cancels the request.
         """
-        sampling = sampling or SamplingParams()
-        ids = list(prompt) if _is_ids(prompt) else self.prompt_ids(prompt, chat)
-        self._check_prompt(ids, max_tokens)
-        seq_id = next(self._ids)
-        detok = IncrementalDetokenizer(self.tokenizer)
-        stops = _StopMatcher(stop)
-        timing = self.last_timing = Timing(time.perf_counter())
+        q: queue.SimpleQueue = queue.SimpleQueue()
+        seq_id, timing = self._submit(prompt, chat, max_tokens, sampling, stop, ignore_eos, q.put)
+        finished = False
         try:
-            tok = self._prefill(seq_id, ids, sampling)
-            for n in itertools.count(1):
-                timing.last, timing.tokens = time.perf_counter(), n
-                timing.first = timing.first or timing.last
-                finish = self._finish_reason(tok.token_id, n, len(ids) + n, max_tokens)
-                piece = "" if tok.token_id in self.eos_ids else detok.add(tok.token_id)
-                if finish:
-                    piece += detok.flush()
-                text, hit = stops.feed(piece, final=finish is not None)
-                if hit:
-                    finish = "stop"
-                yield GenerationChunk(tok.token_id, text, tok.logprob, tok.top, finish)
-                if finish:
+            while True:
+                try:
+                    item = q.get(timeout=CONSUMER_CHECK_S)
+                except queue.Empty:
+                    self._check_engine()
+                    continue
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finish_reason is not None
+                yield item
+                if finished:
                     return
-                chunk = SeqChunk(seq_id, len(ids) + n - 1, np.array([tok.token_id], np.int32), sampling)
-                tok = self.pipeline.forward(StageBatch([chunk]))[0]
         finally:
-            self.pipeline.release([seq_id])
+            if not finished:
+                self.engine.cancel(seq_id)
+
+    async def astream(self, prompt, *, chat: bool = False, max_tokens: int = 128,
+                      sampling: SamplingParams | None = None, stop: Sequence[str] = (),
+                      ignore_eos: bool = False) -> AsyncIterator[GenerationChunk]:
+        """`stream` for asyncio: the engine thread hands chunks to this event loop.
+
+        Cancelling the task (or closing the generator) cancels the request.
+        """
+        loop = asyncio.get_running_loop()
+        aq: asyncio.Queue = asyncio.Queue()
+
+        def deliver(item):
+            try:
+                loop.call_soon_threadsafe(aq.put_nowait, item)
+            except RuntimeError:
+                pass  # the loop has closed: nobody is listening any more
+
+        seq_id, _ = self._submit(prompt, chat, max_tokens, sampling, stop, ignore_eos, deliver)
+        finished = False
+        try:
+            while True:
+                try:
+                    item = await asyncio.wait_for(aq.get(), CONSUMER_CHECK_S)
+                except asyncio.TimeoutError:
+                    self._check_engine()
+                    continue
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finish_reason is not None
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.engine.cancel(seq_id)
 
     def generate(self, prompt, *, chat: bool = False, **kw) -> GenerationResult:
         """Run `stream()` to the end and collect the result (same arguments)."""
-        sampling = kw.get("sampling") or SamplingParams()
-        prompt_ids = list(prompt) if _is_ids(prompt) else self.prompt_ids(prompt, chat)
+        prompt_ids = self.prompt_ids(prompt, chat)
         chunks = list(self.stream(prompt_ids, **kw))
-        t = self.last_timing
+        return self._result(prompt_ids, chunks, self.last_timing, kw.get("sampling"))
+
+    def generate_batch(self, prompts: Sequence, *, chat: bool = False, max_tokens: int | Sequence[int] = 128,
+                       sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+                       stop: Sequence[str] = (), ignore_eos: bool = False) -> list[GenerationResult]:
+        """Generate for every prompt at once (one batch); `max_tokens` and `sampling` may be per prompt.
+
+        Results come back in the order of `prompts`. If any request fails, the others are cancelled
+        and the error is raised.
+        """
+        n = len(prompts)
+        max_tokens = _per_prompt(max_tokens, n, "max_tokens")
+        sampling = _per_prompt(sampling, n, "sampling")
+        ids = [self.prompt_ids(p, chat) for p in prompts]
+        queues = [queue.SimpleQueue() for _ in range(n)]
+        submitted = []
+        try:
+            for i in range(n):
+                submitted.append(self._submit(ids[i], False, max_tokens[i], sampling[i], stop, ignore_eos,
+                                              queues[i].put))
+            out = []
+            for i, q in enumerate(queues):
+                chunks = []
+                while not chunks or chunks[-1].finish_reason is None:
+                    try:
+                        item = q.get(timeout=CONSUMER_CHECK_S)
+                    except queue.Empty:
+                        self._check_engine()
+                        continue
+                    if isinstance(item, BaseException):
+                        raise item
+                    chunks.append(item)
+                out.append(self._result(ids[i], chunks, submitted[i][1], sampling[i]))
+            return out
+        finally:
+            for seq_id, _ in submitted:
+                self.engine.cancel(seq_id)  # a no-op for the finished
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _submit(self, prompt, chat, max_tokens, sampling, stop, ignore_eos, deliver) -> tuple[int, Timing]:
+        if self.engine is None:
+            raise UserError("this Generator has no pipeline to generate with")
+        ids = self.prompt_ids(prompt, chat)
+        req = self.engine.submit(ids, max_tokens=max_tokens, sampling=sampling, stop=stop, ignore_eos=ignore_eos,
+                                 deliver=deliver)
+        self.last_timing = req.timing
+        return req.seq_id, req.timing
+
+    def _check_engine(self) -> None:
+        if self.engine.error is not None:
+            raise StageFailure(f"the serving engine stopped: {self.engine.error!r}")
+
+    def _result(self, prompt_ids, chunks: list[GenerationChunk], timing: Timing, sampling) -> GenerationResult:
+        top_wanted = sampling is not None and sampling.logprobs > 1
         logprobs = []
         for c in chunks:
             entry = {"token_id": c.token_id, "logprob": c.logprob}
-            if sampling.logprobs > 1:
+            if top_wanted:
                 entry["top"] = [{"token_id": i, "logprob": lp} for i, lp in c.top]
             logprobs.append(entry)
         return GenerationResult(
@@ -138,65 +215,19 @@ class Generator:
             token_ids=[c.token_id for c in chunks],
             logprobs=logprobs,
             finish_reason=chunks[-1].finish_reason,
-            ttft_ms=t.ttft_ms,
-            decode_tokens_per_s=t.decode_tokens_per_s,
+            ttft_ms=timing.ttft_ms,
+            decode_tokens_per_s=timing.decode_tokens_per_s,
             stages=self.pipeline.describe(),
         )
 
-    def _check_prompt(self, ids: list[int], max_tokens: int) -> None:
-        ctx = self.cfg.max_position_embeddings
-        if not ids:
-            raise UserError("empty prompt")
-        if max_tokens < 1:
-            raise UserError("max tokens must be at least 1")
-        if len(ids) >= ctx:
-            raise UserError(f"prompt is {len(ids)} tokens; the model's context is {ctx}")
-        if min(ids) < 0 or max(ids) >= self.cfg.vocab_size:
-            raise UserError(f"prompt token ids must be in 0..{self.cfg.vocab_size - 1}")
 
-    def _prefill(self, seq_id: int, ids: list[int], sampling: SamplingParams):
-        arr = np.asarray(ids, dtype=np.int32)
-        for start in range(0, len(arr), PREFILL_CHUNK):
-            part = arr[start : start + PREFILL_CHUNK]
-            last = start + len(part) == len(arr)
-            out = self.pipeline.forward(StageBatch([SeqChunk(seq_id, start, part, sampling if last else None)]))
-        return out[0]
-
-    def _finish_reason(self, token_id: int, n: int, length: int, max_tokens: int) -> str | None:
-        if token_id in self.eos_ids:
-            return "stop"
-        if n >= max_tokens or length >= self.cfg.max_position_embeddings:
-            return "length"
-        return None
+def _per_prompt(value, n: int, name: str) -> list:
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise UserError(f"{name} has {len(value)} entries for {n} prompts")
+        return list(value)
+    return [value] * n
 
 
 def _is_ids(prompt) -> bool:
     return not isinstance(prompt, str) and len(prompt) > 0 and not isinstance(prompt[0], dict)
-
-
-class _StopMatcher:
-    """Finds stop strings across streamed pieces; holds back text that may begin one."""
-
-    def __init__(self, stops: Sequence[str]):
-        self.stops = [s for s in stops if s]
-        self.pending = ""
-
-    def feed(self, piece: str, final: bool) -> tuple[str, bool]:
-        if not self.stops:
-            return piece, False
-        self.pending += piece
-        cut = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            out, self.pending = self.pending[:cut], ""
-            return out, True
-        if final:
-            out, self.pending = self.pending, ""
-            return out, False
-        hold = max(len(s) - 1 for s in self.stops)
-        keep = 0
-        for k in range(min(hold, len(self.pending)), 0, -1):
-            if any(s.startswith(self.pending[-k:]) for s in self.stops):
-                keep = k
-                break
-        out, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep :]
-        return out, False

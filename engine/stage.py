@@ -81,6 +81,7 @@ class StageInfo:
     first: int
     last: int
     num_layers: int  # of the whole model
+    kv_tokens: int = 0  # tokens of KV cache this stage can hold, all sequences together (its budget)
 
     @property
     def is_first(self) -> bool:
@@ -92,7 +93,8 @@ class StageInfo:
 
     def describe(self) -> dict:
         """The `stages` entry of `--json` output."""
-        return {"backend": self.backend, "device": self.device, "dtype": self.dtype, "layers": [self.first, self.last]}
+        return {"backend": self.backend, "device": self.device, "dtype": self.dtype, "layers": [self.first, self.last],
+                "kv_tokens": self.kv_tokens}
 
 
 @runtime_checkable
@@ -108,6 +110,10 @@ class Stage(Protocol):
         ...
 
     def live_sequences(self) -> list[int]: ...
+
+    def kv_tokens_used(self) -> int:
+        """Tokens held in KV caches now, all sequences together (at most `info.kv_tokens`)."""
+        ...
 
     def close(self) -> None: ...
 
@@ -153,6 +159,24 @@ class BaseStage:
         self.hidden_size = cfg.hidden_size
         self._seqs: dict[int, _SeqState] = {}
         self.caches: dict[int, list] = {}  # seq_id -> the backend's KV cache object for each layer
+        n_layers = info.last - info.first + 1
+        itemsize = 4 if info.dtype == "float32" else 2
+        self.kv_token_bytes = n_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * itemsize
+
+    def set_kv_budget(self, tokens: int | None = None) -> None:
+        """Cap the KV cache at `tokens`; by default at KV_MEMORY_FRACTION of the memory free now."""
+        if tokens is None:
+            tokens = int(KV_MEMORY_FRACTION * self.free_memory()) // self.kv_token_bytes
+        if tokens < 1:
+            raise UserError(f"a KV budget of {tokens} tokens leaves no room for any sequence")
+        self.info.kv_tokens = tokens
+
+    def free_memory(self) -> int:
+        """Bytes free on this stage's device (backends on discrete GPUs override)."""
+        return system_available_memory()
+
+    def kv_tokens_used(self) -> int:
+        return sum(st.length for st in self._seqs.values())
 
     def forward(self, batch: StageBatch) -> StageResult:
         self._check(batch)
@@ -192,6 +216,8 @@ class BaseStage:
             raise ValueError("a sequence appears twice in one batch")
         total = 0
         for s in batch.seqs:
+            if s.seq_id < 0 and s.seq_id != _WARMUP_ID:
+                raise ValueError(f"sequence ids are non-negative, not {s.seq_id}")
             have = self._seqs[s.seq_id].length if s.seq_id in self._seqs else 0
             if s.offset != have:
                 raise ValueError(f"sequence {s.seq_id}: offset {s.offset} but {have} tokens cached")
@@ -204,6 +230,9 @@ class BaseStage:
             raise ValueError("the first stage takes token ids only; later stages take hidden rows")
         if batch.hidden is not None and batch.hidden.data.shape[0] != total:
             raise ValueError(f"hidden has {batch.hidden.data.shape[0]} rows for {total} tokens")
+        used = self.kv_tokens_used()
+        if self.info.kv_tokens and used + total > self.info.kv_tokens:
+            raise ValueError(f"KV cache full: {used} tokens held, {total} more asked, budget {self.info.kv_tokens}")
 
     def _sample(self, seqs: list[SeqChunk], logits: np.ndarray) -> list[SampledToken]:
         out = []
@@ -220,7 +249,7 @@ class BaseStage:
 
     def warmup(self) -> None:
         """Run a short prefill and one decode step so the first request pays no one-time cost."""
-        sid = -(2**62)  # an id no client sends: negative ids are refused at the API edge
+        sid = _WARMUP_ID
         p = SamplingParams()
         for n, off in ((8, 0), (1, 8)):
             toks = np.zeros(n, dtype=np.int32)
@@ -245,10 +274,26 @@ class BaseStage:
 
 
 _EMPTY = np.zeros(0, dtype=np.int64)
+_WARMUP_ID = -(2**62)  # the one negative sequence id: clients' ids are refused below zero
+KV_MEMORY_FRACTION = 0.5  # of the memory free after loading, by default, for KV caches
+
+
+def system_available_memory() -> int:
+    """Bytes the OS could hand out now (MemAvailable on Linux; physical memory elsewhere)."""
+    import os
+
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def load_stage(backend: str, model_dir: str, first: int, last: int, *, device: str | None = None,
-               dtype: str = "float32", threads: int | None = None) -> Stage:
+               dtype: str = "float32", threads: int | None = None, kv_tokens: int | None = None) -> Stage:
     """Build an in-process stage of `backend`; the backend module is imported only here."""
     if backend not in BACKENDS:
         raise UserError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
@@ -263,6 +308,7 @@ def load_stage(backend: str, model_dir: str, first: int, last: int, *, device: s
         raise UserError(f"backend {backend!r} is not available here: {e}") from None
     stage = module.create_stage(model_dir, cfg, first, last, device=device, dtype=dtype, threads=threads)
     _trim_heap()
+    stage.set_kv_budget(kv_tokens)
     return stage
 
 

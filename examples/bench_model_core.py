@@ -41,10 +41,10 @@ def _hetpipe(model_dir, spec, dtype, tokens):
     from engine.generate import Generator
 
     gen = Generator(model_dir, local_pipeline(model_dir, spec, dtype, None))
-    gen.eos_ids = set()  # always decode `tokens` tokens
     long_ids = gen.tokenizer.encode(LONG)[:512]
     gen.generate(PROMPT, max_tokens=8)
-    rates = [gen.generate(PROMPT, max_tokens=tokens).decode_tokens_per_s for _ in range(3)]
+    # ignore_eos: always decode `tokens` tokens
+    rates = [gen.generate(PROMPT, max_tokens=tokens, ignore_eos=True).decode_tokens_per_s for _ in range(3)]
     ttft = [gen.generate(long_ids, max_tokens=1).ttft_ms for _ in range(3)]
     return {"decode_tokens_per_s": statistics.median(rates), "ttft_512_ms": statistics.median(ttft)}
 

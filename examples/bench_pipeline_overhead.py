@@ -38,12 +38,12 @@ def main():
             args.model, f"{procs[0][1]}={a},{procs[1][1]}={b}", 30))
         local = Generator(args.model, local_pipeline(args.model, f"mlx:{a},torch:{b}", args.dtype, None))
         for g in (local, remote):
-            g.eos_ids = set()
             g.generate("warm up", max_tokens=8)
         rates = {"in-process": [], "zeromq": []}
         for _ in range(args.rounds):
             for name, g in (("in-process", local), ("zeromq", remote)):
-                rates[name].append(g.generate("Once upon a time", max_tokens=args.tokens).decode_tokens_per_s)
+                res = g.generate("Once upon a time", max_tokens=args.tokens, ignore_eos=True)
+                rates[name].append(res.decode_tokens_per_s)
         med = {k: statistics.median(v) for k, v in rates.items()}
         ratios = [zmq / local for local, zmq in zip(rates["in-process"], rates["zeromq"])]
         print(f"split mlx:{a} torch:{b} {args.dtype}, {args.rounds} alternating rounds of {args.tokens} tokens")

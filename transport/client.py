@@ -19,7 +19,7 @@ from engine.partition import check_coverage
 from engine.stage import SampledToken, StageBatch, StageInfo, StageResult
 
 from . import protocol as P
-from .wire import pack, pack_batch, unpack, unpack_result
+from .wire import WireError, pack, pack_batch, unpack, unpack_result
 
 
 class StageError(StageFailure):
@@ -27,7 +27,11 @@ class StageError(StageFailure):
 
 
 class Client:
-    """Sockets to a set of stages, one request at a time per caller."""
+    """Sockets to a set of stages. Replies are matched to requests by `req`.
+
+    `wait` blocks for one reply (control calls); `expect` + `poll` collect the replies of requests
+    left running (micro-batches in flight). A reply to a request nobody waits for any more is dropped.
+    """
 
     def __init__(self, timeout_s: float = P.REPLY_TIMEOUT_S):
         self.ctx = zmq.Context.instance()
@@ -35,6 +39,9 @@ class Client:
         self.socks: dict[str, zmq.Socket] = {}
         self.timeout_s = timeout_s
         self._req = itertools.count(1)
+        self._expected: set[int] = set()
+        self._mail: dict[int, tuple[dict, list]] = {}
+        self._poller = zmq.Poller()
 
     def sock(self, address: str) -> zmq.Socket:
         s = self.socks.get(address)
@@ -44,28 +51,61 @@ class Client:
             s.setsockopt(zmq.LINGER, 0)
             s.connect(address)
             self.socks[address] = s
+            self._poller.register(s, zmq.POLLIN)
         return s
 
     def send(self, address: str, frames) -> None:
         self.sock(address).send_multipart(frames, copy=False)
 
+    def expect(self, req: int) -> None:
+        """Keep the reply to `req` when it comes, for `poll` or `wait`."""
+        self._expected.add(req)
+
+    def forget(self, req: int) -> None:
+        self._expected.discard(req)
+        self._mail.pop(req, None)
+
+    def _receive(self, timeout_s: float) -> None:
+        """Read what arrives within `timeout_s` (then what is already queued) into the mailbox."""
+        for s, _ in self._poller.poll(max(0, int(timeout_s * 1000))):
+            while True:
+                try:
+                    frames = s.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                try:
+                    header, arrays = unpack(frames)
+                except WireError:
+                    continue  # not a reply we can read: the request it answers times out
+                req = header.get("req")
+                if req in self._expected:
+                    self._mail[req] = (header, arrays)
+
+    def poll(self, timeout_s: float) -> dict[int, tuple[dict, list]]:
+        """Replies (or errors) to expected requests that have arrived, waiting up to `timeout_s` for one."""
+        if not self._mail:
+            self._receive(timeout_s)
+        self._receive(0)
+        out, self._mail = self._mail, {}
+        self._expected.difference_update(out)
+        return out
+
     def wait(self, address: str, req: int, timeout_s: float | None = None) -> tuple[dict, list]:
         """The reply to request `req` from `address`; an error from any stage raises."""
-        deadline = time.monotonic() + (timeout_s or self.timeout_s)
-        poller = zmq.Poller()
-        for s in self.socks.values():
-            poller.register(s, zmq.POLLIN)
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise StageError(f"stage {address} did not answer within {timeout_s or self.timeout_s:.0f} s")
-            for s, _ in poller.poll(int(left * 1000) + 1):
-                header, arrays = unpack(s.recv_multipart(copy=False))
-                if header.get("req") != req:
-                    continue  # a late answer to a request already given up on
-                if header["kind"] == P.ERROR:
-                    raise StageError(f"stage {header.get('stage', address)}: {header.get('message')}")
-                return header, arrays
+        timeout_s = timeout_s or self.timeout_s
+        deadline = time.monotonic() + timeout_s
+        self.expect(req)
+        try:
+            while req not in self._mail:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise StageError(f"stage {address} did not answer within {timeout_s:.0f} s")
+                self._receive(left)
+            header, arrays = self._mail.pop(req)
+        finally:
+            self.forget(req)
+        raise_if_error(header, address)
+        return header, arrays
 
     def next_req(self) -> int:
         return next(self._req)
@@ -79,6 +119,11 @@ class Client:
         for s in self.socks.values():
             s.close(0)
         self.socks.clear()
+
+
+def raise_if_error(header: dict, address: str) -> None:
+    if header.get("kind") == P.ERROR:
+        raise StageError(f"stage {header.get('stage', address)}: {header.get('message')}")
 
 
 class RemoteStage:
@@ -96,7 +141,8 @@ class RemoteStage:
         r = self.remote
         if r["layers"] is None:
             return None
-        return StageInfo(r["backend"], r["device"], r["dtype"], r["layers"][0], r["layers"][1], r["num_layers"])
+        return StageInfo(r["backend"], r["device"], r["dtype"], r["layers"][0], r["layers"][1], r["num_layers"],
+                         r["kv_tokens"])
 
     def load(self, first: int, last: int) -> None:
         try:
@@ -106,15 +152,21 @@ class RemoteStage:
             raise UserError(str(e)) from None
         self.info = self._stage_info()
 
-    def forward(self, batch: StageBatch, route: Sequence[str] = ()) -> StageResult:
+    def forward(self, batch: StageBatch) -> StageResult:
+        """This stage alone (its hidden rows come back here)."""
         req = self.client.next_req()
-        self.client.send(self.address, pack_batch(batch, req=req, client=self.client.id, route=list(route)))
-        header, arrays = self.client.wait(route[-1] if route else self.address, req)
-        self.last_timings = header.get("timings", [])
-        return unpack_result(header, arrays)
+        self.client.send(self.address, pack_batch(batch, req=req, client=self.client.id, route=[]))
+        return unpack_result(*self.client.wait(self.address, req))
 
-    def release(self, seq_ids: Sequence[int]) -> None:
-        self.client.call(self.address, P.RELEASE, seq_ids=list(seq_ids))
+    def kv_tokens_used(self) -> int:
+        self.remote = self.client.call(self.address, P.PING)["info"]
+        return self.remote["kv_tokens_used"]
+
+    def release(self, seq_ids: Sequence[int], wait: bool = True) -> None:
+        if wait:
+            self.client.call(self.address, P.RELEASE, seq_ids=list(seq_ids))
+        else:
+            self.client.send(self.address, pack(P.RELEASE, req=self.client.next_req(), seq_ids=list(seq_ids)))
 
     def live_sequences(self) -> list[int]:
         self.remote = self.client.call(self.address, P.PING)["info"]
@@ -125,31 +177,77 @@ class RemoteStage:
 
 
 class RemotePipeline:
-    """Stage daemons in pipeline order; same interface as the in-process `Pipeline`."""
+    """Stage daemons in pipeline order; same interface as the in-process `Pipeline`.
+
+    A batch goes to the first stage with the others' addresses as its route; the last stage
+    answers here. Several batches may be in flight at once: the daemons work on different ones.
+    """
 
     def __init__(self, stages: list[RemoteStage]):
         check_coverage([(s.info.first, s.info.last) for s in stages], stages[0].info.num_layers)
         self.stages = stages
+        self.client = stages[0].client
         self.route = [s.address for s in stages[1:]]
         self.compute_ms: dict[str, float] = {s.address: 0.0 for s in stages}
         self.calls = 0
+        self._flying: dict[int, tuple[object, float]] = {}  # req -> (tag, deadline)
+
+    @property
+    def max_inflight(self) -> int:
+        return 4 * len(self.stages)
+
+    def submit(self, tag, batch: StageBatch) -> None:
+        req = self.client.next_req()
+        self.client.expect(req)
+        self.client.send(self.stages[0].address,
+                         pack_batch(batch, req=req, client=self.client.id, route=self.route))
+        self._flying[req] = (tag, time.monotonic() + self.client.timeout_s)
+
+    def poll(self, timeout_s: float) -> list[tuple[object, list[SampledToken] | Exception]]:
+        out = []
+        for req, (header, arrays) in self.client.poll(timeout_s).items():
+            tag, _ = self._flying.pop(req)
+            try:
+                raise_if_error(header, self.stages[-1].address)
+                result = unpack_result(header, arrays)
+            except Exception as e:
+                out.append((tag, e))
+                continue
+            for address, ms in header.get("timings", []):
+                self.compute_ms[address] = self.compute_ms.get(address, 0.0) + ms
+            self.calls += 1
+            out.append((tag, result.tokens))
+        now = time.monotonic()
+        for req, (tag, deadline) in list(self._flying.items()):
+            if now > deadline:
+                del self._flying[req]
+                self.client.forget(req)
+                out.append((tag, StageError(f"the pipeline did not answer within {self.client.timeout_s:.0f} s")))
+        return out
 
     def forward(self, batch: StageBatch) -> list[SampledToken]:
-        result = self.stages[0].forward(batch, route=self.route)
-        for address, ms in self.stages[0].last_timings:
-            self.compute_ms[address] = self.compute_ms.get(address, 0.0) + ms
-        self.calls += 1
-        return result.tokens
+        tag = object()
+        self.submit(tag, batch)
+        while True:
+            for t, out in self.poll(1.0):
+                if t is tag:
+                    if isinstance(out, Exception):
+                        raise out
+                    return out
 
     def release(self, seq_ids: Sequence[int]) -> None:
+        """Tell every stage to free these sequences; no reply awaited (a later ping sees it done)."""
         for s in self.stages:
-            s.release(seq_ids)
+            s.release(seq_ids, wait=False)
+
+    def kv_tokens(self) -> int:
+        return min(s.info.kv_tokens for s in self.stages)
 
     def describe(self) -> list[dict]:
         return [{**s.info.describe(), "address": s.address} for s in self.stages]
 
     def close(self) -> None:
-        self.stages[0].client.close()
+        self.client.close()
 
 
 def parse_stages_spec(spec: str) -> list[tuple[str, tuple[int, int] | None]]:

@@ -19,22 +19,11 @@ from engine.config import ModelConfig
 from engine.errors import UserError
 from engine.identity import config_hash, weights_hash
 from engine.sampling import SamplingParams
-from engine.stage import Hidden, SeqChunk, StageBatch, load_stage
+from engine.stage import Hidden, SeqChunk, StageBatch, load_stage, system_available_memory
 from engine.weights import checkpoint_files, read_header, stage_tensor_names
 
 from . import protocol as P
 from .wire import WireError, pack, pack_batch, pack_result, unpack, unpack_batch
-
-
-def system_available_memory() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def resident_bytes() -> int:
@@ -58,8 +47,10 @@ def bind_address(sock: zmq.Socket, listen: str) -> str:
 
 class StageDaemon:
     def __init__(self, backend: str, model_dir: str, listen: str, *, device=None, dtype="float32",
-                 threads=None, layers: tuple[int, int] | None = None, calibrate: bool = True):
+                 threads=None, layers: tuple[int, int] | None = None, calibrate: bool = True,
+                 kv_tokens: int | None = None):
         self.backend, self.model_dir, self.device, self.dtype, self.threads = backend, model_dir, device, dtype, threads
+        self.kv_tokens = kv_tokens
         self.cfg = ModelConfig.load(model_dir)
         self.identity = {"config": config_hash(model_dir), "weights": weights_hash(model_dir)}
         self.stage = None
@@ -123,7 +114,7 @@ class StageDaemon:
             self.stage.close()
             self.stage = None
         self.stage = load_stage(self.backend, self.model_dir, first, last, device=self.device, dtype=self.dtype,
-                                threads=self.threads)
+                                threads=self.threads, kv_tokens=self.kv_tokens)
 
     def info(self) -> dict:
         st = self.stage
@@ -131,6 +122,7 @@ class StageDaemon:
             "address": self.address, "backend": self.backend, "device": self.device, "dtype": self.dtype,
             "layers": [st.info.first, st.info.last] if st else None, "num_layers": self.cfg.num_hidden_layers,
             "live_sequences": st.live_sequences() if st else [], "kv_bytes": st.kv_bytes() if st else 0,
+            "kv_tokens": st.info.kv_tokens if st else 0, "kv_tokens_used": st.kv_tokens_used() if st else 0,
             "free_memory": system_available_memory(), "layer_bytes": self.layer_bytes,
             "ms_per_layer": self.ms_per_layer, "head_ms": self.head_ms, "resident_bytes": resident_bytes(),
             "identity": self.identity,

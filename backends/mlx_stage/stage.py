@@ -42,7 +42,14 @@ class MLXStage(BaseStage):
         freqs = mx.array(1.0 / rope_inv_freq(cfg))
         model_cls = importlib.import_module(f"{__package__}.models.{cfg.family}").StageModel
         self.model = model_cls(cfg, weights, first, last, freqs)
-        mx.eval(self.model.parameters())
+        # everything evaluated here, so the stage may run on another thread (MLX streams are per thread)
+        mx.eval(self.model.parameters(), freqs)
+
+    def free_memory(self) -> int:
+        if self.info.device == "gpu":  # unified memory: what Metal recommends, less what MLX holds
+            info = mx.device_info()
+            return max(0, int(info.get("max_recommended_working_set_size", 0)) - mx.get_active_memory())
+        return super().free_memory()
 
     def _compute(self, seqs: list[SeqChunk], hidden: Hidden | None):
         lay = Layout.of(seqs)

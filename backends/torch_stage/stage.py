@@ -52,6 +52,11 @@ class TorchStage(BaseStage):
         self.model = model_cls(cfg, weights, first, last).eval()
         self.inv_freq = torch.from_numpy(rope_inv_freq(cfg)).to(self.device)
 
+    def free_memory(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.mem_get_info(self.device)[0]
+        return super().free_memory()
+
     @torch.inference_mode()
     def _compute(self, seqs: list[SeqChunk], hidden: Hidden | None):
         lay = Layout.of(seqs)

@@ -1,0 +1,347 @@
+"""The serving engine: one thread that runs the scheduler's micro-batches through a pipeline.
+
+Callers on any thread `submit` a request and read its `GenerationChunk`s from the delivery
+function they passed (a queue for `stream`, an asyncio loop for `astream`); `cancel` takes it
+out wherever it is. The engine thread alone touches the scheduler and the pipeline: each turn it
+takes in new requests and cancellations, starts micro-batches while fewer than K are in flight,
+and turns the tokens that come back into chunks (detokenized, stop strings applied). Finished
+and cancelled sequences are released on every stage as soon as no batch of theirs is in flight.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import queue
+import secrets
+import threading
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import StageFailure, UserError
+from .sampling import SamplingParams
+from .scheduler import Scheduler, Sequence as Seq, Slice
+from .stage import SampledToken, SeqChunk, StageBatch
+from .tokenizer import IncrementalDetokenizer, Tokenizer
+
+POLL_S = 0.002  # how long to wait for results while a micro-batch slot is free (new work may arrive)
+IDLE_POLL_S = 0.05  # while every slot is busy: results are all that can happen
+IDLE_EXIT_S = 2.0  # an engine thread with nothing to do this long ends
+
+
+@dataclass(slots=True)
+class GenerationChunk:
+    """One streamed step: a token and the text it completes (may be empty mid-character)."""
+
+    token_id: int | None
+    text: str
+    logprob: float | None = None
+    top: list[tuple[int, float]] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" or "length" on the last chunk
+
+
+@dataclass(slots=True)
+class Timing:
+    """Clock readings of one request (perf_counter seconds)."""
+
+    start: float
+    first: float | None = None  # first token out
+    last: float | None = None  # latest token out
+    tokens: int = 0
+    gaps: list[float] = field(default_factory=list)  # seconds between consecutive tokens
+
+    def token(self, now: float) -> None:
+        if self.last is not None:
+            self.gaps.append(now - self.last)
+        self.first = self.first or now
+        self.last, self.tokens = now, self.tokens + 1
+
+    @property
+    def ttft_ms(self) -> float:
+        return (self.first - self.start) * 1000 if self.first else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        span = (self.last or 0.0) - (self.first or 0.0)
+        return (self.tokens - 1) / span if span > 0 else 0.0
+
+
+@dataclass(eq=False)
+class Request:
+    """What the engine keeps per request besides the scheduler's `Sequence`."""
+
+    seq_id: int
+    deliver: Callable[[GenerationChunk | BaseException], None]
+    detok: IncrementalDetokenizer
+    stops: StopMatcher
+    timing: Timing
+    ignore_eos: bool = False
+
+
+class Engine:
+    def __init__(self, pipeline, tokenizer: Tokenizer, *, eos_ids: set[int], context: int, vocab_size: int,
+                 inflight: int | None = None, max_seqs: int = 256, max_queue: int = 1024,
+                 max_batch_tokens: int = 512, prefill_with_decode: int = 128):
+        limit = getattr(pipeline, "max_inflight", 1)
+        if inflight is not None and inflight < 1:
+            raise UserError("--inflight must be at least 1")
+        # default: one micro-batch per stage, so each stage has its own to work on
+        self.inflight = min(inflight or len(pipeline.stages), limit)
+        self.pipeline = pipeline
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_ids
+        self.context = context
+        self.vocab_size = vocab_size
+        self.scheduler = Scheduler(pipeline.kv_tokens(), micro_batches=self.inflight, max_seqs=max_seqs,
+                                   max_queue=max_queue, max_batch_tokens=max_batch_tokens,
+                                   prefill_with_decode=prefill_with_decode)
+        self._ids = itertools.count(secrets.randbits(40) << 20)  # unique on daemons other coordinators share
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._flying: dict[int, list[Slice]] = {}
+        self._batches = itertools.count()
+        self._seqs: dict[int, Seq] = {}
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+        self.error: BaseException | None = None  # what stopped the engine thread, if anything
+        self.steps = 0
+        _ENGINES.add(self)
+
+    # -- any thread ----------------------------------------------------------------------------
+
+    def submit(self, prompt_ids: Sequence[int], *, max_tokens: int = 128, sampling: SamplingParams | None = None,
+               stop: Sequence[str] = (), ignore_eos: bool = False,
+               deliver: Callable[[GenerationChunk | BaseException], None]) -> Request:
+        """Queue a request. Bad input raises `UserError` here, at once; later failures are delivered."""
+        ids = self._check(prompt_ids, max_tokens, sampling)
+        req = Request(next(self._ids), deliver, IncrementalDetokenizer(self.tokenizer), StopMatcher(stop),
+                      Timing(time.perf_counter()), ignore_eos)
+        seq = Seq(req.seq_id, ids, max_tokens, sampling or SamplingParams(),
+                  min(len(ids) + max_tokens, self.context), owner=req)
+        self.scheduler.check(seq)
+        with self._lock:
+            if self._closed:
+                raise UserError("the engine is closed")
+            if self.error is not None:
+                raise StageFailure(f"the serving engine stopped: {self.error!r}")
+            self._inbox.put(("add", seq))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="hetpipe-engine", daemon=True)
+                self._thread.start()
+        return req
+
+    def cancel(self, seq_id: int) -> None:
+        """Stop a request and free its KV caches on every stage (as soon as no batch of it is in flight)."""
+        self._inbox.put(("cancel", seq_id))
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Finish the batches in flight, end every other request with an error, stop the thread."""
+        with self._lock:
+            self._closed = True
+            thread = self._thread
+        if thread is not None:
+            self._inbox.put(("close", None))
+            thread.join(timeout_s)
+
+
+    def _check(self, prompt_ids, max_tokens: int, sampling) -> list[int]:
+        try:
+            ids = [int(i) for i in prompt_ids]
+        except (TypeError, ValueError):
+            raise UserError("prompt token ids must be integers") from None
+        if not ids:
+            raise UserError("empty prompt")
+        if not isinstance(max_tokens, int) or max_tokens < 1:
+            raise UserError("max tokens must be an integer of at least 1")
+        if len(ids) >= self.context:
+            raise UserError(f"prompt is {len(ids)} tokens; the model's context is {self.context}")
+        if min(ids) < 0 or max(ids) >= self.vocab_size:
+            raise UserError(f"prompt token ids must be in 0..{self.vocab_size - 1}")
+        if sampling is not None and not isinstance(sampling, SamplingParams):
+            raise UserError("sampling must be a SamplingParams")
+        return ids
+
+    # -- the engine thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        closing = False
+        try:
+            while True:
+                if not self._flying and not closing and self._nothing_ready():
+                    # idle: wait for work; after IDLE_EXIT_S of none, end the thread (`submit` starts
+                    # another), so an unused engine holds no thread and can be collected with its pipeline
+                    try:
+                        item = self._inbox.get(timeout=IDLE_EXIT_S)
+                    except queue.Empty:
+                        with self._lock:
+                            if self._inbox.empty():
+                                self._thread = None
+                                return
+                        continue
+                    closing |= self._handle(item)
+                closing |= self._drain_inbox()
+                if closing:
+                    self._drop_unstarted(UserError("the engine was closed"))
+                    if not self._flying:
+                        return
+                else:
+                    self._launch()
+                if self._flying:
+                    wait = POLL_S if len(self._flying) < self.inflight else IDLE_POLL_S
+                    for tag, out in self.pipeline.poll(wait):
+                        self._completed(tag, out)
+        except BaseException as e:  # a bug, or the pipeline itself gone: no request may hang on it
+            self.error = e
+            err = e if isinstance(e, (UserError, StageFailure)) else StageFailure(f"engine stopped: {e!r}")
+            for seq in list(self._seqs.values()):
+                self._end(seq, err)
+            raise
+
+    def _nothing_ready(self) -> bool:
+        self.scheduler.admit()
+        return not any(not s.in_flight and s.pending > 0 for s in self.scheduler.running)
+
+    def _drain_inbox(self) -> bool:
+        closing = False
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return closing
+            closing |= self._handle(item)
+
+    def _handle(self, item) -> bool:
+        """Take in a new request or a cancellation; True if asked to close."""
+        kind, arg = item
+        if kind == "add":
+            self._add(arg)
+        elif kind == "cancel":
+            self._cancel(arg)
+        return kind == "close"
+
+    def _add(self, seq: Seq) -> None:
+        try:
+            self.scheduler.add(seq)
+        except UserError as e:
+            seq.owner.deliver(e)
+            return
+        self._seqs[seq.seq_id] = seq
+
+    def _cancel(self, seq_id: int) -> None:
+        seq = self._seqs.get(seq_id)
+        if seq is None:
+            return  # finished already
+        seq.cancelled = True
+        if not seq.in_flight:
+            self._end(seq)
+
+    def _drop_unstarted(self, err: BaseException) -> None:
+        for seq in list(self._seqs.values()):
+            if not seq.in_flight:
+                self._end(seq, err)
+
+    def _launch(self) -> None:
+        while len(self._flying) < self.inflight:
+            slices = self.scheduler.next_batch()
+            if not slices:
+                return
+            batch = StageBatch([SeqChunk(sl.seq.seq_id, sl.start, np.asarray(sl.seq.tokens(sl.start, sl.n), np.int32),
+                                         sl.seq.sampling if sl.sample else None) for sl in slices])
+            tag = next(self._batches)
+            self._flying[tag] = slices
+            self.pipeline.submit(tag, batch)
+
+    def _completed(self, tag: int, out: list[SampledToken] | Exception) -> None:
+        slices = self._flying.pop(tag)
+        self.steps += 1
+        if isinstance(out, Exception):
+            err = out if isinstance(out, (UserError, StageFailure)) else StageFailure(str(out))
+            for sl in slices:
+                self._end(sl.seq, err)
+            return
+        self.scheduler.completed(slices)
+        tokens = {t.seq_id: t for t in out}
+        now = time.perf_counter()
+        for sl in slices:
+            seq = sl.seq
+            if seq.cancelled:
+                self._end(seq)
+            elif sl.sample:
+                chunk = self._chunk(seq, tokens[seq.seq_id], now)
+                if chunk.finish_reason:
+                    self._end(seq)  # caches freed before the caller hears it is done
+                seq.owner.deliver(chunk)
+
+    def _chunk(self, seq: Seq, tok: SampledToken, now: float) -> GenerationChunk:
+        """The chunk one sampled token makes for its request (`finish_reason` set if it ends it)."""
+        req: Request = seq.owner
+        seq.generated.append(tok.token_id)
+        req.timing.token(now)
+        n = len(seq.generated)
+        finish = None
+        if tok.token_id in self.eos_ids and not req.ignore_eos:
+            finish = "stop"
+        elif n >= seq.max_tokens or seq.length >= self.context:
+            finish = "length"
+        piece = "" if finish == "stop" else req.detok.add(tok.token_id)
+        if finish:
+            piece += req.detok.flush()
+        text, hit = req.stops.feed(piece, final=finish is not None)
+        if hit:
+            finish = "stop"
+        return GenerationChunk(tok.token_id, text, tok.logprob, tok.top, finish)
+
+    def _end(self, seq: Seq, err: BaseException | None = None) -> None:
+        """Take a sequence out of everything; tell its request why, if it did not end normally."""
+        started = seq.cached > 0 or seq.in_flight
+        self.scheduler.finish(seq)
+        self._seqs.pop(seq.seq_id, None)
+        if err is not None and not seq.cancelled:
+            seq.owner.deliver(err)
+        if started:
+            try:
+                self.pipeline.release([seq.seq_id])
+            except Exception:
+                pass  # a stage that cannot be told drops the sequence with its connection
+
+
+_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    """An engine thread still running while torch or MLX tear down at exit aborts the process."""
+    for engine in list(_ENGINES):
+        engine.close(timeout_s=5.0)
+
+
+class StopMatcher:
+    """Finds stop strings across streamed pieces; holds back text that may begin one."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def feed(self, piece: str, final: bool) -> tuple[str, bool]:
+        if not self.stops:
+            return piece, False
+        self.pending += piece
+        cut = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            out, self.pending = self.pending[:cut], ""
+            return out, True
+        if final:
+            out, self.pending = self.pending, ""
+            return out, False
+        hold = max(len(s) - 1 for s in self.stops)
+        keep = 0
+        for k in range(min(hold, len(self.pending)), 0, -1):
+            if any(s.startswith(self.pending[-k:]) for s in self.stops):
+                keep = k
+                break
+        out, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep :]
+        return out, False
