@@ -30,6 +30,22 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
+def _add_engine(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--inflight", type=int, default=None,
+                   help="micro-batches in flight across remote stages (1: no overlap; default: one per stage)")
+    p.add_argument("--max-seqs", type=int, default=256, help="sequences running at once")
+    p.add_argument("--max-queue", type=int, default=1024, help="requests waiting beyond that; more are refused")
+    p.add_argument("--max-batch-tokens", type=int, default=512, help="tokens per micro-batch (prefill chunk size)")
+
+
+def _engine_opts(args) -> dict:
+    for name in ("max_seqs", "max_queue", "max_batch_tokens"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    return dict(inflight=args.inflight, max_seqs=args.max_seqs, max_queue=args.max_queue,
+                max_batch_tokens=args.max_batch_tokens)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="hetpipe", description="Run one LLM split across MLX and PyTorch stages.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -56,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print one JSON line instead of streaming text")
     gen.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a stage's answer")
     _add_sampling(gen)
+    _add_engine(gen)
 
     st = sub.add_parser("stage", help="serve a stage daemon over ZeroMQ")
     st.add_argument("--backend", required=True, help="mlx or torch")
@@ -67,6 +84,21 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--layers", default=None, metavar="FIRST-LAST", help="load these layers at start")
     st.add_argument("--kv-tokens", type=int, default=None,
                     help="KV cache budget in tokens, all sequences together (default: half the free memory)")
+
+    b = sub.add_parser("bench", help="serving throughput and latency with N concurrent clients")
+    b.add_argument("--model", default=None, help="model directory (default: the fetched smollm2)")
+    where = b.add_mutually_exclusive_group(required=True)
+    where.add_argument("--local", metavar="SPEC", help="in-process stages, as for generate")
+    where.add_argument("--stages", metavar="ADDR[=FIRST-LAST],...", help="stage daemons, as for generate")
+    b.add_argument("--concurrency", type=int, default=1, help="clients, each keeping one request going")
+    b.add_argument("--requests", type=int, default=None, help="requests in all (default: 4 per client)")
+    b.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request (EOS ignored)")
+    b.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per request")
+    _add_engine(b)
+    b.add_argument("--dtype", default="float32", help=f"one of {', '.join(DTYPES)}")
+    b.add_argument("--device", default=None)
+    b.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a stage's answer")
+    b.add_argument("--json", action="store_true", help="print one JSON line")
 
     demo = sub.add_parser("demo", help="fetch SmolLM2, start an MLX and a torch stage daemon, chat through them")
     demo.add_argument("prompt", nargs="?", default="Explain in two sentences why the sky is blue.")
@@ -166,6 +198,31 @@ def cmd_demo(args) -> int:
     return run_demo(args.prompt, args.max_tokens, args.dtype)
 
 
+def _pipeline(args, model_dir: str):
+    if args.local:
+        return local_pipeline(model_dir, args.local, args.dtype, args.device)
+    return remote_pipeline(model_dir, args.stages, args.timeout)
+
+
+def cmd_bench(args) -> int:
+    from .bench import KEYS, format_serving, run_serving
+    from .generate import Generator
+
+    model_dir = _model_dir(args.model)
+    opts = _engine_opts(args)
+    gen = Generator(model_dir, _pipeline(args, model_dir), **opts)
+    try:
+        r = run_serving(gen, concurrency=args.concurrency, requests=args.requests or 4 * max(args.concurrency, 1),
+                        max_tokens=args.max_tokens, prompt_len=args.prompt_len)
+    finally:
+        gen.close()
+    if args.json:
+        print(json.dumps({**{k: r[k] for k in KEYS}, **{k: v for k, v in r.items() if k not in KEYS}}))
+    else:
+        print(format_serving(r))
+    return 0
+
+
 def cmd_generate(args) -> int:
     from .generate import Generator
     from .sampling import SamplingParams
@@ -173,11 +230,7 @@ def cmd_generate(args) -> int:
     model_dir = _model_dir(args.model)
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                               repetition_penalty=args.repetition_penalty, seed=args.seed, logprobs=args.logprobs)
-    if args.local:
-        pipeline = local_pipeline(model_dir, args.local, args.dtype, args.device)
-    else:
-        pipeline = remote_pipeline(model_dir, args.stages, args.timeout)
-    gen = Generator(model_dir, pipeline)
+    gen = Generator(model_dir, _pipeline(args, model_dir), **_engine_opts(args))
     opts = dict(chat=args.chat, max_tokens=args.max_tokens, sampling=sampling, stop=args.stop)
     if args.json:
         print(json.dumps(gen.generate(args.prompt, **opts).to_json()))
@@ -192,7 +245,7 @@ def cmd_generate(args) -> int:
 
 
 COMMANDS = {"fetch": cmd_fetch, "import-gguf": cmd_import_gguf, "generate": cmd_generate, "stage": cmd_stage,
-            "demo": cmd_demo}
+            "bench": cmd_bench, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import queue
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from .sampling import SamplingParams
 from .serving import Engine, GenerationChunk, Timing
 from .tokenizer import Tokenizer
 
-__all__ = ["GenerationChunk", "GenerationResult", "Generator", "Timing"]
+__all__ = ["GenerationChunk", "GenerationResult", "Generator", "Stream", "Timing"]
 
 CONSUMER_CHECK_S = 1.0  # a stream waiting for its next token checks this often that the engine lives
 
@@ -74,31 +74,15 @@ class Generator:
         return self.tokenizer.encode(prompt)
 
     def stream(self, prompt, *, chat: bool = False, max_tokens: int = 128, sampling: SamplingParams | None = None,
-               stop: Sequence[str] = (), ignore_eos: bool = False) -> Iterator[GenerationChunk]:
-        """Yield one `GenerationChunk` per generated token; the last carries `finish_reason`.
+               stop: Sequence[str] = (), ignore_eos: bool = False) -> Stream:
+        """Submit now; iterate for one `GenerationChunk` per token, the last with `finish_reason`.
 
-        Closing the iterator early (break, or garbage collection) cancels the request.
+        Closing the stream early (`close()`, leaving a for loop over it, or dropping it) cancels
+        the request. `Stream.timing` holds its clock readings.
         """
         q: queue.SimpleQueue = queue.SimpleQueue()
         seq_id, timing = self._submit(prompt, chat, max_tokens, sampling, stop, ignore_eos, q.put)
-        finished = False
-        try:
-            while True:
-                try:
-                    item = q.get(timeout=CONSUMER_CHECK_S)
-                except queue.Empty:
-                    self._check_engine()
-                    continue
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                finished = item.finish_reason is not None
-                yield item
-                if finished:
-                    return
-        finally:
-            if not finished:
-                self.engine.cancel(seq_id)
+        return Stream(self, seq_id, timing, q)
 
     async def astream(self, prompt, *, chat: bool = False, max_tokens: int = 128,
                       sampling: SamplingParams | None = None, stop: Sequence[str] = (),
@@ -139,8 +123,8 @@ class Generator:
     def generate(self, prompt, *, chat: bool = False, **kw) -> GenerationResult:
         """Run `stream()` to the end and collect the result (same arguments)."""
         prompt_ids = self.prompt_ids(prompt, chat)
-        chunks = list(self.stream(prompt_ids, **kw))
-        return self._result(prompt_ids, chunks, self.last_timing, kw.get("sampling"))
+        st = self.stream(prompt_ids, **kw)
+        return self._result(prompt_ids, list(st), st.timing, kw.get("sampling"))
 
     def generate_batch(self, prompts: Sequence, *, chat: bool = False, max_tokens: int | Sequence[int] = 128,
                        sampling: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -154,29 +138,15 @@ class Generator:
         max_tokens = _per_prompt(max_tokens, n, "max_tokens")
         sampling = _per_prompt(sampling, n, "sampling")
         ids = [self.prompt_ids(p, chat) for p in prompts]
-        queues = [queue.SimpleQueue() for _ in range(n)]
-        submitted = []
+        streams: list[Stream] = []
         try:
             for i in range(n):
-                submitted.append(self._submit(ids[i], False, max_tokens[i], sampling[i], stop, ignore_eos,
-                                              queues[i].put))
-            out = []
-            for i, q in enumerate(queues):
-                chunks = []
-                while not chunks or chunks[-1].finish_reason is None:
-                    try:
-                        item = q.get(timeout=CONSUMER_CHECK_S)
-                    except queue.Empty:
-                        self._check_engine()
-                        continue
-                    if isinstance(item, BaseException):
-                        raise item
-                    chunks.append(item)
-                out.append(self._result(ids[i], chunks, submitted[i][1], sampling[i]))
-            return out
+                streams.append(self.stream(ids[i], max_tokens=max_tokens[i], sampling=sampling[i], stop=stop,
+                                           ignore_eos=ignore_eos))
+            return [self._result(ids[i], list(st), st.timing, sampling[i]) for i, st in enumerate(streams)]
         finally:
-            for seq_id, _ in submitted:
-                self.engine.cancel(seq_id)  # a no-op for the finished
+            for st in streams:
+                st.close()  # after a failure, the others are cancelled
 
     def close(self) -> None:
         if self.engine is not None:
@@ -219,6 +189,46 @@ class Generator:
             decode_tokens_per_s=timing.decode_tokens_per_s,
             stages=self.pipeline.describe(),
         )
+
+
+class Stream:
+    """The chunks of one request, as they come. Not finished and dropped: the request is cancelled."""
+
+    def __init__(self, gen: Generator, seq_id: int, timing: Timing, q: queue.SimpleQueue):
+        self.gen, self.seq_id, self.timing, self._q = gen, seq_id, timing, q
+        self._finished = False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> GenerationChunk:
+        if self._finished:
+            raise StopIteration
+        while True:
+            try:
+                item = self._q.get(timeout=CONSUMER_CHECK_S)
+                break
+            except queue.Empty:
+                self.gen._check_engine()
+        if isinstance(item, BaseException):
+            self._finished = True
+            raise item
+        self._finished = item.finish_reason is not None
+        return item
+
+    def close(self) -> None:
+        if not self._finished:
+            self._finished = True
+            self.gen.engine.cancel(self.seq_id)
+
+    def __del__(self):
+        self.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 def _per_prompt(value, n: int, name: str) -> list:

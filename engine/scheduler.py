@@ -83,9 +83,11 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         self.check(seq)
+        self.admit()  # the queue holds only what cannot run now
         if len(self.waiting) >= self.max_queue:
             raise UserError(f"queue full: {len(self.waiting)} requests waiting (limit {self.max_queue}); retry later")
         self.waiting.append(seq)
+        self.admit()
 
     def admit(self) -> None:
         """First come, first served: the head of the queue waits for room rather than being overtaken."""

@@ -12,7 +12,7 @@ from engine.errors import UserError
 from engine.stage import BaseStage, Hidden, Layout, SeqChunk, StageInfo
 from engine.weights import load_stage_tensors
 
-from .cache import KVCache
+from .cache import PagedKV
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -51,6 +51,13 @@ class TorchStage(BaseStage):
         model_cls = importlib.import_module(f"{__package__}.models.{cfg.family}").StageModel
         self.model = model_cls(cfg, weights, first, last).eval()
         self.inv_freq = torch.from_numpy(rope_inv_freq(cfg)).to(self.device)
+        self.kv = PagedKV(last - first + 1, cfg.num_key_value_heads, cfg.head_dim, self.dtype, self.device)
+
+    def _free(self, seq_id: int) -> None:
+        self.kv.release(seq_id)
+
+    def kv_bytes(self) -> int:
+        return self.kv.nbytes
 
     def free_memory(self) -> int:
         if self.device.type == "cuda":
@@ -68,10 +75,9 @@ class TorchStage(BaseStage):
         freqs = pos[:, None].float() * self.inv_freq[None, :]
         emb = torch.cat([freqs, freqs], dim=-1)[:, None, :]  # (N, 1, head_dim)
         cos, sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
-        caches = self._seq_caches(seqs, KVCache)
-        segments = list(zip(lay.starts, lay.lengths, lay.offsets))
+        plan = self.kv.plan([s.seq_id for s in seqs], lay.starts, lay.lengths, lay.offsets)
         rows = torch.from_numpy(lay.sample_rows).to(self.device)
-        out = self.model(x, cos, sin, segments, caches, rows)
+        out = self.model(x, cos, sin, plan, self.kv, rows)
         if self.info.is_last:
             return out.cpu().numpy()
         return to_hidden(out, self.info.dtype)

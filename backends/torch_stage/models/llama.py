@@ -1,7 +1,8 @@
 """Llama-family layers in PyTorch (llama, mistral, qwen2): a contiguous slice of the model.
 
-Rows of all sequences in a batch are flattened to (N, hidden) for every projection; attention
-runs per sequence against its own KV cache. q/k/v and gate/up are fused into one matmul each.
+Rows of all sequences in a batch are flattened to (N, hidden) for every projection. Attention
+reads the paged KV cache (`cache.py`): all one-token (decode) rows attend in one padded call,
+each prefill chunk against its own sequence. q/k/v and gate/up are fused into one matmul each.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from torch import nn
 
 from engine.config import ModelConfig
 
-from ..cache import KVCache
+from ..cache import PagedKV, Plan
 
 
 class RMSNorm(nn.Module):
@@ -44,7 +45,8 @@ class Attention(nn.Module):
         self.wo = nn.Parameter(w[p + "o_proj.weight"], requires_grad=False)
         self.bo = nn.Parameter(w[p + "o_proj.bias"], requires_grad=False) if p + "o_proj.bias" in w else None
 
-    def forward(self, x, cos, sin, segments, caches: list[KVCache]) -> torch.Tensor:
+    def forward(self, x, cos, sin, plan: Plan, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """keys/values: this layer's slots of the paged cache, (slots, n_kv, head_dim)."""
         n = x.shape[0]
         qd, kd = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         q, k, v = F.linear(x, self.wqkv, self.bqkv).split([qd, kd, kd], dim=-1)
@@ -53,25 +55,26 @@ class Attention(nn.Module):
         v = v.view(n, self.n_kv, self.head_dim)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        outs = []
-        for (start, length, offset), cache in zip(segments, caches):
-            sl = slice(start, start + length)
-            keys, values = cache.update_and_fetch(k[sl].transpose(0, 1), v[sl].transpose(0, 1))
-            qs = q[sl].transpose(0, 1)  # (n_heads, T, head_dim)
-            o = F.scaled_dot_product_attention(
-                qs[None], keys[None], values[None], attn_mask=_causal_mask(length, offset, x.device),
-                enable_gqa=self.n_heads != self.n_kv,
-            )
-            outs.append(o[0].transpose(0, 1).reshape(length, qd))
-        return F.linear(torch.cat(outs) if len(outs) > 1 else outs[0], self.wo, self.bo)
-
-
-def _causal_mask(length: int, offset: int, device) -> torch.Tensor | None:
-    """(T, offset + T) bool mask: row i sees keys up to offset + i. None for one query row."""
-    if length == 1:
-        return None
-    rows = torch.arange(length, device=device)[:, None] + offset
-    return torch.arange(offset + length, device=device)[None, :] <= rows
+        keys.index_copy_(0, plan.write, k)
+        values.index_copy_(0, plan.write, v)
+        gqa = self.n_heads != self.n_kv
+        out = None if plan.all_decode else q.new_empty((n, self.n_heads, self.head_dim))
+        if plan.decode_rows is not None:
+            qs = q if plan.all_decode else q[plan.decode_rows]
+            ks = keys[plan.decode_slots].transpose(1, 2)  # (B, n_kv, Lmax, head_dim)
+            vs = values[plan.decode_slots].transpose(1, 2)
+            o = F.scaled_dot_product_attention(qs[:, :, None], ks, vs, attn_mask=plan.decode_mask, enable_gqa=gqa)
+            if plan.all_decode:
+                out = o[:, :, 0]
+            else:
+                out[plan.decode_rows] = o[:, :, 0]
+        for start, length, slots, causal in plan.prefill:
+            ks = keys[slots].transpose(0, 1)[None]  # (1, n_kv, offset + T, head_dim)
+            vs = values[slots].transpose(0, 1)[None]
+            qs = q[start : start + length].transpose(0, 1)[None]
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=causal, enable_gqa=gqa)
+            out[start : start + length] = o[0].transpose(0, 1)
+        return F.linear(out.reshape(n, qd), self.wo, self.bo)
 
 
 class MLP(nn.Module):
@@ -95,8 +98,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(w[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
         self.mlp = MLP(w, p + "mlp.")
 
-    def forward(self, x, cos, sin, segments, caches):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, segments, caches)
+    def forward(self, x, cos, sin, plan, keys, values):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, plan, keys, values)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -117,12 +120,12 @@ class LlamaStage(nn.Module):
             self.lm_head = nn.Parameter(head if head is not None else w["model.embed_tokens.weight"],
                                         requires_grad=False)
 
-    def forward(self, x, cos, sin, segments, caches: list[list[KVCache]], sample_rows=None):
-        """x: (N,) token ids on the first stage, else (N, hidden). caches[seq][layer]."""
+    def forward(self, x, cos, sin, plan: Plan, kv: PagedKV, sample_rows=None):
+        """x: (N,) token ids on the first stage, else (N, hidden)."""
         if self.embed is not None:
             x = F.embedding(x, self.embed)
         for j, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, segments, [c[j] for c in caches])
+            x = layer(x, cos, sin, plan, kv.keys[j], kv.values[j])
         if self.lm_head is None:
             return x
         # only the rows that sample reach the head: never a (N, vocab) tensor
