@@ -38,6 +38,15 @@ def _add_engine(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch-tokens", type=int, default=512, help="tokens per micro-batch (prefill chunk size)")
 
 
+def _add_remote(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--auth", default=None, metavar="DIR",
+                   help="CURVE keys from `hetpipe keys init` (encrypted, allow-listed)")
+    p.add_argument("--recovery-timeout", type=float, default=30.0,
+                   help="seconds to wait for a lost stage (or a standby) to come back before failing requests")
+    p.add_argument("--standby", action="append", default=[], metavar="ADDR",
+                   help="a spare stage daemon that takes over a lost stage's layers (repeatable)")
+
+
 def _engine_opts(args) -> dict:
     for name in ("max_seqs", "max_queue", "max_batch_tokens"):
         if getattr(args, name) < 1:
@@ -73,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a stage's answer")
     _add_sampling(gen)
     _add_engine(gen)
+    _add_remote(gen)
 
     st = sub.add_parser("stage", help="serve a stage daemon over ZeroMQ")
     st.add_argument("--backend", required=True, help="mlx or torch")
@@ -84,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--layers", default=None, metavar="FIRST-LAST", help="load these layers at start")
     st.add_argument("--kv-tokens", type=int, default=None,
                     help="KV cache budget in tokens, all sequences together (default: half the free memory)")
+    st.add_argument("--max-seqs", type=int, default=None, help="live sequences at once (default: no limit)")
+    st.add_argument("--max-call-tokens", type=int, default=8192, help="tokens in one forward call")
+    st.add_argument("--auth", default=None, metavar="DIR", help="accept only clients whose keys DIR/allowed holds")
+    st.add_argument("--insecure", action="store_true",
+                    help="allow listening on a non-loopback address without --auth")
 
     b = sub.add_parser("bench", help="serving throughput and latency with N concurrent clients")
     b.add_argument("--model", default=None, help="model directory (default: the fetched smollm2)")
@@ -99,6 +114,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default=None)
     b.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a stage's answer")
     b.add_argument("--json", action="store_true", help="print one JSON line")
+    _add_remote(b)
+
+    h = sub.add_parser("health", help="check each stage daemon with a real one-token forward")
+    h.add_argument("--stages", required=True, metavar="ADDR,...")
+    h.add_argument("--auth", default=None, metavar="DIR")
+    h.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each stage")
+    h.add_argument("--json", action="store_true", help="print one JSON line")
+
+    k = sub.add_parser("keys", help="CURVE keys for authenticated, encrypted links")
+    ksub = k.add_subparsers(dest="keys_command", required=True, parser_class=_Parser)
+    ki = ksub.add_parser("init", help="write a daemon keypair, a coordinator keypair and an allow-list")
+    ki.add_argument("--dir", required=True)
+    ki.add_argument("--force", action="store_true", help="replace existing keys")
 
     demo = sub.add_parser("demo", help="fetch SmolLM2, start an MLX and a torch stage daemon, chat through them")
     demo.add_argument("prompt", nargs="?", default="Explain in two sentences why the sky is blue.")
@@ -154,13 +182,19 @@ def local_pipeline(model_dir: str, spec: str, dtype: str, device: str | None):
     return Pipeline([load_stage(s.backend, model_dir, s.first, s.last, device=device, dtype=dtype) for s in specs])
 
 
-def remote_pipeline(model_dir: str, spec: str, timeout: float):
+def remote_pipeline(model_dir: str, spec: str, timeout: float, auth_dir: str | None = None, standby=(),
+                    recovery_timeout: float = 30.0):
+    from transport.auth import Auth
     from transport.client import connect_pipeline
 
     from .config import ModelConfig
 
+    if recovery_timeout < 0:
+        raise UserError("--recovery-timeout must be >= 0")
     cfg = ModelConfig.load(model_dir)
-    return connect_pipeline(model_dir, spec, cfg.num_hidden_layers, timeout, log=lambda m: print(m, file=sys.stderr))
+    return connect_pipeline(model_dir, spec, cfg.num_hidden_layers, timeout, log=lambda m: print(m, file=sys.stderr),
+                            auth=Auth.load(auth_dir, "coordinator"), standby=standby,
+                            recovery_timeout_s=recovery_timeout)
 
 
 def cmd_stage(args) -> int:
@@ -180,11 +214,15 @@ def cmd_stage(args) -> int:
     StageSpec(args.backend, *(layers or (0, 0)))  # validates the backend name
     if args.dtype not in DTYPES:
         raise UserError(f"unknown dtype {args.dtype!r}; choose from {', '.join(DTYPES)}")
+    for name in ("kv_tokens", "max_seqs", "max_call_tokens"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     daemon = StageDaemon(args.backend, _model_dir(args.model), args.listen, device=args.device, dtype=args.dtype,
-                         threads=args.threads, layers=layers, kv_tokens=args.kv_tokens)
+                         threads=args.threads, layers=layers, kv_tokens=args.kv_tokens, max_seqs=args.max_seqs,
+                         max_call_tokens=args.max_call_tokens, auth_dir=args.auth, insecure=args.insecure)
 
-    def stop(signum, frame):
-        daemon.running = False
+    def stop(signum, frame):  # finish what is live, take nothing new; a second signal exits at once
+        daemon.drain()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
@@ -201,7 +239,7 @@ def cmd_demo(args) -> int:
 def _pipeline(args, model_dir: str):
     if args.local:
         return local_pipeline(model_dir, args.local, args.dtype, args.device)
-    return remote_pipeline(model_dir, args.stages, args.timeout)
+    return remote_pipeline(model_dir, args.stages, args.timeout, args.auth, args.standby, args.recovery_timeout)
 
 
 def cmd_bench(args) -> int:
@@ -220,6 +258,35 @@ def cmd_bench(args) -> int:
         print(json.dumps({**{k: r[k] for k in KEYS}, **{k: v for k, v in r.items() if k not in KEYS}}))
     else:
         print(format_serving(r))
+    return 0
+
+
+def cmd_health(args) -> int:
+    from transport.auth import Auth
+    from transport.client import health, parse_stages_spec
+
+    addresses = [a for a, _ in parse_stages_spec(args.stages)]
+    report = health(addresses, Auth.load(args.auth, "coordinator"), args.timeout)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        for r in report:
+            if r["state"] == "down":
+                print(f"{r['address']}: down ({r['error']})")
+                continue
+            layers = "none" if r["layers"] is None else f"{r['layers'][0]}-{r['layers'][1]}"
+            fwd = "" if r["forward_ms"] is None else f", one-token forward {r['forward_ms']:.1f} ms"
+            print(f"{r['address']}: {r['state']} {r['backend']} {r['device']} {r['dtype']} layers {layers}, "
+                  f"{r['live_sequences']} live sequences, KV {r['kv_tokens_used']}/{r['kv_tokens']} tokens{fwd}")
+    return 0 if all(r["state"] == "ok" for r in report) else 1
+
+
+def cmd_keys(args) -> int:
+    from transport.auth import init_keys
+
+    d = init_keys(args.dir, args.force)
+    print(f"wrote {d}/stage.key(_secret), {d}/coordinator.key(_secret) and {d}/allowed/; "
+          "copy the directory to each machine and pass --auth DIR")
     return 0
 
 
@@ -245,7 +312,7 @@ def cmd_generate(args) -> int:
 
 
 COMMANDS = {"fetch": cmd_fetch, "import-gguf": cmd_import_gguf, "generate": cmd_generate, "stage": cmd_stage,
-            "bench": cmd_bench, "demo": cmd_demo}
+            "bench": cmd_bench, "health": cmd_health, "keys": cmd_keys, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -61,7 +61,9 @@ class Generator:
 
     def prompt_ids(self, prompt: str | list[dict] | Sequence[int], chat: bool = False) -> list[int]:
         """Text, a chat message list, or token ids. With `chat`, text becomes one user turn."""
-        if isinstance(prompt, (list, tuple)) and not prompt:
+        if not isinstance(prompt, (str, list, tuple)):
+            raise UserError("a prompt is text, a list of chat messages, or a list of token ids")
+        if not prompt and not isinstance(prompt, str):
             raise UserError("empty prompt")
         if _is_ids(prompt):
             return list(prompt)

@@ -14,6 +14,7 @@ import atexit
 import itertools
 import queue
 import secrets
+import sys
 import threading
 import time
 import weakref
@@ -85,7 +86,7 @@ class Request:
 class Engine:
     def __init__(self, pipeline, tokenizer: Tokenizer, *, eos_ids: set[int], context: int, vocab_size: int,
                  inflight: int | None = None, max_seqs: int = 256, max_queue: int = 1024,
-                 max_batch_tokens: int = 512, prefill_with_decode: int = 128):
+                 max_batch_tokens: int = 512, prefill_with_decode: int = 128, log=None):
         limit = getattr(pipeline, "max_inflight", 1)
         if inflight is not None and inflight < 1:
             raise UserError("--inflight must be at least 1")
@@ -109,6 +110,9 @@ class Engine:
         self._closed = False
         self.error: BaseException | None = None  # what stopped the engine thread, if anything
         self.steps = 0
+        self.recoverable = hasattr(pipeline, "recover")
+        self.recoveries: list[dict] = []  # one entry per lost stage event: when, which, how it ended
+        self.log = log or (lambda m: print(f"hetpipe: {m}", file=sys.stderr, flush=True))
         _ENGINES.add(self)
 
     # -- any thread ----------------------------------------------------------------------------
@@ -150,9 +154,11 @@ class Engine:
 
     def _check(self, prompt_ids, max_tokens: int, sampling) -> list[int]:
         try:
-            ids = [int(i) for i in prompt_ids]
-        except (TypeError, ValueError):
-            raise UserError("prompt token ids must be integers") from None
+            ids = [int(i) for i in prompt_ids if isinstance(i, (int, np.integer)) and not isinstance(i, bool)]
+        except TypeError:
+            ids = None
+        if ids is None or len(ids) != len(prompt_ids):
+            raise UserError("prompt token ids must be integers")
         if not ids:
             raise UserError("empty prompt")
         if not isinstance(max_tokens, int) or max_tokens < 1:
@@ -194,6 +200,9 @@ class Engine:
                     wait = POLL_S if len(self._flying) < self.inflight else IDLE_POLL_S
                     for tag, out in self.pipeline.poll(wait):
                         self._completed(tag, out)
+                    lost = self.pipeline.lost() if self.recoverable else []
+                    if lost:
+                        self._recover(lost)
         except BaseException as e:  # a bug, or the pipeline itself gone: no request may hang on it
             self.error = e
             err = e if isinstance(e, (UserError, StageFailure)) else StageFailure(f"engine stopped: {e!r}")
@@ -256,9 +265,18 @@ class Engine:
             self.pipeline.submit(tag, batch)
 
     def _completed(self, tag: int, out: list[SampledToken] | Exception) -> None:
-        slices = self._flying.pop(tag)
+        slices = self._flying.get(tag)
+        if slices is None:
+            return  # a batch given up on in a recovery
+        del self._flying[tag]
         self.steps += 1
         if isinstance(out, Exception):
+            if self.recoverable and isinstance(out, StageFailure):
+                lost = self.pipeline.unhealthy()  # a restarted or unreachable stage: rebuild, lose nothing
+                if lost:
+                    self._flying[tag] = slices
+                    self._recover(lost)
+                    return
             err = out if isinstance(out, (UserError, StageFailure)) else StageFailure(str(out))
             for sl in slices:
                 self._end(sl.seq, err)
@@ -275,6 +293,30 @@ class Engine:
                 if chunk.finish_reason:
                     self._end(seq)  # caches freed before the caller hears it is done
                 seq.owner.deliver(chunk)
+
+    def _recover(self, lost: list[int]) -> None:
+        """A stage is gone: give up on every batch in flight, get the stage replaced, and rebuild
+        every live sequence's caches from its token ids (prompt + generated) on the next steps.
+
+        Greedy outputs continue exactly; streams see no token twice, none missing. If no stage
+        comes back within the pipeline's recovery timeout, every request ends with that error.
+        """
+        t = time.monotonic()
+        names = [self.pipeline.stages[i].address for i in lost]
+        self._flying.clear()
+        live = list(self._seqs.values())
+        for seq in live:
+            seq.in_flight = False
+            seq.cached = 0
+        try:
+            self.pipeline.recover(lost, [s.seq_id for s in live], log=self.log)
+        except StageFailure as e:
+            self.recoveries.append({"lost": names, "detected": t, "ok": False, "error": str(e)})
+            for seq in live:
+                self._end(seq, e)
+            return
+        self.recoveries.append({"lost": names, "detected": t, "ok": True, "seconds": time.monotonic() - t,
+                                "rebuilt": len(live)})
 
     def _chunk(self, seq: Seq, tok: SampledToken, now: float) -> GenerationChunk:
         """The chunk one sampled token makes for its request (`finish_reason` set if it ends it)."""

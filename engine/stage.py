@@ -159,6 +159,8 @@ class BaseStage:
         self.hidden_size = cfg.hidden_size
         self._seqs: dict[int, _SeqState] = {}
         self.caches: dict[int, list] = {}  # seq_id -> the backend's KV cache object for each layer
+        self.max_seqs: int | None = None  # live sequences at once (None: no limit but the KV budget)
+        self.max_call_tokens: int | None = None  # tokens in one call: bounds activation memory
         n_layers = info.last - info.first + 1
         itemsize = 4 if info.dtype == "float32" else 2
         self.kv_token_bytes = n_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * itemsize
@@ -179,6 +181,9 @@ class BaseStage:
         return sum(st.length for st in self._seqs.values())
 
     def forward(self, batch: StageBatch) -> StageResult:
+        # offset 0 starts a sequence afresh: a coordinator rebuilding caches after a stage was lost
+        # may find stale state here (a batch from before the loss); it is dropped, never mixed in
+        self.release([s.seq_id for s in batch.seqs if s.offset == 0 and s.seq_id in self._seqs])
         self._check(batch)
         for s in batch.seqs:
             self._seqs.setdefault(s.seq_id, _SeqState())
@@ -226,10 +231,21 @@ class BaseStage:
             if s.token_ids.min() < 0 or s.token_ids.max() >= self.cfg.vocab_size:
                 raise ValueError(f"sequence {s.seq_id}: token ids must be in 0..{self.cfg.vocab_size - 1}")
             total += len(s.token_ids)
+        if self.max_call_tokens and total > self.max_call_tokens:
+            raise ValueError(f"{total} tokens in one call; this stage takes at most {self.max_call_tokens}")
+        new = sum(1 for i in ids if i not in self._seqs and i != _WARMUP_ID)
+        if new and self.max_seqs and len(self._seqs) + new > self.max_seqs:
+            raise ValueError(f"stage holds {len(self._seqs)} sequences; {new} more would pass its limit "
+                             f"of {self.max_seqs}")
         if self.info.is_first != (batch.hidden is None):
             raise ValueError("the first stage takes token ids only; later stages take hidden rows")
-        if batch.hidden is not None and batch.hidden.data.shape[0] != total:
-            raise ValueError(f"hidden has {batch.hidden.data.shape[0]} rows for {total} tokens")
+        if batch.hidden is not None:
+            shape = batch.hidden.data.shape
+            if batch.hidden.dtype not in DTYPES or len(shape) != 2 or shape[1] != self.hidden_size:
+                raise ValueError(f"hidden rows must be (tokens, {self.hidden_size}) floats, not {shape} "
+                                 f"{batch.hidden.dtype}")
+            if shape[0] != total:
+                raise ValueError(f"hidden has {shape[0]} rows for {total} tokens")
         used = self.kv_tokens_used()
         if self.info.kv_tokens and used + total > self.info.kv_tokens:
             raise ValueError(f"KV cache full: {used} tokens held, {total} more asked, budget {self.info.kv_tokens}")
@@ -247,11 +263,14 @@ class BaseStage:
             out.append(SampledToken(s.seq_id, tok, float(lp[tok]), top))
         return out
 
-    def warmup(self) -> None:
-        """Run a short prefill and one decode step so the first request pays no one-time cost."""
+    def warmup(self, decode_only: bool = False) -> None:
+        """Run a short prefill and one decode step so the first request pays no one-time cost.
+
+        `decode_only`: a one-token forward (a health check).
+        """
         sid = _WARMUP_ID
         p = SamplingParams()
-        for n, off in ((8, 0), (1, 8)):
+        for n, off in ((1, 0),) if decode_only else ((8, 0), (1, 8)):
             toks = np.zeros(n, dtype=np.int32)
             hidden = None if self.info.is_first else Hidden.from_float32(
                 np.zeros((n, self.hidden_size), np.float32), self.info.dtype)

@@ -13,12 +13,14 @@ import uuid
 from collections.abc import Sequence
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from engine.errors import StageFailure, UserError
 from engine.partition import check_coverage
 from engine.stage import SampledToken, StageBatch, StageInfo, StageResult
 
 from . import protocol as P
+from .auth import Auth
 from .wire import WireError, pack, pack_batch, unpack, unpack_result
 
 
@@ -33,10 +35,12 @@ class Client:
     left running (micro-batches in flight). A reply to a request nobody waits for any more is dropped.
     """
 
-    def __init__(self, timeout_s: float = P.REPLY_TIMEOUT_S):
+    def __init__(self, timeout_s: float = P.REPLY_TIMEOUT_S, auth: Auth | None = None):
         self.ctx = zmq.Context.instance()
         self.id = f"c-{uuid.uuid4().hex[:12]}"
+        self.auth = auth
         self.socks: dict[str, zmq.Socket] = {}
+        self._monitors: dict[str, zmq.Socket] = {}
         self.timeout_s = timeout_s
         self._req = itertools.count(1)
         self._expected: set[int] = set()
@@ -49,10 +53,39 @@ class Client:
             s = self.ctx.socket(zmq.DEALER)
             s.setsockopt(zmq.ROUTING_ID, self.id.encode())
             s.setsockopt(zmq.LINGER, 0)
+            if self.auth:
+                self.auth.connect(s)
+            # handshake failures (a key not allowed, CURVE on one side only) show up on a monitor
+            self._monitors[address] = s.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                                                           | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                                                           | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
             s.connect(address)
             self.socks[address] = s
             self._poller.register(s, zmq.POLLIN)
         return s
+
+    def refused(self, address: str) -> str | None:
+        """Why the stage at `address` refused our handshake, if it did."""
+        mon = self._monitors.get(address)
+        if mon is None:
+            return None
+        while mon.poll(0):
+            event = recv_monitor_message(mon)["event"]
+            if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                return "it did not accept our key (authentication failed; check --auth)"
+            return "the handshake failed (is --auth given on one side only?)"
+        return None
+
+    def reset(self, address: str) -> None:
+        """Drop the socket to `address` and whatever it still queues; the next send reconnects."""
+        s = self.socks.pop(address, None)
+        if s is not None:
+            self._poller.unregister(s)
+            s.disable_monitor()
+            s.close(0)
+        mon = self._monitors.pop(address, None)
+        if mon is not None:
+            mon.close(0)
 
     def send(self, address: str, frames) -> None:
         self.sock(address).send_multipart(frames, copy=False)
@@ -98,9 +131,12 @@ class Client:
         try:
             while req not in self._mail:
                 left = deadline - time.monotonic()
+                why = self.refused(address)
+                if why:
+                    raise StageError(f"stage {address} refused the connection: {why}")
                 if left <= 0:
                     raise StageError(f"stage {address} did not answer within {timeout_s:.0f} s")
-                self._receive(left)
+                self._receive(min(left, 0.25))
             header, arrays = self._mail.pop(req)
         finally:
             self.forget(req)
@@ -116,9 +152,8 @@ class Client:
         return self.wait(address, req, timeout_s)[0]
 
     def close(self) -> None:
-        for s in self.socks.values():
-            s.close(0)
-        self.socks.clear()
+        for address in list(self.socks):
+            self.reset(address)
 
 
 def raise_if_error(header: dict, address: str) -> None:
@@ -129,10 +164,11 @@ def raise_if_error(header: dict, address: str) -> None:
 class RemoteStage:
     """A stage daemon seen through the `Stage` protocol: interchangeable with an in-process one."""
 
-    def __init__(self, client: Client, address: str, identity: dict):
+    def __init__(self, client: Client, address: str, identity: dict, hello_timeout_s: float = 30.0):
         self.client, self.address = client, address
         try:
-            self.remote = client.call(address, P.HELLO, timeout_s=min(client.timeout_s, 30), identity=identity)["info"]
+            self.remote = client.call(address, P.HELLO, timeout_s=min(client.timeout_s, hello_timeout_s),
+                                      identity=identity)["info"]
         except StageError as e:
             raise UserError(str(e)) from None
         self.info = self._stage_info()
@@ -176,21 +212,77 @@ class RemoteStage:
         pass  # the daemon keeps running; the client owns the sockets
 
 
+class Heartbeat:
+    """Pings each stage's heartbeat socket (answered by a thread of its own, even mid-batch) and
+    names the stages silent for DEAD_AFTER_S: killed, stopped, or cut off."""
+
+    def __init__(self, client: Client):
+        self.client = client
+        self.socks: dict[str, zmq.Socket] = {}  # stage address -> DEALER to its heartbeat socket
+        self.last_seen: dict[str, float] = {}
+        self.last_sent = 0.0
+
+    def watch(self, stage: RemoteStage) -> None:
+        self.unwatch(stage.address)
+        s = self.client.ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        if self.client.auth:
+            self.client.auth.connect(s)
+        s.connect(stage.remote["heartbeat"])
+        self.socks[stage.address] = s
+        self.last_seen[stage.address] = time.monotonic()
+
+    def unwatch(self, address: str) -> None:
+        s = self.socks.pop(address, None)
+        if s is not None:
+            s.close(0)
+        self.last_seen.pop(address, None)
+
+    def lost(self) -> list[str]:
+        now = time.monotonic()
+        for address, s in self.socks.items():
+            while s.poll(0):
+                s.recv_multipart()
+                self.last_seen[address] = now
+        if now - self.last_sent >= P.HEARTBEAT_S:
+            if now - self.last_sent > P.DEAD_AFTER_S:  # we were not looking (idle): no one is late
+                self.last_seen = dict.fromkeys(self.socks, now)
+            for s in self.socks.values():
+                try:
+                    s.send_multipart(pack(P.PING, req=0), flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    pass
+            self.last_sent = now
+        return [a for a, t in self.last_seen.items() if now - t > P.DEAD_AFTER_S]
+
+    def close(self) -> None:
+        for address in list(self.socks):
+            self.unwatch(address)
+
+
 class RemotePipeline:
     """Stage daemons in pipeline order; same interface as the in-process `Pipeline`.
 
     A batch goes to the first stage with the others' addresses as its route; the last stage
     answers here. Several batches may be in flight at once: the daemons work on different ones.
+    A lost stage is replaced by `recover` (the same address once it is back, or a standby).
     """
 
-    def __init__(self, stages: list[RemoteStage]):
+    def __init__(self, stages: list[RemoteStage], identity: dict | None = None, standby: Sequence[str] = (),
+                 recovery_timeout_s: float = 30.0):
         check_coverage([(s.info.first, s.info.last) for s in stages], stages[0].info.num_layers)
         self.stages = stages
         self.client = stages[0].client
+        self.identity = identity or {}
+        self.standby = list(standby)
+        self.recovery_timeout_s = recovery_timeout_s
         self.route = [s.address for s in stages[1:]]
         self.compute_ms: dict[str, float] = {s.address: 0.0 for s in stages}
         self.calls = 0
         self._flying: dict[int, tuple[object, float]] = {}  # req -> (tag, deadline)
+        self.heartbeat = Heartbeat(self.client)
+        for s in stages:
+            self.heartbeat.watch(s)
 
     @property
     def max_inflight(self) -> int:
@@ -243,11 +335,92 @@ class RemotePipeline:
     def kv_tokens(self) -> int:
         return min(s.info.kv_tokens for s in self.stages)
 
+    def lost(self) -> list[int]:
+        """Indices of stages whose heartbeat went silent."""
+        gone = set(self.heartbeat.lost())
+        return [i for i, s in enumerate(self.stages) if s.address in gone]
+
+    def unhealthy(self) -> list[int]:
+        """Indices of stages that do not answer a ping at once, or no longer hold their layers."""
+        out = []
+        for i, s in enumerate(self.stages):
+            try:
+                info = self.client.call(s.address, P.PING, timeout_s=P.DEAD_AFTER_S)["info"]
+                if info["layers"] != [s.info.first, s.info.last]:
+                    out.append(i)
+            except StageError:
+                out.append(i)
+        return out
+
+    def recover(self, lost: list[int], live_seq_ids: list[int], log=print) -> list[str]:
+        """Replace the lost stages and free every live sequence everywhere, so callers rebuild them.
+
+        Waits up to `recovery_timeout_s` for a stage at each lost address, or an unused standby, to
+        say hello; loads it with the lost layer range. Returns the addresses now serving; raises
+        StageFailure if capacity did not come back in time.
+        """
+        for req in self._flying:
+            self.client.forget(req)
+        self._flying.clear()
+        deadline = time.monotonic() + self.recovery_timeout_s
+        todo = list(lost)
+        for i in todo:
+            self.client.reset(self.stages[i].address)  # drop what was queued for the old process
+            self.heartbeat.unwatch(self.stages[i].address)
+        while todo:
+            for i in list(todo):
+                old = self.stages[i]
+                in_use = {s.address for s in self.stages}
+                for address in [old.address] + [a for a in self.standby if a not in in_use]:
+                    try:
+                        new = RemoteStage(self.client, address, self.identity, hello_timeout_s=1.0)
+                        new.load(old.info.first, old.info.last)
+                    except (UserError, StageError):
+                        self.client.reset(address)
+                        continue
+                    log(f"recovered: layers {old.info.first}-{old.info.last} on {address}")
+                    self.stages[i] = new
+                    self.heartbeat.watch(new)
+                    todo.remove(i)
+                    break
+            if todo:
+                time.sleep(0.2)
+            if todo and time.monotonic() > deadline:
+                lost_text = ", ".join(f"{self.stages[i].address} (layers {self.stages[i].info.first}-"
+                                      f"{self.stages[i].info.last})" for i in todo)
+                raise StageError(f"lost {lost_text}; no stage took its place within {self.recovery_timeout_s:.0f} s")
+        self.route = [s.address for s in self.stages[1:]]
+        for s in self.stages:
+            s.release(live_seq_ids)  # survivors drop what they held; the caller re-prefills from token ids
+        return [s.address for s in self.stages]
+
     def describe(self) -> list[dict]:
         return [{**s.info.describe(), "address": s.address} for s in self.stages]
 
     def close(self) -> None:
+        self.heartbeat.close()
         self.client.close()
+
+
+def health(addresses: Sequence[str], auth: Auth | None = None, timeout_s: float = 5.0) -> list[dict]:
+    """Each stage's state after a real one-token forward: ok, idle (no layers), or down (why)."""
+    client = Client(timeout_s, auth)
+    out = []
+    try:
+        for address in addresses:
+            try:
+                info = client.call(address, P.HEALTH, timeout_s=timeout_s)["info"]
+            except StageError as e:
+                out.append({"address": address, "state": "down", "error": str(e)})
+                continue
+            out.append({"address": address, "state": "ok" if info["layers"] else "idle",
+                        "backend": info["backend"], "device": info["device"], "dtype": info["dtype"],
+                        "layers": info["layers"], "live_sequences": len(info["live_sequences"]),
+                        "kv_tokens_used": info["kv_tokens_used"], "kv_tokens": info["kv_tokens"],
+                        "forward_ms": info["forward_ms"], "draining": info["draining"]})
+    finally:
+        client.close()
+    return out
 
 
 def parse_stages_spec(spec: str) -> list[tuple[str, tuple[int, int] | None]]:
@@ -274,14 +447,15 @@ def parse_stages_spec(spec: str) -> list[tuple[str, tuple[int, int] | None]]:
 
 
 def connect_pipeline(model_dir: str, spec: str, num_layers: int, timeout_s: float = P.REPLY_TIMEOUT_S,
-                     log=print) -> RemotePipeline:
+                     log=print, auth: Auth | None = None, standby: Sequence[str] = (),
+                     recovery_timeout_s: float = 30.0) -> RemotePipeline:
     """Say hello to every stage (identity check), assign layers (given, or planned), return the pipeline."""
     from engine.identity import config_hash, weights_hash
     from engine.planner import StageCapacity, plan_layers
 
     entries = parse_stages_spec(spec)
     identity = {"config": config_hash(model_dir), "weights": weights_hash(model_dir)}
-    client = Client(timeout_s)
+    client = Client(timeout_s, auth)
     stages = [RemoteStage(client, address, identity) for address, _ in entries]
     if entries[0][1] is not None:
         ranges = [layers for _, layers in entries]
@@ -296,4 +470,7 @@ def connect_pipeline(model_dir: str, spec: str, num_layers: int, timeout_s: floa
         ranges = plan.ranges
     for s, (first, last) in zip(stages, ranges):
         s.load(first, last)
-    return RemotePipeline(stages)
+    for address in standby:
+        if "://" not in address:
+            raise UserError(f"standby address {address!r} needs a scheme, like tcp://host:port")
+    return RemotePipeline(stages, identity, standby, recovery_timeout_s)

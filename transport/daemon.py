@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 
 import numpy as np
@@ -45,12 +46,28 @@ def bind_address(sock: zmq.Socket, listen: str) -> str:
     return sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
 
+def heartbeat_address(address: str) -> str:
+    """Where the heartbeat socket binds: the same host on any free port (tcp), or a sibling path (ipc)."""
+    if address.startswith("tcp://"):
+        return address.rsplit(":", 1)[0] + ":*"
+    return address + ".hb"
+
+
 class StageDaemon:
     def __init__(self, backend: str, model_dir: str, listen: str, *, device=None, dtype="float32",
                  threads=None, layers: tuple[int, int] | None = None, calibrate: bool = True,
-                 kv_tokens: int | None = None):
+                 kv_tokens: int | None = None, max_seqs: int | None = None, max_call_tokens: int | None = None,
+                 auth_dir: str | None = None, insecure: bool = False, drain_s: float = P.DRAIN_TIMEOUT_S):
+        from .auth import Auth, is_loopback
+
+        self.auth = Auth.load(auth_dir, "stage")
+        if self.auth is None and not insecure and not is_loopback(listen):
+            raise UserError(f"refusing to listen on {listen} without --auth: anyone who reaches it could use "
+                            "this machine (run `hetpipe keys init`, or pass --insecure on a trusted network)")
         self.backend, self.model_dir, self.device, self.dtype, self.threads = backend, model_dir, device, dtype, threads
-        self.kv_tokens = kv_tokens
+        self.kv_tokens, self.max_seqs, self.max_call_tokens = kv_tokens, max_seqs, max_call_tokens
+        self.drain_s = drain_s
+        self.draining_since: float | None = None
         self.cfg = ModelConfig.load(model_dir)
         self.identity = {"config": config_hash(model_dir), "weights": weights_hash(model_dir)}
         self.stage = None
@@ -59,12 +76,44 @@ class StageDaemon:
         if layers:
             self._load(*layers)
         self.ctx = zmq.Context.instance()
-        self.sock = self.ctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.sock.setsockopt(zmq.LINGER, 0)
+        self.authenticator = self.auth.start_authenticator(self.ctx) if self.auth else None
+        self.sock = self._router()
         self.address = bind_address(self.sock, listen)
+        self.heartbeat = self._router()
+        self.heartbeat_address = bind_address(self.heartbeat, heartbeat_address(self.address))
         self.next_hops: dict[str, zmq.Socket] = {}
         self.running = True
+        threading.Thread(target=self._answer_heartbeats, name="heartbeat", daemon=True).start()
+
+    def _router(self) -> zmq.Socket:
+        sock = self.ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_FRAME_BYTES)
+        sock.setsockopt(zmq.LINGER, 0)
+        if self.auth:
+            self.auth.serve(sock)
+        return sock
+
+    def _answer_heartbeats(self) -> None:
+        """Its own thread and socket: a daemon busy with a long batch still answers within ms.
+
+        A stopped (SIGSTOP) or dead process answers nothing, which is what the coordinator watches.
+        """
+        while self.running:
+            try:
+                if not self.heartbeat.poll(200):
+                    continue
+                sender, *frames = self.heartbeat.recv_multipart()
+                try:
+                    header, _ = unpack(frames)
+                except WireError:
+                    continue
+                stage = self.stage
+                self.heartbeat.send_multipart([sender, *pack(P.OK, req=header.get("req"),
+                                                             seqs=len(stage._seqs) if stage else 0)])
+            except zmq.ZMQError:
+                if self.running:
+                    time.sleep(0.05)
 
     # -- start-up ------------------------------------------------------------------------------
 
@@ -105,6 +154,9 @@ class StageDaemon:
         return float(np.median(times) * 1000)
 
     def _load(self, first: int, last: int) -> None:
+        n = self.cfg.num_hidden_layers
+        if not 0 <= first <= last < n:
+            raise UserError(f"layers {first}-{last} are outside the model's 0-{n - 1}")
         if self.stage is not None:
             if (self.stage.info.first, self.stage.info.last) == (first, last):
                 return
@@ -115,6 +167,7 @@ class StageDaemon:
             self.stage = None
         self.stage = load_stage(self.backend, self.model_dir, first, last, device=self.device, dtype=self.dtype,
                                 threads=self.threads, kv_tokens=self.kv_tokens)
+        self.stage.max_seqs, self.stage.max_call_tokens = self.max_seqs, self.max_call_tokens
 
     def info(self) -> dict:
         st = self.stage
@@ -125,7 +178,8 @@ class StageDaemon:
             "kv_tokens": st.info.kv_tokens if st else 0, "kv_tokens_used": st.kv_tokens_used() if st else 0,
             "free_memory": system_available_memory(), "layer_bytes": self.layer_bytes,
             "ms_per_layer": self.ms_per_layer, "head_ms": self.head_ms, "resident_bytes": resident_bytes(),
-            "identity": self.identity,
+            "identity": self.identity, "heartbeat": self.heartbeat_address,
+            "max_seqs": self.max_seqs, "draining": self.draining_since is not None,
         }
 
     # -- the loop --------------------------------------------------------------------------------
@@ -135,11 +189,30 @@ class StageDaemon:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         while self.running:
+            if self.draining_since is not None and self._drained():
+                break
             if not poller.poll(200):
                 continue
             sender, *frames = self.sock.recv_multipart(copy=False)
             self.dispatch(sender.bytes, frames)
         self.close()
+
+    def drain(self) -> None:
+        """Stop taking new sequences; exit once the live ones are released (or after drain_s).
+
+        A second call (a second SIGTERM) exits at once.
+        """
+        if self.draining_since is not None:
+            self.running = False
+            return
+        self.draining_since = time.monotonic()
+        live = len(self.stage.live_sequences()) if self.stage else 0
+        print(f"stage {self.address}: draining {live} live sequence(s)", file=sys.stderr, flush=True)
+
+    def _drained(self) -> bool:
+        if self.stage is None or not self.stage.live_sequences():
+            return True
+        return time.monotonic() - self.draining_since > self.drain_s
 
     def dispatch(self, sender: bytes, frames) -> None:
         header = {}
@@ -181,9 +254,19 @@ class StageDaemon:
     def handle_ping(self, sender, header, arrays) -> None:
         self._send(sender, pack(P.INFO, req=header.get("req"), info=self.info()))
 
+    def handle_health(self, sender, header, arrays) -> None:
+        """A real one-token forward through this stage's layers (a sequence of its own), timed."""
+        ms = None
+        if self.stage is not None:
+            t = time.perf_counter()
+            self.stage.warmup(decode_only=True)
+            ms = (time.perf_counter() - t) * 1000
+        self._send(sender, pack(P.INFO, req=header.get("req"), info={**self.info(), "forward_ms": ms}))
+
     def handle_load(self, sender, header, arrays) -> None:
         layers = header.get("layers")
-        if not (isinstance(layers, list) and len(layers) == 2 and all(isinstance(x, int) for x in layers)):
+        if not (isinstance(layers, list) and len(layers) == 2
+                and all(isinstance(x, int) and not isinstance(x, bool) for x in layers)):
             raise WireError("load needs layers [first, last]")
         self._load(*layers)
         self._send(sender, pack(P.INFO, req=header.get("req"), info=self.info()))
@@ -200,16 +283,27 @@ class StageDaemon:
         if self.stage is None:
             raise UserError(f"stage {self.address} has no layers assigned yet")
         route = header.get("route", [])
-        if not isinstance(route, list) or not all(isinstance(a, str) for a in route):
-            raise WireError("route must be a list of addresses")
+        if not (isinstance(route, list) and len(route) <= P.MAX_ROUTE
+                and all(isinstance(a, str) and a.startswith(("tcp://", "ipc://")) and len(a) < 256 for a in route)):
+            raise WireError("route must be a list of tcp:// or ipc:// addresses")
         batch = unpack_batch(header, arrays)
+        if self.draining_since is not None:
+            live = set(self.stage.live_sequences())
+            if any(s.seq_id not in live for s in batch.seqs):
+                raise UserError(f"stage {self.address} is shutting down: it takes no new sequences")
         t = time.perf_counter()
         result = self.stage.forward(batch)
         timings = list(header.get("timings", [])) + [[self.address, (time.perf_counter() - t) * 1000]]
         fields = dict(req=header.get("req"), client=header.get("client"), timings=timings)
         if route and result.hidden is not None:
             hop = StageBatch(batch.seqs, result.hidden)
-            self._next_hop(route[0]).send_multipart(pack_batch(hop, route=route[1:], **fields), copy=False)
+            sock = self._next_hop(route[0])
+            try:
+                if not sock.poll(P.NEXT_HOP_WAIT_MS, zmq.POLLOUT):
+                    raise zmq.Again()
+                sock.send_multipart(pack_batch(hop, route=route[1:], **fields), copy=False, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                raise UserError(f"stage {self.address} cannot reach the next stage {route[0]}") from None
         else:
             self._send(self._reply_to(sender, header), pack_result(result, **fields))
 
@@ -218,13 +312,22 @@ class StageDaemon:
         if sock is None:
             sock = self.ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
+            # queue nothing for a peer that is not connected: after a restart, the new daemon must not
+            # receive batches meant for the old one; the send fails and the client hears of it
+            sock.setsockopt(zmq.IMMEDIATE, 1)
+            if self.auth:
+                self.auth.connect(sock)
             sock.connect(address)
             self.next_hops[address] = sock
         return sock
 
     def close(self) -> None:
+        self.running = False
         for s in self.next_hops.values():
             s.close(0)
         self.sock.close(0)
+        self.heartbeat.close(0)
+        if self.authenticator:
+            self.authenticator.stop()
         if self.stage is not None:
             self.stage.close()

@@ -8,18 +8,25 @@ LOAD = "load"  # assign a layer range; reply: INFO
 FORWARD = "forward"  # run a batch; reply (or pass on along `route`): RESULT
 RELEASE = "release"  # free sequences; reply: OK
 PING = "ping"  # reply: INFO
+HEALTH = "health"  # a real one-token forward; reply: INFO with forward_ms
 # stage -> client
 INFO = "info"
 RESULT = "result"
 OK = "ok"
 ERROR = "error"
 
-KINDS = {HELLO, LOAD, FORWARD, RELEASE, PING, INFO, RESULT, OK, ERROR}
+KINDS = {HELLO, LOAD, FORWARD, RELEASE, PING, HEALTH, INFO, RESULT, OK, ERROR}
 ARRAY_DTYPES = {"int32", "float32", "float16", "bfloat16"}  # bfloat16 travels as uint16 words
 
 MAX_HEADER_BYTES = 1 << 20
-MAX_FRAME_BYTES = 1 << 30
+MAX_FRAME_BYTES = 1 << 28  # also the socket's ZMQ_MAXMSGSIZE: a larger message drops the sender
 MAX_SEQS_PER_CALL = 4096
+MAX_ROUTE = 64  # stages after this one
+MAX_SEQ_ID = (1 << 63) - 1
 
+HEARTBEAT_S = 0.4  # the coordinator pings every stage's heartbeat socket this often while serving
+DEAD_AFTER_S = 1.5  # no answer for this long: the stage is lost (killed, stopped, unreachable)
+NEXT_HOP_WAIT_MS = 2000  # a stage waits this long for a connection to the next stage before failing the batch
+DRAIN_TIMEOUT_S = 30.0  # after SIGTERM, how long live sequences may keep a daemon up
 REPLY_TIMEOUT_S = 120.0  # a forward of a long prefill on a slow stage stays well under this
 LOAD_TIMEOUT_S = 600.0

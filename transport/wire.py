@@ -98,17 +98,10 @@ def unpack_batch(header: dict, arrays) -> StageBatch:
     tokens = arrays[0][1]
     out, at = [], 0
     for s in seqs:
-        if not (isinstance(s, list) and len(s) == 4 and all(isinstance(x, int) for x in s[:3])
-                and s[0] >= 0 and s[1] >= 0 and s[2] > 0):
-            raise WireError(f"bad seq entry {s!r}")
-        sampling = None
-        if s[3] is not None:
-            if not isinstance(s[3], dict) or set(s[3]) - set(_SAMPLING_FIELDS):
-                raise WireError("bad sampling params")
-            try:
-                sampling = SamplingParams(**s[3])
-            except Exception as e:
-                raise WireError(f"bad sampling params: {e}") from None
+        if not (isinstance(s, list) and len(s) == 4 and all(_is_int(x) for x in s[:3])
+                and 0 <= s[0] <= P.MAX_SEQ_ID and 0 <= s[1] < 2**31 and 0 < s[2] <= len(tokens) - at):
+            raise WireError(f"bad seq entry {str(s)[:80]}")
+        sampling = None if s[3] is None else _sampling(s[3])
         out.append(SeqChunk(s[0], s[1], tokens[at : at + s[2]], sampling))
         at += s[2]
     if at != len(tokens):
@@ -120,6 +113,32 @@ def unpack_batch(header: dict, arrays) -> StageBatch:
             raise WireError("hidden frame must be (tokens, hidden_size) floats")
         hidden = Hidden(data, dtype)
     return StageBatch(out, hidden)
+
+
+def _sampling(d) -> SamplingParams:
+    if not isinstance(d, dict) or set(d) - set(_SAMPLING_FIELDS):
+        raise WireError("bad sampling params")
+    for k, v in d.items():
+        if k in ("top_k", "logprobs"):
+            ok = _is_int(v)
+        elif k == "seed":
+            ok = v is None or (_is_int(v) and 0 <= v < 2**63)
+        else:
+            ok = _is_number(v)
+        if not ok:
+            raise WireError(f"bad sampling param {k}")
+    try:
+        return SamplingParams(**d)
+    except Exception as e:
+        raise WireError(f"bad sampling params: {e}") from None
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def pack_result(result: StageResult, **fields) -> list:

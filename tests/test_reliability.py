@@ -1,0 +1,424 @@
+"""Reliability and security with real daemon processes: lost stages, bad input, CURVE, limits, drain.
+
+Recovery tests kill (-9), stop (SIGSTOP) or fail over a stage mid-generation and compare every
+request's greedy tokens to an undisturbed run of the same requests.
+"""
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+from engine.demo import start_stage, stop_stages
+from engine.errors import StageFailure
+from engine.generate import Generator
+from transport import protocol as P
+from transport.auth import Auth, init_keys
+from transport.client import Client, StageError, connect_pipeline
+from transport.wire import pack, pack_batch
+from engine.stage import SeqChunk, StageBatch
+from engine.sampling import SamplingParams
+
+LENGTHS = [6, 23, 11, 40]
+MAX_TOKENS = 40
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prompts(gen, lengths):
+    text = gen.tokenizer.encode("Rain fell on the old town as the market stalls opened one by one. " * 10)
+    return [text[i * 5 : i * 5 + n] for i, n in enumerate(lengths)]
+
+
+def run_concurrently(gen, ps, max_tokens, on_token=None):
+    """Each prompt streamed from its own thread; returns token lists (or the exception) per prompt."""
+    out = [None] * len(ps)
+
+    def run(i):
+        try:
+            toks = []
+            for c in gen.stream(ps[i], max_tokens=max_tokens, ignore_eos=True):
+                toks.append(c.token_id)
+                if on_token:
+                    on_token(i, len(toks))
+            out[i] = toks
+        except Exception as e:
+            out[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(ps))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads), "a request hung"
+    return out
+
+
+def live(pipe):
+    return [(s.live_sequences(), s.kv_tokens_used()) for s in pipe.stages]
+
+
+class Cluster:
+    """Torch stage daemons on fixed loopback ports, so a restarted one comes back at its address."""
+
+    def __init__(self, model, n):
+        self.model = model
+        self.addresses = [f"tcp://127.0.0.1:{free_port()}" for _ in range(n)]
+        self.procs = [start_stage("torch", model, listen=a)[0] for a in self.addresses]
+
+    def restart(self, i):
+        self.procs[i] = start_stage("torch", self.model, listen=self.addresses[i])[0]
+
+    def close(self):
+        stop_stages(self.procs)
+
+
+@pytest.fixture()
+def cluster(real_model):
+    c = Cluster(real_model, 3)
+    yield c
+    for p in c.procs:
+        if p.poll() is None:
+            os.kill(p.pid, signal.SIGCONT)
+    c.close()
+
+
+def pipeline(real_model, cluster, **kw):
+    a, b = cluster.addresses[:2]
+    return connect_pipeline(str(real_model), f"{a}=0-14,{b}=15-29", 30, log=lambda m: None, **kw)
+
+
+def disturbed_run(gen, ps, when, disturb):
+    """Run the prompts; call `disturb()` once request 0 has `when` tokens. Returns (outputs, time disturbed)."""
+    at = {}
+
+    def on_token(i, n):
+        if i == 0 and n == when and not at:
+            at["t"] = time.monotonic()
+            disturb()
+
+    return run_concurrently(gen, ps, MAX_TOKENS, on_token), at["t"]
+
+
+def test_kill_9_and_restart_mid_generation_loses_nothing(real_model, cluster):
+    pipe = pipeline(real_model, cluster, recovery_timeout_s=60)
+    gen = Generator(real_model, pipe)
+    ps = prompts(gen, LENGTHS)
+    want = run_concurrently(gen, ps, MAX_TOKENS)
+
+    def kill_and_restart():
+        cluster.procs[1].kill()
+        threading.Thread(target=cluster.restart, args=(1,)).start()
+
+    got, t_kill = disturbed_run(gen, ps, 8, kill_and_restart)
+    assert got == want
+    (event,) = gen.engine.recoveries
+    assert event["ok"] and event["lost"] == [cluster.addresses[1]]
+    assert event["detected"] - t_kill < 2.0, f"detected after {event['detected'] - t_kill:.2f} s"
+    assert live(pipe) == [([], 0), ([], 0)]
+    gen.close()
+    pipe.close()
+
+
+def test_failover_to_a_standby(real_model, cluster):
+    pipe = pipeline(real_model, cluster, standby=[cluster.addresses[2]], recovery_timeout_s=30)
+    gen = Generator(real_model, pipe)
+    ps = prompts(gen, LENGTHS)
+    want = run_concurrently(gen, ps, MAX_TOKENS)
+    got, _ = disturbed_run(gen, ps, 5, cluster.procs[1].kill)
+    assert got == want
+    assert [s.address for s in pipe.stages] == [cluster.addresses[0], cluster.addresses[2]]
+    assert [(s.info.first, s.info.last) for s in pipe.stages] == [(0, 14), (15, 29)]
+    assert live(pipe) == [([], 0), ([], 0)]
+    gen.close()
+    pipe.close()
+
+
+def test_stopped_stage_is_detected_and_resumes(real_model, cluster):
+    pipe = pipeline(real_model, cluster, recovery_timeout_s=30)
+    gen = Generator(real_model, pipe)
+    ps = prompts(gen, LENGTHS[:2])
+    want = run_concurrently(gen, ps, MAX_TOKENS)
+    pid = cluster.procs[0].pid
+
+    def stop_then_continue():
+        os.kill(pid, signal.SIGSTOP)
+        threading.Timer(3.0, os.kill, args=(pid, signal.SIGCONT)).start()
+
+    got, t_stop = disturbed_run(gen, ps, 6, stop_then_continue)
+    assert got == want
+    event = gen.engine.recoveries[0]
+    assert event["ok"] and event["detected"] - t_stop < 2.0
+    assert live(pipe) == [([], 0), ([], 0)]
+    gen.close()
+    pipe.close()
+
+
+def test_no_capacity_in_time_ends_each_request_with_a_clear_error(real_model, cluster):
+    pipe = pipeline(real_model, cluster, recovery_timeout_s=2)
+    gen = Generator(real_model, pipe)
+    ps = prompts(gen, LENGTHS[:3])
+    t0 = time.monotonic()
+    got, _ = disturbed_run(gen, ps, 3, cluster.procs[1].kill)
+    assert all(isinstance(r, StageFailure) and "no stage took its place within 2 s" in str(r) for r in got), got
+    assert time.monotonic() - t0 < 30
+    gen.close()
+    pipe.close()
+
+
+def test_soak_concurrent_clients_cancellations_and_a_restart(real_model, cluster):
+    pipe = pipeline(real_model, cluster, recovery_timeout_s=60)
+    gen = Generator(real_model, pipe)
+    distinct = prompts(gen, [5, 9, 14, 3, 20, 7])
+    want = [gen.generate(p, max_tokens=6, ignore_eos=True).token_ids for p in distinct]
+    rng = random.Random(0)
+    plan = [(rng.randrange(len(distinct)), rng.random() < 0.2) for _ in range(240)]
+    results, lock = {}, threading.Lock()
+    jobs = iter(range(len(plan)))
+
+    def client():
+        while True:
+            with lock:
+                j = next(jobs, None)
+            if j is None:
+                return
+            p, cancel = plan[j]
+            st = gen.stream(distinct[p], max_tokens=6, ignore_eos=True)
+            toks = []
+            for c in st:
+                toks.append(c.token_id)
+                if cancel and len(toks) == 2:
+                    st.close()
+                    break
+            with lock:
+                results[j] = toks
+
+    threads = [threading.Thread(target=client) for _ in range(12)]
+    for t in threads:
+        t.start()
+    while len(results) < 80:
+        time.sleep(0.05)
+    cluster.procs[1].kill()
+    cluster.restart(1)
+    for t in threads:
+        t.join(timeout=600)
+    assert not any(t.is_alive() for t in threads), "a client hung"
+    assert len(results) == len(plan)  # none lost
+    for j, (p, cancel) in enumerate(plan):
+        assert results[j] == (want[p][:2] if cancel else want[p]), j
+    assert gen.engine.recoveries and all(e["ok"] for e in gen.engine.recoveries)
+    time.sleep(0.3)
+    assert live(pipe) == [([], 0), ([], 0)]
+    gen.close()
+    pipe.close()
+
+
+# -- bad input -------------------------------------------------------------------------------------
+
+def rss_kib(pid) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def malformed(rng: random.Random, hidden: int) -> list:
+    """One message a well-behaved client never sends."""
+    ok_seq = [[1, 0, 3, None]]
+    tokens = np.arange(3, dtype=np.int32)
+    kind = rng.randrange(16)
+    if kind == 0:
+        return [rng.randbytes(rng.randrange(0, 64))]
+    if kind == 1:
+        return [msgpack.packb(rng.choice([[1, 2], "x", 5, None, {"v": 1}]))]
+    if kind == 2:
+        return [msgpack.packb({"v": 99, "kind": "ping", "arrays": []})]
+    if kind == 3:
+        return [msgpack.packb({"v": 1, "kind": rng.choice(["boom", 5, None, "result"]), "arrays": []})]
+    if kind == 4:  # frames the header does not name, or names that are missing
+        return [msgpack.packb({"v": 1, "kind": "forward", "arrays": [["int32", [3]]] * rng.randrange(0, 3)})] + \
+            [tokens.tobytes()] * rng.randrange(0, 3)
+    if kind == 5:  # shape against byte length
+        return [msgpack.packb({"v": 1, "kind": "forward", "seqs": ok_seq, "arrays": [["int32", [1000]]]}),
+                tokens.tobytes()]
+    if kind == 6:
+        return [msgpack.packb({"v": 1, "kind": "forward", "seqs": ok_seq,
+                               "arrays": [[rng.choice(["float64", "object", "int8", 7]), [3]]]}), tokens.tobytes()]
+    if kind == 7:  # truncated frames
+        frames = pack_batch(StageBatch([SeqChunk(1, 0, tokens, SamplingParams())]), req=1)
+        return [bytes(frames[0])[: rng.randrange(1, len(bytes(frames[0])))], bytes(frames[1])[:5]]
+    if kind == 8:  # oversized header
+        return [msgpack.packb({"v": 1, "kind": "ping", "pad": "x" * (P.MAX_HEADER_BYTES + 10)})]
+    if kind == 9:  # wrong-typed seq entries
+        seq = rng.choice([[-1, 0, 3, None], [1, -5, 3, None], [1, 0, 0, None], ["a", 0, 3, None], [1, 0, 3],
+                          [2**64 - 1, 0, 3, None], [1, 0, 99, None], [1, 0, 3, {"temperature": "hot"}],
+                          [1, 0, 3, {"bogus": 1}], [1, 0, 3, {"seed": -4}], [1, 0, 3, {"top_k": 1.5}]])
+        return pack(P.FORWARD, [("int32", tokens)], seqs=[seq], req=2)
+    if kind == 10:  # token ids outside the vocabulary
+        return pack(P.FORWARD, [("int32", np.array([10**6, -3, 5], np.int32))], seqs=ok_seq, req=3)
+    if kind == 11:  # a hidden frame to the first stage, of the wrong width
+        return pack(P.FORWARD, [("int32", tokens), ("float32", np.zeros((3, hidden + 1), np.float32))],
+                    seqs=ok_seq, req=4)
+    if kind == 12:  # bad layer ranges
+        return pack(P.LOAD, layers=rng.choice([[5, 2], [0, 99], [-1, 0], "0-1", [0], [0.5, 1]]), req=5)
+    if kind == 13:
+        return pack(P.RELEASE, seq_ids=rng.choice(["x", [1.5], None, [[1]]]), req=6)
+    if kind == 14:  # offsets that do not match the cache
+        return pack(P.FORWARD, [("int32", tokens)], seqs=[[7, rng.randrange(1, 2**31), 3, None]], req=7)
+    return pack(P.FORWARD, [("int32", tokens)], seqs=ok_seq, route=rng.choice([[5], "x", ["file:///etc"]]), req=8)
+
+
+def test_fuzz_ten_thousand_malformed_messages(tiny_dirs):
+    proc, address = start_stage("torch", tiny_dirs["llama"], extra=["--layers", "0-3"])
+    try:
+        ctx = zmq.Context.instance()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(address)
+        good = Client(10)
+        rng = random.Random(1)
+        rss = []
+        for round_ in range(20):
+            for _ in range(500):
+                sock.send_multipart(malformed(rng, 64))
+            while sock.poll(200):  # error replies: drained, not counted (a message may earn none)
+                sock.recv_multipart()
+            # after every 500, a correct request still works
+            header = good.call(address, P.PING)
+            assert header["info"]["layers"] == [0, 3]
+            batch = StageBatch([SeqChunk(10**6 + round_, 0, np.arange(1, 6, dtype=np.int32), SamplingParams())])
+            req = good.next_req()
+            good.send(address, pack_batch(batch, req=req, client=good.id, route=[]))
+            reply, _ = good.wait(address, req)
+            assert reply["kind"] == P.RESULT and len(reply["tokens"]) == 1
+            good.call(address, P.RELEASE, seq_ids=[10**6 + round_])
+            rss.append(rss_kib(proc.pid))
+        assert proc.poll() is None
+        assert good.call(address, P.PING)["info"]["live_sequences"] == []
+        assert rss[-1] - rss[3] < 30 * 1024, rss  # bounded: no growth with the number of bad messages
+        good.close()
+        sock.close(0)
+    finally:
+        stop_stages([proc])
+
+
+def test_engine_api_rejects_bad_inputs_cleanly(tiny_dirs, real_model):
+    from engine.cli import local_pipeline
+    from engine.errors import UserError
+
+    gen = Generator(real_model, local_pipeline(str(real_model), "torch", "float32", None))
+    for bad in ([1, "x"], [[1]], 5, None, [1.5]):
+        with pytest.raises(UserError):
+            gen.stream(bad, max_tokens=2)
+    with pytest.raises(UserError):
+        gen.stream([1], max_tokens="3")
+    with pytest.raises(UserError):
+        gen.stream([1], max_tokens=2, sampling={"temperature": 1})
+    assert gen.generate([1, 2, 3], max_tokens=2).token_ids  # and it still serves
+    gen.close()
+
+
+# -- CURVE -----------------------------------------------------------------------------------------
+
+def test_curve_only_allowed_keys_get_in(real_model, tmp_path):
+    keys, other = init_keys(tmp_path / "keys"), init_keys(tmp_path / "other")
+    proc, address = start_stage("torch", real_model, extra=["--auth", str(keys), "--layers", "0-29"])
+    try:
+        cli = [sys.executable, "-m", "engine.cli", "health", "--stages", address, "--timeout", "3", "--json"]
+        ok = subprocess.run(cli + ["--auth", str(keys)], capture_output=True, text=True, timeout=60)
+        assert ok.returncode == 0, ok.stderr
+        assert json.loads(ok.stdout)[0]["state"] == "ok"
+        # a client with no keys at all, and one whose key is not on the allow-list
+        wrong = tmp_path / "wrong"
+        wrong.mkdir()
+        for f in ("coordinator.key", "coordinator.key_secret"):
+            (wrong / f).write_bytes((other / f).read_bytes())
+        (wrong / "stage.key").write_bytes((keys / "stage.key").read_bytes())
+        for extra, why in (([], "handshake failed"), (["--auth", str(wrong)], "did not accept our key")):
+            t = time.monotonic()
+            r = subprocess.run(cli + extra, capture_output=True, text=True, timeout=60)
+            assert r.returncode == 1 and "down" in r.stdout and time.monotonic() - t < 20
+            assert why in json.loads(r.stdout)[0]["error"], r.stdout
+        # generation works over the authenticated link
+        pipe = connect_pipeline(str(real_model), f"{address}=0-29", 30, auth=Auth.load(keys, "coordinator"))
+        gen = Generator(real_model, pipe)
+        assert len(gen.generate([1, 2, 3], max_tokens=3, ignore_eos=True).token_ids) == 3
+        gen.close()
+        pipe.close()
+    finally:
+        stop_stages([proc])
+
+
+def test_non_loopback_listen_needs_auth_or_insecure(real_model):
+    cmd = [sys.executable, "-m", "engine.cli", "stage", "--backend", "torch", "--model", str(real_model),
+           "--listen", "tcp://0.0.0.0:0"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "without --auth" in r.stderr and "Traceback" not in r.stderr
+    proc, address = start_stage("torch", real_model, listen="tcp://0.0.0.0:0", extra=["--insecure"])
+    stop_stages([proc])
+    assert address.startswith("tcp://0.0.0.0:")
+
+
+# -- limits, drain, health -------------------------------------------------------------------------
+
+def forward(client, address, seq_id, offset, n):
+    batch = StageBatch([SeqChunk(seq_id, offset, np.arange(1, n + 1, dtype=np.int32), SamplingParams())])
+    req = client.next_req()
+    client.send(address, pack_batch(batch, req=req, client=client.id, route=[]))
+    return client.wait(address, req)[0]
+
+
+def test_limits_and_sigterm_drain(real_model):
+    proc, address = start_stage("torch", real_model,
+                                extra=["--layers", "0-29", "--max-seqs", "2", "--max-call-tokens", "16",
+                                       "--kv-tokens", "30"])
+    try:
+        c = Client(10)
+        forward(c, address, 1, 0, 10)
+        forward(c, address, 2, 0, 10)
+        with pytest.raises(StageError, match="limit of 2"):
+            forward(c, address, 3, 0, 2)
+        with pytest.raises(StageError, match="at most 16"):
+            forward(c, address, 1, 10, 17)
+        with pytest.raises(StageError, match="KV cache full"):
+            forward(c, address, 1, 10, 16)
+        c.call(address, P.RELEASE, seq_ids=[2])
+        proc.send_signal(signal.SIGTERM)  # drain: sequence 1 is live
+        time.sleep(0.5)
+        with pytest.raises(StageError, match="shutting down"):
+            forward(c, address, 4, 0, 2)
+        assert forward(c, address, 1, 10, 1)["kind"] == P.RESULT  # the live one is still served
+        assert proc.poll() is None
+        c.call(address, P.RELEASE, seq_ids=[1])
+        assert proc.wait(timeout=10) == 0  # drained, exited cleanly
+        c.close()
+    finally:
+        stop_stages([proc])
+
+
+def test_health_reports_every_stage(real_model):
+    procs = [start_stage("torch", real_model, extra=["--layers", r]) for r in ("0-14", "15-29")]
+    try:
+        addrs = [a for _, a in procs] + [f"tcp://127.0.0.1:{free_port()}"]
+        r = subprocess.run([sys.executable, "-m", "engine.cli", "health", "--stages", ",".join(addrs), "--timeout",
+                            "2", "--json"], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1  # one is down
+        report = json.loads(r.stdout)
+        assert [x["state"] for x in report] == ["ok", "ok", "down"]
+        assert [x["layers"] for x in report[:2]] == [[0, 14], [15, 29]]
+        assert all(x["forward_ms"] > 0 and x["live_sequences"] == 0 and x["kv_tokens"] > 0 for x in report[:2])
+        assert "did not answer" in report[2]["error"]
+    finally:
+        stop_stages([p for p, _ in procs])
