@@ -11,10 +11,9 @@ from __future__ import annotations
 import threading
 import time
 
-import numpy as np
-
 from .errors import UserError
 from .generate import Generator
+from .serving import Profile, percentiles
 
 # plain English to cut prompts from: each request starts at a different place
 TEXT = (
@@ -66,6 +65,7 @@ def run_serving(gen: Generator, *, concurrency: int, requests: int, max_tokens: 
             with lock:
                 done.append((n, st.timing))
 
+    profile = gen.engine.profile = Profile()  # this run's batches only, not the warm-up
     start = time.perf_counter()
     threads = [threading.Thread(target=client, daemon=True) for _ in range(min(concurrency, requests))]
     for t in threads:
@@ -78,14 +78,11 @@ def run_serving(gen: Generator, *, concurrency: int, requests: int, max_tokens: 
     tokens = sum(n for n, _ in done)
     ttft = [t.ttft_ms for _, t in done]
     itl = [g * 1000 for _, t in done for g in t.gaps]
-    pct = lambda xs, q: float(np.percentile(xs, q)) if xs else 0.0  # noqa: E731
     return {
         "aggregate_tokens_per_s": tokens / wall,
         "requests_per_s": requests / wall,
-        "ttft_ms_p50": pct(ttft, 50),
-        "ttft_ms_p95": pct(ttft, 95),
-        "itl_ms_p50": pct(itl, 50),
-        "itl_ms_p95": pct(itl, 95),
+        **percentiles("ttft_ms", ttft),
+        **percentiles("itl_ms", itl),
         "concurrency": concurrency,
         "requests": requests,
         "max_tokens": max_tokens,
@@ -93,7 +90,8 @@ def run_serving(gen: Generator, *, concurrency: int, requests: int, max_tokens: 
         "inflight": gen.engine.inflight,
         "tokens": tokens,
         "wall_s": wall,
-        "stages": gen.pipeline.describe(),
+        "stages": (stages := gen.pipeline.describe()),
+        "breakdown": profile.to_json(stages),  # compute per stage and wire time, summed over the run's batches
     }
 
 
@@ -103,4 +101,11 @@ def format_serving(r: dict) -> str:
             f"  aggregate {r['aggregate_tokens_per_s']:.1f} tokens/s, {r['requests_per_s']:.2f} requests/s "
             f"({r['tokens']} tokens in {r['wall_s']:.1f} s)\n"
             f"  time to first token p50 {r['ttft_ms_p50']:.0f} ms, p95 {r['ttft_ms_p95']:.0f} ms\n"
-            f"  inter-token latency p50 {r['itl_ms_p50']:.1f} ms, p95 {r['itl_ms_p95']:.1f} ms")
+            f"  inter-token latency p50 {r['itl_ms_p50']:.1f} ms, p95 {r['itl_ms_p95']:.1f} ms\n"
+            + format_breakdown(r["breakdown"]))
+
+
+def format_breakdown(b: dict) -> str:
+    parts = [f"{s['stage']} {s['compute_ms_per_step']:.1f} ms" for s in b["stages"]]
+    return (f"  per step ({b['steps']} steps): compute {', '.join(parts)}; "
+            f"wire and waiting {b['wire_ms_per_step']:.1f} ms")

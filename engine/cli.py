@@ -100,9 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--insecure", action="store_true",
                     help="allow listening on a non-loopback address without --auth")
 
-    b = sub.add_parser("bench", help="serving throughput and latency with N concurrent clients")
+    b = sub.add_parser("bench", help="serving under load (default), per-backend speed, or pipeline overhead",
+                       description="hetpipe bench [serving] --local|--stages ...: throughput and latency with N "
+                       "concurrent clients. hetpipe bench backends: prefill/decode speed of each backend and "
+                       "dtype on one layer range. hetpipe bench pipeline: one split in-process vs over ZeroMQ, "
+                       "torch+torch vs mlx+torch. The last two write JSON, Markdown and PNG under --out.")
+    b.add_argument("suite", nargs="?", default="serving", choices=["serving", "backends", "pipeline"])
     b.add_argument("--model", default=None, help="model directory (default: the fetched smollm2)")
-    where = b.add_mutually_exclusive_group(required=True)
+    where = b.add_mutually_exclusive_group()
     where.add_argument("--local", metavar="SPEC", help="in-process stages, as for generate")
     where.add_argument("--stages", metavar="ADDR[=FIRST-LAST],...", help="stage daemons, as for generate")
     b.add_argument("--concurrency", type=int, default=1, help="clients, each keeping one request going")
@@ -115,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a stage's answer")
     b.add_argument("--json", action="store_true", help="print one JSON line")
     _add_remote(b)
+    b.add_argument("--out", default="bench-results", help="backends/pipeline: where JSON, Markdown and PNG go")
+    b.add_argument("--layers", default=None, metavar="FIRST-LAST", help="backends: layer range (default: all)")
+    b.add_argument("--dtypes", default="float32,bfloat16", help="backends: dtypes to time")
+    b.add_argument("--split", type=int, default=None, help="pipeline: last layer of the first stage (default: half)")
+    b.add_argument("--rounds", type=int, default=3, help="pipeline: alternating rounds")
 
     h = sub.add_parser("health", help="check each stage daemon with a real one-token forward")
     h.add_argument("--stages", required=True, metavar="ADDR,...")
@@ -204,13 +214,7 @@ def cmd_stage(args) -> int:
 
     from .partition import StageSpec
 
-    layers = None
-    if args.layers:
-        try:
-            a, _, b = args.layers.partition("-")
-            layers = (int(a), int(b or a))
-        except ValueError:
-            raise UserError(f"bad --layers {args.layers!r} (want FIRST-LAST)") from None
+    layers = _layer_range(args.layers) if args.layers else None
     StageSpec(args.backend, *(layers or (0, 0)))  # validates the backend name
     if args.dtype not in DTYPES:
         raise UserError(f"unknown dtype {args.dtype!r}; choose from {', '.join(DTYPES)}")
@@ -243,9 +247,13 @@ def _pipeline(args, model_dir: str):
 
 
 def cmd_bench(args) -> int:
+    if args.suite != "serving":
+        return cmd_bench_suite(args)
     from .bench import KEYS, format_serving, run_serving
     from .generate import Generator
 
+    if not (args.local or args.stages):
+        raise UserError("bench: give --local SPEC or --stages ADDR,... (or a suite: backends, pipeline)")
     model_dir = _model_dir(args.model)
     opts = _engine_opts(args)
     gen = Generator(model_dir, _pipeline(args, model_dir), **opts)
@@ -288,6 +296,46 @@ def cmd_keys(args) -> int:
     print(f"wrote {d}/stage.key(_secret), {d}/coordinator.key(_secret) and {d}/allowed/; "
           "copy the directory to each machine and pass --auth DIR")
     return 0
+
+
+def cmd_bench_suite(args) -> int:
+    from pathlib import Path
+
+    from . import bench_suites as S
+    from .config import ModelConfig
+
+    model_dir = _model_dir(args.model)
+    log = (lambda m: print(m, file=sys.stderr)) if args.json else print
+    out = Path(args.out)
+    if args.suite == "backends":
+        layers = _layer_range(args.layers) if args.layers else None
+        dtypes = [d for d in args.dtypes.split(",") if d]
+        for d in dtypes:
+            if d not in DTYPES:
+                raise UserError(f"unknown dtype {d!r}; choose from {', '.join(DTYPES)}")
+        data = S.run_backends(model_dir, layers, dtypes, args.prompt_len, args.max_tokens, log)
+        paths = S.write_outputs(out, "backends", data, S.backends_table(data), S.backends_plot)
+    else:
+        n = ModelConfig.load(model_dir).num_hidden_layers
+        if args.rounds < 1:
+            raise UserError("--rounds must be at least 1")
+        data = S.run_pipeline(model_dir, (n // 2 - 1) if args.split is None else args.split, args.dtype,
+                              args.rounds, args.max_tokens, log)
+        paths = S.write_outputs(out, "pipeline", data, S.pipeline_table(data), S.pipeline_plot)
+    if args.json:
+        print(json.dumps(data))
+    else:
+        print(paths[1].read_text())
+        print("wrote " + ", ".join(map(str, paths)))
+    return 0
+
+
+def _layer_range(text: str) -> tuple[int, int]:
+    try:
+        a, _, b = text.partition("-")
+        return int(a), int(b or a)
+    except ValueError:
+        raise UserError(f"bad layer range {text!r} (want FIRST-LAST)") from None
 
 
 def cmd_generate(args) -> int:

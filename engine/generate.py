@@ -22,7 +22,7 @@ from pathlib import Path
 from .config import ModelConfig
 from .errors import StageFailure, UserError
 from .sampling import SamplingParams
-from .serving import Engine, GenerationChunk, Timing
+from .serving import Engine, GenerationChunk, Request, Timing, percentiles
 from .tokenizer import Tokenizer
 
 __all__ = ["GenerationChunk", "GenerationResult", "Generator", "Stream", "Timing"]
@@ -40,6 +40,7 @@ class GenerationResult:
     ttft_ms: float
     decode_tokens_per_s: float
     stages: list[dict]
+    profile: dict  # ttft, inter-token latency percentiles, per-stage compute and wire time (see serving.Profile)
 
     def to_json(self) -> dict:
         return {k: getattr(self, k) for k in self.__slots__}
@@ -83,8 +84,7 @@ class Generator:
         the request. `Stream.timing` holds its clock readings.
         """
         q: queue.SimpleQueue = queue.SimpleQueue()
-        seq_id, timing = self._submit(prompt, chat, max_tokens, sampling, stop, ignore_eos, q.put)
-        return Stream(self, seq_id, timing, q)
+        return Stream(self, self._submit(prompt, chat, max_tokens, sampling, stop, ignore_eos, q.put), q)
 
     async def astream(self, prompt, *, chat: bool = False, max_tokens: int = 128,
                       sampling: SamplingParams | None = None, stop: Sequence[str] = (),
@@ -102,7 +102,7 @@ class Generator:
             except RuntimeError:
                 pass  # the loop has closed: nobody is listening any more
 
-        seq_id, _ = self._submit(prompt, chat, max_tokens, sampling, stop, ignore_eos, deliver)
+        seq_id = self._submit(prompt, chat, max_tokens, sampling, stop, ignore_eos, deliver).seq_id
         finished = False
         try:
             while True:
@@ -126,7 +126,7 @@ class Generator:
         """Run `stream()` to the end and collect the result (same arguments)."""
         prompt_ids = self.prompt_ids(prompt, chat)
         st = self.stream(prompt_ids, **kw)
-        return self._result(prompt_ids, list(st), st.timing, kw.get("sampling"))
+        return self._result(prompt_ids, list(st), st.request, kw.get("sampling"))
 
     def generate_batch(self, prompts: Sequence, *, chat: bool = False, max_tokens: int | Sequence[int] = 128,
                        sampling: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -145,7 +145,7 @@ class Generator:
             for i in range(n):
                 streams.append(self.stream(ids[i], max_tokens=max_tokens[i], sampling=sampling[i], stop=stop,
                                            ignore_eos=ignore_eos))
-            return [self._result(ids[i], list(st), st.timing, sampling[i]) for i, st in enumerate(streams)]
+            return [self._result(ids[i], list(st), st.request, sampling[i]) for i, st in enumerate(streams)]
         finally:
             for st in streams:
                 st.close()  # after a failure, the others are cancelled
@@ -160,20 +160,20 @@ class Generator:
     def __exit__(self, *exc):
         self.close()
 
-    def _submit(self, prompt, chat, max_tokens, sampling, stop, ignore_eos, deliver) -> tuple[int, Timing]:
+    def _submit(self, prompt, chat, max_tokens, sampling, stop, ignore_eos, deliver) -> Request:
         if self.engine is None:
             raise UserError("this Generator has no pipeline to generate with")
         ids = self.prompt_ids(prompt, chat)
         req = self.engine.submit(ids, max_tokens=max_tokens, sampling=sampling, stop=stop, ignore_eos=ignore_eos,
                                  deliver=deliver)
         self.last_timing = req.timing
-        return req.seq_id, req.timing
+        return req
 
     def _check_engine(self) -> None:
         if self.engine.error is not None:
             raise StageFailure(f"the serving engine stopped: {self.engine.error!r}")
 
-    def _result(self, prompt_ids, chunks: list[GenerationChunk], timing: Timing, sampling) -> GenerationResult:
+    def _result(self, prompt_ids, chunks: list[GenerationChunk], req: Request, sampling) -> GenerationResult:
         top_wanted = sampling is not None and sampling.logprobs > 1
         logprobs = []
         for c in chunks:
@@ -187,17 +187,23 @@ class Generator:
             token_ids=[c.token_id for c in chunks],
             logprobs=logprobs,
             finish_reason=chunks[-1].finish_reason,
-            ttft_ms=timing.ttft_ms,
-            decode_tokens_per_s=timing.decode_tokens_per_s,
-            stages=self.pipeline.describe(),
+            ttft_ms=req.timing.ttft_ms,
+            decode_tokens_per_s=req.timing.decode_tokens_per_s,
+            stages=(stages := self.pipeline.describe()),
+            profile={"ttft_ms": req.timing.ttft_ms, **percentiles("itl_ms", [g * 1000 for g in req.timing.gaps]),
+                     **req.profile.to_json(stages)},
         )
 
 
 class Stream:
-    """The chunks of one request, as they come. Not finished and dropped: the request is cancelled."""
+    """The chunks of one request, as they come. Not finished and dropped: the request is cancelled.
 
-    def __init__(self, gen: Generator, seq_id: int, timing: Timing, q: queue.SimpleQueue):
-        self.gen, self.seq_id, self.timing, self._q = gen, seq_id, timing, q
+    `timing` (clock readings) and `profile` (per-stage compute and wire time) fill in as it runs.
+    """
+
+    def __init__(self, gen: Generator, req: Request, q: queue.SimpleQueue):
+        self.gen, self.request, self._q = gen, req, q
+        self.seq_id, self.timing, self.profile = req.seq_id, req.timing, req.profile
         self._finished = False
 
     def __iter__(self):

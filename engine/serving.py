@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import StageFailure, UserError
+from .pipeline import BatchTiming
 from .sampling import SamplingParams
 from .scheduler import Scheduler, Sequence as Seq, Slice
 from .stage import SampledToken, SeqChunk, StageBatch
@@ -71,6 +72,32 @@ class Timing:
         return (self.tokens - 1) / span if span > 0 else 0.0
 
 
+@dataclass(slots=True)
+class Profile:
+    """Summed over the batches something took part in: compute per stage, and time on the wire."""
+
+    steps: int = 0
+    stage_ms: list[float] = field(default_factory=list)
+    wire_ms: float = 0.0
+
+    def add(self, t: BatchTiming | None) -> None:
+        if t is None:
+            return
+        if len(self.stage_ms) != len(t.stage_ms):
+            self.stage_ms = [0.0] * len(t.stage_ms)
+        self.stage_ms = [a + b for a, b in zip(self.stage_ms, t.stage_ms)]
+        self.wire_ms += t.wire_ms
+        self.steps += 1
+
+    def to_json(self, stages: list[dict]) -> dict:
+        """Totals and per-step means, each stage named by its address or backend and layers."""
+        n = max(self.steps, 1)
+        names = [d.get("address") or f"{d['backend']}:{d['layers'][0]}-{d['layers'][1]}" for d in stages]
+        return {"steps": self.steps, "wire_ms": self.wire_ms, "wire_ms_per_step": self.wire_ms / n,
+                "stages": [{"stage": name, "compute_ms": ms, "compute_ms_per_step": ms / n}
+                           for name, ms in zip(names, self.stage_ms)]}
+
+
 @dataclass(eq=False)
 class Request:
     """What the engine keeps per request besides the scheduler's `Sequence`."""
@@ -81,6 +108,7 @@ class Request:
     stops: StopMatcher
     timing: Timing
     ignore_eos: bool = False
+    profile: Profile = field(default_factory=Profile)
 
 
 class Engine:
@@ -110,6 +138,7 @@ class Engine:
         self._closed = False
         self.error: BaseException | None = None  # what stopped the engine thread, if anything
         self.steps = 0
+        self.profile = Profile()  # every batch run, for benchmarks
         self.recoverable = hasattr(pipeline, "recover")
         self.recoveries: list[dict] = []  # one entry per lost stage event: when, which, how it ended
         self.log = log or (lambda m: print(f"hetpipe: {m}", file=sys.stderr, flush=True))
@@ -198,8 +227,8 @@ class Engine:
                     self._launch()
                 if self._flying:
                     wait = POLL_S if len(self._flying) < self.inflight else IDLE_POLL_S
-                    for tag, out in self.pipeline.poll(wait):
-                        self._completed(tag, out)
+                    for tag, out, timing in self.pipeline.poll(wait):
+                        self._completed(tag, out, timing)
                     lost = self.pipeline.lost() if self.recoverable else []
                     if lost:
                         self._recover(lost)
@@ -264,7 +293,7 @@ class Engine:
             self._flying[tag] = slices
             self.pipeline.submit(tag, batch)
 
-    def _completed(self, tag: int, out: list[SampledToken] | Exception) -> None:
+    def _completed(self, tag: int, out: list[SampledToken] | Exception, timing: BatchTiming | None = None) -> None:
         slices = self._flying.get(tag)
         if slices is None:
             return  # a batch given up on in a recovery
@@ -282,6 +311,9 @@ class Engine:
                 self._end(sl.seq, err)
             return
         self.scheduler.completed(slices)
+        self.profile.add(timing)
+        for sl in slices:
+            sl.seq.owner.profile.add(timing)
         tokens = {t.seq_id: t for t in out}
         now = time.perf_counter()
         for sl in slices:
@@ -312,6 +344,10 @@ class Engine:
             self.pipeline.recover(lost, [s.seq_id for s in live], log=self.log)
         except StageFailure as e:
             self.recoveries.append({"lost": names, "detected": t, "ok": False, "error": str(e)})
+            try:
+                self.pipeline.release([s.seq_id for s in live])  # what the surviving stages still hold
+            except Exception:
+                pass
             for seq in live:
                 self._end(seq, e)
             return
@@ -349,6 +385,11 @@ class Engine:
                 self.pipeline.release([seq.seq_id])
             except Exception:
                 pass  # a stage that cannot be told drops the sequence with its connection
+
+
+def percentiles(name: str, xs: list[float]) -> dict:
+    """`{name}_p50` and `{name}_p95` of xs (0.0 when empty)."""
+    return {f"{name}_p{q}": float(np.percentile(xs, q)) if xs else 0.0 for q in (50, 95)}
 
 
 _ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()

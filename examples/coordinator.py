@@ -10,6 +10,7 @@ mlx nor torch.
 """
 
 import argparse
+import asyncio
 import sys
 
 from engine.fetch import default_model_dir
@@ -41,3 +42,25 @@ print()
 result = gen.generate(messages, max_tokens=16)  # a whole result, with timings and log-probabilities
 print(f"[ttft {result.ttft_ms:.0f} ms, {result.decode_tokens_per_s:.1f} tokens/s, stages {result.stages}]",
       file=sys.stderr)
+
+# many prompts at once: one continuous batch, each with its own sampling
+questions = ["What is a prime number?", "Name a color.", "Say hi in French."]
+for q, r in zip(questions, gen.generate_batch([[{"role": "user", "content": q}] for q in questions], max_tokens=24,
+                                              sampling=[SamplingParams(), SamplingParams(temperature=0.8, seed=1),
+                                                        SamplingParams()])):
+    print(f"{q} -> {r.text!r}")
+
+
+# asyncio: two streams interleaved on one event loop; leaving one early cancels it everywhere
+async def main():
+    async def ask(q, n):
+        out = []
+        async for piece in gen.astream([{"role": "user", "content": q}], max_tokens=n):
+            out.append(piece.text)
+        return "".join(out)
+
+    print(await asyncio.gather(ask("Count to five.", 20), ask("Spell 'cat'.", 10)))
+
+
+asyncio.run(main())
+gen.close()

@@ -17,6 +17,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from engine.errors import StageFailure, UserError
 from engine.partition import check_coverage
+from engine.pipeline import BatchTiming
 from engine.stage import SampledToken, StageBatch, StageInfo, StageResult
 
 from . import protocol as P
@@ -293,35 +294,39 @@ class RemotePipeline:
         self.client.expect(req)
         self.client.send(self.stages[0].address,
                          pack_batch(batch, req=req, client=self.client.id, route=self.route))
-        self._flying[req] = (tag, time.monotonic() + self.client.timeout_s)
+        self._flying[req] = (tag, time.monotonic())
 
-    def poll(self, timeout_s: float) -> list[tuple[object, list[SampledToken] | Exception]]:
+    def poll(self, timeout_s: float) -> list[tuple[object, list[SampledToken] | Exception, BatchTiming | None]]:
         out = []
         for req, (header, arrays) in self.client.poll(timeout_s).items():
-            tag, _ = self._flying.pop(req)
+            tag, sent = self._flying.pop(req)
             try:
                 raise_if_error(header, self.stages[-1].address)
                 result = unpack_result(header, arrays)
             except Exception as e:
-                out.append((tag, e))
+                out.append((tag, e, None))
                 continue
+            by_stage = {}
             for address, ms in header.get("timings", []):
+                by_stage[address] = by_stage.get(address, 0.0) + ms
                 self.compute_ms[address] = self.compute_ms.get(address, 0.0) + ms
             self.calls += 1
-            out.append((tag, result.tokens))
+            timing = BatchTiming([by_stage.get(s.address, 0.0) for s in self.stages], (time.monotonic() - sent) * 1000)
+            out.append((tag, result.tokens, timing))
         now = time.monotonic()
-        for req, (tag, deadline) in list(self._flying.items()):
-            if now > deadline:
+        for req, (tag, sent) in list(self._flying.items()):
+            if now - sent > self.client.timeout_s:
                 del self._flying[req]
                 self.client.forget(req)
-                out.append((tag, StageError(f"the pipeline did not answer within {self.client.timeout_s:.0f} s")))
+                out.append((tag, StageError(f"the pipeline did not answer within {self.client.timeout_s:.0f} s"),
+                            None))
         return out
 
     def forward(self, batch: StageBatch) -> list[SampledToken]:
         tag = object()
         self.submit(tag, batch)
         while True:
-            for t, out in self.poll(1.0):
+            for t, out, _ in self.poll(1.0):
                 if t is tag:
                     if isinstance(out, Exception):
                         raise out

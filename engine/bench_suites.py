@@ -1,0 +1,225 @@
+"""`hetpipe bench backends` and `hetpipe bench pipeline`: what each backend and each split delivers.
+
+backends: for every backend importable here and each dtype, the same layer range is loaded in a
+process of its own (so each keeps its own BLAS and threads) and timed: prefill tokens/s for one
+prompt, decode tokens/s for one stream, ms per layer per decoded token.
+
+pipeline: one split run four ways in one session: torch+torch and mlx+torch, each in-process and
+over ZeroMQ (two daemons on loopback), alternating rounds; ratios ZeroMQ/in-process and
+heterogeneous/homogeneous.
+
+Each writes NAME.json, NAME.md (a Markdown table) and NAME.png (matplotlib) under --out.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .config import ModelConfig
+from .errors import UserError
+
+# -- backends ------------------------------------------------------------------------------------
+
+
+def time_stage(backend: str, model_dir: str, first: int, last: int, dtype: str, prompt_len: int, tokens: int) -> dict:
+    """Prefill and decode one sequence through one in-process stage; medians of three."""
+    from .sampling import SamplingParams
+    from .stage import Hidden, SeqChunk, StageBatch, import_backends, load_stage
+
+    import_backends({backend})
+    cfg = ModelConfig.load(model_dir)
+    stage = load_stage(backend, model_dir, first, last, dtype=dtype)
+    sampling = SamplingParams() if stage.info.is_last else None
+    rng = np.random.default_rng(0)
+
+    def batch(sid, offset, n):
+        ids = rng.integers(0, cfg.vocab_size, n).astype(np.int32)
+        hidden = None if stage.info.is_first else Hidden.from_float32(
+            rng.standard_normal((n, cfg.hidden_size)).astype(np.float32), dtype)
+        return StageBatch([SeqChunk(sid, offset, ids, sampling)], hidden)
+
+    prefill, decode = [], []
+    for run in range(3):
+        t = time.perf_counter()
+        stage.forward(batch(run, 0, prompt_len))
+        prefill.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        for i in range(tokens):
+            stage.forward(batch(run, prompt_len + i, 1))
+        decode.append((time.perf_counter() - t) / tokens)
+        stage.release([run])
+    step = statistics.median(decode)
+    return {"backend": backend, "device": stage.info.device, "dtype": dtype, "layers": [first, last],
+            "prefill_tokens_per_s": prompt_len / statistics.median(prefill),
+            "decode_tokens_per_s": 1 / step, "ms_per_layer": step * 1000 / (last - first + 1),
+            "prompt_len": prompt_len, "decode_tokens": tokens}
+
+
+def available_backends() -> list[str]:
+    from .stage import BACKENDS
+
+    out = []
+    for name, module in BACKENDS.items():
+        r = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True)
+        if r.returncode == 0:
+            out.append(name)
+    return out
+
+
+def run_backends(model_dir: str, layers: tuple[int, int] | None, dtypes: list[str], prompt_len: int,
+                 tokens: int, log=print) -> list[dict]:
+    cfg = ModelConfig.load(model_dir)
+    first, last = layers or (0, cfg.num_hidden_layers - 1)
+    if not 0 <= first <= last < cfg.num_hidden_layers:
+        raise UserError(f"--layers {first}-{last} are outside the model's 0-{cfg.num_hidden_layers - 1}")
+    rows = []
+    for backend in available_backends():
+        for dtype in dtypes:
+            args = [backend, model_dir, str(first), str(last), dtype, str(prompt_len), str(tokens)]
+            r = subprocess.run([sys.executable, "-m", "engine.bench_suites", "stage", *args],
+                               capture_output=True, text=True)
+            if r.returncode != 0:
+                tail = (r.stderr.strip().splitlines() or ["?"])[-1]
+                log(f"{backend} {dtype}: failed: {tail}")
+                continue
+            rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+            x = rows[-1]
+            log(f"{backend} {x['device']} {dtype}: prefill {x['prefill_tokens_per_s']:.0f} tokens/s, decode "
+                f"{x['decode_tokens_per_s']:.1f} tokens/s, {x['ms_per_layer']:.2f} ms/layer")
+    return rows
+
+
+def backends_table(rows: list[dict]) -> str:
+    lines = ["| backend | device | dtype | layers | prefill tokens/s | decode tokens/s | ms per layer (decode) |",
+             "|---|---|---|---|---|---|---|"]
+    for x in rows:
+        lines.append(f"| {x['backend']} | {x['device']} | {x['dtype']} | {x['layers'][0]}-{x['layers'][1]} | "
+                     f"{x['prefill_tokens_per_s']:.0f} | {x['decode_tokens_per_s']:.1f} | {x['ms_per_layer']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def backends_plot(rows: list[dict], path: Path) -> None:
+    plt = _pyplot()
+    names = [f"{x['backend']}\n{x['device']} {x['dtype']}" for x in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, title in ((axes[0], "decode_tokens_per_s", "decode tokens/s (one stream)"),
+                           (axes[1], "prefill_tokens_per_s", "prefill tokens/s")):
+        ax.bar(names, [x[key] for x in rows], color="tab:blue")
+        ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# -- pipeline ------------------------------------------------------------------------------------
+
+
+def run_pipeline(model_dir: str, split: int, dtype: str, rounds: int, tokens: int, log=print) -> dict:
+    """The same split four ways, alternating; decode tokens/s and the time breakdown of each."""
+    from transport.client import connect_pipeline
+
+    from .cli import local_pipeline
+    from .demo import start_stage, stop_stages
+    from .generate import Generator
+
+    cfg = ModelConfig.load(model_dir)
+    n = cfg.num_hidden_layers
+    if not 0 <= split < n - 1:
+        raise UserError(f"--split must be in 0..{n - 2}: the first stage holds layers 0..split")
+    a, b = f"0-{split}", f"{split + 1}-{n - 1}"
+    gens, procs = {}, []
+    try:
+        # mixed first: it sets the thread-pool environment torch reads when it loads
+        for spec in (f"mlx:{a},torch:{b}", f"torch:{a},torch:{b}"):
+            name = "mlx+torch" if spec.startswith("mlx") else "torch+torch"
+            gens[f"{name} in-process"] = Generator(model_dir, local_pipeline(model_dir, spec, dtype, None))
+        for backends in (("mlx", "torch"), ("torch", "torch")):
+            addrs = []
+            for backend in backends:
+                proc, address = start_stage(backend, model_dir, dtype)
+                procs.append(proc)
+                addrs.append(address)
+            pipe = connect_pipeline(model_dir, f"{addrs[0]}={a},{addrs[1]}={b}", n, log=lambda m: None)
+            gens[f"{'+'.join(backends)} zeromq"] = Generator(model_dir, pipe)
+        prompt = "Once upon a time"
+        for g in gens.values():
+            g.generate(prompt, max_tokens=4)
+        rates = {k: [] for k in gens}
+        profiles = {}
+        for _ in range(rounds):
+            for k, g in gens.items():
+                res = g.generate(prompt, max_tokens=tokens, ignore_eos=True)
+                rates[k].append(res.decode_tokens_per_s)
+                profiles[k] = res.profile
+        med = {k: statistics.median(v) for k, v in rates.items()}
+        for k in gens:
+            log(f"{k}: {med[k]:.2f} tokens/s")
+        ratios = {
+            "torch+torch zeromq / in-process": med["torch+torch zeromq"] / med["torch+torch in-process"],
+            "mlx+torch zeromq / in-process": med["mlx+torch zeromq"] / med["mlx+torch in-process"],
+            "mlx+torch / torch+torch (zeromq)": med["mlx+torch zeromq"] / med["torch+torch zeromq"],
+            "mlx+torch / torch+torch (in-process)": med["mlx+torch in-process"] / med["torch+torch in-process"],
+        }
+        for k, v in ratios.items():
+            log(f"{k}: {v:.3f}")
+        return {"split": [a, b], "dtype": dtype, "rounds": rounds, "tokens": tokens, "tokens_per_s": med,
+                "runs": rates, "ratios": ratios, "last_profile": profiles}
+    finally:
+        for g in gens.values():
+            g.close()
+            g.pipeline.close()
+        stop_stages(procs)
+
+
+def pipeline_table(r: dict) -> str:
+    lines = ["| configuration | decode tokens/s (median) | compute ms/step per stage | wire ms/step |",
+             "|---|---|---|---|"]
+    for k, v in r["tokens_per_s"].items():
+        p = r["last_profile"][k]
+        stages = ", ".join(f"{s['compute_ms_per_step']:.1f}" for s in p["stages"])
+        lines.append(f"| {k} | {v:.2f} | {stages} | {p['wire_ms_per_step']:.1f} |")
+    lines += ["", "| ratio | value |", "|---|---|"] + [f"| {k} | {v:.3f} |" for k, v in r["ratios"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def pipeline_plot(r: dict, path: Path) -> None:
+    plt = _pyplot()
+    names = list(r["tokens_per_s"])
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.bar([n.replace(" ", "\n") for n in names], [r["tokens_per_s"][n] for n in names],
+           color=["tab:orange" if "mlx" in n else "tab:blue" for n in names])
+    ax.set_ylabel("decode tokens/s (one stream)")
+    ax.set_title(f"split {r['split'][0]} | {r['split'][1]}, {r['dtype']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_outputs(out: Path, name: str, data, table: str, plot) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{name}.json", out / f"{name}.md", out / f"{name}.png"]
+    paths[0].write_text(json.dumps(data, indent=1))
+    paths[1].write_text(table)
+    plot(data, paths[2])
+    return paths
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+if __name__ == "__main__":  # the per-backend worker: python -m engine.bench_suites stage ARGS
+    _, _, backend, model, first, last, dtype, prompt_len, tokens = sys.argv
+    print(json.dumps(time_stage(backend, model, int(first), int(last), dtype, int(prompt_len), int(tokens))))

@@ -1,0 +1,49 @@
+"""`hetpipe bench backends|pipeline` write JSON, Markdown and PNG; results carry a time breakdown."""
+
+import json
+import subprocess
+import sys
+
+from engine.cli import local_pipeline
+from engine.generate import Generator
+
+
+def run(*args, timeout=600):
+    r = subprocess.run([sys.executable, "-m", "engine.cli", "bench", *args], capture_output=True, text=True,
+                       timeout=timeout)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_bench_backends_times_every_backend_and_writes_three_files(real_model, tmp_path):
+    rows = run("backends", "--model", str(real_model), "--layers", "0-1", "--dtypes", "float32",
+               "--prompt-len", "8", "--max-tokens", "2", "--out", str(tmp_path), "--json")
+    assert sorted(r["backend"] for r in rows) == ["mlx", "torch"]
+    assert all(r["layers"] == [0, 1] and r["decode_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0
+               and r["ms_per_layer"] > 0 for r in rows)
+    assert json.loads((tmp_path / "backends.json").read_text()) == rows
+    table = (tmp_path / "backends.md").read_text().splitlines()
+    assert table[0].startswith("| backend |") and sorted(line.split()[1] for line in table[2:]) == ["mlx", "torch"]
+    assert (tmp_path / "backends.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_pipeline_compares_four_ways_in_one_run(real_model, tmp_path):
+    r = run("pipeline", "--model", str(real_model), "--rounds", "1", "--max-tokens", "3", "--out", str(tmp_path),
+            "--json")
+    assert set(r["tokens_per_s"]) == {"mlx+torch in-process", "torch+torch in-process", "mlx+torch zeromq",
+                                      "torch+torch zeromq"}
+    assert all(v > 0 for v in r["ratios"].values()) and len(r["ratios"]) == 4
+    zmq_profile = r["last_profile"]["torch+torch zeromq"]
+    assert [s["compute_ms"] > 0 for s in zmq_profile["stages"]] == [True, True] and zmq_profile["wire_ms"] > 0
+    assert (tmp_path / "pipeline.png").read_bytes()[:4] == b"\x89PNG" and "| ratio |" in (
+        tmp_path / "pipeline.md").read_text()
+
+
+def test_every_result_carries_its_profile(real_model):
+    gen = Generator(real_model, local_pipeline(str(real_model), "mlx:0-14,torch:15-29", "float32", None))
+    res = gen.generate([1, 2, 3, 4], max_tokens=5, ignore_eos=True)
+    p = res.profile
+    assert p["steps"] == 5 and p["ttft_ms"] == res.ttft_ms and 0 < p["itl_ms_p50"] <= p["itl_ms_p95"]
+    assert [s["stage"] for s in p["stages"]] == ["mlx:0-14", "torch:15-29"]
+    assert all(s["compute_ms"] > 0 for s in p["stages"])
+    gen.close()
