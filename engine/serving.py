@@ -32,7 +32,7 @@ from .tokenizer import IncrementalDetokenizer, Tokenizer
 
 POLL_S = 0.002  # how long to wait for results while a micro-batch slot is free (new work may arrive)
 IDLE_POLL_S = 0.05  # while every slot is busy: results are all that can happen
-IDLE_EXIT_S = 2.0  # an engine thread with nothing to do this long ends
+IDLE_EXIT_S = 10.0  # an engine thread with nothing to do this long ends (a new one starts on demand)
 
 
 @dataclass(slots=True)
@@ -163,6 +163,7 @@ class Engine:
                 raise StageFailure(f"the serving engine stopped: {self.error!r}")
             self._inbox.put(("add", seq))
             if self._thread is None:
+                _close_all_at_exit()
                 self._thread = threading.Thread(target=self._run, name="hetpipe-engine", daemon=True)
                 self._thread.start()
         return req
@@ -395,11 +396,27 @@ def percentiles(name: str, xs: list[float]) -> dict:
 _ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 
-@atexit.register
 def _close_all() -> None:
     """An engine thread still running while torch or MLX tear down at exit aborts the process."""
     for engine in list(_ENGINES):
         engine.close(timeout_s=5.0)
+
+
+def _close_all_at_exit() -> None:
+    """Run `_close_all` before the frameworks' own exit handlers: threading's exit hooks run before
+    any atexit handler (atexit's run last-registered first, and torch or MLX register theirs after
+    this module is imported)."""
+    global _HOOKED
+    if _HOOKED:
+        return
+    _HOOKED = True
+    try:
+        threading._register_atexit(_close_all)  # what concurrent.futures uses for its workers
+    except (AttributeError, RuntimeError):
+        atexit.register(_close_all)
+
+
+_HOOKED = False
 
 
 class StopMatcher:

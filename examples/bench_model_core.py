@@ -1,5 +1,6 @@
 """Benchmark (not a test): decode tokens/s and time to first token, per backend and dtype,
-beside transformers' `generate` (and mlx-lm when installed) in the same run.
+beside transformers' `generate` (and mlx-lm, and llama.cpp through llama-cpp-python, when
+installed; llama.cpp needs `--gguf FILE`, e.g. a bf16 GGUF of the same model) in the same run.
 
 Each configuration runs in its own fresh process, in interleaved rounds, so that thread pools
 do not mix and the machine's drift hits every configuration alike. Figures are medians.
@@ -33,7 +34,31 @@ def worker(config: str, model_dir: str, tokens: int) -> dict:
         return _hetpipe(model_dir, spec, dtype, tokens)
     if kind == "transformers":
         return _transformers(model_dir, dtype, tokens)
+    if kind == "llama.cpp":
+        return _llama_cpp(rest, tokens)
     return _mlx_lm(model_dir, tokens)
+
+
+def _llama_cpp(gguf: str, tokens: int):
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=gguf, n_ctx=1024, n_threads=os.cpu_count(), verbose=False)
+    ids = llm.tokenize(PROMPT.encode())
+    long_ids = llm.tokenize(LONG.encode())[:512]
+
+    def run(prompt, n):
+        llm.reset()
+        t, first = time.perf_counter(), None
+        for i, _ in enumerate(llm.generate(prompt, temp=0.0)):
+            first = first or time.perf_counter()
+            if i + 1 >= n:
+                break
+        return first - t, (n - 1) / (time.perf_counter() - first) if n > 1 else 0.0
+
+    run(ids, 8)
+    rates = [run(ids, tokens)[1] for _ in range(3)]
+    ttft = [run(long_ids, 1)[0] * 1000 for _ in range(3)]
+    return {"decode_tokens_per_s": statistics.median(rates), "ttft_512_ms": statistics.median(ttft)}
 
 
 def _hetpipe(model_dir, spec, dtype, tokens):
@@ -99,6 +124,7 @@ def main():
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--configs", default=";".join(CONFIGS), help="';'-separated")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--gguf", default=None, help="a GGUF for the llama.cpp anchor (needs llama-cpp-python)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     from engine.fetch import default_model_dir
@@ -108,6 +134,12 @@ def main():
         print(json.dumps(worker(args.worker, model_dir, args.tokens)))
         return
     configs = args.configs.split(";")
+    import importlib.util
+
+    if args.gguf and importlib.util.find_spec("llama_cpp"):
+        configs.append(f"llama.cpp:{args.gguf}")
+    elif args.gguf:
+        print("llama-cpp-python is not installed: no llama.cpp anchor", file=sys.stderr)
     results = {c: [] for c in configs}
     for r in range(args.rounds):
         for c in configs:

@@ -24,7 +24,9 @@ class Plan:
     decode_rows: torch.Tensor | None  # (B,) rows of one-token sequences, attended together
     decode_slots: torch.Tensor | None  # (B, Lmax) their cached slots, padded
     decode_mask: torch.Tensor | None  # (B, 1, 1, Lmax) True where a slot is real
-    prefill: list[tuple[int, int, torch.Tensor, torch.Tensor]]  # (start, length, slots, causal mask)
+    # (start, length, slots, causal mask); slots and mask are None for a sequence's first chunk,
+    # which attends to its own new rows only (the causal kernel, no gather, no explicit mask)
+    prefill: list[tuple[int, int, torch.Tensor | None, torch.Tensor | None]]
     all_decode: bool
 
 
@@ -67,6 +69,8 @@ class PagedKV:
             if n == 1:
                 drows.append(start)
                 dslots.append(slots)
+            elif off == 0:
+                prefill.append((start, n, None, None))
             else:
                 rows = torch.arange(n, device=self.device)[:, None] + off
                 causal = torch.arange(off + n, device=self.device)[None, :] <= rows

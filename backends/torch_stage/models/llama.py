@@ -76,10 +76,15 @@ class Attention(nn.Module):
             else:
                 out[plan.decode_rows] = o[:, :, 0]
         for start, length, slots, causal in plan.prefill:
-            ks = keys[slots].transpose(0, 1)[None]  # (1, n_kv, offset + T, head_dim)
-            vs = values[slots].transpose(0, 1)[None]
             qs = q[start : start + length].transpose(0, 1)[None]
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=causal, enable_gqa=gqa)
+            if slots is None:  # a first chunk: its own rows, causal
+                ks = k[start : start + length].transpose(0, 1)[None]
+                vs = v[start : start + length].transpose(0, 1)[None]
+                o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=gqa)
+            else:
+                ks = keys[slots].transpose(0, 1)[None]  # (1, n_kv, offset + T, head_dim)
+                vs = values[slots].transpose(0, 1)[None]
+                o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=causal, enable_gqa=gqa)
             out[start : start + length] = o[0].transpose(0, 1)
         return linear(out.reshape(n, qd), self.wo, self.bo)
 
