@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import itertools
+import os
 import queue
 import secrets
 import sys
@@ -30,8 +31,8 @@ from .scheduler import Scheduler, Sequence as Seq, Slice
 from .stage import SampledToken, SeqChunk, StageBatch
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 
-POLL_S = 0.002  # how long to wait for results while a micro-batch slot is free (new work may arrive)
-IDLE_POLL_S = 0.05  # while every slot is busy: results are all that can happen
+POLL_S = 0.002  # how long to wait for results while a slot is free, for a pipeline that cannot be woken
+IDLE_POLL_S = 0.05  # the longest wait for results (heartbeats are checked between waits)
 IDLE_EXIT_S = 10.0  # an engine thread with nothing to do this long ends (a new one starts on demand)
 
 
@@ -130,6 +131,14 @@ class Engine:
                                    prefill_with_decode=prefill_with_decode)
         self._ids = itertools.count(secrets.randbits(40) << 20)  # unique on daemons other coordinators share
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        # new work ends the engine's wait for results at once, instead of the wait being short: a
+        # pipeline that can watch a descriptor (remote) is handed one end of a pipe
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._wakeable = hasattr(pipeline, "wake_on")
+        if self._wakeable:
+            pipeline.wake_on(self._wake_r)
         self._flying: dict[int, list[Slice]] = {}
         self._batches = itertools.count()
         self._seqs: dict[int, Seq] = {}
@@ -161,7 +170,7 @@ class Engine:
                 raise UserError("the engine is closed")
             if self.error is not None:
                 raise StageFailure(f"the serving engine stopped: {self.error!r}")
-            self._inbox.put(("add", seq))
+            self._put(("add", seq))
             if self._thread is None:
                 _close_all_at_exit()
                 self._thread = threading.Thread(target=self._run, name="hetpipe-engine", daemon=True)
@@ -170,7 +179,7 @@ class Engine:
 
     def cancel(self, seq_id: int) -> None:
         """Stop a request and free its KV caches on every stage (as soon as no batch of it is in flight)."""
-        self._inbox.put(("cancel", seq_id))
+        self._put(("cancel", seq_id))
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Finish the batches in flight, end every other request with an error, stop the thread."""
@@ -178,9 +187,21 @@ class Engine:
             self._closed = True
             thread = self._thread
         if thread is not None:
-            self._inbox.put(("close", None))
+            self._put(("close", None))
             thread.join(timeout_s)
+        if self._wakeable and self._wake_r is not None and not (thread and thread.is_alive()):
+            self.pipeline.unwake(self._wake_r)
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._wake_r = self._wake_w = None
 
+
+    def _put(self, item) -> None:
+        self._inbox.put(item)
+        try:
+            os.write(self._wake_w, b"w")
+        except (BlockingIOError, OSError, TypeError):
+            pass  # the pipe is full of wake-ups already (or closed with the engine)
 
     def _check(self, prompt_ids, max_tokens: int, sampling) -> list[int]:
         try:
@@ -227,7 +248,8 @@ class Engine:
                 else:
                     self._launch()
                 if self._flying:
-                    wait = POLL_S if len(self._flying) < self.inflight else IDLE_POLL_S
+                    free = len(self._flying) < self.inflight and not self._wakeable
+                    wait = POLL_S if free else IDLE_POLL_S
                     for tag, out, timing in self.pipeline.poll(wait):
                         self._completed(tag, out, timing)
                     lost = self.pipeline.lost() if self.recoverable else []
@@ -245,6 +267,11 @@ class Engine:
         return not any(not s.in_flight and s.pending > 0 for s in self.scheduler.running)
 
     def _drain_inbox(self) -> bool:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except (BlockingIOError, OSError, TypeError):
+            pass
         closing = False
         while True:
             try:

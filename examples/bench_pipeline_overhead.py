@@ -51,6 +51,8 @@ def main():
             print(f"  {k:10s} decode tokens/s: median {med[k]:.2f}  runs {' '.join(f'{x:.2f}' for x in v)}")
         print(f"  zeromq / in-process: {med['zeromq'] / med['in-process']:.3f} "
               f"(per-round ratios median {statistics.median(ratios):.3f})")
+        for g in (local, remote):
+            g.close()  # the engine thread first, then the sockets it uses
         remote.pipeline.close()
     finally:
         stop_stages([p for p, _ in procs])

@@ -47,8 +47,9 @@ def concurrency(model: str, dtype: str, n: int) -> dict:
         gen.close()
 
 
-def inflight(model: str, addresses: list[str], prompt_len: int, max_tokens: int, n: int) -> dict:
-    pipe = connect_pipeline(model, ",".join(addresses), 30, log=lambda m: print(m, file=sys.stderr))
+def inflight(model: str, addresses: list[str], prompt_len: int, max_tokens: int, n: int, split: int | None) -> dict:
+    spec = ",".join(addresses) if split is None else f"{addresses[0]}=0-{split},{addresses[1]}={split + 1}-29"
+    pipe = connect_pipeline(model, spec, 30, log=lambda m: print(m, file=sys.stderr))
     gens = {k: Generator(model, pipe, inflight=k) for k in (1, 2)}
     try:
         return rounds({k: (lambda g=g: run_serving(g, concurrency=16, requests=32, max_tokens=max_tokens,
@@ -64,20 +65,27 @@ def main() -> None:
     ap.add_argument("--model", default=str(default_model_dir()))
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--split", type=int, default=None, help="last layer of stage 1 (default: the planner's split)")
+    ap.add_argument("--only", choices=["concurrency", "inflight"], default=None)
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--loads", default="decode-heavy:32:32,prefill-heavy:256:16",
+                    help="NAME:PROMPT_LEN:MAX_TOKENS,... for the micro-batch runs")
     args = ap.parse_args()
+    dtypes = args.dtypes.split(",")
+    loads = [(name, int(pl), int(mt)) for name, pl, mt in (x.split(":") for x in args.loads.split(","))]
     out = {}
-    for dtype in ("bfloat16", "float32"):
+    for dtype in dtypes if args.only != "inflight" else ():
         r = out[f"concurrency torch {dtype}"] = concurrency(args.model, dtype, args.rounds)
         print(f"torch {dtype}: conc 1 {r['tokens_per_s'][1]:.1f} tokens/s, conc 16 {r['tokens_per_s'][16]:.1f} "
               f"-> {r['ratio'][16]:.2f}x", flush=True)
-    for dtype in ("float32", "bfloat16"):
+    for dtype in dtypes if args.only != "concurrency" else ():
         procs = []
         try:
             for _ in range(2):
                 procs.append(start_stage("torch", args.model, dtype, extra=["--threads", "1"]))
-            for name, pl, mt in (("decode-heavy", 32, 32), ("prefill-heavy", 256, 16)):
+            for name, pl, mt in loads:
                 r = out[f"inflight torch+torch {dtype} {name}"] = inflight(
-                    args.model, [a for _, a in procs], pl, mt, args.rounds)
+                    args.model, [a for _, a in procs], pl, mt, args.rounds, args.split)
                 print(f"torch+torch {dtype} {name} (prompt {pl}, {mt} tokens), conc 16: inflight 1 "
                       f"{r['tokens_per_s'][1]:.1f}, inflight 2 {r['tokens_per_s'][2]:.1f} tokens/s "
                       f"-> {r['ratio'][2]:.2f}x", flush=True)

@@ -99,9 +99,21 @@ class Client:
         self._expected.discard(req)
         self._mail.pop(req, None)
 
+    def wake_on(self, fd: int) -> None:
+        """Also end a wait in `poll` when `fd` becomes readable (the serving engine's new-work signal)."""
+        self._poller.register(fd, zmq.POLLIN)
+
+    def unwake(self, fd: int) -> None:
+        try:
+            self._poller.unregister(fd)
+        except KeyError:
+            pass
+
     def _receive(self, timeout_s: float) -> None:
         """Read what arrives within `timeout_s` (then what is already queued) into the mailbox."""
         for s, _ in self._poller.poll(max(0, int(timeout_s * 1000))):
+            if not isinstance(s, zmq.Socket):
+                continue  # the wake-up descriptor: its owner drains it
             while True:
                 try:
                     frames = s.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -288,6 +300,12 @@ class RemotePipeline:
     @property
     def max_inflight(self) -> int:
         return 4 * len(self.stages)
+
+    def wake_on(self, fd: int) -> None:
+        self.client.wake_on(fd)
+
+    def unwake(self, fd: int) -> None:
+        self.client.unwake(fd)
 
     def submit(self, tag, batch: StageBatch) -> None:
         req = self.client.next_req()
