@@ -195,7 +195,6 @@ class Engine:
             os.close(self._wake_w)
             self._wake_r = self._wake_w = None
 
-
     def _put(self, item) -> None:
         self._inbox.put(item)
         try:
