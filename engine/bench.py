@@ -13,7 +13,7 @@ import time
 
 from .errors import UserError
 from .generate import Generator
-from .serving import Profile, percentiles
+from .output import Profile, percentiles
 
 # plain English to cut prompts from: each request starts at a different place
 TEXT = (

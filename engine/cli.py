@@ -271,7 +271,8 @@ def cmd_bench(args) -> int:
 
 def cmd_health(args) -> int:
     from transport.auth import Auth
-    from transport.client import health, parse_stages_spec
+    from transport.client import parse_stages_spec
+    from transport.health import health
 
     addresses = [a for a, _ in parse_stages_spec(args.stages)]
     report = health(addresses, Auth.load(args.auth, "coordinator"), args.timeout)

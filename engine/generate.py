@@ -22,7 +22,8 @@ from pathlib import Path
 from .config import ModelConfig
 from .errors import StageFailure, UserError
 from .sampling import SamplingParams
-from .serving import Engine, GenerationChunk, Request, Timing, percentiles
+from .output import GenerationChunk, Timing, percentiles
+from .serving import Engine, Request
 from .tokenizer import Tokenizer
 
 __all__ = ["GenerationChunk", "GenerationResult", "Generator", "Stream", "Timing"]
