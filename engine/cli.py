@@ -47,6 +47,11 @@ def _add_remote(p: argparse.ArgumentParser) -> None:
                    help="a spare stage daemon that takes over a lost stage's layers (repeatable)")
 
 
+def _add_compile(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile", action="store_true",
+                   help="with --local: torch.compile torch stages (faster decode; minutes to compile)")
+
+
 def _engine_opts(args) -> dict:
     for name in ("max_seqs", "max_queue", "max_batch_tokens"):
         if getattr(args, name) < 1:
@@ -83,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling(gen)
     _add_engine(gen)
     _add_remote(gen)
+    _add_compile(gen)
 
     st = sub.add_parser("stage", help="serve a stage daemon over ZeroMQ")
     st.add_argument("--backend", required=True, help="mlx or torch")
@@ -99,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--auth", default=None, metavar="DIR", help="accept only clients whose keys DIR/allowed holds")
     st.add_argument("--insecure", action="store_true",
                     help="allow listening on a non-loopback address without --auth")
+    st.add_argument("--compile", action="store_true",
+                    help="torch: torch.compile the layers (faster decode; minutes to compile on a small CPU)")
 
     b = sub.add_parser("bench", help="serving under load (default), per-backend speed, or pipeline overhead",
                        description="hetpipe bench [serving] --local|--stages ...: throughput and latency with N "
@@ -120,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a stage's answer")
     b.add_argument("--json", action="store_true", help="print one JSON line")
     _add_remote(b)
+    _add_compile(b)
     b.add_argument("--out", default="bench-results", help="backends/pipeline: where JSON, Markdown and PNG go")
     b.add_argument("--layers", default=None, metavar="FIRST-LAST", help="backends: layer range (default: all)")
     b.add_argument("--dtypes", default="float32,bfloat16", help="backends: dtypes to time")
@@ -170,7 +179,7 @@ def cmd_import_gguf(args) -> int:
     return 0
 
 
-def local_pipeline(model_dir: str, spec: str, dtype: str, device: str | None):
+def local_pipeline(model_dir: str, spec: str, dtype: str, device: str | None, compile: bool = False):
     from .config import ModelConfig
     from .partition import parse_local_spec
     from .pipeline import Pipeline
@@ -189,7 +198,8 @@ def local_pipeline(model_dir: str, spec: str, dtype: str, device: str | None):
         # and OpenBLAS's workers stop spinning after ~2^4 cycles instead of ~2^28 (read at its load)
         os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
     import_backends({s.backend for s in specs})
-    return Pipeline([load_stage(s.backend, model_dir, s.first, s.last, device=device, dtype=dtype) for s in specs])
+    return Pipeline([load_stage(s.backend, model_dir, s.first, s.last, device=device, dtype=dtype, compile=compile)
+                     for s in specs])
 
 
 def remote_pipeline(model_dir: str, spec: str, timeout: float, auth_dir: str | None = None, standby=(),
@@ -223,7 +233,8 @@ def cmd_stage(args) -> int:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     daemon = StageDaemon(args.backend, _model_dir(args.model), args.listen, device=args.device, dtype=args.dtype,
                          threads=args.threads, layers=layers, kv_tokens=args.kv_tokens, max_seqs=args.max_seqs,
-                         max_call_tokens=args.max_call_tokens, auth_dir=args.auth, insecure=args.insecure)
+                         max_call_tokens=args.max_call_tokens, auth_dir=args.auth, insecure=args.insecure,
+                         compile=args.compile)
 
     def stop(signum, frame):  # finish what is live, take nothing new; a second signal exits at once
         daemon.drain()
@@ -242,7 +253,7 @@ def cmd_demo(args) -> int:
 
 def _pipeline(args, model_dir: str):
     if args.local:
-        return local_pipeline(model_dir, args.local, args.dtype, args.device)
+        return local_pipeline(model_dir, args.local, args.dtype, args.device, args.compile)
     return remote_pipeline(model_dir, args.stages, args.timeout, args.auth, args.standby, args.recovery_timeout)
 
 

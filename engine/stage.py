@@ -312,7 +312,8 @@ def system_available_memory() -> int:
 
 
 def load_stage(backend: str, model_dir: str, first: int, last: int, *, device: str | None = None,
-               dtype: str = "float32", threads: int | None = None, kv_tokens: int | None = None) -> Stage:
+               dtype: str = "float32", threads: int | None = None, kv_tokens: int | None = None,
+               compile: bool = False) -> Stage:
     """Build an in-process stage of `backend`; the backend module is imported only here."""
     if backend not in BACKENDS:
         raise UserError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
@@ -325,7 +326,8 @@ def load_stage(backend: str, model_dir: str, first: int, last: int, *, device: s
         module = importlib.import_module(BACKENDS[backend])
     except ImportError as e:
         raise UserError(f"backend {backend!r} is not available here: {e}") from None
-    stage = module.create_stage(model_dir, cfg, first, last, device=device, dtype=dtype, threads=threads)
+    stage = module.create_stage(model_dir, cfg, first, last, device=device, dtype=dtype, threads=threads,
+                                compile=compile)
     _trim_heap()
     stage.set_kv_budget(kv_tokens)
     return stage

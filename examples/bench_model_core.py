@@ -21,7 +21,7 @@ import time
 CONFIGS = [
     "hetpipe:mlx:float32", "hetpipe:torch:float32", "hetpipe:mlx:0-14,torch:15-29:float32",
     "hetpipe:mlx:bfloat16", "hetpipe:torch:bfloat16", "hetpipe:mlx:0-14,torch:15-29:bfloat16",
-    "transformers:float32", "transformers:bfloat16", "mlx-lm:float32",
+    "transformers:float32", "transformers:bfloat16", "mlx-lm:float32", "hetpipe-compiled:torch:bfloat16",
 ]
 PROMPT = "Once upon a time"
 LONG = ("The history of computing is a story of people, machines and ideas. " * 60)
@@ -29,9 +29,9 @@ LONG = ("The history of computing is a story of people, machines and ideas. " * 
 
 def worker(config: str, model_dir: str, tokens: int) -> dict:
     kind, rest = config.split(":", 1)
-    spec, dtype = rest.rsplit(":", 1) if kind == "hetpipe" else (None, rest)
-    if kind == "hetpipe":
-        return _hetpipe(model_dir, spec, dtype, tokens)
+    spec, dtype = rest.rsplit(":", 1) if kind.startswith("hetpipe") else (None, rest)
+    if kind.startswith("hetpipe"):  # hetpipe-compiled: torch stages under torch.compile
+        return _hetpipe(model_dir, spec, dtype, tokens, compile=kind == "hetpipe-compiled")
     if kind == "transformers":
         return _transformers(model_dir, dtype, tokens)
     if kind == "llama.cpp":
@@ -61,11 +61,11 @@ def _llama_cpp(gguf: str, tokens: int):
     return {"decode_tokens_per_s": statistics.median(rates), "ttft_512_ms": statistics.median(ttft)}
 
 
-def _hetpipe(model_dir, spec, dtype, tokens):
+def _hetpipe(model_dir, spec, dtype, tokens, compile=False):
     from engine.cli import local_pipeline
     from engine.generate import Generator
 
-    gen = Generator(model_dir, local_pipeline(model_dir, spec, dtype, None))
+    gen = Generator(model_dir, local_pipeline(model_dir, spec, dtype, None, compile))
     long_ids = gen.tokenizer.encode(LONG)[:512]
     gen.generate(PROMPT, max_tokens=8)
     # ignore_eos: always decode `tokens` tokens

@@ -124,3 +124,19 @@ def test_bad_offsets_and_shapes_are_refused(tiny_dirs, backend):
     later = load_stage(backend, tiny_dirs["llama"], 2, 3)
     with pytest.raises(ValueError, match="hidden"):
         later.forward(StageBatch([SeqChunk(0, 0, np.array([1], np.int32), P5)]))
+
+
+def test_torch_compile_gives_the_same_tokens(tiny_dirs):
+    """`--compile` (torch.compile, dynamic shapes) against the eager stage: prefill, decode, a batch."""
+    eager = load_stage("torch", str(tiny_dirs["llama"]), 0, 3)
+    compiled = load_stage("torch", str(tiny_dirs["llama"]), 0, 3, compile=True)
+    for stage in (eager, compiled):
+        outs = [stage.forward(StageBatch([SeqChunk(0, 0, np.array(IDS_A, np.int32), P5),
+                                          SeqChunk(1, 0, np.array(IDS_B, np.int32), P5)])).tokens]
+        for pos in range(4):  # decode steps: cache lengths change, no recompile needed
+            outs.append(stage.forward(StageBatch([SeqChunk(0, len(IDS_A) + pos, np.array([outs[-1][0].token_id],
+                                                                                            np.int32), P5)])).tokens)
+        stage.result = outs
+    for a, b in zip(eager.result, compiled.result):
+        assert [t.token_id for t in a] == [t.token_id for t in b]
+        np.testing.assert_allclose([t.logprob for t in a], [t.logprob for t in b], atol=TOL)

@@ -57,7 +57,8 @@ class StageDaemon:
     def __init__(self, backend: str, model_dir: str, listen: str, *, device=None, dtype="float32",
                  threads=None, layers: tuple[int, int] | None = None, calibrate: bool = True,
                  kv_tokens: int | None = None, max_seqs: int | None = None, max_call_tokens: int | None = None,
-                 auth_dir: str | None = None, insecure: bool = False, drain_s: float = P.DRAIN_TIMEOUT_S):
+                 auth_dir: str | None = None, insecure: bool = False, drain_s: float = P.DRAIN_TIMEOUT_S,
+                 compile: bool = False):
         from .auth import Auth, is_loopback
 
         self.auth = Auth.load(auth_dir, "stage")
@@ -67,6 +68,7 @@ class StageDaemon:
         self.backend, self.model_dir, self.device, self.dtype, self.threads = backend, model_dir, device, dtype, threads
         self.kv_tokens, self.max_seqs, self.max_call_tokens = kv_tokens, max_seqs, max_call_tokens
         self.drain_s = drain_s
+        self.compile = compile  # the served stage only: calibration times eager layers (a conservative plan)
         self.draining_since: float | None = None
         self.cfg = ModelConfig.load(model_dir)
         self.identity = {"config": config_hash(model_dir), "weights": weights_hash(model_dir)}
@@ -166,7 +168,7 @@ class StageDaemon:
             self.stage.close()
             self.stage = None
         self.stage = load_stage(self.backend, self.model_dir, first, last, device=self.device, dtype=self.dtype,
-                                threads=self.threads, kv_tokens=self.kv_tokens)
+                                threads=self.threads, kv_tokens=self.kv_tokens, compile=self.compile)
         self.stage.max_seqs, self.stage.max_call_tokens = self.max_seqs, self.max_call_tokens
 
     def info(self) -> dict:

@@ -67,7 +67,8 @@ class MLXStage(BaseStage):
 
 
 def create_stage(model_dir, cfg: ModelConfig, first: int, last: int, *, device=None, dtype="float32",
-                 threads=None) -> MLXStage:
+                 threads=None, compile: bool = False) -> MLXStage:
+    """`compile` is accepted for symmetry: the MLX model compiles its MLP always (`mx.compile`)."""
     device = device or ("gpu" if mx.metal.is_available() else "cpu")
     if device not in ("gpu", "cpu"):
         raise UserError(f"mlx device must be gpu or cpu, not {device!r}")
