@@ -69,15 +69,16 @@ def run_demo(prompt: str, max_tokens: int, dtype: str) -> int:
                                     log=lambda m: print(m, file=sys.stderr))
         gen = Generator(model_dir, pipeline)
         print(f"\nuser: {prompt}\nassistant: ", end="", flush=True)
-        for piece in gen.stream(prompt, chat=True, max_tokens=max_tokens):
+        stream = gen.stream(prompt, chat=True, max_tokens=max_tokens)
+        for piece in stream:
             print(piece.text, end="", flush=True)
-        t = gen.last_timing
+        t = stream.timing
         print(f"\n\n{t.tokens} tokens, time to first token {t.ttft_ms:.0f} ms, "
               f"{t.decode_tokens_per_s:.1f} tokens/s decode")
-        for s, d in zip(pipeline.stages, pipeline.describe()):
-            ms = pipeline.compute_ms[s.address] / max(pipeline.calls, 1)
+        stages = pipeline.describe()
+        for d, p in zip(stages, stream.profile.to_json(stages)["stages"]):
             print(f"  {d['backend']:5s} {d['device']} {d['dtype']} layers {d['layers'][0]}-{d['layers'][1]} "
-                  f"at {s.address}: {ms:.1f} ms compute per step")
+                  f"at {d['address']}: {p['compute_ms_per_step']:.1f} ms compute per step")
         gen.close()
         pipeline.close()
         return 0

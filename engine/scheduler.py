@@ -31,7 +31,6 @@ class Sequence:
     cached: int = 0  # tokens in the stages' KV caches
     in_flight: bool = False
     cancelled: bool = False
-    done: bool = False
     owner: object = None  # the engine's per-request state (output queue, detokenizer, timing)
 
     @property
@@ -130,13 +129,9 @@ class Scheduler:
 
     def finish(self, seq: Sequence) -> None:
         """Take a sequence out, waiting or running; its KV reservation is free again."""
-        seq.done = True
         seq.in_flight = False
         if seq in self.running:
             self.running.remove(seq)
             self.reserved -= seq.reserve
         elif seq in self.waiting:
             self.waiting.remove(seq)
-
-    def idle(self) -> bool:
-        return not self.waiting and not self.running

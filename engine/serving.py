@@ -32,8 +32,7 @@ from .scheduler import Scheduler, Sequence as Seq, Slice
 from .stage import SampledToken, SeqChunk, StageBatch
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 
-POLL_S = 0.002  # how long to wait for results while a slot is free, for a pipeline that cannot be woken
-IDLE_POLL_S = 0.05  # the longest wait for results (heartbeats are checked between waits)
+RESULT_WAIT_S = 0.05  # the longest wait for results (heartbeats are checked between waits)
 IDLE_EXIT_S = 10.0  # an engine thread with nothing to do this long ends (a new one starts on demand)
 
 
@@ -69,13 +68,13 @@ class Engine:
                                    prefill_with_decode=prefill_with_decode)
         self._ids = itertools.count(secrets.randbits(40) << 20)  # unique on daemons other coordinators share
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        # new work ends the engine's wait for results at once, instead of the wait being short: a
-        # pipeline that can watch a descriptor (remote) is handed one end of a pipe
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
-        self._wakeable = hasattr(pipeline, "wake_on")
-        if self._wakeable:
+        # new work ends the engine's wait for results at once: a pipeline that waits on sockets
+        # (remote) also watches one end of a pipe; an in-process one never waits
+        self._wake_r = self._wake_w = None
+        if hasattr(pipeline, "wake_on"):
+            self._wake_r, self._wake_w = os.pipe()
+            os.set_blocking(self._wake_r, False)
+            os.set_blocking(self._wake_w, False)
             pipeline.wake_on(self._wake_r)
         self._flying: dict[int, list[Slice]] = {}
         self._batches = itertools.count()
@@ -84,7 +83,6 @@ class Engine:
         self._lock = threading.Lock()
         self._closed = False
         self.error: BaseException | None = None  # what stopped the engine thread, if anything
-        self.steps = 0
         self.profile = Profile()  # every batch run, for benchmarks
         self.recoverable = hasattr(pipeline, "recover")
         self.recoveries: list[dict] = []  # one entry per lost stage event: when, which, how it ended
@@ -127,7 +125,7 @@ class Engine:
         if thread is not None:
             self._put(("close", None))
             thread.join(timeout_s)
-        if self._wakeable and self._wake_r is not None and not (thread and thread.is_alive()):
+        if self._wake_r is not None and not (thread and thread.is_alive()):
             self.pipeline.unwake(self._wake_r)
             os.close(self._wake_r)
             os.close(self._wake_w)
@@ -135,10 +133,11 @@ class Engine:
 
     def _put(self, item) -> None:
         self._inbox.put(item)
-        try:
-            os.write(self._wake_w, b"w")
-        except (BlockingIOError, OSError, TypeError):
-            pass  # the pipe is full of wake-ups already (or closed with the engine)
+        if self._wake_w is not None:
+            try:
+                os.write(self._wake_w, b"w")
+            except OSError:  # BlockingIOError: the pipe is full of wake-ups already
+                pass
 
     def _check(self, prompt_ids, max_tokens: int, sampling) -> list[int]:
         try:
@@ -185,9 +184,7 @@ class Engine:
                 else:
                     self._launch()
                 if self._flying:
-                    free = len(self._flying) < self.inflight and not self._wakeable
-                    wait = POLL_S if free else IDLE_POLL_S
-                    for tag, out, timing in self.pipeline.poll(wait):
+                    for tag, out, timing in self.pipeline.poll(RESULT_WAIT_S):
                         self._completed(tag, out, timing)
                     lost = self.pipeline.lost() if self.recoverable else []
                     if lost:
@@ -204,11 +201,12 @@ class Engine:
         return not any(not s.in_flight and s.pending > 0 for s in self.scheduler.running)
 
     def _drain_inbox(self) -> bool:
-        try:
-            while os.read(self._wake_r, 4096):
+        if self._wake_r is not None:
+            try:
+                while os.read(self._wake_r, 4096):
+                    pass
+            except OSError:  # BlockingIOError: drained
                 pass
-        except (BlockingIOError, OSError, TypeError):
-            pass
         closing = False
         while True:
             try:
@@ -263,12 +261,10 @@ class Engine:
         if slices is None:
             return  # a batch given up on in a recovery
         del self._flying[tag]
-        self.steps += 1
         if isinstance(out, Exception):
             if self.recoverable and isinstance(out, StageFailure):
                 lost = self.pipeline.unhealthy()  # a restarted or unreachable stage: rebuild, lose nothing
                 if lost:
-                    self._flying[tag] = slices
                     self._recover(lost)
                     return
             err = out if isinstance(out, (UserError, StageFailure)) else StageFailure(str(out))

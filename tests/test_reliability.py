@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 
 import msgpack
 import numpy as np
@@ -102,6 +103,19 @@ def pipeline(real_model, cluster, **kw):
     return connect_pipeline(str(real_model), f"{a}=0-14,{b}=15-29", 30, log=lambda m: None, **kw)
 
 
+@contextmanager
+def undisturbed(real_model, cluster, lengths, **kw):
+    """(pipeline, generator, prompts, their tokens from an undisturbed concurrent run); closed after."""
+    pipe = pipeline(real_model, cluster, **kw)
+    gen = Generator(real_model, pipe)
+    try:
+        ps = prompts(gen, lengths)
+        yield pipe, gen, ps, run_concurrently(gen, ps, MAX_TOKENS)
+    finally:
+        gen.close()
+        pipe.close()
+
+
 def disturbed_run(gen, ps, when, disturb):
     """Run the prompts; call `disturb()` once request 0 has `when` tokens. Returns (outputs, time disturbed)."""
     at = {}
@@ -115,57 +129,42 @@ def disturbed_run(gen, ps, when, disturb):
 
 
 def test_kill_9_and_restart_mid_generation_loses_nothing(real_model, cluster):
-    pipe = pipeline(real_model, cluster, recovery_timeout_s=60)
-    gen = Generator(real_model, pipe)
-    ps = prompts(gen, LENGTHS)
-    want = run_concurrently(gen, ps, MAX_TOKENS)
-
     def kill_and_restart():
         cluster.procs[1].kill()
         threading.Thread(target=cluster.restart, args=(1,)).start()
 
-    got, t_kill = disturbed_run(gen, ps, 8, kill_and_restart)
-    assert got == want
-    (event,) = gen.engine.recoveries
-    assert event["ok"] and event["lost"] == [cluster.addresses[1]]
-    assert event["detected"] - t_kill < 2.0, f"detected after {event['detected'] - t_kill:.2f} s"
-    assert live(pipe) == [([], 0), ([], 0)]
-    gen.close()
-    pipe.close()
+    with undisturbed(real_model, cluster, LENGTHS, recovery_timeout_s=60) as (pipe, gen, ps, want):
+        got, t_kill = disturbed_run(gen, ps, 8, kill_and_restart)
+        assert got == want
+        (event,) = gen.engine.recoveries
+        assert event["ok"] and event["lost"] == [cluster.addresses[1]]
+        assert event["detected"] - t_kill < 2.0, f"detected after {event['detected'] - t_kill:.2f} s"
+        assert live(pipe) == [([], 0), ([], 0)]
 
 
 def test_failover_to_a_standby(real_model, cluster):
-    pipe = pipeline(real_model, cluster, standby=[cluster.addresses[2]], recovery_timeout_s=30)
-    gen = Generator(real_model, pipe)
-    ps = prompts(gen, LENGTHS)
-    want = run_concurrently(gen, ps, MAX_TOKENS)
-    got, _ = disturbed_run(gen, ps, 5, cluster.procs[1].kill)
-    assert got == want
-    assert [s.address for s in pipe.stages] == [cluster.addresses[0], cluster.addresses[2]]
-    assert [(s.info.first, s.info.last) for s in pipe.stages] == [(0, 14), (15, 29)]
-    assert live(pipe) == [([], 0), ([], 0)]
-    gen.close()
-    pipe.close()
+    with undisturbed(real_model, cluster, LENGTHS, standby=[cluster.addresses[2]],
+                     recovery_timeout_s=30) as (pipe, gen, ps, want):
+        got, _ = disturbed_run(gen, ps, 5, cluster.procs[1].kill)
+        assert got == want
+        assert [s.address for s in pipe.stages] == [cluster.addresses[0], cluster.addresses[2]]
+        assert [(s.info.first, s.info.last) for s in pipe.stages] == [(0, 14), (15, 29)]
+        assert live(pipe) == [([], 0), ([], 0)]
 
 
 def test_stopped_stage_is_detected_and_resumes(real_model, cluster):
-    pipe = pipeline(real_model, cluster, recovery_timeout_s=30)
-    gen = Generator(real_model, pipe)
-    ps = prompts(gen, LENGTHS[:2])
-    want = run_concurrently(gen, ps, MAX_TOKENS)
     pid = cluster.procs[0].pid
 
     def stop_then_continue():
         os.kill(pid, signal.SIGSTOP)
         threading.Timer(3.0, os.kill, args=(pid, signal.SIGCONT)).start()
 
-    got, t_stop = disturbed_run(gen, ps, 6, stop_then_continue)
-    assert got == want
-    event = gen.engine.recoveries[0]
-    assert event["ok"] and event["detected"] - t_stop < 2.0
-    assert live(pipe) == [([], 0), ([], 0)]
-    gen.close()
-    pipe.close()
+    with undisturbed(real_model, cluster, LENGTHS[:2], recovery_timeout_s=30) as (pipe, gen, ps, want):
+        got, t_stop = disturbed_run(gen, ps, 6, stop_then_continue)
+        assert got == want
+        event = gen.engine.recoveries[0]
+        assert event["ok"] and event["detected"] - t_stop < 2.0
+        assert live(pipe) == [([], 0), ([], 0)]
 
 
 def test_no_capacity_in_time_ends_each_request_with_a_clear_error(real_model, cluster):

@@ -243,8 +243,6 @@ class RemotePipeline:
         self.standby = list(standby)
         self.recovery_timeout_s = recovery_timeout_s
         self.route = [s.address for s in stages[1:]]
-        self.compute_ms: dict[str, float] = {s.address: 0.0 for s in stages}
-        self.calls = 0
         self._flying: dict[int, tuple[object, float]] = {}  # req -> (tag, deadline)
         self.heartbeat = Heartbeat(self.client)
         for s in stages:
@@ -280,8 +278,6 @@ class RemotePipeline:
             by_stage = {}
             for address, ms in header.get("timings", []):
                 by_stage[address] = by_stage.get(address, 0.0) + ms
-                self.compute_ms[address] = self.compute_ms.get(address, 0.0) + ms
-            self.calls += 1
             timing = BatchTiming([by_stage.get(s.address, 0.0) for s in self.stages], (time.monotonic() - sent) * 1000)
             out.append((tag, result.tokens, timing))
         now = time.monotonic()

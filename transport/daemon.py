@@ -112,7 +112,7 @@ class StageDaemon:
                     continue
                 stage = self.stage
                 self.heartbeat.send_multipart([sender, *pack(P.OK, req=header.get("req"),
-                                                             seqs=len(stage._seqs) if stage else 0)])
+                                                             seqs=len(stage.live_sequences()) if stage else 0)])
             except zmq.ZMQError:
                 if self.running:
                     time.sleep(0.05)
