@@ -41,7 +41,8 @@ class MLXStage(BaseStage):
         # mx.fast.rope takes periods (1 / inverse frequency)
         freqs = mx.array(1.0 / rope_inv_freq(cfg))
         model_cls = importlib.import_module(f"{__package__}.models.{cfg.family}").StageModel
-        self.model = model_cls(cfg, weights, first, last, freqs)
+        layout = {"t": lambda w: w.T} if device == "gpu" else {}  # see LlamaStage
+        self.model = model_cls(cfg, weights, first, last, freqs, **layout)
         # everything evaluated here, so the stage may run on another thread (MLX streams are per thread)
         mx.eval(self.model.parameters(), freqs)
 
