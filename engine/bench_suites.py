@@ -28,6 +28,20 @@ from .errors import UserError
 # -- backends ------------------------------------------------------------------------------------
 
 
+def decode_weight_bytes(cfg: ModelConfig, first: int, last: int, dtype: str) -> int:
+    """Weight bytes one decode step reads on layers [first, last]: every projection and norm, and
+    the head on the last stage (the embedding is a lookup of one row: not counted)."""
+    h, hd = cfg.hidden_size, cfg.head_dim
+    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    layer = h * (q + 2 * kv) + q * h + 3 * h * cfg.intermediate_size + 2 * h
+    if cfg.attention_bias:
+        layer += q + 2 * kv
+    n = layer * (last - first + 1)
+    if last == cfg.num_hidden_layers - 1:
+        n += cfg.vocab_size * h + h
+    return n * (4 if dtype == "float32" else 2)
+
+
 def time_stage(backend: str, model_dir: str, first: int, last: int, dtype: str, prompt_len: int, tokens: int) -> dict:
     """Prefill and decode one sequence through one in-process stage; medians of three."""
     from .sampling import SamplingParams
@@ -56,9 +70,17 @@ def time_stage(backend: str, model_dir: str, first: int, last: int, dtype: str, 
         decode.append((time.perf_counter() - t) / tokens)
         stage.release([run])
     step = statistics.median(decode)
+    weights = decode_weight_bytes(cfg, first, last, dtype)
+    bandwidth = stage.read_bandwidth()
     return {"backend": backend, "device": stage.info.device, "dtype": dtype, "layers": [first, last],
             "prefill_tokens_per_s": prompt_len / statistics.median(prefill),
             "decode_tokens_per_s": 1 / step, "ms_per_layer": step * 1000 / (last - first + 1),
+            # the memory floor: one stream reads every weight once per token, so it can go no faster
+            # than the device's read bandwidth over those bytes
+            "weight_bytes_per_token": weights, "weights_gb_per_s": weights / step / 1e9,
+            "memory_read_gb_per_s": bandwidth / 1e9 if bandwidth else None,
+            "floor_tokens_per_s": bandwidth / weights if bandwidth else None,
+            "of_floor": weights / step / bandwidth if bandwidth else None,
             "prompt_len": prompt_len, "decode_tokens": tokens}
 
 
@@ -92,16 +114,28 @@ def run_backends(model_dir: str, layers: tuple[int, int] | None, dtypes: list[st
             rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
             x = rows[-1]
             log(f"{backend} {x['device']} {dtype}: prefill {x['prefill_tokens_per_s']:.0f} tokens/s, decode "
-                f"{x['decode_tokens_per_s']:.1f} tokens/s, {x['ms_per_layer']:.2f} ms/layer")
+                f"{x['decode_tokens_per_s']:.1f} tokens/s, {x['ms_per_layer']:.2f} ms/layer, "
+                f"weights read at {x['weights_gb_per_s']:.1f} GB/s{_floor(x)}")
     return rows
 
 
+def _floor(x: dict) -> str:
+    if x["floor_tokens_per_s"] is None:
+        return ""
+    return (f" of {x['memory_read_gb_per_s']:.1f} GB/s measured ({x['of_floor']:.0%} of the memory floor, "
+            f"{x['floor_tokens_per_s']:.0f} tokens/s)")
+
+
 def backends_table(rows: list[dict]) -> str:
-    lines = ["| backend | device | dtype | layers | prefill tokens/s | decode tokens/s | ms per layer (decode) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| backend | device | dtype | layers | prefill tokens/s | decode tokens/s | ms per layer (decode) "
+             "| weights read GB/s | memory read GB/s | memory floor tokens/s | of floor |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for x in rows:
+        floor = (f"{x['memory_read_gb_per_s']:.1f} | {x['floor_tokens_per_s']:.0f} | {x['of_floor']:.0%}"
+                 if x["floor_tokens_per_s"] else "- | - | -")
         lines.append(f"| {x['backend']} | {x['device']} | {x['dtype']} | {x['layers'][0]}-{x['layers'][1]} | "
-                     f"{x['prefill_tokens_per_s']:.0f} | {x['decode_tokens_per_s']:.1f} | {x['ms_per_layer']:.2f} |")
+                     f"{x['prefill_tokens_per_s']:.0f} | {x['decode_tokens_per_s']:.1f} | {x['ms_per_layer']:.2f} | "
+                     f"{x['weights_gb_per_s']:.1f} | {floor} |")
     return "\n".join(lines) + "\n"
 
 

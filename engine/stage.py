@@ -180,6 +180,12 @@ class BaseStage:
     def kv_tokens_used(self) -> int:
         return sum(st.length for st in self._seqs.values())
 
+    def read_bandwidth(self) -> float | None:
+        """Bytes/s this stage's device streams from its memory (a large reduction, best of a few
+        runs): the ceiling for one-stream decode, which reads every weight once per token.
+        None where a backend cannot measure it."""
+        return None
+
     def forward(self, batch: StageBatch) -> StageResult:
         # offset 0 starts a sequence afresh: a coordinator rebuilding caches after a stage was lost
         # may find stale state here (a batch from before the loss); it is dropped, never mixed in

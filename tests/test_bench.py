@@ -1,8 +1,15 @@
 """`hetpipe bench backends|pipeline` write JSON, Markdown and PNG; results carry a time breakdown."""
 
 import json
+import math
 import subprocess
 import sys
+
+import pytest
+from safetensors import safe_open
+
+from engine.bench_suites import decode_weight_bytes
+from engine.config import ModelConfig
 
 from engine.cli import local_pipeline
 from engine.generate import Generator
@@ -21,10 +28,30 @@ def test_bench_backends_times_every_backend_and_writes_three_files(real_model, t
     assert sorted(r["backend"] for r in rows) == ["mlx", "torch"]
     assert all(r["layers"] == [0, 1] and r["decode_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0
                and r["ms_per_layer"] > 0 for r in rows)
+    # weights read per second and the memory floor: both backends measure their device's bandwidth
+    for r in rows:
+        assert r["weights_gb_per_s"] == pytest.approx(r["weight_bytes_per_token"] * r["decode_tokens_per_s"] / 1e9)
+        assert r["memory_read_gb_per_s"] > 0.1
+        assert r["floor_tokens_per_s"] == pytest.approx(r["memory_read_gb_per_s"] * 1e9 / r["weight_bytes_per_token"])
     assert json.loads((tmp_path / "backends.json").read_text()) == rows
     table = (tmp_path / "backends.md").read_text().splitlines()
     assert table[0].startswith("| backend |") and sorted(line.split()[1] for line in table[2:]) == ["mlx", "torch"]
     assert (tmp_path / "backends.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_decode_weight_bytes_are_the_checkpoints_tensors(real_model):
+    """What a decode step reads, counted from the config, against the tensors in the checkpoint."""
+    cfg = ModelConfig.load(real_model)
+    with safe_open(str(real_model / "model.safetensors"), "np") as f:
+        sizes = {k: math.prod(f.get_slice(k).get_shape()) for k in f.keys()}
+
+    def layers(*ids):
+        return sum(v for k, v in sizes.items() if k.startswith(tuple(f"model.layers.{i}." for i in ids)))
+
+    head = sizes.get("lm_head.weight", sizes["model.embed_tokens.weight"]) + sizes["model.norm.weight"]
+    n = cfg.num_hidden_layers
+    assert decode_weight_bytes(cfg, 0, 1, "float32") == 4 * layers(0, 1)
+    assert decode_weight_bytes(cfg, n - 2, n - 1, "bfloat16") == 2 * (layers(n - 2, n - 1) + head)
 
 
 def test_bench_pipeline_compares_four_ways_in_one_run(real_model, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import time
 
 import mlx.core as mx
 import numpy as np
@@ -16,6 +17,7 @@ from engine.weights import load_stage_tensors
 from . import blas
 from .cache import KVCache
 
+PROBE_BYTES = 1 << 28  # larger than any cache: a read-bandwidth probe reads DRAM (unified memory)
 MLX_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
 
@@ -51,6 +53,16 @@ class MLXStage(BaseStage):
             info = mx.device_info()
             return max(0, int(info.get("max_recommended_working_set_size", 0)) - mx.get_active_memory())
         return super().free_memory()
+
+    def read_bandwidth(self) -> float:
+        a = mx.ones((PROBE_BYTES // 4,), dtype=mx.float32)
+        mx.eval(a)
+        best = float("inf")
+        for _ in range(5):
+            t = time.perf_counter()
+            mx.eval(a.sum())
+            best = min(best, time.perf_counter() - t)
+        return PROBE_BYTES / best
 
     def _compute(self, seqs: list[SeqChunk], hidden: Hidden | None):
         lay = Layout.of(seqs)

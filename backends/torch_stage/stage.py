@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import time
 
 import numpy as np
 import torch
@@ -14,6 +15,7 @@ from engine.weights import load_stage_tensors
 
 from .cache import PagedKV
 
+PROBE_BYTES = 1 << 28  # larger than any cache: a read-bandwidth probe reads DRAM (or HBM)
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -23,6 +25,13 @@ def default_device() -> str:
     if torch.backends.mps.is_available():
         return "mps"
     return "cpu"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def to_torch(a, dtype: torch.dtype, device) -> torch.Tensor:
@@ -63,6 +72,18 @@ class TorchStage(BaseStage):
         if self.device.type == "cuda":
             return torch.cuda.mem_get_info(self.device)[0]
         return super().free_memory()
+
+    @torch.inference_mode()
+    def read_bandwidth(self) -> float:
+        a = torch.ones(PROBE_BYTES // 4, dtype=torch.float32, device=self.device)
+        best = float("inf")
+        for _ in range(5):
+            _sync(self.device)
+            t = time.perf_counter()
+            a.sum()
+            _sync(self.device)
+            best = min(best, time.perf_counter() - t)
+        return PROBE_BYTES / best
 
     @torch.inference_mode()
     def _compute(self, seqs: list[SeqChunk], hidden: Hidden | None):
