@@ -19,6 +19,7 @@ P5 = SamplingParams(logprobs=5)
 IDS_A = [5, 17, 33, 9, 100, 7, 3, 250, 64, 12, 8]
 IDS_B = [200, 1, 42]
 TOL = 2e-4
+BF16_TOL = 0.05  # bf16 rounding: a fused kernel may round intermediates at other points
 
 
 def check_token(tok, ref_row):
@@ -126,10 +127,11 @@ def test_bad_offsets_and_shapes_are_refused(tiny_dirs, backend):
         later.forward(StageBatch([SeqChunk(0, 0, np.array([1], np.int32), P5)]))
 
 
-def test_torch_compile_gives_the_same_tokens(tiny_dirs):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bf16 decode takes the one-row op
+def test_torch_compile_gives_the_same_tokens(tiny_dirs, dtype):
     """`--compile` (torch.compile, dynamic shapes) against the eager stage: prefill, decode, a batch."""
-    eager = load_stage("torch", str(tiny_dirs["llama"]), 0, 3)
-    compiled = load_stage("torch", str(tiny_dirs["llama"]), 0, 3, compile=True)
+    eager = load_stage("torch", str(tiny_dirs["llama"]), 0, 3, dtype=dtype)
+    compiled = load_stage("torch", str(tiny_dirs["llama"]), 0, 3, dtype=dtype, compile=True)
     for stage in (eager, compiled):
         outs = [stage.forward(StageBatch([SeqChunk(0, 0, np.array(IDS_A, np.int32), P5),
                                           SeqChunk(1, 0, np.array(IDS_B, np.int32), P5)])).tokens]
@@ -139,4 +141,5 @@ def test_torch_compile_gives_the_same_tokens(tiny_dirs):
         stage.result = outs
     for a, b in zip(eager.result, compiled.result):
         assert [t.token_id for t in a] == [t.token_id for t in b]
-        np.testing.assert_allclose([t.logprob for t in a], [t.logprob for t in b], atol=TOL)
+        np.testing.assert_allclose([t.logprob for t in a], [t.logprob for t in b],
+                                   atol=TOL if dtype == "float32" else BF16_TOL)

@@ -32,9 +32,22 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     single row is ~1.6x slower than its matrix-vector kernel there (measured on 3072x576 and
     576x1536 weights), and one row is every decode step of a single stream."""
     if x.shape[0] == 1 and x.device.type == "cpu" and x.dtype != torch.float32:
-        y = torch.mv(w, x[0])[None]
+        y = row_matvec(x, w) if torch.compiler.is_compiling() else torch.mv(w, x[0])[None]
         return y if b is None else y + b
     return F.linear(x, w, b)
+
+
+@torch.library.custom_op("hetpipe::row_matvec", mutates_args=())
+def row_matvec(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """`linear`'s one-row product as an op torch.compile cannot see into: inductor then calls
+    oneDNN's matrix-vector kernel instead of generating its own reduction, which made compiled
+    bf16 decode ~10% faster here (speed-up over eager 1.15-1.20x vs 1.03-1.08x, two A/B runs)."""
+    return torch.mv(w, x[0])[None]
+
+
+@row_matvec.register_fake
+def _(x, w):
+    return x.new_empty((1, w.shape[0]))
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
