@@ -55,14 +55,17 @@ class MLXStage(BaseStage):
         return super().free_memory()
 
     def read_bandwidth(self) -> float:
-        a = mx.ones((PROBE_BYTES // 4,), dtype=mx.float32)
-        mx.eval(a)
+        """Timed as one row times a 256 MiB matrix (what decode does), not as a sum: MLX's CPU
+        reductions run on one thread, while BLAS spreads a matrix-vector product over the cores."""
+        n = int((PROBE_BYTES // 4) ** 0.5)
+        a, v = mx.ones((n, n), dtype=mx.float32), mx.ones((1, n), dtype=mx.float32)
+        mx.eval(a, v)
         best = float("inf")
         for _ in range(5):
             t = time.perf_counter()
-            mx.eval(a.sum())
+            mx.eval(v @ a)
             best = min(best, time.perf_counter() - t)
-        return PROBE_BYTES / best
+        return n * n * 4 / best
 
     def _compute(self, seqs: list[SeqChunk], hidden: Hidden | None):
         lay = Layout.of(seqs)
