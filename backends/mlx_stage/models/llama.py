@@ -26,9 +26,9 @@ class Attention:
         self.scale = self.head_dim**-0.5
         self.rope_freqs = rope_freqs
         # fused q/k/v, stored transposed (in, out) for x @ w
-        self.wqkv = t(mx.concatenate([w[p + f"{x}_proj.weight"] for x in "qkv"]))
+        self.wqkv = t(mx.concatenate([w.pop(p + f"{x}_proj.weight") for x in "qkv"]))
         self.bqkv = mx.concatenate([w[p + f"{x}_proj.bias"] for x in "qkv"]) if cfg.attention_bias else None
-        self.wo = t(w[p + "o_proj.weight"])
+        self.wo = t(w.pop(p + "o_proj.weight"))
         self.bo = w.get(p + "o_proj.bias")
 
     def __call__(self, x: mx.array, segments, caches: list[KVCache]) -> mx.array:
@@ -62,8 +62,12 @@ class Block:
         self.attn_norm = w[p + "input_layernorm.weight"]
         self.mlp_norm = w[p + "post_attention_layernorm.weight"]
         self.attn = Attention(cfg, w, p + "self_attn.", rope_freqs, t)
-        self.w_gate_up = t(mx.concatenate([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]]))
-        self.w_down = t(w[p + "mlp.down_proj.weight"])
+        self.w_gate_up = t(mx.concatenate([w.pop(p + "mlp.gate_proj.weight"), w.pop(p + "mlp.up_proj.weight")]))
+        self.w_down = t(w.pop(p + "mlp.down_proj.weight"))
+
+    def parameters(self) -> list[mx.array]:
+        out = [self.attn_norm, self.mlp_norm, self.attn.wqkv, self.attn.wo, self.w_gate_up, self.w_down]
+        return out + [a for a in (self.attn.bqkv, self.attn.bo) if a is not None]
 
     def __call__(self, x, segments, caches):
         x = x + self.attn(mx.fast.rms_norm(x, self.attn_norm, self.eps), segments, caches)
@@ -88,7 +92,12 @@ class LlamaStage:
         self.eps = cfg.rms_norm_eps
         is_last = last == cfg.num_hidden_layers - 1
         self.embed = w["model.embed_tokens.weight"] if first == 0 else None
-        self.layers = [Block(cfg, w, i, rope_freqs, t) for i in range(first, last + 1)]
+        # projections are fused/re-laid copies: each layer is evaluated as it is built and its
+        # originals popped from `w`, so loading never holds two copies of more than one layer
+        self.layers = []
+        for i in range(first, last + 1):
+            self.layers.append(Block(cfg, w, i, rope_freqs, t))
+            mx.eval(self.layers[-1].parameters())
         self.norm = w["model.norm.weight"] if is_last else None
         # tied embeddings: the head is the embedding matrix (a copy in the (in, out) layout)
         self.lm_head = t(w.get("lm_head.weight", w.get("model.embed_tokens.weight"))) if is_last else None
@@ -105,11 +114,8 @@ class LlamaStage:
         return (mx.fast.rms_norm(x[sample_rows], self.norm, self.eps) @ self.lm_head).astype(mx.float32)
 
     def parameters(self) -> list[mx.array]:
-        out = [a for a in (self.embed, self.norm, self.lm_head) if a is not None]
-        for b in self.layers:
-            out += [b.attn_norm, b.mlp_norm, b.attn.wqkv, b.attn.wo, b.w_gate_up, b.w_down]
-            out += [a for a in (b.attn.bqkv, b.attn.bo) if a is not None]
-        return out
+        return [a for a in (self.embed, self.norm, self.lm_head) if a is not None] + [
+            a for b in self.layers for a in b.parameters()]
 
 
 StageModel = LlamaStage
