@@ -24,6 +24,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import UserError
+from .tensors import STORAGE
 
 # -- backends ------------------------------------------------------------------------------------
 
@@ -39,7 +40,7 @@ def decode_weight_bytes(cfg: ModelConfig, first: int, last: int, dtype: str) -> 
     n = layer * (last - first + 1)
     if last == cfg.num_hidden_layers - 1:
         n += cfg.vocab_size * h + h
-    return n * (4 if dtype == "float32" else 2)
+    return n * np.dtype(STORAGE[dtype]).itemsize
 
 
 def time_stage(backend: str, model_dir: str, first: int, last: int, dtype: str, prompt_len: int, tokens: int) -> dict:

@@ -145,6 +145,9 @@ class _SeqState:
     rng: np.random.Generator | None = None
 
 
+PROBE_BYTES = 1 << 28  # a read-bandwidth probe: larger than any cache, so it reads DRAM (or HBM)
+
+
 class BaseStage:
     """Bookkeeping shared by the backends: offsets, sequence lifetimes, sampling.
 
@@ -181,7 +184,7 @@ class BaseStage:
         return sum(st.length for st in self._seqs.values())
 
     def read_bandwidth(self) -> float | None:
-        """Bytes/s this stage's device streams from its memory (a large reduction, best of a few
+        """Bytes/s this stage's device streams from its memory (PROBE_BYTES read, best of a few
         runs): the ceiling for one-stream decode, which reads every weight once per token.
         None where a backend cannot measure it."""
         return None

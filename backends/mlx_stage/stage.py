@@ -11,13 +11,12 @@ import numpy as np
 
 from engine.config import ModelConfig, rope_inv_freq
 from engine.errors import UserError
-from engine.stage import BaseStage, Hidden, Layout, SeqChunk, StageInfo
+from engine.stage import PROBE_BYTES, BaseStage, Hidden, Layout, SeqChunk, StageInfo
 from engine.weights import load_stage_tensors
 
 from . import blas
 from .cache import KVCache
 
-PROBE_BYTES = 1 << 28  # larger than any cache: a read-bandwidth probe reads DRAM (unified memory)
 MLX_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
 

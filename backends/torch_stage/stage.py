@@ -10,12 +10,11 @@ import torch
 
 from engine.config import ModelConfig, rope_inv_freq
 from engine.errors import UserError
-from engine.stage import BaseStage, Hidden, Layout, SeqChunk, StageInfo
+from engine.stage import PROBE_BYTES, BaseStage, Hidden, Layout, SeqChunk, StageInfo
 from engine.weights import load_stage_tensors
 
 from .cache import PagedKV
 
-PROBE_BYTES = 1 << 28  # larger than any cache: a read-bandwidth probe reads DRAM (or HBM)
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
