@@ -143,3 +143,20 @@ def test_torch_compile_gives_the_same_tokens(tiny_dirs, dtype):
         assert [t.token_id for t in a] == [t.token_id for t in b]
         np.testing.assert_allclose([t.logprob for t in a], [t.logprob for t in b],
                                    atol=TOL if dtype == "float32" else BF16_TOL)
+
+
+def test_torch_cpu_weights_sit_in_huge_page_blocks(tiny_dirs):
+    """Each layer's weights move into one 2 MiB-aligned block (the references above check their
+    values); a tied head stays the embedding's own tensor, not a second copy."""
+    import mmap
+
+    from backends.torch_stage.stage import HUGE_PAGE
+
+    if not hasattr(mmap, "MADV_HUGEPAGE"):
+        pytest.skip("no transparent huge pages on this platform")
+    model = load_stage("torch", tiny_dirs["llama-tied"], 0, 3).model
+    assert model.embed.data_ptr() == model.lm_head.data_ptr()
+    for layer in model.layers:
+        ptrs = sorted(p.data_ptr() for p in layer.parameters())
+        assert ptrs[0] % HUGE_PAGE == 0
+        assert ptrs[-1] - ptrs[0] < sum(p.numel() * p.element_size() for p in layer.parameters()) + 64 * len(ptrs)
