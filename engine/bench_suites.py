@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import allocator
 from .config import ModelConfig
 from .errors import UserError
 from .tensors import STORAGE
@@ -82,7 +83,7 @@ def time_stage(backend: str, model_dir: str, first: int, last: int, dtype: str, 
             "memory_read_gb_per_s": bandwidth / 1e9 if bandwidth else None,
             "floor_tokens_per_s": bandwidth / weights if bandwidth else None,
             "of_floor": weights / step / bandwidth if bandwidth else None,
-            "prompt_len": prompt_len, "decode_tokens": tokens}
+            "prompt_len": prompt_len, "decode_tokens": tokens, "allocator": allocator.in_use()}
 
 
 def available_backends() -> list[str]:

@@ -392,5 +392,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The `hetpipe` program: on tcmalloc where the system has it (see `allocator`), then `main`."""
+    from . import allocator
+
+    allocator.reexec()
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

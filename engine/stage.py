@@ -343,12 +343,18 @@ def load_stage(backend: str, model_dir: str, first: int, last: int, *, device: s
 
 
 def _trim_heap() -> None:
-    """Hand the loading's freed scratch (unfused copies of weights) back to the OS (glibc only)."""
+    """Hand the loading's freed scratch (unfused copies of weights) back to the OS: tcmalloc's
+    release where the process runs on it (`engine.allocator`), else glibc's malloc_trim (Linux only)."""
     import ctypes
     import sys
 
     if sys.platform.startswith("linux"):
         try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
+            process = ctypes.CDLL(None)  # global symbols: a preloaded tcmalloc's among them
+            release = getattr(process, "MallocExtension_ReleaseFreeMemory", None)
+            if release is not None:
+                release()
+            else:
+                ctypes.CDLL("libc.so.6").malloc_trim(0)
         except (OSError, AttributeError):
             pass

@@ -127,6 +127,7 @@ def main():
     ap.add_argument("--gguf", default=None, help="a GGUF for the llama.cpp anchor (needs llama-cpp-python)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    from engine import allocator
     from engine.fetch import default_model_dir
 
     model_dir = args.model or str(default_model_dir())
@@ -144,6 +145,8 @@ def main():
     for r in range(args.rounds):
         for c in configs:
             env = dict(os.environ)
+            if c.startswith("hetpipe"):
+                env = allocator.environment(env)  # on tcmalloc, as the `hetpipe` command runs
             if "mlx" in c and "torch" in c:
                 env["OMP_WAIT_POLICY"] = "PASSIVE"  # as `hetpipe generate --local` sets for mixed
             p = subprocess.run([sys.executable, __file__, "--worker", c, "--model", model_dir,

@@ -8,10 +8,10 @@ import sys
 import pytest
 from safetensors import safe_open
 
+from engine import allocator
 from engine.bench_suites import decode_weight_bytes
-from engine.config import ModelConfig
-
 from engine.cli import local_pipeline
+from engine.config import ModelConfig
 from engine.generate import Generator
 
 
@@ -34,6 +34,8 @@ def test_bench_backends_times_every_backend_and_writes_three_files(real_model, t
         assert r["memory_read_gb_per_s"] > 0.1
         assert r["floor_tokens_per_s"] == pytest.approx(r["memory_read_gb_per_s"] * 1e9 / r["weight_bytes_per_token"])
     assert json.loads((tmp_path / "backends.json").read_text()) == rows
+    # the `hetpipe` command restarts itself on tcmalloc where the system has it; its stages inherit it
+    assert {r["allocator"] for r in rows} == {"tcmalloc" if allocator.library() else "system"}
     table = (tmp_path / "backends.md").read_text().splitlines()
     assert table[0].startswith("| backend |") and sorted(line.split()[1] for line in table[2:]) == ["mlx", "torch"]
     assert (tmp_path / "backends.png").read_bytes()[:4] == b"\x89PNG"
