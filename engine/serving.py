@@ -80,6 +80,7 @@ class Engine:
         self._batches = itertools.count()
         self._seqs: dict[int, Seq] = {}
         self._thread: threading.Thread | None = None
+        self._stopped = threading.Event()  # set when the current engine thread has finished its work
         self._lock = threading.Lock()
         self._closed = False
         self.error: BaseException | None = None  # what stopped the engine thread, if anything
@@ -109,7 +110,9 @@ class Engine:
             self._put(("add", seq))
             if self._thread is None:
                 _close_all_at_exit()
-                self._thread = threading.Thread(target=self._run, name="hetpipe-engine", daemon=True)
+                self._stopped = threading.Event()
+                self._thread = threading.Thread(target=self._thread_main, args=(self._stopped,),
+                                                name="hetpipe-engine", daemon=True)
                 self._thread.start()
         return req
 
@@ -121,10 +124,13 @@ class Engine:
         """Finish the batches in flight, end every other request with an error, stop the thread."""
         with self._lock:
             self._closed = True
-            thread = self._thread
+            thread, stopped = self._thread, self._stopped
         if thread is not None:
             self._put(("close", None))
-            thread.join(timeout_s)
+            if _EXITING:
+                stopped.wait(timeout_s)  # the thread parks instead of ending (`_thread_main`)
+            else:
+                thread.join(timeout_s)
         if self._wake_r is not None and not (thread and thread.is_alive()):
             self.pipeline.unwake(self._wake_r)
             os.close(self._wake_r)
@@ -159,6 +165,19 @@ class Engine:
         return ids
 
     # -- the engine thread ---------------------------------------------------------------------
+
+    def _thread_main(self, stopped: threading.Event) -> None:
+        try:
+            self._run()
+        finally:
+            stopped.set()
+            if _EXITING:
+                # Closed because the interpreter is exiting: never end. A thread that ends now runs
+                # its C++ thread-local destructors while Python finalizes, and MLX's per-thread
+                # compile cache takes the GIL in its destructor, which aborts the process ("terminate
+                # called without an active exception"; every time under tcmalloc). Parked here, the
+                # thread holds no GIL and is simply gone when the process exits.
+                threading.Event().wait()
 
     def _run(self) -> None:
         closing = False
@@ -353,6 +372,8 @@ _ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 def _close_all() -> None:
     """An engine thread still running while torch or MLX tear down at exit aborts the process."""
+    global _EXITING
+    _EXITING = True
     for engine in list(_ENGINES):
         engine.close(timeout_s=5.0)
 
@@ -372,3 +393,4 @@ def _close_all_at_exit() -> None:
 
 
 _HOOKED = False
+_EXITING = False  # set when the interpreter starts exiting: engine threads then park (`_thread_main`)
