@@ -20,7 +20,7 @@ import numpy as np
 from .config import ModelConfig
 from .errors import UserError
 from .tensors import TypedArray
-from .sampling import SamplingParams, log_softmax, sample_token, top_logprobs
+from .sampling import SamplingParams, logsumexp, sample_token, top_logprobs
 
 BACKENDS = {"mlx": "backends.mlx_stage", "torch": "backends.torch_stage"}
 # torch must load before MLX's OpenBLAS preload (backends/mlx_stage/blas.py): loaded after it,
@@ -267,9 +267,9 @@ class BaseStage:
                 st.rng = np.random.default_rng(p.seed)
             seen = np.unique(np.asarray(st.seen, dtype=np.int64)) if p.repetition_penalty != 1.0 else _EMPTY
             tok = sample_token(row, p, st.rng, seen)
-            lp = log_softmax(row)
-            top = top_logprobs(lp, p.logprobs) if p.logprobs > 1 else []
-            out.append(SampledToken(s.seq_id, tok, float(lp[tok]), top))
+            lse = logsumexp(row)
+            top = top_logprobs(row, p.logprobs, lse) if p.logprobs > 1 else []
+            out.append(SampledToken(s.seq_id, tok, float(row[tok]) - lse, top))
         return out
 
     def warmup(self, decode_only: bool = False) -> None:

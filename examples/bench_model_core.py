@@ -6,6 +6,10 @@ Each configuration runs in its own fresh process, in interleaved rounds, so that
 do not mix and the machine's drift hits every configuration alike. Figures are medians.
 
     .venv/bin/python examples/bench_model_core.py [--rounds 2] [--tokens 64] [--json out.json]
+
+hetpipe configurations run on tcmalloc where the system has it, as the `hetpipe` command does;
+the anchors run on the system allocator unless named with `+tcmalloc` (e.g.
+`transformers+tcmalloc:bfloat16`), to see how much of a ratio the allocator accounts for.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ LONG = ("The history of computing is a story of people, machines and ideas. " * 
 
 def worker(config: str, model_dir: str, tokens: int) -> dict:
     kind, rest = config.split(":", 1)
+    kind = kind.removesuffix("+tcmalloc")  # an anchor run on the allocator hetpipe runs on
     spec, dtype = rest.rsplit(":", 1) if kind.startswith("hetpipe") else (None, rest)
     if kind.startswith("hetpipe"):  # hetpipe-compiled: torch stages under torch.compile
         return _hetpipe(model_dir, spec, dtype, tokens, compile=kind == "hetpipe-compiled")
@@ -145,7 +150,7 @@ def main():
     for r in range(args.rounds):
         for c in configs:
             env = dict(os.environ)
-            if c.startswith("hetpipe"):
+            if c.startswith("hetpipe") or c.split(":")[0].endswith("+tcmalloc"):
                 env = allocator.environment(env)  # on tcmalloc, as the `hetpipe` command runs
             if "mlx" in c and "torch" in c:
                 env["OMP_WAIT_POLICY"] = "PASSIVE"  # as `hetpipe generate --local` sets for mixed

@@ -76,3 +76,15 @@ def test_top_logprobs_sorted_and_normalized():
 def test_bad_params_are_user_errors(kw):
     with pytest.raises(UserError):
         SamplingParams(**kw)
+
+
+def test_logsumexp_gives_log_softmax_of_the_chosen_token():
+    """The stage's log-probabilities: float32 exponentials summed in float64, against float64."""
+    from engine.sampling import logsumexp
+
+    row = (np.random.default_rng(3).standard_normal(49152) * 8).astype(np.float32)
+    lp = log_softmax(row)
+    assert abs(float(row[123]) - logsumexp(row) - lp[123]) < 1e-6
+    got, want = top_logprobs(row, 5, logsumexp(row)), top_logprobs(lp, 5)
+    assert [i for i, _ in got] == [i for i, _ in want]
+    np.testing.assert_allclose([v for _, v in got], [v for _, v in want], atol=1e-6)
