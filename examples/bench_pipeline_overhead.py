@@ -14,6 +14,10 @@ import statistics
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads, as the CLI does for mixed runs
 
+from engine import allocator  # noqa: E402
+
+allocator.reexec()  # on tcmalloc like the daemons this starts (the `hetpipe` command runs on it)
+
 from engine.cli import local_pipeline  # noqa: E402
 from engine.demo import start_stage, stop_stages  # noqa: E402
 from engine.fetch import default_model_dir  # noqa: E402
