@@ -11,6 +11,7 @@ eager. `HETPIPE_MALLOC=system` keeps the system allocator.
 from __future__ import annotations
 
 import ctypes.util
+import functools
 import os
 import sys
 
@@ -23,11 +24,13 @@ def library() -> str | None:
     """The tcmalloc shared library's name, if this system has one and hetpipe may use it."""
     if not sys.platform.startswith("linux") or os.environ.get("HETPIPE_MALLOC") == "system":
         return None
-    for name in LIBRARIES:
-        found = ctypes.util.find_library(name)
-        if found:
-            return found
-    return None
+    return _find()
+
+
+@functools.cache
+def _find() -> str | None:
+    """`find_library` runs `ldconfig`: once per process is enough."""
+    return next(filter(None, map(ctypes.util.find_library, LIBRARIES)), None)
 
 
 def preloaded(env=None) -> bool:

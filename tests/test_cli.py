@@ -38,7 +38,7 @@ def test_streams_text(real_model):
 
 def test_a_local_mlx_stage_exits_cleanly(real_model):
     """The engine thread runs MLX's compiled MLP; a thread ending while Python finalizes aborted the
-    process in MLX's thread-local compile cache (every time on tcmalloc, which the CLI runs on)."""
+    process in MLX's thread-local compile cache (4 runs of 5 on tcmalloc, which the CLI runs on)."""
     for _ in range(3):  # a race at exit: it had struck in 4 runs of 5
         r = run("generate", "--model", str(real_model), "--local", "mlx", "--max-tokens", "3", "Hi")
         assert r.returncode == 0 and "terminate called" not in r.stderr, r.stderr
