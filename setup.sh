@@ -5,17 +5,19 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
 
-# Linux system libraries: OpenBLAS (MLX's CPU matmuls) and tcmalloc (the allocator `hetpipe` runs on)
+# Linux system libraries: OpenBLAS (MLX's CPU matmuls), tcmalloc (the allocator `hetpipe` runs on)
+# and a C++ compiler (the torch stage builds its AVX512-BF16 kernels with it on first use)
 if [ "$(uname -s)" = Linux ]; then
     missing=()
     ldconfig -p 2>/dev/null | grep -q libopenblas || missing+=(libopenblas0-pthread)
     ldconfig -p 2>/dev/null | grep -q libtcmalloc || missing+=(libtcmalloc-minimal4)
+    command -v c++ >/dev/null || missing+=(g++)
     if [ ${#missing[@]} -gt 0 ]; then
         if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
             export DEBIAN_FRONTEND=noninteractive
             apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null
         else
-            echo "setup: install ${missing[*]} (fast MLX CPU matmuls, a faster allocator); continuing without" >&2
+            echo "setup: install ${missing[*]} (fast MLX CPU matmuls, a faster allocator, CPU kernels); continuing without" >&2
         fi
     fi
 fi

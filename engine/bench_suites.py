@@ -83,7 +83,8 @@ def time_stage(backend: str, model_dir: str, first: int, last: int, dtype: str, 
             "memory_read_gb_per_s": bandwidth / 1e9 if bandwidth else None,
             "floor_tokens_per_s": bandwidth / weights if bandwidth else None,
             "of_floor": weights / step / bandwidth if bandwidth else None,
-            "prompt_len": prompt_len, "decode_tokens": tokens, "allocator": allocator.in_use()}
+            "prompt_len": prompt_len, "decode_tokens": tokens, "allocator": allocator.in_use(),
+            "kernels": stage.kernels or "framework"}
 
 
 def available_backends() -> list[str]:
@@ -130,14 +131,14 @@ def _floor(x: dict) -> str:
 
 def backends_table(rows: list[dict]) -> str:
     lines = ["| backend | device | dtype | layers | prefill tokens/s | decode tokens/s | ms per layer (decode) "
-             "| weights read GB/s | memory read GB/s | memory floor tokens/s | of floor |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| weights read GB/s | memory read GB/s | memory floor tokens/s | of floor | kernels |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for x in rows:
         floor = (f"{x['memory_read_gb_per_s']:.1f} | {x['floor_tokens_per_s']:.0f} | {x['of_floor']:.0%}"
                  if x["floor_tokens_per_s"] else "- | - | -")
         lines.append(f"| {x['backend']} | {x['device']} | {x['dtype']} | {x['layers'][0]}-{x['layers'][1]} | "
                      f"{x['prefill_tokens_per_s']:.0f} | {x['decode_tokens_per_s']:.1f} | {x['ms_per_layer']:.2f} | "
-                     f"{x['weights_gb_per_s']:.1f} | {floor} |")
+                     f"{x['weights_gb_per_s']:.1f} | {floor} | {x['kernels']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -25,10 +25,14 @@ DEFAULT_MODEL = "smollm2"
 SOURCE_GGUF = "source.gguf"
 
 
+def hetpipe_home() -> Path:
+    """Where hetpipe keeps what it fetches and builds: $HETPIPE_HOME, else ~/.cache/hetpipe."""
+    return Path(os.environ.get("HETPIPE_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "hetpipe"))
+
+
 def models_home() -> Path:
-    base = os.environ.get("HETPIPE_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "hetpipe")
-    return Path(base) / "models"
+    return hetpipe_home() / "models"
 
 
 def default_model_dir(name: str = DEFAULT_MODEL) -> Path:

@@ -156,6 +156,8 @@ class BaseStage:
     and `_free(seq_id)` dropping that sequence's KV cache.
     """
 
+    kernels = ""  # hetpipe's own kernels this stage runs, if any (benchmarks report it)
+
     def __init__(self, info: StageInfo, cfg: ModelConfig):
         self.info = info
         self.cfg = cfg

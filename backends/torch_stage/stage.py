@@ -14,6 +14,7 @@ from engine.errors import UserError
 from engine.stage import PROBE_BYTES, BaseStage, Hidden, Layout, SeqChunk, StageInfo
 from engine.weights import load_stage_tensors
 
+from . import native
 from .cache import PagedKV
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -98,6 +99,8 @@ class TorchStage(BaseStage):
         del weights
         if self.device.type == "cpu":
             huge_page_weights(self.model)
+            if self.dtype == torch.bfloat16 and native.load() is None:
+                self.kernels = native.KERNELS
         self.inv_freq = torch.from_numpy(rope_inv_freq(cfg)).to(self.device)
         self.kv = PagedKV(last - first + 1, cfg.num_key_value_heads, cfg.head_dim, self.dtype, self.device)
 

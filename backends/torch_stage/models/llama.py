@@ -28,22 +28,22 @@ class RMSNorm(nn.Module):
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, except one bf16/fp16 row on a CPU goes through torch.mv: oneDNN's matmul path for a
-    single row is ~1.6x slower than its matrix-vector kernel there (measured on 3072x576 and
-    576x1536 weights), and one row is every decode step of a single stream."""
+    """F.linear, except one bf16/fp16 row on a CPU, every decode step of a single stream, goes
+    through `row_matvec`."""
     if x.shape[0] == 1 and x.device.type == "cpu" and x.dtype != torch.float32:
-        y = row_matvec(x, w) if torch.compiler.is_compiling() else torch.mv(w, x[0])[None]
+        y = row_matvec(x, w)
         return y if b is None else y + b
     return F.linear(x, w, b)
 
 
-# `linear`'s one-row product as an op torch.compile cannot see into: inductor then calls oneDNN's
-# matrix-vector kernel instead of generating its own reduction, which made compiled bf16 decode
-# ~10% faster here (speed-up over eager 1.15-1.20x vs 1.03-1.08x, two A/B runs). A plain library
-# op, not `torch.library.custom_op`, whose wrappers cost ~10 us per call (120 calls a token).
+# One row times a weight matrix, as an op torch.compile cannot see into. Its plain implementation is
+# torch.mv, oneDNN's matrix-vector kernel: ~1.6x faster than oneDNN's matmul path for one row, and
+# faster under inductor than the reduction inductor writes itself (compiled decode ~10% faster). On
+# CPUs with AVX512-BF16 `native.py` registers our own kernel as its CPU implementation instead. A
+# plain library op, not `torch.library.custom_op`, whose wrappers cost ~10 us per call (121 a token).
 _lib = torch.library.Library("hetpipe", "DEF")
 _lib.define("row_matvec(Tensor x, Tensor w) -> Tensor")
-_lib.impl("row_matvec", lambda x, w: torch.mv(w, x[0])[None], "CPU")
+_lib.impl("row_matvec", lambda x, w: torch.mv(w, x[0])[None], "CompositeExplicitAutograd")
 row_matvec = torch.ops.hetpipe.row_matvec
 
 
