@@ -68,17 +68,17 @@ def _build() -> str:
     from torch.utils import cpp_extension
 
     out = hetpipe_home() / "kernels" / f"torch-{torch.__version__}"
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "hetpipe.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released if this process dies, unlike torch's own lock file,
-        (out / "lock").unlink(missing_ok=True)  # which a build killed midway leaves behind forever
-        if not any(out.glob("*.so")):
-            print("hetpipe: building the AVX512-BF16 kernels (once per torch version, ~10 s)", file=sys.stderr)
-        try:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "hetpipe.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released if this process dies, unlike torch's own lock
+            (out / "lock").unlink(missing_ok=True)  # file, which a build killed midway leaves forever
+            if not any(out.glob("*.so")):
+                print("hetpipe: building the AVX512-BF16 kernels (once per torch version, ~10 s)", file=sys.stderr)
             cpp_extension.load("hetpipe_kernels", [str(s) for s in SOURCES], extra_cflags=FLAGS,
                                build_directory=str(out), is_python_module=False)
-        except Exception as e:  # any failure here leaves torch's own kernels, which always work
-            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            print(f"hetpipe: the CPU kernels did not build ({why}); torch's own run instead", file=sys.stderr)
-            return f"build failed: {why}"
+    except Exception as e:  # an unwritable cache, a compiler error...: torch's own kernels always work
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"hetpipe: the CPU kernels did not build ({why}); torch's own run instead", file=sys.stderr)
+        return f"build failed: {why}"
     return ""
