@@ -127,17 +127,22 @@ def test_bad_offsets_and_shapes_are_refused(tiny_dirs, backend):
         later.forward(StageBatch([SeqChunk(0, 0, np.array([1], np.int32), P5)]))
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bf16 decode takes the one-row op
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bf16 decode rows take small_matmul
 def test_torch_compile_gives_the_same_tokens(tiny_dirs, dtype):
-    """`--compile` (torch.compile, dynamic shapes) against the eager stage: prefill, decode, a batch."""
+    """`--compile` (torch.compile, dynamic shapes) against the eager stage: prefill, decode, a batch
+    (in bf16 the decode rows take `small_matmul`: one row, then two)."""
     eager = load_stage("torch", str(tiny_dirs["llama"]), 0, 3, dtype=dtype)
     compiled = load_stage("torch", str(tiny_dirs["llama"]), 0, 3, dtype=dtype, compile=True)
     for stage in (eager, compiled):
         outs = [stage.forward(StageBatch([SeqChunk(0, 0, np.array(IDS_A, np.int32), P5),
                                           SeqChunk(1, 0, np.array(IDS_B, np.int32), P5)])).tokens]
-        for pos in range(4):  # decode steps: cache lengths change, no recompile needed
-            outs.append(stage.forward(StageBatch([SeqChunk(0, len(IDS_A) + pos, np.array([outs[-1][0].token_id],
-                                                                                            np.int32), P5)])).tokens)
+        for pos in range(4):  # decode steps of one sequence, then of both: cache lengths change
+            both = pos >= 2
+            seqs = [SeqChunk(0, len(IDS_A) + pos, np.array([outs[-1][0].token_id], np.int32), P5)]
+            if both:
+                seqs.append(SeqChunk(1, len(IDS_B) + pos - 2, np.array([outs[-1][1].token_id], np.int32), P5))
+            toks = stage.forward(StageBatch(seqs)).tokens
+            outs.append(toks if both else [toks[0], outs[-1][1]])  # sequence 1 keeps its token while it waits
         stage.result = outs
     for a, b in zip(eager.result, compiled.result):
         assert [t.token_id for t in a] == [t.token_id for t in b]

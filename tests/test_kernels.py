@@ -13,7 +13,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 from backends.torch_stage import native  # noqa: E402
-from backends.torch_stage.models.llama import row_matvec  # noqa: E402
+from backends.torch_stage.models.llama import SMALL_ROWS, small_matmul  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,42 +28,45 @@ def kernels():
 
 def fp32_reference(x, w):
     """The product summed in float32 and rounded once to bf16, as the kernel (and oneDNN) do."""
-    return (w.float() @ x[0].float())[None].bfloat16()
+    return (x.float() @ w.float().t()).bfloat16()
 
 
-@pytest.mark.parametrize("n,k", [(1, 32), (7, 64), (8, 576), (13, 1536), (960, 576), (3072, 576), (49152, 576)])
-def test_row_matvec_matches_float32_sums(kernels, n, k):
-    """Every output row, whole blocks of 8 rows and the rows left over, within summation order
-    (one bf16 ulp) of a float32 sum; the same inputs through torch.mv for scale."""
-    g = torch.Generator().manual_seed(n * 7 + k)
-    x = torch.randn(1, k, generator=g).bfloat16()
-    w = torch.randn(n, k, generator=g).bfloat16()
-    y = row_matvec(x, w)
-    assert y.shape == (1, n) and y.dtype == torch.bfloat16
+def randn(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).bfloat16()
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8])  # every register blocking: 8, 4 and 2 weight rows a pass
+@pytest.mark.parametrize("n,k", [(1, 32), (7, 64), (13, 1536), (960, 576), (49152, 576)])
+def test_small_matmul_matches_float32_sums(kernels, m, n, k):
+    """Every output, whole blocks of weight rows and the rows left over, within summation order
+    (one bf16 ulp) of a float32 sum; oneDNN on the same inputs for scale."""
+    x, w = randn(m, k, seed=m), randn(n, k, seed=n * 7 + k)
+    y = small_matmul(x, w)
+    assert y.shape == (m, n) and y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), fp32_reference(x, w).float(), rtol=2**-7, atol=1e-3)
-    assert (y == torch.mv(w, x[0])[None]).float().mean() > 0.99  # oneDNN sums in another order
+    assert (y == torch.nn.functional.linear(x, w)).float().mean() > 0.99  # oneDNN sums in another order
 
 
-def test_row_matvec_reads_strided_inputs(kernels):
-    g = torch.Generator().manual_seed(1)
-    big = torch.randn(1, 1152, generator=g).bfloat16()
-    x = big[:, ::2]  # (1, 576), stride 2
-    w = torch.randn(576, 960, generator=g).bfloat16().t()  # (960, 576), transposed
+def test_small_matmul_reads_strided_inputs(kernels):
+    x = randn(3, 1152, seed=1)[:, ::2]  # (3, 576), stride 2
+    w = randn(576, 960, seed=2).t()  # (960, 576), transposed
     assert not x.is_contiguous() and not w.is_contiguous()
-    torch.testing.assert_close(row_matvec(x, w).float(), fp32_reference(x, w).float(), rtol=2**-7, atol=1e-3)
+    torch.testing.assert_close(small_matmul(x, w).float(), fp32_reference(x, w).float(), rtol=2**-7, atol=1e-3)
 
 
-@pytest.mark.parametrize("dtype,k", [(torch.float16, 64), (torch.bfloat16, 40)])
-def test_row_matvec_leaves_other_cases_to_torch(kernels, dtype, k):
-    """fp16, or a row length the 32-wide loop cannot step through: torch.mv's result exactly."""
-    g = torch.Generator().manual_seed(2)
-    x, w = torch.randn(1, k, generator=g).to(dtype), torch.randn(24, k, generator=g).to(dtype)
-    assert torch.equal(row_matvec(x, w), torch.mv(w, x[0])[None])
+@pytest.mark.parametrize("dtype,m,k", [(torch.float16, 1, 64), (torch.float16, 3, 64), (torch.bfloat16, 1, 40),
+                                       (torch.bfloat16, SMALL_ROWS + 1, 64), (torch.float32, 2, 64)])
+def test_small_matmul_leaves_other_cases_to_torch(kernels, dtype, m, k):
+    """fp16, fp32, more than 8 rows, or a row length the 32-wide loop cannot step through: torch's
+    own result exactly (torch.mv for one row, F.linear otherwise)."""
+    x, w = randn(m, k, seed=3).to(dtype), randn(24, k, seed=4).to(dtype)
+    ref = torch.mv(w, x[0])[None] if m == 1 else torch.nn.functional.linear(x, w)
+    assert torch.equal(small_matmul(x, w), ref)
 
 
-def test_row_matvec_refuses_more_than_one_row(kernels):
-    with pytest.raises(RuntimeError, match="x \\(1, K\\)"):
-        row_matvec(torch.ones(2, 64, dtype=torch.bfloat16), torch.ones(8, 64, dtype=torch.bfloat16))
+def test_small_matmul_refuses_mismatched_shapes(kernels):
+    with pytest.raises(RuntimeError, match="x \\(M, K\\)"):
+        small_matmul(torch.ones(2, 64, dtype=torch.bfloat16), torch.ones(8, 32, dtype=torch.bfloat16))
 
 
 def test_a_bf16_cpu_stage_runs_them(kernels, tiny_dirs):

@@ -19,9 +19,9 @@ import torch
 
 from engine.fetch import hetpipe_home
 
-SOURCES = [Path(__file__).parent / "kernels" / "row_matvec.cpp"]
+SOURCES = [Path(__file__).parent / "kernels" / "small_matmul.cpp"]
 FLAGS = ["-O3", "-mavx512f", "-mavx512bf16", "-fopenmp"]
-KERNELS = "avx512-bf16 matvec"  # what a stage reports when they run
+KERNELS = "avx512-bf16 small matmul"  # what a stage reports when they run
 
 _loaded: str | None = None  # None: not tried yet; "" loaded; else why not
 

@@ -27,29 +27,36 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
+SMALL_ROWS = 8  # up to this many rows (decode steps of up to 8 sequences) go through `small_matmul`
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, except one bf16/fp16 row on a CPU, every decode step of a single stream, goes
-    through `row_matvec`."""
-    if x.shape[0] == 1 and x.device.type == "cpu" and x.dtype != torch.float32:
-        y = row_matvec(x, w)
+    """F.linear, except a few bf16/fp16 rows on a CPU (a decode step) go through `small_matmul`."""
+    if x.shape[0] <= SMALL_ROWS and x.device.type == "cpu" and x.dtype != torch.float32:
+        y = small_matmul(x, w)
         return y if b is None else y + b
     return F.linear(x, w, b)
 
 
-# One row times a weight matrix, as an op torch.compile cannot see into. Its plain implementation is
-# torch.mv, oneDNN's matrix-vector kernel: ~1.6x faster than oneDNN's matmul path for one row, and
-# faster under inductor than the reduction inductor writes itself (compiled decode ~10% faster). On
-# CPUs with AVX512-BF16 `native.py` registers our own kernel as its CPU implementation instead. A
-# plain library op, not `torch.library.custom_op`, whose wrappers cost ~10 us per call (121 a token).
+def _small_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    # one row: torch.mv, oneDNN's matrix-vector kernel, ~1.6x faster than its matmul path for a row
+    return torch.mv(w, x[0])[None] if x.shape[0] == 1 else F.linear(x, w)
+
+
+# A few rows times a weight matrix, as an op torch.compile cannot see into. Its plain
+# implementation is oneDNN's (`_small_matmul`), which under inductor beat the reduction inductor
+# writes itself (compiled decode ~10% faster). On CPUs with AVX512-BF16 `native.py` registers our
+# own kernel as its CPU implementation instead. A plain library op, not `torch.library.custom_op`,
+# whose wrappers cost ~10 us per call (121 a token).
 _lib = torch.library.Library("hetpipe", "DEF")
-_lib.define("row_matvec(Tensor x, Tensor w) -> Tensor")
-_lib.impl("row_matvec", lambda x, w: torch.mv(w, x[0])[None], "CompositeExplicitAutograd")
-row_matvec = torch.ops.hetpipe.row_matvec
+_lib.define("small_matmul(Tensor x, Tensor w) -> Tensor")
+_lib.impl("small_matmul", _small_matmul, "CompositeExplicitAutograd")
+small_matmul = torch.ops.hetpipe.small_matmul
 
 
-@torch.library.register_fake("hetpipe::row_matvec")
+@torch.library.register_fake("hetpipe::small_matmul")
 def _(x, w):
-    return x.new_empty((1, w.shape[0]))
+    return x.new_empty((x.shape[0], w.shape[0]))
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
