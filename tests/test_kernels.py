@@ -98,7 +98,7 @@ def run_stage(tiny_dirs, home, **env):
 def test_a_build_left_half_done_does_not_hang_the_next(kernels, tiny_dirs, tmp_path):
     """torch's build lock file, left behind by a build killed midway, is cleared under our own
     lock (which dies with its process) rather than waited on forever."""
-    build = tmp_path / "kernels" / f"torch-{torch.__version__}"
+    build = tmp_path / native.build_dir().relative_to(native.hetpipe_home())
     build.mkdir(parents=True)
     (build / "lock").touch()
     r = run_stage(tiny_dirs, tmp_path)

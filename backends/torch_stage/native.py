@@ -2,13 +2,14 @@
 
 They register CPU implementations of `hetpipe::` ops that the model defines with a plain-torch
 fallback, so the stage runs the same without them: on a CPU without AVX512-BF16, without a C++
-compiler, or with HETPIPE_NATIVE=0. The build (~10 s) happens once per torch version, under a
-file lock so that stage daemons starting together build it once.
+compiler, or with HETPIPE_NATIVE=0. The build (~10 s) happens once per torch version and kernel version,
+under a file lock so that stage daemons starting together build it once.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import platform
 import shutil
@@ -64,17 +65,27 @@ def load() -> str | None:
     return _loaded or None
 
 
+def build_dir() -> Path:
+    """One directory per torch version and per version of the sources and flags, so a build there
+    is always a first build (and says so) and never one of torch's renamed rebuilds."""
+    digest = hashlib.sha256(repr(FLAGS).encode())
+    for src in SOURCES:
+        digest.update(src.read_bytes())
+    return hetpipe_home() / "kernels" / f"torch-{torch.__version__}-{digest.hexdigest()[:12]}"
+
+
 def _build() -> str:
     from torch.utils import cpp_extension
 
-    out = hetpipe_home() / "kernels" / f"torch-{torch.__version__}"
     try:
+        out = build_dir()
         out.mkdir(parents=True, exist_ok=True)
         with open(out / "hetpipe.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released if this process dies, unlike torch's own lock
             (out / "lock").unlink(missing_ok=True)  # file, which a build killed midway leaves forever
             if not any(out.glob("*.so")):
-                print("hetpipe: building the AVX512-BF16 kernels (once per torch version, ~10 s)", file=sys.stderr)
+                print("hetpipe: building the AVX512-BF16 kernels (once per torch and kernel version, ~10 s)",
+                      file=sys.stderr)
             cpp_extension.load("hetpipe_kernels", [str(s) for s in SOURCES], extra_cflags=FLAGS,
                                build_directory=str(out), is_python_module=False)
     except Exception as e:  # an unwritable cache, a compiler error...: torch's own kernels always work
