@@ -33,6 +33,7 @@ UNLIMITED = 1 << 62  # a stage built without a budget (tests, direct constructio
 
 class Pipeline:
     max_inflight = 1  # in-process stages share one thread: nothing to overlap
+    overlaps = False  # `submit` computes before it returns
 
     def __init__(self, stages: Sequence[Stage]):
         if not stages:

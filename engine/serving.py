@@ -58,6 +58,8 @@ class Engine:
             raise UserError("--inflight must be at least 1")
         # default: one micro-batch per stage, so each stage has its own to work on
         self.inflight = min(inflight or len(pipeline.stages), limit)
+        # True where `submit` returns before the stages finish (remote stages): see `_run`
+        self.overlaps = getattr(pipeline, "overlaps", False)
         self.pipeline = pipeline
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
@@ -68,6 +70,7 @@ class Engine:
                                    prefill_with_decode=prefill_with_decode)
         self._ids = itertools.count(secrets.randbits(40) << 20)  # unique on daemons other coordinators share
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._outbox: list[tuple[Request, GenerationChunk]] = []  # made this turn, delivered after the launch
         # new work ends the engine's wait for results at once: a pipeline that waits on sockets
         # (remote) also watches one end of a pipe; an in-process one never waits
         self._wake_r = self._wake_w = None
@@ -203,13 +206,20 @@ class Engine:
                 else:
                     self._launch()
                 if self._flying:
-                    for tag, out, timing in self.pipeline.poll(RESULT_WAIT_S):
+                    done = self.pipeline.poll(RESULT_WAIT_S)
+                    for tag, out, timing in done:
                         self._completed(tag, out, timing)
+                    if done and self.overlaps and not closing:
+                        # the next step leaves before the callers hear of this one: their work and
+                        # the heartbeat check below then overlap the stages' compute, not add to it
+                        self._launch()
+                    self._deliver()
                     lost = self.pipeline.lost() if self.recoverable else []
                     if lost:
                         self._recover(lost)
         except BaseException as e:  # a bug, or the pipeline itself gone: no request may hang on it
             self.error = e
+            self._deliver()  # tokens already made reach their callers before the error does
             err = e if isinstance(e, (UserError, StageFailure)) else StageFailure(f"engine stopped: {e!r}")
             for seq in list(self._seqs.values()):
                 self._end(seq, err)
@@ -304,7 +314,12 @@ class Engine:
                 chunk = self._chunk(seq, tokens[seq.seq_id], now)
                 if chunk.finish_reason:
                     self._end(seq)  # caches freed before the caller hears it is done
-                seq.owner.deliver(chunk)
+                self._outbox.append((seq.owner, chunk))
+
+    def _deliver(self) -> None:
+        out, self._outbox = self._outbox, []
+        for req, chunk in out:
+            req.deliver(chunk)
 
     def _recover(self, lost: list[int]) -> None:
         """A stage is gone: give up on every batch in flight, get the stage replaced, and rebuild
