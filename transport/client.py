@@ -130,9 +130,8 @@ class Client:
 
     def poll(self, timeout_s: float) -> dict[int, tuple[dict, list]]:
         """Replies (or errors) to expected requests that have arrived, waiting up to `timeout_s` for one."""
-        if not self._mail:
-            self._receive(timeout_s)
-        self._receive(0)
+        # one wait drains every socket that is readable; what arrives later is read by the next poll
+        self._receive(0 if self._mail else timeout_s)
         out, self._mail = self._mail, {}
         self._expected.difference_update(out)
         return out
@@ -247,6 +246,8 @@ class RemotePipeline:
         self.heartbeat = Heartbeat(self.client)
         for s in stages:
             self.heartbeat.watch(s)
+
+    overlaps = True  # `submit` returns at once: the coordinator works while the stages compute
 
     @property
     def max_inflight(self) -> int:

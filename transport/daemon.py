@@ -188,14 +188,14 @@ class StageDaemon:
 
     def serve(self) -> None:
         print(f"ready {self.address} backend={self.backend} device={self.device} dtype={self.dtype}", flush=True)
-        poller = zmq.Poller()
-        poller.register(self.sock, zmq.POLLIN)
+        self.sock.setsockopt(zmq.RCVTIMEO, 200)  # a wait, not a poll and a read: one call less per message
         while self.running:
             if self.draining_since is not None and self._drained():
                 break
-            if not poller.poll(200):
+            try:
+                sender, *frames = self.sock.recv_multipart(copy=False)
+            except zmq.Again:
                 continue
-            sender, *frames = self.sock.recv_multipart(copy=False)
             self.dispatch(sender.bytes, frames)
         self.close()
 
@@ -300,10 +300,14 @@ class StageDaemon:
         if route and result.hidden is not None:
             hop = StageBatch(batch.seqs, result.hidden)
             sock = self._next_hop(route[0])
+            frames = pack_batch(hop, route=route[1:], **fields)
             try:
-                if not sock.poll(P.NEXT_HOP_WAIT_MS, zmq.POLLOUT):
-                    raise zmq.Again()
-                sock.send_multipart(pack_batch(hop, route=route[1:], **fields), copy=False, flags=zmq.NOBLOCK)
+                try:
+                    sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+                except zmq.Again:  # not connected yet (a multipart message goes whole or not at all)
+                    if not sock.poll(P.NEXT_HOP_WAIT_MS, zmq.POLLOUT):
+                        raise
+                    sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
             except zmq.Again:
                 raise UserError(f"stage {self.address} cannot reach the next stage {route[0]}") from None
         else:
