@@ -2,6 +2,7 @@
 
 import json
 import math
+import statistics
 import subprocess
 import sys
 
@@ -57,11 +58,17 @@ def test_decode_weight_bytes_are_the_checkpoints_tensors(real_model):
 
 
 def test_bench_pipeline_compares_four_ways_in_one_run(real_model, tmp_path):
-    r = run("pipeline", "--model", str(real_model), "--rounds", "1", "--max-tokens", "3", "--out", str(tmp_path),
+    r = run("pipeline", "--model", str(real_model), "--rounds", "2", "--max-tokens", "3", "--out", str(tmp_path),
             "--json")
     assert set(r["tokens_per_s"]) == {"mlx+torch in-process", "torch+torch in-process", "mlx+torch zeromq",
                                       "torch+torch zeromq"}
     assert all(v > 0 for v in r["ratios"].values()) and len(r["ratios"]) == 4
+    runs = r["runs"]
+    assert all(len(v) == 2 for v in runs.values())
+    per_round = [runs["mlx+torch zeromq"][i] / runs["mlx+torch in-process"][i] for i in range(2)]
+    assert r["paired_ratios"]["mlx+torch zeromq / in-process"] == pytest.approx(sum(per_round) / 2)
+    assert r["ratios"]["mlx+torch zeromq / in-process"] == pytest.approx(
+        statistics.median(runs["mlx+torch zeromq"]) / statistics.median(runs["mlx+torch in-process"]))
     zmq_profile = r["last_profile"]["torch+torch zeromq"]
     assert [s["compute_ms"] > 0 for s in zmq_profile["stages"]] == [True, True] and zmq_profile["wire_ms"] > 0
     assert (tmp_path / "pipeline.png").read_bytes()[:4] == b"\x89PNG" and "| ratio |" in (
