@@ -5,8 +5,8 @@ process of its own (so each keeps its own BLAS and threads) and timed: prefill t
 prompt, decode tokens/s for one stream, ms per layer per decoded token.
 
 pipeline: one split run four ways in one session: torch+torch and mlx+torch, each in-process and
-over ZeroMQ (two daemons on loopback), alternating rounds; ratios ZeroMQ/in-process and
-heterogeneous/homogeneous.
+over ZeroMQ (two daemons on loopback), each with a coordinator process of its own, alternating
+rounds; ratios ZeroMQ/in-process and heterogeneous/homogeneous.
 
 Each writes NAME.json, NAME.md (a Markdown table) and NAME.png (matplotlib) under --out.
 """
@@ -158,47 +158,51 @@ def backends_plot(rows: list[dict], path: Path) -> None:
 # -- pipeline ------------------------------------------------------------------------------------
 
 
-def run_pipeline(model_dir: str, split: int, dtype: str, rounds: int, tokens: int, log=print) -> dict:
-    """The same split four ways, alternating; decode tokens/s and the time breakdown of each."""
-    from transport.client import connect_pipeline
+PROMPT = "Once upon a time"
 
-    from .cli import local_pipeline
+
+def run_pipeline(model_dir: str, split: int, dtype: str, rounds: int, tokens: int, log=print) -> dict:
+    """The same split four ways, alternating; decode tokens/s and the time breakdown of each.
+
+    Each configuration has a coordinator process of its own, as a user's `hetpipe generate` would:
+    in-process stages do not share a process (its threads and memory) with each other's.
+    """
     from .demo import start_stage, stop_stages
-    from .generate import Generator
 
     cfg = ModelConfig.load(model_dir)
     n = cfg.num_hidden_layers
     if not 0 <= split < n - 1:
         raise UserError(f"--split must be in 0..{n - 2}: the first stage holds layers 0..split")
     a, b = f"0-{split}", f"{split + 1}-{n - 1}"
-    gens, procs = {}, []
+    workers: dict[str, subprocess.Popen] = {}
+    procs = []
     try:
-        # mixed first: it sets the thread-pool environment torch reads when it loads
-        for spec in (f"mlx:{a},torch:{b}", f"torch:{a},torch:{b}"):
-            name = "mlx+torch" if spec.startswith("mlx") else "torch+torch"
-            gens[f"{name} in-process"] = Generator(model_dir, local_pipeline(model_dir, spec, dtype, None))
+        for backends in (("mlx", "torch"), ("torch", "torch")):
+            workers[f"{'+'.join(backends)} in-process"] = _start_worker(
+                model_dir, dtype, "--local", f"{backends[0]}:{a},{backends[1]}:{b}")
         for backends in (("mlx", "torch"), ("torch", "torch")):
             addrs = []
             for backend in backends:
                 proc, address = start_stage(backend, model_dir, dtype)
                 procs.append(proc)
                 addrs.append(address)
-            pipe = connect_pipeline(model_dir, f"{addrs[0]}={a},{addrs[1]}={b}", n, log=lambda m: None)
-            gens[f"{'+'.join(backends)} zeromq"] = Generator(model_dir, pipe)
-        prompt = "Once upon a time"
-        for g in gens.values():
-            g.generate(prompt, max_tokens=4)
-        rates = {k: [] for k in gens}
+            workers[f"{'+'.join(backends)} zeromq"] = _start_worker(
+                model_dir, dtype, "--stages", f"{addrs[0]}={a},{addrs[1]}={b}")
+        for k, w in workers.items():
+            _read(k, w)  # loaded and warmed up
+        rates = {k: [] for k in workers}
         profiles = {}
         for i in range(rounds):
             # every other round in reverse order: a machine slowing down or speeding up over the
             # run then favours no configuration
-            for k, g in list(gens.items())[:: 1 if i % 2 == 0 else -1]:
-                res = g.generate(prompt, max_tokens=tokens, ignore_eos=True)
-                rates[k].append(res.decode_tokens_per_s)
-                profiles[k] = res.profile
+            for k, w in list(workers.items())[:: 1 if i % 2 == 0 else -1]:
+                w.stdin.write(f"{tokens}\n")
+                w.stdin.flush()
+                res = _read(k, w)
+                rates[k].append(res["decode_tokens_per_s"])
+                profiles[k] = res["profile"]
         med = {k: statistics.median(v) for k, v in rates.items()}
-        for k in gens:
+        for k in workers:
             log(f"{k}: {med[k]:.2f} tokens/s")
         ratios = _pipeline_ratios(med)
         # the same ratios within each round (runs seconds apart), then their median: less exposed
@@ -210,10 +214,58 @@ def run_pipeline(model_dir: str, split: int, dtype: str, rounds: int, tokens: in
         return {"split": [a, b], "dtype": dtype, "rounds": rounds, "tokens": tokens, "tokens_per_s": med,
                 "runs": rates, "ratios": ratios, "paired_ratios": paired, "last_profile": profiles}
     finally:
-        for g in gens.values():
-            g.close()
-            g.pipeline.close()
+        for w in workers.values():
+            _stop_worker(w)
         stop_stages(procs)
+
+
+def _start_worker(model_dir: str, dtype: str, how: str, spec: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "engine.bench_suites", "pipeline-worker", model_dir, dtype, how,
+                             spec], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
+def _read(name: str, w: subprocess.Popen) -> dict:
+    line = w.stdout.readline()
+    if not line:
+        w.wait()
+        raise UserError(f"bench pipeline: the {name} run exited with code {w.returncode} (its error is above)")
+    return json.loads(line)
+
+
+def _stop_worker(w: subprocess.Popen) -> None:
+    try:
+        w.stdin.close()  # end of commands: the worker closes its pipeline and exits
+        w.wait(timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        w.kill()
+        w.wait()
+
+
+def pipeline_worker(model_dir: str, dtype: str, how: str, spec: str) -> None:
+    """One configuration's coordinator: warm up, then one generation per line of stdin (its token
+    count), each answered with a JSON line on stdout."""
+    from transport.client import connect_pipeline
+
+    from .cli import local_pipeline
+    from .generate import Generator
+
+    out, sys.stdout = sys.stdout, sys.stderr  # stdout carries the answers and nothing else
+    if how == "--local":
+        pipeline = local_pipeline(model_dir, spec, dtype, None)
+    else:
+        pipeline = connect_pipeline(model_dir, spec, ModelConfig.load(model_dir).num_hidden_layers,
+                                    log=lambda m: None)
+    gen = Generator(model_dir, pipeline)
+    try:
+        gen.generate(PROMPT, max_tokens=4)
+        print(json.dumps({"ready": True}), file=out, flush=True)
+        for line in sys.stdin:
+            res = gen.generate(PROMPT, max_tokens=int(line), ignore_eos=True)
+            print(json.dumps({"decode_tokens_per_s": res.decode_tokens_per_s, "profile": res.profile}), file=out,
+                  flush=True)
+    finally:
+        gen.close()
+        pipeline.close()
 
 
 def _pipeline_ratios(rate: dict[str, float]) -> dict[str, float]:
@@ -268,6 +320,9 @@ def _pyplot():
     return plt
 
 
-if __name__ == "__main__":  # the per-backend worker: python -m engine.bench_suites stage ARGS
-    _, _, backend, model, first, last, dtype, prompt_len, tokens = sys.argv
-    print(json.dumps(time_stage(backend, model, int(first), int(last), dtype, int(prompt_len), int(tokens))))
+if __name__ == "__main__":  # the workers: python -m engine.bench_suites stage|pipeline-worker ARGS
+    if sys.argv[1] == "pipeline-worker":
+        pipeline_worker(*sys.argv[2:])
+    else:
+        _, _, backend, model, first, last, dtype, prompt_len, tokens = sys.argv
+        print(json.dumps(time_stage(backend, model, int(first), int(last), dtype, int(prompt_len), int(tokens))))
