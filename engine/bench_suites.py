@@ -220,8 +220,9 @@ def run_pipeline(model_dir: str, split: int, dtype: str, rounds: int, tokens: in
 
 
 def _start_worker(model_dir: str, dtype: str, how: str, spec: str) -> subprocess.Popen:
+    # a session of its own: Ctrl-C reaches the bench, whose cleanup ends the workers (end of stdin)
     return subprocess.Popen([sys.executable, "-m", "engine.bench_suites", "pipeline-worker", model_dir, dtype, how,
-                             spec], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                             spec], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
 
 
 def _read(name: str, w: subprocess.Popen) -> dict:
