@@ -191,7 +191,7 @@ def run_pipeline(model_dir: str, split: int, dtype: str, rounds: int, tokens: in
         for k, w in workers.items():
             _read(k, w)  # loaded and warmed up
         rates = {k: [] for k in workers}
-        profiles = {}
+        profiles = {k: [] for k in workers}  # each round's
         for i in range(rounds):
             # every other round in reverse order: a machine slowing down or speeding up over the
             # run then favours no configuration
@@ -200,7 +200,7 @@ def run_pipeline(model_dir: str, split: int, dtype: str, rounds: int, tokens: in
                 w.stdin.flush()
                 res = _read(k, w)
                 rates[k].append(res["decode_tokens_per_s"])
-                profiles[k] = res["profile"]
+                profiles[k].append(res["profile"])
         med = {k: statistics.median(v) for k, v in rates.items()}
         for k in workers:
             log(f"{k}: {med[k]:.2f} tokens/s")
@@ -209,10 +209,13 @@ def run_pipeline(model_dir: str, split: int, dtype: str, rounds: int, tokens: in
         # to a shared machine's slow minutes than the ratio of medians
         per_round = [_pipeline_ratios({k: v[i] for k, v in rates.items()}) for i in range(rounds)]
         paired = {k: statistics.median(r[k] for r in per_round) for k in ratios}
+        intervals = {k: ratio_interval([r[k] for r in per_round]) for k in ratios}
         for k, v in ratios.items():
-            log(f"{k}: {v:.3f} (median of per-round ratios {paired[k]:.3f})")
+            log(f"{k}: {v:.3f} (median of per-round ratios {paired[k]:.3f}{_interval_text(intervals[k])})")
         return {"split": [a, b], "dtype": dtype, "rounds": rounds, "tokens": tokens, "tokens_per_s": med,
-                "runs": rates, "ratios": ratios, "paired_ratios": paired, "last_profile": profiles}
+                "runs": rates, "ratios": ratios, "paired_ratios": paired, "ratio_intervals": intervals,
+                "step_breakdown": {k: _median_breakdown(v) for k, v in profiles.items()},
+                "last_profile": {k: v[-1] for k, v in profiles.items()}}
     finally:
         for w in workers.values():
             _stop_worker(w)
@@ -269,6 +272,42 @@ def pipeline_worker(model_dir: str, dtype: str, how: str, spec: str) -> None:
         pipeline.close()
 
 
+def t_quantile_975(df: int) -> float:
+    """Student's t 97.5% quantile: Abramowitz & Stegun 26.7.5 (within 0.1% from 3 degrees of freedom;
+    exact figures for 1 and 2), so a confidence interval needs no scipy."""
+    if df < 3:
+        return {1: 12.706, 2: 4.303}[df]
+    z = 1.959964
+    g = [(z ** 3 + z) / 4, (5 * z ** 5 + 16 * z ** 3 + 3 * z) / 96,
+         (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / 384,
+         (79 * z ** 9 + 776 * z ** 7 + 1482 * z ** 5 - 1920 * z ** 3 - 945 * z) / 92160]
+    return z + sum(gi / df ** (i + 1) for i, gi in enumerate(g))
+
+
+def ratio_interval(ratios: list[float]) -> dict | None:
+    """Geometric mean of per-round ratios and its 95% confidence interval (t on the logs).
+
+    A shared machine's speed moves by 10-15% between rounds; the interval says whether a few
+    percent of pipeline overhead is resolved by this run at all. None with fewer than 2 rounds.
+    """
+    if len(ratios) < 2:
+        return None
+    logs = np.log(ratios)
+    mean, half = float(logs.mean()), t_quantile_975(len(logs) - 1) * float(logs.std(ddof=1)) / len(logs) ** 0.5
+    return {"mean": float(np.exp(mean)), "low": float(np.exp(mean - half)), "high": float(np.exp(mean + half))}
+
+
+def _interval_text(iv: dict | None) -> str:
+    return "" if iv is None else f"; per-round mean {iv['mean']:.3f}, 95% interval {iv['low']:.3f}-{iv['high']:.3f}"
+
+
+def _median_breakdown(profiles: list[dict]) -> dict:
+    """Per-step compute of each stage and wire time, medians over the rounds (one round is noisy)."""
+    return {"compute_ms_per_step": [statistics.median(p["stages"][i]["compute_ms_per_step"] for p in profiles)
+                                    for i in range(len(profiles[0]["stages"]))],
+            "wire_ms_per_step": statistics.median(p["wire_ms_per_step"] for p in profiles)}
+
+
 def _pipeline_ratios(rate: dict[str, float]) -> dict[str, float]:
     return {
         "torch+torch zeromq / in-process": rate["torch+torch zeromq"] / rate["torch+torch in-process"],
@@ -279,14 +318,18 @@ def _pipeline_ratios(rate: dict[str, float]) -> dict[str, float]:
 
 
 def pipeline_table(r: dict) -> str:
-    lines = ["| configuration | decode tokens/s (median) | compute ms/step per stage | wire ms/step |",
-             "|---|---|---|---|"]
+    lines = ["| configuration | decode tokens/s | compute ms/step per stage | wire ms/step |", "|---|---|---|---|"]
     for k, v in r["tokens_per_s"].items():
-        p = r["last_profile"][k]
-        stages = ", ".join(f"{s['compute_ms_per_step']:.1f}" for s in p["stages"])
-        lines.append(f"| {k} | {v:.2f} | {stages} | {p['wire_ms_per_step']:.1f} |")
-    lines += ["", "| ratio | of the medians | median of per-round ratios |", "|---|---|---|"]
-    lines += [f"| {k} | {v:.3f} | {r['paired_ratios'][k]:.3f} |" for k, v in r["ratios"].items()]
+        b = r["step_breakdown"][k]
+        stages = ", ".join(f"{ms:.1f}" for ms in b["compute_ms_per_step"])
+        lines.append(f"| {k} | {v:.2f} | {stages} | {b['wire_ms_per_step']:.2f} |")
+    lines += ["", f"Medians over {r['rounds']} rounds of {r['tokens']} tokens.", "",
+              "| ratio | of the medians | median of per-round ratios | per-round geometric mean [95% interval] |",
+              "|---|---|---|---|"]
+    for k, v in r["ratios"].items():
+        iv = r["ratio_intervals"][k]
+        mean = "-" if iv is None else f"{iv['mean']:.3f} [{iv['low']:.3f}, {iv['high']:.3f}]"
+        lines.append(f"| {k} | {v:.3f} | {r['paired_ratios'][k]:.3f} | {mean} |")
     return "\n".join(lines) + "\n"
 
 

@@ -10,7 +10,7 @@ import pytest
 from safetensors import safe_open
 
 from engine import allocator
-from engine.bench_suites import decode_weight_bytes
+from engine.bench_suites import decode_weight_bytes, ratio_interval, t_quantile_975
 from engine.cli import local_pipeline
 from engine.config import ModelConfig
 from engine.generate import Generator
@@ -69,10 +69,29 @@ def test_bench_pipeline_compares_four_ways_in_one_run(real_model, tmp_path):
     assert r["paired_ratios"]["mlx+torch zeromq / in-process"] == pytest.approx(sum(per_round) / 2)
     assert r["ratios"]["mlx+torch zeromq / in-process"] == pytest.approx(
         statistics.median(runs["mlx+torch zeromq"]) / statistics.median(runs["mlx+torch in-process"]))
+    iv = r["ratio_intervals"]["mlx+torch zeromq / in-process"]
+    assert iv["mean"] == pytest.approx((per_round[0] * per_round[1]) ** 0.5)
+    assert iv["low"] < iv["mean"] < iv["high"] or per_round[0] == per_round[1]
+    assert [len(b["compute_ms_per_step"]) for b in r["step_breakdown"].values()] == [2] * 4
+    assert "95% interval" in (tmp_path / "pipeline.md").read_text()
     zmq_profile = r["last_profile"]["torch+torch zeromq"]
     assert [s["compute_ms"] > 0 for s in zmq_profile["stages"]] == [True, True] and zmq_profile["wire_ms"] > 0
     assert (tmp_path / "pipeline.png").read_bytes()[:4] == b"\x89PNG" and "| ratio |" in (
         tmp_path / "pipeline.md").read_text()
+
+
+@pytest.mark.parametrize("df,table", [(1, 12.706), (3, 3.182), (5, 2.571), (10, 2.228), (20, 2.086), (60, 2.000)])
+def test_t_quantile_matches_the_tables(df, table):
+    assert t_quantile_975(df) == pytest.approx(table, rel=2e-3)
+
+
+def test_ratio_interval_is_a_t_interval_on_the_logs():
+    # logs of the ratios: -0.1, 0, 0.1 -> mean 0, sd 0.1, half width t(2) * 0.1 / sqrt(3)
+    iv = ratio_interval([math.exp(-0.1), 1.0, math.exp(0.1)])
+    assert iv["mean"] == pytest.approx(1.0)
+    assert math.log(iv["high"]) == pytest.approx(4.303 * 0.1 / math.sqrt(3), rel=1e-3)
+    assert math.log(iv["low"]) == pytest.approx(-math.log(iv["high"]))
+    assert ratio_interval([0.97]) is None
 
 
 def test_every_result_carries_its_profile(real_model):
