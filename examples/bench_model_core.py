@@ -67,8 +67,8 @@ def _llama_cpp(gguf: str, tokens: int):
 
 
 def _hetpipe(model_dir, spec, dtype, tokens, compile=False):
-    from engine.cli import local_pipeline
-    from engine.generate import Generator
+    from engine.api import local_pipeline
+    from engine.api import Generator
 
     gen = Generator(model_dir, local_pipeline(model_dir, spec, dtype, None, compile))
     long_ids = gen.tokenizer.encode(LONG)[:512]
@@ -132,8 +132,8 @@ def main():
     ap.add_argument("--gguf", default=None, help="a GGUF for the llama.cpp anchor (needs llama-cpp-python)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    from engine import allocator
-    from engine.fetch import default_model_dir
+    from engine.app import allocator
+    from engine.app.fetch import default_model_dir
 
     model_dir = args.model or str(default_model_dir())
     if args.worker:

@@ -20,11 +20,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.bench import run_serving  # noqa: E402
-from engine.cli import local_pipeline  # noqa: E402
-from engine.demo import start_stage, stop_stages  # noqa: E402
-from engine.fetch import default_model_dir  # noqa: E402
-from engine.generate import Generator  # noqa: E402
-from transport.client import connect_pipeline  # noqa: E402
+from engine.api import local_pipeline  # noqa: E402
+from engine.app.procs import start_stage, stop_stages  # noqa: E402
+from engine.app.fetch import default_model_dir  # noqa: E402
+from engine.api import Generator  # noqa: E402
+from engine.api import connect_pipeline  # noqa: E402
 
 
 def rounds(runs: dict, n: int) -> dict:

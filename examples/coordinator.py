@@ -13,9 +13,9 @@ import argparse
 import asyncio
 import sys
 
-from engine.fetch import default_model_dir
-from engine.generate import Generator
-from engine.sampling import SamplingParams
+from engine.app.fetch import default_model_dir
+from engine.api import Generator
+from engine.core.sampling import SamplingParams
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--model", default=str(default_model_dir()))
@@ -26,11 +26,11 @@ ap.add_argument("prompt", nargs="?", default="Give me three tips for writing cle
 args = ap.parse_args()
 
 if args.stages:
-    from transport.client import connect_pipeline
+    from engine.api import connect_pipeline
 
     pipeline = connect_pipeline(args.model, args.stages, num_layers=30, log=lambda m: print(m, file=sys.stderr))
 else:
-    from engine.cli import local_pipeline
+    from engine.api import local_pipeline
 
     pipeline = local_pipeline(args.model, args.local, "float32", None)
 

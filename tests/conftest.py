@@ -23,7 +23,7 @@ def tiny_dirs(tmp_path_factory):
 @pytest.fixture(scope="session")
 def real_model():
     """The fetched SmolLM2 directory (`hetpipe fetch smollm2`); CI must have it."""
-    from engine.fetch import default_model_dir, is_imported
+    from engine.app.fetch import default_model_dir, is_imported
 
     d = Path(os.environ.get("HETPIPE_MODEL_DIR") or default_model_dir())
     if not is_imported(d):

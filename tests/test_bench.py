@@ -9,15 +9,16 @@ import sys
 import pytest
 from safetensors import safe_open
 
-from engine import allocator
-from engine.bench_suites import decode_weight_bytes, ratio_interval, t_quantile_975
-from engine.cli import local_pipeline
-from engine.config import ModelConfig
-from engine.generate import Generator
+from engine.app import allocator
+from engine.app.bench.backends import decode_weight_bytes
+from engine.app.bench.stats import ratio_interval, t_quantile_975
+from engine.api import local_pipeline
+from engine.core.config import ModelConfig
+from engine.api import Generator
 
 
 def run(*args, timeout=600):
-    r = subprocess.run([sys.executable, "-m", "engine.cli", "bench", *args], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "engine.app.cli", "bench", *args], capture_output=True, text=True,
                        timeout=timeout)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
@@ -95,7 +96,7 @@ def test_ratio_interval_is_a_t_interval_on_the_logs():
 
 
 def test_every_result_carries_its_profile(real_model):
-    gen = Generator(real_model, local_pipeline(str(real_model), "mlx:0-14,torch:15-29", "float32", None))
+    gen = Generator(real_model, local_pipeline(str(real_model), "mlx:0-14,torch:15-29"))
     res = gen.generate([1, 2, 3, 4], max_tokens=5, ignore_eos=True)
     p = res.profile
     assert p["steps"] == 5 and p["ttft_ms"] == res.ttft_ms and 0 < p["itl_ms_p50"] <= p["itl_ms_p95"]

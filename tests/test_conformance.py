@@ -7,9 +7,10 @@ hidden states at a stage boundary, and a pipeline split across the two backends.
 import numpy as np
 import pytest
 
-from engine.pipeline import Pipeline
-from engine.sampling import SamplingParams
-from engine.stage import SeqChunk, Stage, StageBatch, load_stage
+from engine.app.stages import load_stage
+from engine.core.pipeline import run_stages
+from engine.core.sampling import SamplingParams
+from engine.core.stage import SeqChunk, Stage, StageBatch
 from reference import hf_hidden, hf_logprobs, hf_model
 from tiny import VARIANTS
 
@@ -82,15 +83,16 @@ def test_hidden_at_stage_boundary(tiny_dirs, refs, backend):
 @pytest.mark.parametrize("spec", [("mlx", "torch"), ("torch", "mlx"), ("torch", "torch"), ("mlx", "mlx")])
 def test_split_pipeline_matches_reference(tiny_dirs, refs, spec):
     d = tiny_dirs["llama-tied"]
-    pipe = Pipeline([load_stage(spec[0], d, 0, 1), load_stage(spec[1], d, 2, 3)])
+    stages = [load_stage(spec[0], d, 0, 1), load_stage(spec[1], d, 2, 3)]
     ref = hf_logprobs(refs["llama-tied"], IDS_A)
-    (tok,) = pipe.forward(StageBatch([SeqChunk(0, 0, np.array(IDS_A[:5], np.int32), P5)]))
+    (tok,), _ = run_stages(stages, StageBatch([SeqChunk(0, 0, np.array(IDS_A[:5], np.int32), P5)]))
     check_token(tok, ref[4])
     for pos in range(5, len(IDS_A)):
-        (tok,) = pipe.forward(StageBatch([SeqChunk(0, pos, np.array([IDS_A[pos]], np.int32), P5)]))
+        (tok,), _ = run_stages(stages, StageBatch([SeqChunk(0, pos, np.array([IDS_A[pos]], np.int32), P5)]))
         check_token(tok, ref[pos])
-    pipe.release([0])
-    assert all(s.live_sequences() == [] for s in pipe.stages)
+    for s in stages:
+        s.release([0])
+    assert all(s.live_sequences() == [] for s in stages)
 
 
 @pytest.mark.parametrize("first,second", [("mlx", "torch"), ("torch", "mlx")])

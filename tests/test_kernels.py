@@ -70,7 +70,7 @@ def test_small_matmul_refuses_mismatched_shapes(kernels):
 
 
 def test_a_bf16_cpu_stage_runs_them(kernels, tiny_dirs):
-    from engine.stage import load_stage
+    from engine.app.stages import load_stage
 
     assert load_stage("torch", tiny_dirs["llama"], 0, 3, dtype="bfloat16").kernels == native.KERNELS
     assert load_stage("torch", tiny_dirs["llama"], 0, 3, dtype="float32").kernels == ""
@@ -79,8 +79,9 @@ def test_a_bf16_cpu_stage_runs_them(kernels, tiny_dirs):
 STAGE_RUN = """
 import sys, numpy as np
 sys.path.insert(0, {root!r})
-from engine.stage import load_stage, SeqChunk, StageBatch
-from engine.sampling import SamplingParams
+from engine.app.stages import load_stage
+from engine.core.stage import SeqChunk, StageBatch
+from engine.core.sampling import SamplingParams
 st = load_stage("torch", {model!r}, 0, 3, dtype="bfloat16")
 (tok,) = st.forward(StageBatch([SeqChunk(0, 0, np.array([5, 17, 33], np.int32), SamplingParams())])).tokens
 print("kernels=" + st.kernels, "token=" + str(tok.token_id))

@@ -2,8 +2,8 @@
 
 import pytest
 
-from engine.errors import UserError
-from engine.planner import StageCapacity, plan_layers
+from engine.core.errors import UserError
+from engine.app.planner import StageCapacity, plan_layers
 
 
 def test_faster_stage_gets_proportionally_more_layers():

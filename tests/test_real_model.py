@@ -7,10 +7,10 @@ un-permutation), so this also checks our GGUF import end to end.
 import numpy as np
 import pytest
 
-from engine.cli import local_pipeline
-from engine.fetch import SOURCE_GGUF
-from engine.generate import Generator
-from engine.sampling import SamplingParams
+from engine.api import local_pipeline
+from engine.app.fetch import SOURCE_GGUF
+from engine.api import Generator
+from engine.core.sampling import SamplingParams
 from reference import hf_greedy
 
 N = 32
@@ -42,7 +42,7 @@ def references(hf, real_model):
 
 @pytest.mark.parametrize("spec", SPECS)
 def test_greedy_tokens_and_logprobs_match_transformers(real_model, references, spec):
-    gen = Generator(real_model, local_pipeline(str(real_model), spec, "float32", None))
+    gen = Generator(real_model, local_pipeline(str(real_model), spec))
     for _, text in PROMPTS:
         ids, ref_toks, ref_lps = references[text]
         # no EOS stop: compare all N tokens even if the model would end its turn
@@ -54,7 +54,7 @@ def test_greedy_tokens_and_logprobs_match_transformers(real_model, references, s
 
 
 def test_chat_answer_streams_whole_text_and_stops_on_eos(real_model):
-    gen = Generator(real_model, local_pipeline(str(real_model), "torch", "float32", None))
+    gen = Generator(real_model, local_pipeline(str(real_model), "torch"))
     pieces = list(gen.stream("What is the capital of France?", chat=True, max_tokens=64))
     assert pieces[-1].finish_reason == "stop" and pieces[-1].token_id in gen.eos_ids
     text = "".join(p.text for p in pieces)
@@ -63,7 +63,7 @@ def test_chat_answer_streams_whole_text_and_stops_on_eos(real_model):
 
 
 def test_seeded_sampling_is_reproducible_and_differs_by_seed(real_model):
-    gen = Generator(real_model, local_pipeline(str(real_model), "mlx,torch", "float32", None))
+    gen = Generator(real_model, local_pipeline(str(real_model), "mlx,torch"))
     s = lambda seed: SamplingParams(temperature=0.9, top_p=0.95, top_k=50, seed=seed)  # noqa: E731
     a = gen.generate("Tell me a story about a dragon.", chat=True, max_tokens=24, sampling=s(1)).token_ids
     b = gen.generate("Tell me a story about a dragon.", chat=True, max_tokens=24, sampling=s(1)).token_ids
@@ -72,7 +72,7 @@ def test_seeded_sampling_is_reproducible_and_differs_by_seed(real_model):
 
 
 def test_stop_string_ends_generation_and_is_not_emitted(real_model):
-    gen = Generator(real_model, local_pipeline(str(real_model), "torch", "float32", None))
+    gen = Generator(real_model, local_pipeline(str(real_model), "torch"))
     full = gen.generate("The history of the Roman Empire", max_tokens=32).text
     stop = full.split()[3]
     res = gen.generate("The history of the Roman Empire", max_tokens=32, stop=[stop])

@@ -20,15 +20,16 @@ import numpy as np
 import pytest
 import zmq
 
-from engine.demo import start_stage, stop_stages
-from engine.errors import StageFailure
-from engine.generate import Generator
+from engine.app.procs import start_stage, stop_stages
+from engine.core.errors import StageFailure
+from engine.api import Generator
 from transport import protocol as P
-from transport.auth import Auth, init_keys
-from transport.client import Client, StageError, connect_pipeline
+from transport.auth import init_keys
+from engine.api import connect_pipeline
+from transport.client import Client, StageError
 from transport.wire import pack, pack_batch
-from engine.stage import SeqChunk, StageBatch
-from engine.sampling import SamplingParams
+from engine.core.stage import SeqChunk, StageBatch
+from engine.core.sampling import SamplingParams
 
 LENGTHS = [6, 23, 11, 40]
 MAX_TOKENS = 40
@@ -98,22 +99,18 @@ def cluster(real_model):
     c.close()
 
 
-def pipeline(real_model, cluster, **kw):
+def generator(real_model, cluster, recovery_timeout_s, standby=()):
     a, b = cluster.addresses[:2]
-    return connect_pipeline(str(real_model), f"{a}=0-14,{b}=15-29", 30, log=lambda m: None, **kw)
+    pipe = connect_pipeline(str(real_model), f"{a}=0-14,{b}=15-29", standby=standby, log=lambda m: None)
+    return Generator(real_model, pipe, recovery_timeout_s=recovery_timeout_s)
 
 
 @contextmanager
-def undisturbed(real_model, cluster, lengths, **kw):
+def undisturbed(real_model, cluster, lengths, recovery_timeout_s, standby=()):
     """(pipeline, generator, prompts, their tokens from an undisturbed concurrent run); closed after."""
-    pipe = pipeline(real_model, cluster, **kw)
-    gen = Generator(real_model, pipe)
-    try:
+    with generator(real_model, cluster, recovery_timeout_s, standby) as gen:
         ps = prompts(gen, lengths)
-        yield pipe, gen, ps, run_concurrently(gen, ps, MAX_TOKENS)
-    finally:
-        gen.close()
-        pipe.close()
+        yield gen.pipeline, gen, ps, run_concurrently(gen, ps, MAX_TOKENS)
 
 
 def disturbed_run(gen, ps, when, disturb):
@@ -137,8 +134,8 @@ def test_kill_9_and_restart_mid_generation_loses_nothing(real_model, cluster):
         got, t_kill = disturbed_run(gen, ps, 8, kill_and_restart)
         assert got == want
         (event,) = gen.engine.recoveries
-        assert event["ok"] and event["lost"] == [cluster.addresses[1]]
-        assert event["detected"] - t_kill < 2.0, f"detected after {event['detected'] - t_kill:.2f} s"
+        assert event.ok and event.lost == [cluster.addresses[1]]
+        assert event.detected - t_kill < 2.0, f"detected after {event.detected - t_kill:.2f} s"
         assert live(pipe) == [([], 0), ([], 0)]
 
 
@@ -163,25 +160,42 @@ def test_stopped_stage_is_detected_and_resumes(real_model, cluster):
         got, t_stop = disturbed_run(gen, ps, 6, stop_then_continue)
         assert got == want
         event = gen.engine.recoveries[0]
-        assert event["ok"] and event["detected"] - t_stop < 2.0
+        assert event.ok and event.detected - t_stop < 2.0
         assert live(pipe) == [([], 0), ([], 0)]
 
 
 def test_no_capacity_in_time_ends_each_request_with_a_clear_error(real_model, cluster):
-    pipe = pipeline(real_model, cluster, recovery_timeout_s=2)
-    gen = Generator(real_model, pipe)
-    ps = prompts(gen, LENGTHS[:3])
-    t0 = time.monotonic()
-    got, _ = disturbed_run(gen, ps, 3, cluster.procs[1].kill)
-    assert all(isinstance(r, StageFailure) and "no stage took its place within 2 s" in str(r) for r in got), got
-    assert time.monotonic() - t0 < 30
-    gen.close()
-    pipe.close()
+    with generator(real_model, cluster, recovery_timeout_s=2) as gen:
+        ps = prompts(gen, LENGTHS[:3])
+        t0 = time.monotonic()
+        got, _ = disturbed_run(gen, ps, 3, cluster.procs[1].kill)
+        assert all(isinstance(r, StageFailure) and "no stage took its place within 2 s" in str(r) for r in got), got
+        assert time.monotonic() - t0 < 30
+
+
+def test_recovery_timeout_bounds_a_replacement_slow_to_load(real_model, cluster):
+    """The standby answers hello at once but takes far longer than the timeout to load (it compiles
+    its layers with torch.compile): the recovery gives up at the timeout, load included."""
+    slow = f"tcp://127.0.0.1:{free_port()}"
+    proc = start_stage("torch", real_model, listen=slow, extra=["--compile"])[0]
+    try:
+        with generator(real_model, cluster, recovery_timeout_s=4, standby=[slow]) as gen:
+            got, t_kill = disturbed_run(gen, prompts(gen, LENGTHS[:2]), 3, cluster.procs[1].kill)
+            ends = time.monotonic()
+            (event,) = gen.engine.recoveries
+            assert not event.ok and "no stage took its place within 4 s" in event.error
+            assert all(isinstance(r, StageFailure) and "within 4 s" in str(r) for r in got), got
+            # from the loss being seen to every request's error: the timeout, plus at most 2 s
+            assert ends - event.detected < 4 + 2, f"{ends - event.detected:.1f} s"
+            assert event.detected - t_kill < 2.0
+    finally:
+        proc.kill()  # busy compiling: it would answer SIGTERM only once done
+        proc.wait()
 
 
 def test_soak_concurrent_clients_cancellations_and_a_restart(real_model, cluster):
-    pipe = pipeline(real_model, cluster, recovery_timeout_s=60)
-    gen = Generator(real_model, pipe)
+    gen = generator(real_model, cluster, recovery_timeout_s=60)
+    pipe = gen.pipeline
     distinct = prompts(gen, [5, 9, 14, 3, 20, 7])
     want = [gen.generate(p, max_tokens=6, ignore_eos=True).token_ids for p in distinct]
     rng = random.Random(0)
@@ -219,11 +233,10 @@ def test_soak_concurrent_clients_cancellations_and_a_restart(real_model, cluster
     assert len(results) == len(plan)  # none lost
     for j, (p, cancel) in enumerate(plan):
         assert results[j] == (want[p][:2] if cancel else want[p]), j
-    assert gen.engine.recoveries and all(e["ok"] for e in gen.engine.recoveries)
+    assert gen.engine.recoveries and all(e.ok for e in gen.engine.recoveries)
     time.sleep(0.3)
     assert live(pipe) == [([], 0), ([], 0)]
     gen.close()
-    pipe.close()
 
 
 # -- bad input -------------------------------------------------------------------------------------
@@ -314,10 +327,10 @@ def test_fuzz_ten_thousand_malformed_messages(tiny_dirs):
 
 
 def test_engine_api_rejects_bad_inputs_cleanly(tiny_dirs, real_model):
-    from engine.cli import local_pipeline
-    from engine.errors import UserError
+    from engine.api import local_pipeline
+    from engine.core.errors import UserError
 
-    gen = Generator(real_model, local_pipeline(str(real_model), "torch", "float32", None))
+    gen = Generator(real_model, local_pipeline(str(real_model), "torch"))
     for bad in ([1, "x"], [[1]], 5, None, [1.5]):
         with pytest.raises(UserError):
             gen.stream(bad, max_tokens=2)
@@ -335,7 +348,7 @@ def test_curve_only_allowed_keys_get_in(real_model, tmp_path):
     keys, other = init_keys(tmp_path / "keys"), init_keys(tmp_path / "other")
     proc, address = start_stage("torch", real_model, extra=["--auth", str(keys), "--layers", "0-29"])
     try:
-        cli = [sys.executable, "-m", "engine.cli", "health", "--stages", address, "--timeout", "3", "--json"]
+        cli = [sys.executable, "-m", "engine.app.cli", "health", "--stages", address, "--timeout", "3", "--json"]
         ok = subprocess.run(cli + ["--auth", str(keys)], capture_output=True, text=True, timeout=60)
         assert ok.returncode == 0, ok.stderr
         assert json.loads(ok.stdout)[0]["state"] == "ok"
@@ -351,7 +364,7 @@ def test_curve_only_allowed_keys_get_in(real_model, tmp_path):
             assert r.returncode == 1 and "down" in r.stdout and time.monotonic() - t < 20
             assert why in json.loads(r.stdout)[0]["error"], r.stdout
         # generation works over the authenticated link
-        pipe = connect_pipeline(str(real_model), f"{address}=0-29", 30, auth=Auth.load(keys, "coordinator"))
+        pipe = connect_pipeline(str(real_model), f"{address}=0-29", auth_dir=keys)
         gen = Generator(real_model, pipe)
         assert len(gen.generate([1, 2, 3], max_tokens=3, ignore_eos=True).token_ids) == 3
         gen.close()
@@ -361,10 +374,10 @@ def test_curve_only_allowed_keys_get_in(real_model, tmp_path):
 
 
 def test_non_loopback_listen_needs_auth_or_insecure(real_model):
-    cmd = [sys.executable, "-m", "engine.cli", "stage", "--backend", "torch", "--model", str(real_model),
+    cmd = [sys.executable, "-m", "engine.app.cli", "stage", "--backend", "torch", "--model", str(real_model),
            "--listen", "tcp://0.0.0.0:0"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "without --auth" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "without authentication" in r.stderr and "Traceback" not in r.stderr
     proc, address = start_stage("torch", real_model, listen="tcp://0.0.0.0:0", extra=["--insecure"])
     stop_stages([proc])
     assert address.startswith("tcp://0.0.0.0:")
@@ -411,7 +424,7 @@ def test_health_reports_every_stage(real_model):
     procs = [start_stage("torch", real_model, extra=["--layers", r]) for r in ("0-14", "15-29")]
     try:
         addrs = [a for _, a in procs] + [f"tcp://127.0.0.1:{free_port()}"]
-        r = subprocess.run([sys.executable, "-m", "engine.cli", "health", "--stages", ",".join(addrs), "--timeout",
+        r = subprocess.run([sys.executable, "-m", "engine.app.cli", "health", "--stages", ",".join(addrs), "--timeout",
                             "2", "--json"], capture_output=True, text=True, timeout=60)
         assert r.returncode == 1  # one is down
         report = json.loads(r.stdout)

@@ -7,12 +7,12 @@ import sys
 import numpy as np
 import pytest
 
-from engine.cli import local_pipeline
-from engine.demo import start_stage, stop_stages
-from engine.errors import UserError
-from engine.generate import Generator
-from engine.planner import StageCapacity, plan_layers
-from transport.client import connect_pipeline
+from engine.api import local_pipeline
+from engine.app.procs import start_stage, stop_stages
+from engine.core.errors import UserError
+from engine.api import Generator
+from engine.app.planner import StageCapacity, plan_layers
+from engine.api import connect_pipeline
 
 PROMPT = "Write a haiku about the sea."
 N = 24
@@ -33,14 +33,14 @@ def daemons(real_model, tmp_path_factory):
 
 
 def local_tokens(model_dir, spec):
-    gen = Generator(model_dir, local_pipeline(str(model_dir), spec, "float32", None))
+    gen = Generator(model_dir, local_pipeline(str(model_dir), spec))
     return gen.generate(PROMPT, chat=True, max_tokens=N)
 
 
 @pytest.mark.parametrize("pair", [(0, 1), (1, 2)], ids=["mlx+torch", "torch+torch(ipc)"])
 def test_remote_greedy_equals_local(real_model, daemons, pair):
     a, b = daemons[pair[0]], daemons[pair[1]]
-    pipe = connect_pipeline(str(real_model), f"{a}=0-14,{b}=15-29", 30)
+    pipe = connect_pipeline(str(real_model), f"{a}=0-14,{b}=15-29")
     gen = Generator(real_model, pipe)
     remote = gen.generate(PROMPT, chat=True, max_tokens=N)
     spec = "mlx:0-14,torch:15-29" if pair == (0, 1) else "torch:0-14,torch:15-29"
@@ -57,15 +57,14 @@ def test_remote_greedy_equals_local(real_model, daemons, pair):
 
 def test_planner_splits_by_measured_speed(real_model, daemons):
     logs = []
-    pipe = connect_pipeline(str(real_model), f"{daemons[0]},{daemons[1]}", 30, log=logs.append)
+    pipe = connect_pipeline(str(real_model), f"{daemons[0]},{daemons[1]}", log=logs.append)
     (plan,) = logs
     assert plan.startswith("plan: ") and "predicted" in plan
     ranges = [(s.info.first, s.info.last) for s in pipe.stages]
     assert ranges[0][0] == 0 and ranges[-1][1] == 29 and ranges[0][1] + 1 == ranges[1][0]
     # the ranges are the planner's answer to the speeds and memory the daemons reported
-    caps = [StageCapacity(s.address, s.remote["ms_per_layer"],
-                          int(0.8 * s.remote["free_memory"] // s.remote["layer_bytes"]), s.remote["head_ms"])
-            for s in pipe.stages]
+    caps = [StageCapacity(s.address, s.report.ms_per_layer, int(0.8 * s.report.free_memory // s.report.layer_bytes),
+                          s.report.head_ms) for s in pipe.stages]
     assert all(c.ms_per_layer > 0 for c in caps) and caps[-1].head_ms > 0
     assert ranges == plan_layers(caps, 30).ranges
     pipe.close()
@@ -73,7 +72,7 @@ def test_planner_splits_by_measured_speed(real_model, daemons):
 
 def test_model_mismatch_is_refused(real_model, daemons, tiny_dirs):
     with pytest.raises(UserError, match="different model"):
-        connect_pipeline(str(tiny_dirs["llama"]), f"{daemons[1]}=0-3", 4)
+        connect_pipeline(str(tiny_dirs["llama"]), f"{daemons[1]}=0-3")
 
 
 def test_resident_memory_reflects_only_its_layers(real_model, tmp_path):
@@ -96,10 +95,10 @@ def test_resident_memory_reflects_only_its_layers(real_model, tmp_path):
 def test_coordinator_imports_neither_framework(real_model, daemons):
     code = f"""
 import sys
-from engine.generate import Generator
-from engine.planner import StageCapacity, plan_layers
-from transport.client import connect_pipeline
-pipe = connect_pipeline({str(real_model)!r}, "{daemons[0]}=0-14,{daemons[1]}=15-29", 30)
+from engine.api import Generator
+from engine.app.planner import StageCapacity, plan_layers
+from engine.api import connect_pipeline
+pipe = connect_pipeline({str(real_model)!r}, "{daemons[0]}=0-14,{daemons[1]}=15-29")
 res = Generator({str(real_model)!r}, pipe).generate("Hi", chat=True, max_tokens=4)
 assert len(res.token_ids) >= 1
 bad = [m for m in sys.modules if m.split('.')[0] in ('mlx', 'torch')]
@@ -111,7 +110,7 @@ print("ok")
 
 
 def test_cli_generate_over_stages_has_the_same_json(real_model, daemons):
-    r = subprocess.run([sys.executable, "-m", "engine.cli", "generate", "--model", str(real_model), "--stages",
+    r = subprocess.run([sys.executable, "-m", "engine.app.cli", "generate", "--model", str(real_model), "--stages",
                         f"{daemons[0]}=0-14,{daemons[1]}=15-29", "--chat", "--max-tokens", "5", "--json", PROMPT],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
@@ -122,7 +121,7 @@ def test_cli_generate_over_stages_has_the_same_json(real_model, daemons):
 
 
 def test_unreachable_stage_is_a_clear_error(real_model):
-    r = subprocess.run([sys.executable, "-m", "engine.cli", "generate", "--model", str(real_model), "--stages",
+    r = subprocess.run([sys.executable, "-m", "engine.app.cli", "generate", "--model", str(real_model), "--stages",
                         "tcp://127.0.0.1:1=0-29", "--timeout", "3", "hi"], capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "did not answer" in r.stderr and "Traceback" not in r.stderr
 
@@ -131,7 +130,7 @@ def test_demo_streams_through_two_daemons_and_stops_them(real_model):
     import os
     import re
 
-    r = subprocess.run([sys.executable, "-m", "engine.cli", "demo", "--max-tokens", "12", "Say hello."],
+    r = subprocess.run([sys.executable, "-m", "engine.app.cli", "demo", "--max-tokens", "12", "Say hello."],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "tokens/s decode" in r.stdout and "mlx" in r.stdout and "torch" in r.stdout

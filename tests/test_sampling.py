@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from engine.errors import UserError
-from engine.sampling import (SamplingParams, apply_repetition_penalty, filter_logits, log_softmax, sample_token,
+from engine.core.errors import UserError
+from engine.core.sampling import (SamplingParams, apply_repetition_penalty, filter_logits, log_softmax, sample_token,
                              top_logprobs)
 
 RNG = np.random.default_rng(0)
@@ -80,7 +80,7 @@ def test_bad_params_are_user_errors(kw):
 
 def test_logsumexp_gives_log_softmax_of_the_chosen_token():
     """The stage's log-probabilities: float32 exponentials summed in float64, against float64."""
-    from engine.sampling import logsumexp
+    from engine.core.sampling import logsumexp
 
     row = (np.random.default_rng(3).standard_normal(49152) * 8).astype(np.float32)
     lp = log_softmax(row)

@@ -12,13 +12,13 @@ import threading
 
 import pytest
 
-from engine.bench import KEYS
-from engine.cli import local_pipeline
-from engine.demo import start_stage, stop_stages
-from engine.errors import UserError
-from engine.generate import Generator
-from engine.sampling import SamplingParams
-from transport.client import connect_pipeline
+from engine.app.bench.serving import KEYS
+from engine.api import local_pipeline
+from engine.app.procs import start_stage, stop_stages
+from engine.core.errors import UserError
+from engine.api import Generator
+from engine.core.sampling import SamplingParams
+from engine.api import connect_pipeline
 
 # small micro-batches, so prompts are prefilled in several chunks between other requests' steps
 SMALL = dict(max_batch_tokens=32, prefill_with_decode=16)
@@ -40,7 +40,7 @@ def live(gen):
 
 @pytest.fixture(scope="module", params=["torch", "mlx:0-14,torch:15-29"])
 def gen(request, real_model):
-    g = Generator(real_model, local_pipeline(str(real_model), request.param, "float32", None), **SMALL)
+    g = Generator(real_model, local_pipeline(real_model, request.param), **SMALL)
     yield g
     g.close()
 
@@ -135,7 +135,7 @@ def test_astream_runs_concurrently_and_cancels(gen):
 
 
 def test_kv_budget_admits_queues_and_refuses(real_model):
-    pipe = local_pipeline(str(real_model), "torch", "float32", None)
+    pipe = local_pipeline(str(real_model), "torch")
     pipe.stages[0].set_kv_budget(100)
     g = Generator(real_model, pipe, max_queue=1, **SMALL)
     try:
@@ -171,7 +171,7 @@ def torch_daemons(real_model):
 
 def test_remote_micro_batches_in_flight_equal_alone(real_model, torch_daemons):
     a, b = torch_daemons
-    pipe = connect_pipeline(str(real_model), f"{a}=0-14,{b}=15-29", 30)
+    pipe = connect_pipeline(str(real_model), f"{a}=0-14,{b}=15-29")
     g = Generator(real_model, pipe, inflight=2, **SMALL)
     try:
         ps = prompts(g, [5, 33, 12, 70, 2, 18])
@@ -188,7 +188,7 @@ def test_remote_micro_batches_in_flight_equal_alone(real_model, torch_daemons):
 
 
 def test_cli_bench_prints_the_json_keys(real_model, torch_daemons):
-    r = subprocess.run([sys.executable, "-m", "engine.cli", "bench", "--model", str(real_model), "--stages",
+    r = subprocess.run([sys.executable, "-m", "engine.app.cli", "bench", "--model", str(real_model), "--stages",
                         ",".join(torch_daemons), "--concurrency", "3", "--requests", "5", "--max-tokens", "4",
                         "--prompt-len", "9", "--inflight", "2", "--json"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -196,6 +196,6 @@ def test_cli_bench_prints_the_json_keys(real_model, torch_daemons):
     assert list(out)[: len(KEYS)] == list(KEYS)
     assert out["tokens"] == 5 * 4 and out["aggregate_tokens_per_s"] > 0 and out["requests_per_s"] > 0
     assert 0 < out["ttft_ms_p50"] <= out["ttft_ms_p95"] and 0 < out["itl_ms_p50"] <= out["itl_ms_p95"]
-    bad = subprocess.run([sys.executable, "-m", "engine.cli", "bench", "--model", str(real_model), "--local", "torch",
-                          "--concurrency", "0"], capture_output=True, text=True, timeout=120)
+    bad = subprocess.run([sys.executable, "-m", "engine.app.cli", "bench", "--model", str(real_model), "--local",
+                          "torch", "--concurrency", "0"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "at least 1" in bad.stderr and "Traceback" not in bad.stderr

@@ -2,8 +2,8 @@
 
 import pytest
 
-from engine.fetch import SOURCE_GGUF
-from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from engine.app.fetch import SOURCE_GGUF
+from engine.serving.text import IncrementalDetokenizer, Tokenizer
 
 TEXTS = [
     "Hello, world!",

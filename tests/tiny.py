@@ -18,11 +18,26 @@ VARIANTS = {
 }
 
 
-def make_tiny(out: Path, variant: str, seed: int = 0, shard: bool = False) -> Path:
+def write_byte_tokenizer(out: Path) -> None:
+    """A byte-level tokenizer whose 256 ids are the 256 bytes (no merges): the tiny models' vocabulary,
+    so text goes through the whole serving path."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({"eos_token": alphabet[2]}))
+
+
+def make_tiny(out: Path, variant: str, seed: int = 0, shard: bool = False, **overrides) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    kw = {**TINY, **VARIANTS[variant]}
+    kw = {**TINY, **VARIANTS[variant], **overrides}
     model_type = kw.pop("model_type")
     cfg = AutoConfig.for_model(model_type, **kw)
     torch.manual_seed(seed)
@@ -32,4 +47,5 @@ def make_tiny(out: Path, variant: str, seed: int = 0, shard: bool = False) -> Pa
             p.normal_(0, 0.08)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, max_shard_size="100KB" if shard else "2GB")
+    write_byte_tokenizer(out)
     return out

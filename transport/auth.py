@@ -22,7 +22,7 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-from engine.errors import UserError
+from engine.core.errors import UserError
 
 ROLES = ("stage", "coordinator")
 
@@ -30,7 +30,7 @@ ROLES = ("stage", "coordinator")
 def init_keys(directory: str | Path, force: bool = False) -> Path:
     d = Path(directory)
     if (d / "stage.key_secret").exists() and not force:
-        raise UserError(f"{d} already holds keys (use --force to replace them)")
+        raise UserError(f"{d} already holds keys; replacing them needs force")
     allowed = d / "allowed"
     allowed.mkdir(parents=True, exist_ok=True)
     for role in ROLES:
@@ -57,10 +57,10 @@ class Auth:
             public, secret = zmq.auth.load_certificate(d / f"{role}.key_secret")
             server_public, _ = zmq.auth.load_certificate(d / "stage.key")
         except (OSError, ValueError) as e:
-            raise UserError(f"--auth {d}: cannot read the {role} keys ({e}); run `hetpipe keys init --dir {d}`") \
+            raise UserError(f"keys in {d}: cannot read the {role} keys ({e}); make them with `hetpipe keys init`") \
                 from None
         if role == "stage" and not (d / "allowed").is_dir():
-            raise UserError(f"--auth {d}: no allowed/ directory of public keys")
+            raise UserError(f"keys in {d}: no allowed/ directory of public keys")
         return cls(d, role, public, secret, server_public)
 
     def serve(self, sock: zmq.Socket) -> None:

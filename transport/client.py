@@ -1,13 +1,13 @@
-"""The coordinator's side: `RemoteStage` (the `Stage` protocol over ZeroMQ) and `RemotePipeline`.
+"""The coordinator's sockets (`Client`) and `RemoteStage`, the `Stage` protocol over ZeroMQ.
 
 The coordinator opens one DEALER per stage, its routing id naming this client, so the stage
-that ends a route can answer it directly. A pipeline forward goes to the first stage with the
-other stages' addresses as its route; hidden rows pass stage to stage, never through here.
+that ends a route can answer it directly (`remote_pipeline.py` sends batches along routes).
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 import time
 import uuid
 from collections.abc import Sequence
@@ -15,15 +15,12 @@ from collections.abc import Sequence
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from engine.errors import StageFailure, UserError
-from engine.partition import check_coverage
-from engine.pipeline import BatchTiming
-from engine.stage import SampledToken, StageBatch, StageInfo, StageResult
+from engine.core.errors import StageFailure
+from engine.core.stage import StageBatch, StageReport, StageResult
 
 from . import protocol as P
 from .auth import Auth
-from .health import Heartbeat
-from .wire import WireError, pack, pack_batch, unpack, unpack_result
+from .wire import WireError, pack, pack_batch, unpack, unpack_report, unpack_result
 
 
 class StageError(StageFailure):
@@ -48,6 +45,11 @@ class Client:
         self._expected: set[int] = set()
         self._mail: dict[int, tuple[dict, list]] = {}
         self._poller = zmq.Poller()
+        # `wake()` from another thread ends a wait in `poll` at once: one end of a pipe is polled too
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._poller.register(self._wake_r, zmq.POLLIN)
 
     def sock(self, address: str) -> zmq.Socket:
         s = self.socks.get(address)
@@ -100,21 +102,26 @@ class Client:
         self._expected.discard(req)
         self._mail.pop(req, None)
 
-    def wake_on(self, fd: int) -> None:
-        """Also end a wait in `poll` when `fd` becomes readable (the serving engine's new-work signal)."""
-        self._poller.register(fd, zmq.POLLIN)
-
-    def unwake(self, fd: int) -> None:
+    def wake(self) -> None:
+        """End a wait in `poll` now (thread-safe)."""
+        fd = self._wake_w
+        if fd is None:
+            return  # closed: nobody waits
         try:
-            self._poller.unregister(fd)
-        except KeyError:
+            os.write(fd, b"w")
+        except OSError:  # full of wake-ups already, or closed meanwhile
             pass
 
     def _receive(self, timeout_s: float) -> None:
         """Read what arrives within `timeout_s` (then what is already queued) into the mailbox."""
         for s, _ in self._poller.poll(max(0, int(timeout_s * 1000))):
             if not isinstance(s, zmq.Socket):
-                continue  # the wake-up descriptor: its owner drains it
+                try:
+                    while os.read(self._wake_r, 4096):
+                        pass
+                except OSError:  # drained
+                    pass
+                continue
             while True:
                 try:
                     frames = s.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -167,6 +174,11 @@ class Client:
     def close(self) -> None:
         for address in list(self.socks):
             self.reset(address)
+        if self._wake_r is not None:
+            self._poller.unregister(self._wake_r)
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._wake_r = self._wake_w = None
 
 
 def raise_if_error(header: dict, address: str) -> None:
@@ -175,254 +187,63 @@ def raise_if_error(header: dict, address: str) -> None:
 
 
 class RemoteStage:
-    """A stage daemon seen through the `Stage` protocol: interchangeable with an in-process one."""
+    """A stage daemon seen through the `Stage` protocol: interchangeable with an in-process one.
 
-    def __init__(self, client: Client, address: str, identity: dict, hello_timeout_s: float = 30.0):
+    Saying hello checks the model identity; `report` is what the daemon said about itself last.
+    """
+
+    def __init__(self, client: Client, address: str, identity: dict, timeout_s: float = P.HELLO_TIMEOUT_S):
         self.client, self.address = client, address
-        try:
-            self.remote = client.call(address, P.HELLO, timeout_s=min(client.timeout_s, hello_timeout_s),
-                                      identity=identity)["info"]
-        except StageError as e:
-            raise UserError(str(e)) from None
-        self.info = self._stage_info()
+        self.report = self._call(P.HELLO, min(client.timeout_s, timeout_s), identity=identity)
+        self.info = self.report.info  # None until it holds layers
 
-    def _stage_info(self) -> StageInfo | None:
-        r = self.remote
-        if r["layers"] is None:
-            return None
-        return StageInfo(r["backend"], r["device"], r["dtype"], r["layers"][0], r["layers"][1], r["num_layers"],
-                         r["kv_tokens"])
-
-    def load(self, first: int, last: int) -> None:
+    def _call(self, kind: str, timeout_s: float | None = None, **fields) -> StageReport:
         try:
-            reply = self.client.call(self.address, P.LOAD, timeout_s=P.LOAD_TIMEOUT_S, layers=[first, last])
-            self.remote = reply["info"]
-        except StageError as e:
-            raise UserError(str(e)) from None
-        self.info = self._stage_info()
+            return unpack_report(self.client.call(self.address, kind, timeout_s, **fields).get("info"))
+        except WireError as e:
+            raise StageError(f"stage {self.address} sent a bad report: {e}") from None
+
+    def load(self, first: int, last: int, timeout_s: float = P.LOAD_TIMEOUT_S) -> None:
+        """Give the daemon layers [first, last]; it loads and warms them up before it answers."""
+        self.report = self._call(P.LOAD, timeout_s, layers=[first, last])
+        self.info = self.report.info
+
+    def refresh(self) -> StageReport:
+        self.report = self._call(P.PING)
+        return self.report
 
     def forward(self, batch: StageBatch) -> StageResult:
-        """This stage alone (its hidden rows come back here)."""
+        """This stage alone: its hidden rows (or sampled tokens) come back here."""
         req = self.client.next_req()
         self.client.send(self.address, pack_batch(batch, req=req, client=self.client.id, route=[]))
         return unpack_result(*self.client.wait(self.address, req))
 
-    def kv_tokens_used(self) -> int:
-        self.remote = self.client.call(self.address, P.PING)["info"]
-        return self.remote["kv_tokens_used"]
-
-    def release(self, seq_ids: Sequence[int], wait: bool = True) -> None:
-        if wait:
-            self.client.call(self.address, P.RELEASE, seq_ids=list(seq_ids))
-        else:
-            self.client.send(self.address, pack(P.RELEASE, req=self.client.next_req(), seq_ids=list(seq_ids)))
+    def release(self, seq_ids: Sequence[int]) -> None:
+        self.client.call(self.address, P.RELEASE, seq_ids=list(seq_ids))
 
     def live_sequences(self) -> list[int]:
-        self.remote = self.client.call(self.address, P.PING)["info"]
-        return self.remote["live_sequences"]
+        return self.refresh().live_sequences
+
+    def kv_tokens_used(self) -> int:
+        return self.refresh().kv_tokens_used
 
     def close(self) -> None:
         pass  # the daemon keeps running; the client owns the sockets
 
 
-class RemotePipeline:
-    """Stage daemons in pipeline order; same interface as the in-process `Pipeline`.
-
-    A batch goes to the first stage with the others' addresses as its route; the last stage
-    answers here. Several batches may be in flight at once: the daemons work on different ones.
-    A lost stage is replaced by `recover` (the same address once it is back, or a standby).
-    """
-
-    def __init__(self, stages: list[RemoteStage], identity: dict | None = None, standby: Sequence[str] = (),
-                 recovery_timeout_s: float = 30.0):
-        check_coverage([(s.info.first, s.info.last) for s in stages], stages[0].info.num_layers)
-        self.stages = stages
-        self.client = stages[0].client
-        self.identity = identity or {}
-        self.standby = list(standby)
-        self.recovery_timeout_s = recovery_timeout_s
-        self.route = [s.address for s in stages[1:]]
-        self._flying: dict[int, tuple[object, float]] = {}  # req -> (tag, deadline)
-        self.heartbeat = Heartbeat(self.client)
-        for s in stages:
-            self.heartbeat.watch(s)
-
-    overlaps = True  # `submit` returns at once: the coordinator works while the stages compute
-
-    @property
-    def max_inflight(self) -> int:
-        return 4 * len(self.stages)
-
-    def wake_on(self, fd: int) -> None:
-        self.client.wake_on(fd)
-
-    def unwake(self, fd: int) -> None:
-        self.client.unwake(fd)
-
-    def submit(self, tag, batch: StageBatch) -> None:
-        req = self.client.next_req()
-        self.client.expect(req)
-        self.client.send(self.stages[0].address,
-                         pack_batch(batch, req=req, client=self.client.id, route=self.route))
-        self._flying[req] = (tag, time.monotonic())
-
-    def poll(self, timeout_s: float) -> list[tuple[object, list[SampledToken] | Exception, BatchTiming | None]]:
-        out = []
-        for req, (header, arrays) in self.client.poll(timeout_s).items():
-            tag, sent = self._flying.pop(req)
-            try:
-                raise_if_error(header, self.stages[-1].address)
-                result = unpack_result(header, arrays)
-            except Exception as e:
-                out.append((tag, e, None))
-                continue
-            by_stage = {}
-            for address, ms in header.get("timings", []):
-                by_stage[address] = by_stage.get(address, 0.0) + ms
-            timing = BatchTiming([by_stage.get(s.address, 0.0) for s in self.stages], (time.monotonic() - sent) * 1000)
-            out.append((tag, result.tokens, timing))
-        now = time.monotonic()
-        for req, (tag, sent) in list(self._flying.items()):
-            if now - sent > self.client.timeout_s:
-                del self._flying[req]
-                self.client.forget(req)
-                out.append((tag, StageError(f"the pipeline did not answer within {self.client.timeout_s:.0f} s"),
-                            None))
-        return out
-
-    def forward(self, batch: StageBatch) -> list[SampledToken]:
-        tag = object()
-        self.submit(tag, batch)
-        while True:
-            for t, out, _ in self.poll(1.0):
-                if t is tag:
-                    if isinstance(out, Exception):
-                        raise out
-                    return out
-
-    def release(self, seq_ids: Sequence[int]) -> None:
-        """Tell every stage to free these sequences; no reply awaited (a later ping sees it done)."""
-        for s in self.stages:
-            s.release(seq_ids, wait=False)
-
-    def kv_tokens(self) -> int:
-        return min(s.info.kv_tokens for s in self.stages)
-
-    def lost(self) -> list[int]:
-        """Indices of stages whose heartbeat went silent."""
-        gone = set(self.heartbeat.lost())
-        return [i for i, s in enumerate(self.stages) if s.address in gone]
-
-    def unhealthy(self) -> list[int]:
-        """Indices of stages that do not answer a ping at once, or no longer hold their layers."""
-        out = []
-        for i, s in enumerate(self.stages):
-            try:
-                info = self.client.call(s.address, P.PING, timeout_s=P.DEAD_AFTER_S)["info"]
-                if info["layers"] != [s.info.first, s.info.last]:
-                    out.append(i)
-            except StageError:
-                out.append(i)
-        return out
-
-    def recover(self, lost: list[int], live_seq_ids: list[int], log=print) -> list[str]:
-        """Replace the lost stages and free every live sequence everywhere, so callers rebuild them.
-
-        Waits up to `recovery_timeout_s` for a stage at each lost address, or an unused standby, to
-        say hello; loads it with the lost layer range. Returns the addresses now serving; raises
-        StageFailure if capacity did not come back in time.
-        """
-        for req in self._flying:
-            self.client.forget(req)
-        self._flying.clear()
-        deadline = time.monotonic() + self.recovery_timeout_s
-        todo = list(lost)
-        for i in todo:
-            self.client.reset(self.stages[i].address)  # drop what was queued for the old process
-            self.heartbeat.unwatch(self.stages[i].address)
-        while todo:
-            for i in list(todo):
-                old = self.stages[i]
-                in_use = {s.address for s in self.stages}
-                for address in [old.address] + [a for a in self.standby if a not in in_use]:
-                    try:
-                        new = RemoteStage(self.client, address, self.identity, hello_timeout_s=1.0)
-                        new.load(old.info.first, old.info.last)
-                    except (UserError, StageError):
-                        self.client.reset(address)
-                        continue
-                    log(f"recovered: layers {old.info.first}-{old.info.last} on {address}")
-                    self.stages[i] = new
-                    self.heartbeat.watch(new)
-                    todo.remove(i)
-                    break
-            if todo:
-                time.sleep(0.2)
-            if todo and time.monotonic() > deadline:
-                lost_text = ", ".join(f"{self.stages[i].address} (layers {self.stages[i].info.first}-"
-                                      f"{self.stages[i].info.last})" for i in todo)
-                raise StageError(f"lost {lost_text}; no stage took its place within {self.recovery_timeout_s:.0f} s")
-        self.route = [s.address for s in self.stages[1:]]
-        for s in self.stages:
-            s.release(live_seq_ids)  # survivors drop what they held; the caller re-prefills from token ids
-        return [s.address for s in self.stages]
-
-    def describe(self) -> list[dict]:
-        return [{**s.info.describe(), "address": s.address} for s in self.stages]
-
-    def close(self) -> None:
-        self.heartbeat.close()
-        self.client.close()
-
-
-def parse_stages_spec(spec: str) -> list[tuple[str, tuple[int, int] | None]]:
-    """`tcp://a:5555=0-14,tcp://b:5555=15-29`, or addresses alone for the planner to split."""
-    out = []
-    for item in filter(None, (s.strip() for s in spec.split(","))):
-        address, _, rng = item.partition("=")
-        if "://" not in address:
-            raise UserError(f"stage address {address!r} needs a scheme, like tcp://host:port or ipc:///path")
-        layers = None
-        if rng:
-            try:
-                a, _, b = rng.partition("-")
-                layers = (int(a), int(b if b else a))
-            except ValueError:
-                raise UserError(f"bad layer range {rng!r} for {address} (want FIRST-LAST)") from None
-        out.append((address, layers))
-    if not out:
-        raise UserError("empty --stages")
-    given = [layers is not None for _, layers in out]
-    if any(given) and not all(given):
-        raise UserError("--stages: give a range for every stage or for none")
-    return out
-
-
-def connect_pipeline(model_dir: str, spec: str, num_layers: int, timeout_s: float = P.REPLY_TIMEOUT_S,
-                     log=print, auth: Auth | None = None, standby: Sequence[str] = (),
-                     recovery_timeout_s: float = 30.0) -> RemotePipeline:
-    """Say hello to every stage (identity check), assign layers (given, or planned), return the pipeline."""
-    from engine.identity import config_hash, weights_hash
-    from engine.planner import StageCapacity, plan_layers
-
-    entries = parse_stages_spec(spec)
-    identity = {"config": config_hash(model_dir), "weights": weights_hash(model_dir)}
+def health_reports(addresses: Sequence[str], auth: Auth | None = None,
+                   timeout_s: float = 5.0) -> list[StageReport | StageError]:
+    """Each stage's report after a real one-token forward through its layers, or why it gave none."""
     client = Client(timeout_s, auth)
-    stages = [RemoteStage(client, address, identity) for address, _ in entries]
-    if entries[0][1] is not None:
-        ranges = [layers for _, layers in entries]
-        check_coverage(ranges, num_layers)
-    else:
-        caps = [StageCapacity(s.address, s.remote["ms_per_layer"],
-                              int(0.8 * s.remote["free_memory"] // max(s.remote["layer_bytes"], 1)),
-                              s.remote["head_ms"])
-                for s in stages]
-        plan = plan_layers(caps, num_layers)
-        log(plan.describe(caps))
-        ranges = plan.ranges
-    for s, (first, last) in zip(stages, ranges):
-        s.load(first, last)
-    for address in standby:
-        if "://" not in address:
-            raise UserError(f"standby address {address!r} needs a scheme, like tcp://host:port")
-    return RemotePipeline(stages, identity, standby, recovery_timeout_s)
+    out: list[StageReport | StageError] = []
+    try:
+        for address in addresses:
+            try:
+                out.append(unpack_report(client.call(address, P.HEALTH, timeout_s=timeout_s).get("info")))
+            except StageError as e:
+                out.append(e)
+            except WireError as e:
+                out.append(StageError(f"stage {address} sent a bad report: {e}"))
+    finally:
+        client.close()
+    return out

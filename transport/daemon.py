@@ -12,19 +12,26 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 import zmq
 
-from engine.config import ModelConfig
-from engine.errors import UserError
-from engine.identity import config_hash, weights_hash
-from engine.sampling import SamplingParams
-from engine.stage import Hidden, SeqChunk, StageBatch, load_stage, system_available_memory
-from engine.weights import checkpoint_files, read_header, stage_tensor_names
+from engine.core.base_stage import BaseStage, system_available_memory
+from engine.core.config import ModelConfig
+from engine.core.errors import UserError
+from engine.core.identity import config_hash, weights_hash
+from engine.core.partition import check_range
+from engine.core.sampling import SamplingParams
+from engine.core.stage import SeqChunk, StageBatch, StageReport
+from engine.core.tensors import TypedArray, itemsize
+from engine.core.weights import checkpoint_files, read_header, stage_tensor_names
 
 from . import protocol as P
-from .wire import WireError, pack, pack_batch, pack_result, unpack, unpack_batch
+from .auth import Auth, is_loopback
+from .wire import WireError, pack, pack_batch, pack_report, pack_result, unpack, unpack_batch
+
+StageLoader = Callable[[int, int], BaseStage]  # (first, last) -> a loaded, warmed-up stage
 
 
 def resident_bytes() -> int:
@@ -54,27 +61,28 @@ def heartbeat_address(address: str) -> str:
 
 
 class StageDaemon:
-    def __init__(self, backend: str, model_dir: str, listen: str, *, device=None, dtype="float32",
-                 threads=None, layers: tuple[int, int] | None = None, calibrate: bool = True,
-                 kv_tokens: int | None = None, max_seqs: int | None = None, max_call_tokens: int | None = None,
-                 auth_dir: str | None = None, insecure: bool = False, drain_s: float = P.DRAIN_TIMEOUT_S,
-                 compile: bool = False):
-        from .auth import Auth, is_loopback
+    """Serves one stage over ZeroMQ. `load(first, last)` builds the served stage; `probe` (same
+    signature) builds the one-layer stages timed at start-up for the planner. The daemon loads,
+    warms up and runs its stage on the thread that calls `serve` (torch is fastest on the thread
+    that loaded it); heartbeats are answered from a thread of their own."""
 
+    def __init__(self, backend: str, dtype: str, model_dir: str, listen: str, load: StageLoader, *,
+                 probe: StageLoader | None = None, layers: tuple[int, int] | None = None,
+                 max_seqs: int | None = None, auth_dir: str | None = None, insecure: bool = False,
+                 drain_s: float = P.DRAIN_TIMEOUT_S):
         self.auth = Auth.load(auth_dir, "stage")
         if self.auth is None and not insecure and not is_loopback(listen):
-            raise UserError(f"refusing to listen on {listen} without --auth: anyone who reaches it could use "
-                            "this machine (run `hetpipe keys init`, or pass --insecure on a trusted network)")
-        self.backend, self.model_dir, self.device, self.dtype, self.threads = backend, model_dir, device, dtype, threads
-        self.kv_tokens, self.max_seqs, self.max_call_tokens = kv_tokens, max_seqs, max_call_tokens
-        self.drain_s = drain_s
-        self.compile = compile  # the served stage only: calibration times eager layers (a conservative plan)
+            raise UserError(f"refusing to listen on {listen} without authentication: anyone who reaches it could "
+                            "use this machine (make keys with `hetpipe keys init`, or allow it on a trusted network)")
+        self.backend, self.dtype, self.model_dir = backend, dtype, model_dir
+        self.device = "?"  # known once a stage is built
+        self._load_stage, self.max_seqs, self.drain_s = load, max_seqs, drain_s
         self.draining_since: float | None = None
         self.cfg = ModelConfig.load(model_dir)
         self.identity = {"config": config_hash(model_dir), "weights": weights_hash(model_dir)}
-        self.stage = None
+        self.stage: BaseStage | None = None
         self.layer_bytes = self._layer_bytes()
-        self.ms_per_layer, self.head_ms = self._calibrate() if calibrate else (0.0, 0.0)
+        self.ms_per_layer, self.head_ms = self._calibrate(probe) if probe else (0.0, 0.0)
         if layers:
             self._load(*layers)
         self.ctx = zmq.Context.instance()
@@ -125,29 +133,27 @@ class StageDaemon:
         names = [n for n in stage_tensor_names(self.cfg, files, 0, 0) if n.startswith("model.layers.0.")]
         headers = {path: read_header(path)[0] for path in {files[n] for n in names}}
         numel = sum(int(np.prod(headers[files[n]][n]["shape"])) for n in names)
-        return numel * (4 if self.dtype == "float32" else 2)
+        return numel * itemsize(self.dtype)
 
-    def _calibrate(self) -> tuple[float, float]:
+    def _calibrate(self, probe: StageLoader) -> tuple[float, float]:
         """(ms per layer, ms of the final norm + head) per decoded token on this device.
 
         Medians over one-layer stages: layer 0 alone, then the last layer with the head.
         """
         last = self.cfg.num_hidden_layers - 1
-        layer_ms = self._time_stage(0, 0)
-        head_ms = max(0.0, self._time_stage(last, last) - layer_ms) if last > 0 else 0.0
+        layer_ms = self._time_stage(probe(0, 0))
+        head_ms = max(0.0, self._time_stage(probe(last, last)) - layer_ms) if last > 0 else 0.0
         return layer_ms, head_ms
 
-    def _time_stage(self, first: int, last: int) -> float:
-        stage = load_stage(self.backend, self.model_dir, first, last, device=self.device, dtype=self.dtype,
-                           threads=self.threads)
+    def _time_stage(self, stage: BaseStage) -> float:
         toks = np.arange(16, dtype=np.int32)
-        hidden = None if first == 0 else Hidden.from_float32(np.zeros((16, self.cfg.hidden_size), np.float32),
-                                                             self.dtype)
+        hidden = None if stage.info.is_first else TypedArray.from_float32(
+            np.zeros((16, self.cfg.hidden_size), np.float32), self.dtype)
         sampling = SamplingParams() if stage.info.is_last else None
         stage.forward(StageBatch([SeqChunk(0, 0, toks, sampling)], hidden))
         times = []
         for i in range(12):
-            h = None if hidden is None else Hidden(hidden.data[:1], hidden.dtype)
+            h = None if hidden is None else TypedArray(hidden.data[:1], hidden.dtype)
             t = time.perf_counter()
             stage.forward(StageBatch([SeqChunk(0, 16 + i, toks[:1], sampling)], h))
             times.append(time.perf_counter() - t)
@@ -156,9 +162,7 @@ class StageDaemon:
         return float(np.median(times) * 1000)
 
     def _load(self, first: int, last: int) -> None:
-        n = self.cfg.num_hidden_layers
-        if not 0 <= first <= last < n:
-            raise UserError(f"layers {first}-{last} are outside the model's 0-{n - 1}")
+        check_range(first, last, self.cfg.num_hidden_layers)
         if self.stage is not None:
             if (self.stage.info.first, self.stage.info.last) == (first, last):
                 return
@@ -167,22 +171,22 @@ class StageDaemon:
                                 "with live sequences; cannot reassign")
             self.stage.close()
             self.stage = None
-        self.stage = load_stage(self.backend, self.model_dir, first, last, device=self.device, dtype=self.dtype,
-                                threads=self.threads, kv_tokens=self.kv_tokens, compile=self.compile)
-        self.stage.max_seqs, self.stage.max_call_tokens = self.max_seqs, self.max_call_tokens
+        self.stage = self._load_stage(first, last)
+        self.device = self.stage.info.device
 
-    def info(self) -> dict:
+    def report(self, forward_ms: float | None = None) -> StageReport:
         st = self.stage
-        return {
-            "address": self.address, "backend": self.backend, "device": self.device, "dtype": self.dtype,
-            "layers": [st.info.first, st.info.last] if st else None, "num_layers": self.cfg.num_hidden_layers,
-            "live_sequences": st.live_sequences() if st else [], "kv_bytes": st.kv_bytes() if st else 0,
-            "kv_tokens": st.info.kv_tokens if st else 0, "kv_tokens_used": st.kv_tokens_used() if st else 0,
-            "free_memory": system_available_memory(), "layer_bytes": self.layer_bytes,
-            "ms_per_layer": self.ms_per_layer, "head_ms": self.head_ms, "resident_bytes": resident_bytes(),
-            "identity": self.identity, "heartbeat": self.heartbeat_address,
-            "max_seqs": self.max_seqs, "draining": self.draining_since is not None,
-        }
+        return StageReport(
+            address=self.address, heartbeat=self.heartbeat_address, backend=self.backend, device=self.device,
+            dtype=self.dtype, num_layers=self.cfg.num_hidden_layers,
+            layers=(st.info.first, st.info.last) if st else None, kv_tokens=st.info.kv_tokens if st else 0,
+            kv_tokens_used=st.kv_tokens_used() if st else 0, live_sequences=st.live_sequences() if st else [],
+            max_seqs=self.max_seqs, draining=self.draining_since is not None, identity=self.identity,
+            ms_per_layer=self.ms_per_layer, head_ms=self.head_ms, layer_bytes=self.layer_bytes,
+            free_memory=system_available_memory(), resident_bytes=resident_bytes(), forward_ms=forward_ms)
+
+    def _info(self, header: dict, forward_ms: float | None = None) -> list:
+        return pack(P.INFO, req=header.get("req"), info=pack_report(self.report(forward_ms)))
 
     # -- the loop --------------------------------------------------------------------------------
 
@@ -247,14 +251,14 @@ class StageDaemon:
     def handle_hello(self, sender, header, arrays) -> None:
         theirs = header.get("identity") or {}
         if theirs.get("config") != self.identity["config"]:
-            raise UserError(f"stage {self.address} serves a different model (config {self.identity['config']}, "
+            raise UserError(f"it serves a different model (config {self.identity['config']}, "
                             f"coordinator has {theirs.get('config')})")
         if theirs.get("weights") and self.identity["weights"] and theirs["weights"] != self.identity["weights"]:
-            raise UserError(f"stage {self.address} holds different weights for the same config")
-        self._send(sender, pack(P.INFO, req=header.get("req"), info=self.info()))
+            raise UserError("it holds different weights for the same config")
+        self._send(sender, self._info(header))
 
     def handle_ping(self, sender, header, arrays) -> None:
-        self._send(sender, pack(P.INFO, req=header.get("req"), info=self.info()))
+        self._send(sender, self._info(header))
 
     def handle_health(self, sender, header, arrays) -> None:
         """A real one-token forward through this stage's layers (a sequence of its own), timed."""
@@ -263,7 +267,7 @@ class StageDaemon:
             t = time.perf_counter()
             self.stage.warmup(decode_only=True)
             ms = (time.perf_counter() - t) * 1000
-        self._send(sender, pack(P.INFO, req=header.get("req"), info={**self.info(), "forward_ms": ms}))
+        self._send(sender, self._info(header, forward_ms=ms))
 
     def handle_load(self, sender, header, arrays) -> None:
         layers = header.get("layers")
@@ -271,7 +275,7 @@ class StageDaemon:
                 and all(isinstance(x, int) and not isinstance(x, bool) for x in layers)):
             raise WireError("load needs layers [first, last]")
         self._load(*layers)
-        self._send(sender, pack(P.INFO, req=header.get("req"), info=self.info()))
+        self._send(sender, self._info(header))
 
     def handle_release(self, sender, header, arrays) -> None:
         ids = header.get("seq_ids")
@@ -283,7 +287,7 @@ class StageDaemon:
 
     def handle_forward(self, sender, header, arrays) -> None:
         if self.stage is None:
-            raise UserError(f"stage {self.address} has no layers assigned yet")
+            raise UserError("it has no layers assigned yet")
         route = header.get("route", [])
         if not (isinstance(route, list) and len(route) <= P.MAX_ROUTE
                 and all(isinstance(a, str) and a.startswith(("tcp://", "ipc://")) and len(a) < 256 for a in route)):
@@ -292,7 +296,7 @@ class StageDaemon:
         if self.draining_since is not None:
             live = set(self.stage.live_sequences())
             if any(s.seq_id not in live for s in batch.seqs):
-                raise UserError(f"stage {self.address} is shutting down: it takes no new sequences")
+                raise UserError("it is shutting down: it takes no new sequences")
         t = time.perf_counter()
         result = self.stage.forward(batch)
         timings = list(header.get("timings", [])) + [[self.address, (time.perf_counter() - t) * 1000]]
@@ -309,7 +313,7 @@ class StageDaemon:
                         raise
                     sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
             except zmq.Again:
-                raise UserError(f"stage {self.address} cannot reach the next stage {route[0]}") from None
+                raise UserError(f"it cannot reach the next stage {route[0]}") from None
         else:
             self._send(self._reply_to(sender, header), pack_result(result, **fields))
 

@@ -7,14 +7,15 @@ bfloat16 arrays travel as their 2-byte words with the dtype named in the header:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import msgpack
 import numpy as np
 
-from engine.sampling import SamplingParams
-from engine.stage import Hidden, SampledToken, SeqChunk, StageBatch, StageResult
-from engine.tensors import STORAGE
+from engine.core.sampling import SamplingParams
+from engine.core.stage import SampledToken, SeqChunk, StageBatch, StageReport, StageResult
+from engine.core.tensors import STORAGE, TypedArray
 
 from . import protocol as P
 
@@ -115,7 +116,7 @@ def unpack_batch(header: dict, arrays) -> StageBatch:
         dtype, data = arrays[1]
         if dtype == "int32" or data.ndim != 2 or data.shape[0] != at:
             raise WireError("hidden frame must be (tokens, hidden_size) floats")
-        hidden = Hidden(data, dtype)
+        hidden = TypedArray(data, dtype)
     return StageBatch(out, hidden)
 
 
@@ -153,5 +154,51 @@ def pack_result(result: StageResult, **fields) -> list:
 
 def unpack_result(header: dict, arrays) -> StageResult:
     tokens = [SampledToken(s, t, lp, [(int(a), float(b)) for a, b in top]) for s, t, lp, top in header["tokens"]]
-    hidden = Hidden(arrays[0][1], arrays[0][0]) if arrays else None
+    hidden = TypedArray(arrays[0][1], arrays[0][0]) if arrays else None
     return StageResult(hidden, tokens)
+
+
+# -- what a stage says about itself ---------------------------------------------------------------
+
+def _opt(check):
+    return lambda v: v is None or check(v)
+
+
+def _int_list(v) -> bool:
+    return isinstance(v, list) and len(v) <= P.MAX_SEQS_PER_CALL * 16 and all(_is_int(x) for x in v)
+
+
+def _str(v) -> bool:
+    return isinstance(v, str) and len(v) < 4096
+
+
+_REPORT_CHECKS = {
+    "address": _str, "heartbeat": _str, "backend": _str, "device": _str, "dtype": _str,
+    "num_layers": _is_int,
+    "layers": _opt(lambda v: isinstance(v, list) and len(v) == 2 and all(_is_int(x) for x in v)),
+    "kv_tokens": _is_int, "kv_tokens_used": _is_int, "live_sequences": _int_list, "max_seqs": _opt(_is_int),
+    "draining": lambda v: isinstance(v, bool),
+    "identity": lambda v: isinstance(v, dict) and all(_str(k) and (x is None or _str(x)) for k, x in v.items()),
+    "ms_per_layer": _is_number, "head_ms": _is_number, "layer_bytes": _is_int, "free_memory": _is_int,
+    "resident_bytes": _is_int, "forward_ms": _opt(_is_number),
+}
+assert set(_REPORT_CHECKS) == {f.name for f in dataclasses.fields(StageReport)}, "a StageReport field unchecked"
+
+
+def pack_report(report: StageReport) -> dict:
+    d = dataclasses.asdict(report)
+    d["layers"] = None if report.layers is None else list(report.layers)  # as msgpack hands it back
+    return d
+
+
+def unpack_report(d) -> StageReport:
+    """A `StageReport` from its wire form, every field checked: a bad one is a WireError."""
+    if not isinstance(d, dict) or set(d) != set(_REPORT_CHECKS):
+        raise WireError("a stage report must have exactly the StageReport fields")
+    for name, ok in _REPORT_CHECKS.items():
+        if not ok(d[name]):
+            raise WireError(f"bad stage report field {name}: {str(d[name])[:60]}")
+    d = dict(d)
+    if d["layers"] is not None:
+        d["layers"] = tuple(d["layers"])
+    return StageReport(**d)

@@ -29,7 +29,3 @@ class KVCache:
         self.values[..., self.offset : need, :] = v
         self.offset = need
         return self.keys[..., :need, :], self.values[..., :need, :]
-
-    @property
-    def nbytes(self) -> int:
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes

@@ -9,10 +9,12 @@ import time
 import mlx.core as mx
 import numpy as np
 
-from engine.config import ModelConfig, rope_inv_freq
-from engine.errors import UserError
-from engine.stage import PROBE_BYTES, BaseStage, Hidden, Layout, SeqChunk, StageInfo
-from engine.weights import load_stage_tensors
+from engine.core.base_stage import PROBE_BYTES, BaseStage, Layout
+from engine.core.config import ModelConfig, rope_inv_freq
+from engine.core.errors import UserError
+from engine.core.stage import SeqChunk, StageInfo
+from engine.core.tensors import TypedArray
+from engine.core.weights import load_stage_tensors
 
 from . import blas
 from .cache import KVCache
@@ -27,10 +29,10 @@ def to_mlx(a, dtype: mx.Dtype) -> mx.array:
     return mx.array(np.ascontiguousarray(a.data)).astype(dtype)
 
 
-def to_hidden(x: mx.array, dtype: str) -> Hidden:
+def to_hidden(x: mx.array, dtype: str) -> TypedArray:
     if x.dtype == mx.bfloat16:
-        return Hidden(np.array(x.view(mx.uint16)), dtype)
-    return Hidden(np.array(x), dtype)
+        return TypedArray(np.array(x.view(mx.uint16)), dtype)
+    return TypedArray(np.array(x), dtype)
 
 
 class MLXStage(BaseStage):
@@ -66,7 +68,13 @@ class MLXStage(BaseStage):
             best = min(best, time.perf_counter() - t)
         return n * n * 4 / best
 
-    def _compute(self, seqs: list[SeqChunk], hidden: Hidden | None):
+    def close(self) -> None:
+        """Free every sequence and the layers; call it on the thread that ran the stage, so the
+        compiled graphs MLX keeps for that thread go now (see `models/llama.py`)."""
+        super().close()
+        self.model = None
+
+    def _compute(self, seqs: list[SeqChunk], hidden: TypedArray | None):
         lay = Layout.of(seqs)
         if hidden is None:
             x = mx.array(np.concatenate([s.token_ids for s in seqs]).astype(np.int32))
@@ -88,7 +96,7 @@ def create_stage(model_dir, cfg: ModelConfig, first: int, last: int, *, device=N
     if device not in ("gpu", "cpu"):
         raise UserError(f"mlx device must be gpu or cpu, not {device!r}")
     if device == "gpu" and not mx.metal.is_available():
-        raise UserError("mlx device 'gpu' needs Metal, which this machine lacks; use --device cpu")
+        raise UserError("mlx device 'gpu' needs Metal, which this machine lacks; use device 'cpu'")
     mx.set_default_device(mx.gpu if device == "gpu" else mx.cpu)
     if threads and device == "cpu" and not blas.set_threads(threads):
         print("hetpipe: --threads has no effect without OpenBLAS", file=sys.stderr)

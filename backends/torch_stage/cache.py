@@ -3,7 +3,7 @@
 Each layer keeps keys and values as one tensor of token slots, (slots, n_kv_heads, head_dim);
 a sequence owns a list of blocks of BLOCK slots (its block table), so memory follows the tokens
 actually held and a finished sequence's blocks go straight back to the free list. Per batch, a
-`Plan` turns block tables into slot indices once; every layer then writes all new rows with one
+`BatchSlots` turns block tables into slot indices once; every layer then writes all new rows with one
 `index_copy_` and runs the decode steps of all sequences as one padded attention call, instead of
 one call per sequence per layer (which dominated a 16-sequence decode step).
 """
@@ -19,7 +19,7 @@ BLOCK = 16  # token slots per block
 
 
 @dataclass(slots=True)
-class Plan:
+class BatchSlots:
     write: torch.Tensor  # (N,) slot of every new row
     decode_rows: torch.Tensor | None  # (B,) rows of one-token sequences, attended together
     decode_slots: torch.Tensor | None  # (B, Lmax) their cached slots, padded
@@ -61,7 +61,7 @@ class PagedKV:
         pos = np.arange(length)
         return np.asarray(table, dtype=np.int64)[pos // BLOCK] * BLOCK + pos % BLOCK
 
-    def plan(self, seq_ids, starts, lengths, offsets) -> Plan:
+    def plan(self, seq_ids, starts, lengths, offsets) -> BatchSlots:
         write, drows, dslots, prefill = [], [], [], []
         for sid, start, n, off in zip(seq_ids, starts, lengths, offsets):
             slots = self._slots(sid, off + n)
@@ -76,7 +76,7 @@ class PagedKV:
                 causal = torch.arange(off + n, device=self.device)[None, :] <= rows
                 prefill.append((start, n, torch.from_numpy(slots).to(self.device), causal))
         to = lambda a: torch.from_numpy(a).to(self.device)  # noqa: E731
-        plan = Plan(to(np.concatenate(write)), None, None, None, prefill, not prefill)
+        plan = BatchSlots(to(np.concatenate(write)), None, None, None, prefill, not prefill)
         if drows:
             lmax = max(len(s) for s in dslots)
             padded = np.zeros((len(dslots), lmax), dtype=np.int64)
@@ -90,10 +90,3 @@ class PagedKV:
 
     def release(self, seq_id: int) -> None:
         self.free.extend(reversed(self.tables.pop(seq_id, [])))
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the blocks sequences hold (the free ones are reusable scratch)."""
-        held = sum(len(t) for t in self.tables.values()) * BLOCK
-        per_slot = 2 * len(self.keys) * self.shape[0] * self.shape[1] * torch.finfo(self.dtype).bits // 8
-        return held * per_slot

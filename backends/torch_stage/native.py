@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from engine.fetch import hetpipe_home
+from engine.core.paths import hetpipe_home
 
 SOURCES = [Path(__file__).parent / "kernels" / "small_matmul.cpp"]
 FLAGS = ["-O3", "-mavx512f", "-mavx512bf16", "-fopenmp"]

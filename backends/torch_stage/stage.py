@@ -9,10 +9,12 @@ import time
 import numpy as np
 import torch
 
-from engine.config import ModelConfig, rope_inv_freq
-from engine.errors import UserError
-from engine.stage import PROBE_BYTES, BaseStage, Hidden, Layout, SeqChunk, StageInfo
-from engine.weights import load_stage_tensors
+from engine.core.base_stage import PROBE_BYTES, BaseStage, Layout
+from engine.core.config import ModelConfig, rope_inv_freq
+from engine.core.errors import UserError
+from engine.core.stage import SeqChunk, StageInfo
+from engine.core.tensors import TypedArray
+from engine.core.weights import load_stage_tensors
 
 from . import native
 from .cache import PagedKV
@@ -44,11 +46,11 @@ def to_torch(a, dtype: torch.dtype, device) -> torch.Tensor:
     return t.to(device=device, dtype=dtype)
 
 
-def to_hidden(x: torch.Tensor, dtype: str) -> Hidden:
+def to_hidden(x: torch.Tensor, dtype: str) -> TypedArray:
     x = x.detach().cpu().contiguous()
     if x.dtype == torch.bfloat16:
-        return Hidden(x.view(torch.int16).numpy().view(np.uint16), dtype)
-    return Hidden(x.numpy(), dtype)
+        return TypedArray(x.view(torch.int16).numpy().view(np.uint16), dtype)
+    return TypedArray(x.numpy(), dtype)
 
 
 HUGE_PAGE = 2 << 20
@@ -107,9 +109,6 @@ class TorchStage(BaseStage):
     def _free(self, seq_id: int) -> None:
         self.kv.release(seq_id)
 
-    def kv_bytes(self) -> int:
-        return self.kv.nbytes
-
     def free_memory(self) -> int:
         if self.device.type == "cuda":
             return torch.cuda.mem_get_info(self.device)[0]
@@ -128,7 +127,7 @@ class TorchStage(BaseStage):
         return PROBE_BYTES / best
 
     @torch.inference_mode()
-    def _compute(self, seqs: list[SeqChunk], hidden: Hidden | None):
+    def _compute(self, seqs: list[SeqChunk], hidden: TypedArray | None):
         lay = Layout.of(seqs)
         if hidden is None:
             x = torch.from_numpy(np.concatenate([s.token_ids for s in seqs]).astype(np.int64)).to(self.device)

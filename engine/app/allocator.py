@@ -10,6 +10,7 @@ eager. `HETPIPE_MALLOC=system` keeps the system allocator.
 
 from __future__ import annotations
 
+import ctypes
 import ctypes.util
 import functools
 import os
@@ -69,3 +70,20 @@ def reexec() -> None:
         os.execve(sys.executable, argv, environment())
     except OSError:
         pass  # carry on with the system allocator
+
+
+def release_free_memory() -> None:
+    """Hand memory freed in this process back to the OS: tcmalloc's release where the process runs
+    on it, else glibc's malloc_trim (Linux only). A stage calls it after loading, whose unfused
+    copies of the weights would otherwise stay counted as its resident memory."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        process = ctypes.CDLL(None)  # global symbols: a preloaded tcmalloc's among them
+        release = getattr(process, "MallocExtension_ReleaseFreeMemory", None)
+        if release is not None:
+            release()
+        else:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -19,7 +19,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import UserError
-from .tensors import TypedArray as RawTensor
+from .tensors import TypedArray
 
 # safetensors dtype -> (numpy storage dtype, logical dtype name)
 _DTYPES = {
@@ -63,7 +63,7 @@ def stage_tensor_names(cfg: ModelConfig, names, first: int, last: int) -> list[s
     return wanted
 
 
-def load_stage_tensors(model_dir: str | Path, cfg: ModelConfig, first: int, last: int) -> dict[str, RawTensor]:
+def load_stage_tensors(model_dir: str | Path, cfg: ModelConfig, first: int, last: int) -> dict[str, TypedArray]:
     """Memory-map the tensors of layers [first, last] (plus embedding / norm / head at the ends)."""
     files = checkpoint_files(model_dir)
     wanted = stage_tensor_names(cfg, files, first, last)
@@ -107,12 +107,12 @@ def read_header(path: Path) -> tuple[dict, memoryview]:
     return header, memoryview(buf)[8 + n :]
 
 
-def _tensor(meta: dict, data: memoryview, path: Path, name: str) -> RawTensor:
+def _tensor(meta: dict, data: memoryview, path: Path, name: str) -> TypedArray:
     if meta["dtype"] not in _DTYPES:
         raise UserError(f"{path.name}: tensor {name} has unsupported dtype {meta['dtype']}")
     np_dtype, logical = _DTYPES[meta["dtype"]]
     begin, end = meta["data_offsets"]
     arr = np.frombuffer(data[begin:end], dtype=np_dtype).reshape(meta["shape"])
     if logical == "float64":
-        return RawTensor(arr.astype(np.float32), "float32")
-    return RawTensor(arr, logical)
+        return TypedArray(arr.astype(np.float32), "float32")
+    return TypedArray(arr, logical)

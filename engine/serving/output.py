@@ -1,13 +1,12 @@
-"""What a request yields and records: chunks, clock readings, where the time went, stop strings."""
+"""What a request yields and records: chunks, clock readings, and where the time went."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .pipeline import BatchTiming
+from ..core.pipeline import BatchTiming
 
 
 @dataclass(slots=True)
@@ -76,32 +75,3 @@ class Profile:
 def percentiles(name: str, xs: list[float]) -> dict:
     """`{name}_p50` and `{name}_p95` of xs (0.0 when empty)."""
     return {f"{name}_p{q}": float(np.percentile(xs, q)) if xs else 0.0 for q in (50, 95)}
-
-
-
-class StopMatcher:
-    """Finds stop strings across streamed pieces; holds back text that may begin one."""
-
-    def __init__(self, stops: Sequence[str]):
-        self.stops = [s for s in stops if s]
-        self.pending = ""
-
-    def feed(self, piece: str, final: bool) -> tuple[str, bool]:
-        if not self.stops:
-            return piece, False
-        self.pending += piece
-        cut = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            out, self.pending = self.pending[:cut], ""
-            return out, True
-        if final:
-            out, self.pending = self.pending, ""
-            return out, False
-        hold = max(len(s) - 1 for s in self.stops)
-        keep = 0
-        for k in range(min(hold, len(self.pending)), 0, -1):
-            if any(s.startswith(self.pending[-k:]) for s in self.stops):
-                keep = k
-                break
-        out, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep :]
-        return out, False

@@ -1,7 +1,8 @@
 """Model configuration, read once from a Hugging Face `config.json`, shared by every backend.
 
 Only framework-neutral facts live here: sizes, the RoPE frequencies (numpy), and which model
-families the backends know. Backends build their layers from a `ModelConfig`.
+families the backends know. Backends build their layers from a `ModelConfig`. A config that asks
+for something no backend implements is refused here, naming the key: it is never run wrong.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from .errors import UserError
 MODEL_FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "llama"}
 
 ROPE_TYPES = ("default", "linear", "llama3")
+ACTIVATIONS = ("silu",)
 
 
 @dataclass(slots=True)
@@ -38,15 +40,13 @@ class ModelConfig:
     rope_scaling: dict = field(default_factory=dict)
     tie_word_embeddings: bool = False
     attention_bias: bool = False
-    mlp_bias: bool = False
-    bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # attention limited to the last `sliding_window` positions on some layers; no backend applies
+    # it yet, so requests that would reach past it are refused (`Engine`), and shorter ones are exact
+    sliding_window: int | None = None
 
     def __post_init__(self):
-        if self.model_type not in MODEL_FAMILIES:
-            raise UserError(
-                f"unsupported model_type {self.model_type!r}; supported: {', '.join(sorted(MODEL_FAMILIES))}"
-            )
+        check_family(self.model_type)
         if self.num_attention_heads % self.num_key_value_heads:
             raise UserError("num_attention_heads must be a multiple of num_key_value_heads")
         rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
@@ -57,17 +57,10 @@ class ModelConfig:
     def family(self) -> str:
         return MODEL_FAMILIES[self.model_type]
 
-    @property
-    def n_rep(self) -> int:
-        return self.num_attention_heads // self.num_key_value_heads
-
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
-        model_type = d.get("model_type")
-        if model_type not in MODEL_FAMILIES:
-            raise UserError(
-                f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(MODEL_FAMILIES))}"
-            )
+        model_type = check_family(d.get("model_type"))
+        refuse_unimplemented(d)
         heads = d["num_attention_heads"]
         # transformers 5 writes `rope_parameters` (holding rope_theta); older files a top-level
         # `rope_theta` and an optional `rope_scaling`.
@@ -95,9 +88,8 @@ class ModelConfig:
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             # qwen2 always has q/k/v bias; llama says so with `attention_bias`
             attention_bias=bool(d.get("attention_bias", model_type == "qwen2")),
-            mlp_bias=bool(d.get("mlp_bias", False)),
-            bos_token_id=d.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            sliding_window=_sliding_window(d),
         )
 
     @classmethod
@@ -113,6 +105,51 @@ class ModelConfig:
             return cls.from_dict(d)
         except KeyError as e:
             raise UserError(f"{path}: missing field {e}") from None
+
+
+def check_family(model_type) -> str:
+    if model_type not in MODEL_FAMILIES:
+        raise UserError(f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(MODEL_FAMILIES))}")
+    return model_type
+
+
+def _sliding_window(d: dict) -> int | None:
+    """The window some layer attends within, as transformers applies it (None: every layer is global)."""
+    window = d.get("sliding_window")
+    if not window:
+        return None
+    if d.get("model_type") == "qwen2":  # qwen2 writes a window but applies it only when asked to
+        layer_types = d.get("layer_types") or []
+        if not d.get("use_sliding_window") and "sliding_attention" not in layer_types:
+            return None
+    return int(window)
+
+
+def _rope_type(d: dict) -> str:
+    sc = d.get("rope_scaling") or d.get("rope_parameters") or {}
+    return sc.get("rope_type", sc.get("type", "default"))
+
+
+# config keys whose other values no backend implements yet: key -> (is the value implemented, what is)
+_IMPLEMENTED = {
+    "mlp_bias": (lambda v: not v, "false"),
+    "hidden_act": (lambda v: v in ACTIVATIONS, " or ".join(ACTIVATIONS)),
+    "partial_rotary_factor": (lambda v: v in (None, 1, 1.0), "1.0"),
+    "quantization_config": (lambda v: not v, "absent (a float checkpoint)"),
+    "quantization": (lambda v: not v, "absent (a float checkpoint)"),
+}
+
+
+def refuse_unimplemented(d: dict) -> None:
+    """One clear line naming the first key of `d` that asks for what no backend implements."""
+    for key, (ok, supported) in _IMPLEMENTED.items():
+        value = d.get(key, (d.get("rope_parameters") or {}).get(key))
+        if value is not None and not ok(value):
+            raise UserError(f"config.json sets {key}: {json.dumps(value)[:60]}, which hetpipe does not implement "
+                            f"yet (supported: {supported})")
+    if _rope_type(d) not in ROPE_TYPES:
+        raise UserError(f"config.json sets rope scaling {_rope_type(d)!r}, which hetpipe does not implement yet "
+                        f"(supported: {', '.join(ROPE_TYPES)})")
 
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:

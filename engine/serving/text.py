@@ -1,4 +1,4 @@
-"""Tokenizer, chat template and incremental detokenizer, from a model directory.
+"""Text: the tokenizer and chat template, the incremental detokenizer, and stop strings.
 
 `tokenizers` does the BPE; jinja2 renders the chat template with the same environment
 transformers' `apply_chat_template` uses, so both give the same ids.
@@ -7,10 +7,11 @@ transformers' `apply_chat_template` uses, so both give the same ids.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
-from .errors import UserError
+from ..core.errors import UserError
 
 
 class Tokenizer:
@@ -30,7 +31,6 @@ class Tokenizer:
         self.bos_id = self._tok.token_to_id(self.bos_token) if self.bos_token else None
         self.add_bos = bool(self.config.get("add_bos_token", False)) and self.bos_id is not None
         self.eos_ids = self._eos_ids(model_dir)
-        self.vocab_size = self._tok.get_vocab_size()
 
     def _eos_ids(self, model_dir: Path) -> set[int]:
         ids = set()
@@ -54,7 +54,7 @@ class Tokenizer:
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """Render the model's chat template and tokenize it as transformers does (no extra BOS)."""
         if not self.chat_template:
-            raise UserError("this model has no chat template; drop --chat")
+            raise UserError("this model has no chat template: give the prompt as plain text")
         text = _compile(self.chat_template).render(
             messages=messages, add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "", eos_token=self.eos_token or "",
@@ -111,3 +111,31 @@ class IncrementalDetokenizer:
         text = self.tok.decode(self.ids[self.prefix_offset :])
         self.prefix_offset = self.read_offset = len(self.ids)
         return text[len(prefix) :]
+
+
+class StopMatcher:
+    """Finds stop strings across streamed pieces; holds back text that may begin one."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def feed(self, piece: str, final: bool) -> tuple[str, bool]:
+        if not self.stops:
+            return piece, False
+        self.pending += piece
+        cut = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            out, self.pending = self.pending[:cut], ""
+            return out, True
+        if final:
+            out, self.pending = self.pending, ""
+            return out, False
+        hold = max(len(s) - 1 for s in self.stops)
+        keep = 0
+        for k in range(min(hold, len(self.pending)), 0, -1):
+            if any(s.startswith(self.pending[-k:]) for s in self.stops):
+                keep = k
+                break
+        out, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep :]
+        return out, False

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import UserError
+from ..core.errors import UserError
+from ..core.stage import StageReport
+
+
+MEMORY_FRACTION = 0.8  # of a stage's free memory its layers may fill (the rest: KV cache, activations)
 
 
 @dataclass(slots=True)
@@ -19,9 +23,14 @@ class StageCapacity:
     max_layers: int  # how many layers fit in its free memory
     head_ms: float = 0.0  # final norm + head, paid by whichever stage is last
 
+    @classmethod
+    def of(cls, r: StageReport, memory_fraction: float = MEMORY_FRACTION) -> StageCapacity:
+        """A daemon's capacity from what it measured at start-up: layers that fit in a fraction of its free memory."""
+        return cls(r.address, r.ms_per_layer, int(memory_fraction * r.free_memory // max(r.layer_bytes, 1)), r.head_ms)
+
 
 @dataclass(slots=True)
-class Plan:
+class LayerPlan:
     ranges: list[tuple[int, int]]
     predicted_ms_per_token: float
 
@@ -33,7 +42,7 @@ class Plan:
         return "plan: " + ", ".join(parts) + f"; predicted {self.predicted_ms_per_token:.1f} ms/token"
 
 
-def plan_layers(caps: list[StageCapacity], num_layers: int, hop_ms: float = 0.1) -> Plan:
+def plan_layers(caps: list[StageCapacity], num_layers: int, hop_ms: float = 0.1) -> LayerPlan:
     """Layer counts proportional to speed, each at least 1 and at most its memory allows."""
     if sum(min(c.max_layers, num_layers) for c in caps) < num_layers:
         raise UserError(f"the stages' memory holds {sum(c.max_layers for c in caps)} layers; "
@@ -54,4 +63,4 @@ def plan_layers(caps: list[StageCapacity], num_layers: int, hop_ms: float = 0.1)
         ranges.append((first, first + n - 1))
         first += n
     predicted = sum(cost(i, n) for i, n in enumerate(counts)) + hop_ms * len(caps)
-    return Plan(ranges, predicted)
+    return LayerPlan(ranges, predicted)

@@ -1,4 +1,4 @@
-"""`hetpipe bench`: serving throughput and latency under concurrent load.
+"""`hetpipe bench serving`: throughput and latency under concurrent load.
 
 N client threads each keep one request going (closed loop) until R requests are done. Every
 request has a prompt of L tokens (different text per request) and decodes exactly T tokens
@@ -11,9 +11,9 @@ from __future__ import annotations
 import threading
 import time
 
-from .errors import UserError
-from .generate import Generator
-from .output import Profile, percentiles
+from ...core.errors import UserError
+from ...serving.generator import Generator
+from ...serving.output import Profile, percentiles
 
 # plain English to cut prompts from: each request starts at a different place
 TEXT = (
@@ -34,7 +34,7 @@ KEYS = ("aggregate_tokens_per_s", "requests_per_s", "ttft_ms_p50", "ttft_ms_p95"
 def bench_prompts(gen: Generator, n: int, length: int) -> list[list[int]]:
     """n prompts of `length` token ids each, cut from TEXT at different places."""
     if length < 1:
-        raise UserError("--prompt-len must be at least 1")
+        raise UserError("the prompt length must be at least 1")
     base = gen.tokenizer.encode(TEXT)
     ids = base * (length // len(base) + 2)
     return [ids[(i * 37) % len(base):][:length] for i in range(n)]
@@ -42,7 +42,7 @@ def bench_prompts(gen: Generator, n: int, length: int) -> list[list[int]]:
 
 def run_serving(gen: Generator, *, concurrency: int, requests: int, max_tokens: int, prompt_len: int) -> dict:
     if concurrency < 1 or requests < 1 or max_tokens < 1:
-        raise UserError("--concurrency, --requests and --max-tokens must be at least 1")
+        raise UserError("concurrency, requests and max tokens must each be at least 1")
     prompts = bench_prompts(gen, requests, prompt_len)
     for _ in gen.stream(prompts[0][:8], max_tokens=2):  # warm the engine thread and the sockets
         pass

@@ -10,12 +10,28 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# logical dtype -> numpy storage dtype
-STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
+from .errors import UserError
+
+# activation dtypes a stage computes in -> numpy storage dtype
+STORAGE = {"float32": np.float32, "bfloat16": np.uint16, "float16": np.float16}
+DTYPES = tuple(STORAGE)
+
+
+def check_dtype(dtype: str) -> str:
+    """`dtype` if hetpipe computes in it, else a UserError naming the choices."""
+    if dtype not in STORAGE:
+        raise UserError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    return dtype
+
+
+def itemsize(dtype: str) -> int:
+    return np.dtype(STORAGE[dtype]).itemsize
 
 
 @dataclass(slots=True)
 class TypedArray:
+    """Weights read from a checkpoint, and the hidden rows that travel between stages."""
+
     data: np.ndarray
     dtype: str  # a key of STORAGE
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from .errors import UserError
-from .sampling import SamplingParams
+from ..core.errors import UserError
+from ..core.sampling import SamplingParams
 
 
 @dataclass(eq=False)
@@ -63,7 +63,7 @@ class Scheduler:
     def __init__(self, kv_tokens: int, *, micro_batches: int = 1, max_seqs: int = 256, max_queue: int = 1024,
                  max_batch_tokens: int = 512, prefill_with_decode: int = 128):
         if micro_batches < 1:
-            raise UserError("--inflight must be at least 1")
+            raise UserError("micro-batches in flight must be at least 1")
         self.kv_tokens = kv_tokens
         self.micro_batches = micro_batches
         self.max_seqs = max_seqs

@@ -1,6 +1,6 @@
 """The coordinator's API: tokenize, submit to the serving engine, stream chunks back, detokenized.
 
-    gen = Generator(model_dir, pipeline)
+    with Generator(model_dir, pipeline) as gen:                  # closes the engine and the pipeline
     for piece in gen.stream("Hello", max_tokens=32):             # synchronous
         print(piece.text, end="")
     async for piece in gen.astream("Hello", max_tokens=32): ...   # asyncio
@@ -8,23 +8,25 @@
     results = gen.generate_batch(["Hi", "Bye"], max_tokens=32)    # many at once, batched
 
 Every call may come from any thread at any time: requests join the running batch (continuous
-batching, see `serving.Engine`). Leaving a stream early cancels its request and frees its KV caches.
+batching, see `engine.Engine`). Leaving a stream early cancels its request and frees its KV caches.
 """
 
 from __future__ import annotations
 
 import asyncio
 import queue
+import weakref
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ModelConfig
-from .errors import StageFailure, UserError
-from .sampling import SamplingParams
+from ..core.config import ModelConfig
+from ..core.errors import StageFailure, UserError
+from ..core.pipeline import Pipeline
+from ..core.sampling import SamplingParams
+from .engine import Engine, EngineConfig, Request
 from .output import GenerationChunk, Timing, percentiles
-from .serving import Engine, Request
-from .tokenizer import Tokenizer
+from .text import Tokenizer
 
 __all__ = ["GenerationChunk", "GenerationResult", "Generator", "Stream", "Timing"]
 
@@ -41,24 +43,39 @@ class GenerationResult:
     ttft_ms: float
     decode_tokens_per_s: float
     stages: list[dict]
-    profile: dict  # ttft, inter-token latency percentiles, per-stage compute and wire time (see serving.Profile)
+    profile: dict  # ttft, inter-token latency percentiles, per-stage compute and wire time (see output.Profile)
 
     def to_json(self) -> dict:
         return {k: getattr(self, k) for k in self.__slots__}
 
 
 class Generator:
-    """Text in, text out, over a pipeline. Engine options (`inflight`, `max_seqs`, `max_queue`,
-    `max_batch_tokens`, `prefill_with_decode`) pass through to `serving.Engine`."""
+    """Text in, text out, over a pipeline, which it owns: `close()` (or leaving a `with` block)
+    closes the engine, joining its thread, and then the pipeline.
 
-    def __init__(self, model_dir: str | Path, pipeline, **engine_opts):
-        self.cfg = ModelConfig.load(model_dir)
-        self.tokenizer = Tokenizer(model_dir)
+    Engine options (`inflight`, `max_seqs`, `max_queue`, `max_batch_tokens`, `prefill_with_decode`,
+    `recovery_timeout_s`) are `EngineConfig`'s fields. `pipeline=None`: tokenizing only.
+    """
+
+    def __init__(self, model_dir: str | Path, pipeline: Pipeline | None, **engine_opts):
         self.pipeline = pipeline
-        self.eos_ids = self.tokenizer.eos_ids | set(self.cfg.eos_token_ids)
-        self.engine = None if pipeline is None else Engine(
-            pipeline, self.tokenizer, eos_ids=self.eos_ids, context=self.cfg.max_position_embeddings,
-            vocab_size=self.cfg.vocab_size, **engine_opts)
+        self.engine = None
+        try:
+            self.cfg = ModelConfig.load(model_dir)
+            self.tokenizer = Tokenizer(model_dir)
+            self.eos_ids = self.tokenizer.eos_ids | set(self.cfg.eos_token_ids)
+            if pipeline is not None:
+                self.engine = Engine(pipeline, self.tokenizer, eos_ids=self.eos_ids,
+                                     context=self.cfg.max_position_embeddings, vocab_size=self.cfg.vocab_size,
+                                     sliding_window=self.cfg.sliding_window, config=EngineConfig(**engine_opts))
+        except BaseException:
+            if pipeline is not None:
+                pipeline.close()  # it was given to us: nobody else will close it
+            raise
+        if self.engine is not None:
+            # a Generator dropped without close() is closed when collected (not at exit: see LocalPipeline)
+            self._finalizer = weakref.finalize(self, _close, self.engine, pipeline)
+            self._finalizer.atexit = False
         self.last_timing: Timing | None = None  # of the latest request submitted
 
     def prompt_ids(self, prompt: str | list[dict] | Sequence[int], chat: bool = False) -> list[int]:
@@ -152,8 +169,9 @@ class Generator:
                 st.close()  # after a failure, the others are cancelled
 
     def close(self) -> None:
+        """Finish the batches in flight, end other requests, join the engine thread, close the pipeline."""
         if self.engine is not None:
-            self.engine.close()
+            self._finalizer()
 
     def __enter__(self):
         return self
@@ -238,6 +256,11 @@ class Stream:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _close(engine: Engine, pipeline: Pipeline) -> None:
+    engine.close()
+    pipeline.close()
 
 
 def _per_prompt(value, n: int, name: str) -> list:

@@ -1,121 +1,22 @@
-"""The `Stage` contract every backend (and, later, the remote client) satisfies.
+"""What every backend's stage shares: offsets, sequence lifetimes, limits, sampling, warm-up.
 
-A stage holds the contiguous layers [first, last] of a model. The first stage also holds the
-embedding and takes token ids; the last also holds the final norm and head and returns sampled
-token ids with their log-probabilities, never vocab-sized logits. Every call carries a batch of
-sequences, each with its id, its new tokens (and, past the first stage, its hidden rows), and its
-position offset, so ragged prefill and a decode step of many sequences are the same call.
-Everything here is numpy and dataclasses so it can cross a socket unchanged.
+A backend subclasses `BaseStage` and provides only the compute: `_compute(seqs, hidden)` and
+`_free(seq_id)`. Everything here is numpy.
 """
 
 from __future__ import annotations
 
-import importlib
-from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from .config import ModelConfig
 from .errors import UserError
-from .tensors import TypedArray
 from .sampling import SamplingParams, logsumexp, sample_token, top_logprobs
-
-BACKENDS = {"mlx": "backends.mlx_stage", "torch": "backends.torch_stage"}
-# torch must load before MLX's OpenBLAS preload (backends/mlx_stage/blas.py): loaded after it,
-# torch's BLAS calls resolve to OpenBLAS instead of its MKL and decode at half speed (measured).
-IMPORT_ORDER = ("torch", "mlx")
-
-
-def import_backends(names) -> None:
-    """Import the backends a process will use, in the order that keeps each on its own BLAS."""
-    for name in IMPORT_ORDER:
-        if name in names:
-            try:
-                importlib.import_module(BACKENDS[name])
-            except ImportError as e:
-                raise UserError(f"backend {name!r} is not available here: {e}") from None
-DTYPES = ("float32", "bfloat16", "float16")
-
-
-@dataclass(slots=True)
-class SeqChunk:
-    """One sequence's share of a stage call."""
-
-    seq_id: int
-    offset: int  # tokens already in this sequence's KV cache == position of the first new token
-    token_ids: np.ndarray  # (T,) int32: the new tokens (the last stage keeps them for penalties)
-    sampling: SamplingParams | None = None  # None: no token wanted yet (a middle prefill chunk)
-
-
-# Activations between stages: (sum of T, hidden_size) rows in the batch's sequence order.
-Hidden = TypedArray
-
-
-@dataclass(slots=True)
-class StageBatch:
-    seqs: list[SeqChunk]
-    hidden: Hidden | None = None  # None for the first stage
-
-
-@dataclass(slots=True)
-class SampledToken:
-    seq_id: int
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob), best first
-
-
-@dataclass(slots=True)
-class StageResult:
-    hidden: Hidden | None = None  # from every stage but the last
-    tokens: list[SampledToken] = field(default_factory=list)  # from the last stage
-
-
-@dataclass(slots=True)
-class StageInfo:
-    backend: str
-    device: str
-    dtype: str
-    first: int
-    last: int
-    num_layers: int  # of the whole model
-    kv_tokens: int = 0  # tokens of KV cache this stage can hold, all sequences together (its budget)
-
-    @property
-    def is_first(self) -> bool:
-        return self.first == 0
-
-    @property
-    def is_last(self) -> bool:
-        return self.last == self.num_layers - 1
-
-    def describe(self) -> dict:
-        """The `stages` entry of `--json` output."""
-        return {"backend": self.backend, "device": self.device, "dtype": self.dtype, "layers": [self.first, self.last],
-                "kv_tokens": self.kv_tokens}
-
-
-@runtime_checkable
-class Stage(Protocol):
-    info: StageInfo
-
-    def forward(self, batch: StageBatch) -> StageResult:
-        """Run the batch through this stage's layers, appending to each sequence's KV cache."""
-        ...
-
-    def release(self, seq_ids: Sequence[int]) -> None:
-        """Free the KV caches (and sampler state) of these sequences."""
-        ...
-
-    def live_sequences(self) -> list[int]: ...
-
-    def kv_tokens_used(self) -> int:
-        """Tokens held in KV caches now, all sequences together (at most `info.kv_tokens`)."""
-        ...
-
-    def close(self) -> None: ...
+from .stage import SampledToken, SeqChunk, StageBatch, StageInfo, StageResult
+from .tensors import DTYPES, TypedArray, itemsize
 
 
 @dataclass(slots=True)
@@ -152,7 +53,7 @@ class BaseStage:
     """Bookkeeping shared by the backends: offsets, sequence lifetimes, sampling.
 
     A backend subclass provides `_compute(seqs, hidden)` returning either the hidden rows (as a
-    `Hidden`) or, on the last stage, float32 logits (B', vocab) for the sequences that sample,
+    `TypedArray`) or, on the last stage, float32 logits (B', vocab) for the sequences that sample,
     and `_free(seq_id)` dropping that sequence's KV cache.
     """
 
@@ -167,8 +68,7 @@ class BaseStage:
         self.max_seqs: int | None = None  # live sequences at once (None: no limit but the KV budget)
         self.max_call_tokens: int | None = None  # tokens in one call: bounds activation memory
         n_layers = info.last - info.first + 1
-        itemsize = 4 if info.dtype == "float32" else 2
-        self.kv_token_bytes = n_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * itemsize
+        self.kv_token_bytes = n_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * itemsize(info.dtype)
 
     def set_kv_budget(self, tokens: int | None = None) -> None:
         """Cap the KV cache at `tokens`; by default at KV_MEMORY_FRACTION of the memory free now."""
@@ -283,12 +183,12 @@ class BaseStage:
         p = SamplingParams()
         for n, off in ((1, 0),) if decode_only else ((8, 0), (1, 8)):
             toks = np.zeros(n, dtype=np.int32)
-            hidden = None if self.info.is_first else Hidden.from_float32(
+            hidden = None if self.info.is_first else TypedArray.from_float32(
                 np.zeros((n, self.hidden_size), np.float32), self.info.dtype)
             self.forward(StageBatch([SeqChunk(sid, off, toks, p)], hidden))
         self.release([sid])
 
-    def _compute(self, seqs: list[SeqChunk], hidden: Hidden | None):
+    def _compute(self, seqs: list[SeqChunk], hidden: TypedArray | None):
         raise NotImplementedError
 
     def _seq_caches(self, seqs: list[SeqChunk], new_cache) -> list[list]:
@@ -299,9 +199,6 @@ class BaseStage:
     def _free(self, seq_id: int) -> None:
         self.caches.pop(seq_id, None)
 
-    def kv_bytes(self) -> int:
-        return sum(c.nbytes for layers in self.caches.values() for c in layers)
-
 
 _EMPTY = np.zeros(0, dtype=np.int64)
 _WARMUP_ID = -(2**62)  # the one negative sequence id: clients' ids are refused below zero
@@ -310,8 +207,6 @@ KV_MEMORY_FRACTION = 0.5  # of the memory free after loading, by default, for KV
 
 def system_available_memory() -> int:
     """Bytes the OS could hand out now (MemAvailable on Linux; physical memory elsewhere)."""
-    import os
-
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -320,43 +215,3 @@ def system_available_memory() -> int:
     except OSError:
         pass
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def load_stage(backend: str, model_dir: str, first: int, last: int, *, device: str | None = None,
-               dtype: str = "float32", threads: int | None = None, kv_tokens: int | None = None,
-               compile: bool = False) -> Stage:
-    """Build an in-process stage of `backend`; the backend module is imported only here."""
-    if backend not in BACKENDS:
-        raise UserError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
-    if dtype not in DTYPES:
-        raise UserError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
-    cfg = ModelConfig.load(model_dir)
-    if not 0 <= first <= last < cfg.num_hidden_layers:
-        raise UserError(f"layers {first}-{last} are outside the model's 0-{cfg.num_hidden_layers - 1}")
-    try:
-        module = importlib.import_module(BACKENDS[backend])
-    except ImportError as e:
-        raise UserError(f"backend {backend!r} is not available here: {e}") from None
-    stage = module.create_stage(model_dir, cfg, first, last, device=device, dtype=dtype, threads=threads,
-                                compile=compile)
-    _trim_heap()
-    stage.set_kv_budget(kv_tokens)
-    return stage
-
-
-def _trim_heap() -> None:
-    """Hand the loading's freed scratch (unfused copies of weights) back to the OS: tcmalloc's
-    release where the process runs on it (`engine.allocator`), else glibc's malloc_trim (Linux only)."""
-    import ctypes
-    import sys
-
-    if sys.platform.startswith("linux"):
-        try:
-            process = ctypes.CDLL(None)  # global symbols: a preloaded tcmalloc's among them
-            release = getattr(process, "MallocExtension_ReleaseFreeMemory", None)
-            if release is not None:
-                release()
-            else:
-                ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass

@@ -1,0 +1,1 @@
+"""`hetpipe bench serving|backends|pipeline`: each suite in a module of its own."""

@@ -1,0 +1,378 @@
+"""The `hetpipe` command line: it parses, then calls the API. Bad input: one line on stderr and
+exit code 2, never a traceback; a stage that fails: one line and exit code 1."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+
+from ..core.errors import StageFailure, UserError
+from ..core.partition import parse_layer_range
+from ..core.tensors import DTYPES, check_dtype
+
+EXIT_USAGE = 2
+BENCH_SUITES = ("serving", "backends", "pipeline")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own errors: one line, exit 2
+        raise UserError(f"{self.prog}: {message}")
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (the default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--logprobs", type=int, default=1, help="top log-probabilities per token (N > 1 adds `top`)")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def _add_pipeline(p: argparse.ArgumentParser, required: bool) -> None:
+    """Where the stages are, and the options of both kinds of pipeline."""
+    p.add_argument("--model", default=None, help="model directory (default: the fetched smollm2)")
+    where = p.add_mutually_exclusive_group(required=required)
+    where.add_argument("--local", metavar="SPEC",
+                       help="in-process stages: mlx:0-14,torch:15-29, or backends alone (torch, mlx,torch)")
+    where.add_argument("--stages", metavar="ADDR[=FIRST-LAST],...",
+                       help="stage daemons in pipeline order; without ranges a planner splits by measured speed")
+    p.add_argument("--dtype", default="float32", help=f"with --local: one of {', '.join(DTYPES)}")
+    p.add_argument("--device", default=None, help="with --local: torch: cuda, mps or cpu; mlx: gpu or cpu")
+    p.add_argument("--compile", action="store_true",
+                   help="with --local: torch.compile torch stages (faster decode; compiled once, then cached)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a stage's answer")
+    p.add_argument("--auth", default=None, metavar="DIR",
+                   help="CURVE keys from `hetpipe keys init` (encrypted, allow-listed)")
+    p.add_argument("--standby", action="append", default=[], metavar="ADDR",
+                   help="a spare stage daemon that takes over a lost stage's layers (repeatable)")
+    # the engine's options
+    p.add_argument("--inflight", type=int, default=None,
+                   help="micro-batches in flight across remote stages (1: no overlap; default: one per stage)")
+    p.add_argument("--max-seqs", type=int, default=256, help="sequences running at once")
+    p.add_argument("--max-queue", type=int, default=1024, help="requests waiting beyond that; more are refused")
+    p.add_argument("--max-batch-tokens", type=int, default=512, help="tokens per micro-batch (prefill chunk size)")
+    p.add_argument("--recovery-timeout", type=float, default=30.0,
+                   help="seconds for a lost stage (or a standby) to come back and load before requests fail")
+
+
+def _add_generate(sub) -> None:
+    gen = sub.add_parser("generate", help="generate text through a pipeline of stages")
+    gen.add_argument("prompt")
+    _add_pipeline(gen, required=True)
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the chat template")
+    gen.add_argument("--json", action="store_true", help="print one JSON line instead of streaming text")
+    _add_sampling(gen)
+
+
+def _add_stage(sub) -> None:
+    st = sub.add_parser("stage", help="serve a stage daemon over ZeroMQ")
+    st.add_argument("--backend", required=True, help="mlx or torch")
+    st.add_argument("--model", default=None, help="this machine's copy of the model directory")
+    st.add_argument("--listen", default="tcp://127.0.0.1:5555", help="address to bind (port 0: any free port)")
+    st.add_argument("--device", default=None)
+    st.add_argument("--dtype", default="float32", help=f"one of {', '.join(DTYPES)}")
+    st.add_argument("--threads", type=int, default=None, help="CPU threads for the backend")
+    st.add_argument("--layers", default=None, metavar="FIRST-LAST", help="load these layers at start")
+    st.add_argument("--kv-tokens", type=int, default=None,
+                    help="KV cache budget in tokens, all sequences together (default: half the free memory)")
+    st.add_argument("--max-seqs", type=int, default=None, help="live sequences at once (default: no limit)")
+    st.add_argument("--max-call-tokens", type=int, default=8192, help="tokens in one forward call")
+    st.add_argument("--auth", default=None, metavar="DIR", help="accept only clients whose keys DIR/allowed holds")
+    st.add_argument("--insecure", action="store_true",
+                    help="allow listening on a non-loopback address without --auth")
+    st.add_argument("--compile", action="store_true",
+                    help="torch: torch.compile the layers (faster decode; compiled once, then cached)")
+
+
+def _add_bench(sub) -> None:
+    b = sub.add_parser("bench", help="serving under load, per-backend speed, or pipeline overhead",
+                       description="hetpipe bench [serving] --local|--stages ...: throughput and latency with N "
+                       "concurrent clients. hetpipe bench backends: prefill/decode speed of each backend and "
+                       "dtype on one layer range. hetpipe bench pipeline: one split in-process vs over ZeroMQ, "
+                       "torch+torch vs mlx+torch. The last two write JSON, Markdown and PNG under --out.")
+    suites = b.add_subparsers(dest="suite", required=True, parser_class=_Parser)
+    s = suites.add_parser("serving", help="throughput and latency with concurrent clients (the default)")
+    _add_pipeline(s, required=True)
+    s.add_argument("--concurrency", type=int, default=1, help="clients, each keeping one request going")
+    s.add_argument("--requests", type=int, default=None, help="requests in all (default: 4 per client)")
+    s.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request (EOS ignored)")
+    s.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per request")
+    s.add_argument("--json", action="store_true", help="print one JSON line")
+    k = suites.add_parser("backends", help="prefill and decode speed of each backend and dtype")
+    k.add_argument("--model", default=None, help="model directory (default: the fetched smollm2)")
+    k.add_argument("--layers", default=None, metavar="FIRST-LAST", help="layer range (default: all)")
+    k.add_argument("--dtypes", default="float32,bfloat16", help="dtypes to time")
+    k.add_argument("--prompt-len", type=int, default=32, help="prompt tokens of the prefill timed")
+    k.add_argument("--max-tokens", type=int, default=64, help="tokens decoded per run")
+    k.add_argument("--out", default="bench-results", help="where backends.json, .md and .png go")
+    k.add_argument("--json", action="store_true", help="print the rows as JSON")
+    pl = suites.add_parser("pipeline", help="one split in-process and over ZeroMQ, torch+torch and mlx+torch")
+    pl.add_argument("--model", default=None, help="model directory (default: the fetched smollm2)")
+    pl.add_argument("--split", type=int, default=None, help="last layer of the first stage (default: half)")
+    pl.add_argument("--dtype", default="float32", help=f"one of {', '.join(DTYPES)}")
+    pl.add_argument("--rounds", type=int, default=3, help="alternating rounds")
+    pl.add_argument("--max-tokens", type=int, default=64, help="tokens decoded per run")
+    pl.add_argument("--out", default="bench-results", help="where pipeline.json, .md and .png go")
+    pl.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="hetpipe", description="Run one LLM split across MLX and PyTorch stages.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    f = sub.add_parser("fetch", help="download and import a known model (default: smollm2)")
+    f.add_argument("name", nargs="?", default="smollm2")
+    f.add_argument("--out", default=None, help="directory (default: ~/.cache/hetpipe/models/NAME)")
+    g = sub.add_parser("import-gguf", help="import a Llama-family GGUF into a Hugging Face layout directory")
+    g.add_argument("file")
+    g.add_argument("--out", required=True)
+    _add_generate(sub)
+    _add_stage(sub)
+    _add_bench(sub)
+    h = sub.add_parser("health", help="check each stage daemon with a real one-token forward")
+    h.add_argument("--stages", required=True, metavar="ADDR,...")
+    h.add_argument("--auth", default=None, metavar="DIR")
+    h.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each stage")
+    h.add_argument("--json", action="store_true", help="print one JSON line")
+    k = sub.add_parser("keys", help="CURVE keys for authenticated, encrypted links")
+    ksub = k.add_subparsers(dest="keys_command", required=True, parser_class=_Parser)
+    ki = ksub.add_parser("init", help="write a daemon keypair, a coordinator keypair and an allow-list")
+    ki.add_argument("--dir", required=True)
+    ki.add_argument("--force", action="store_true", help="replace existing keys")
+    demo = sub.add_parser("demo", help="fetch SmolLM2, start an MLX and a torch stage daemon, chat through them")
+    demo.add_argument("prompt", nargs="?", default="Explain in two sentences why the sky is blue.")
+    demo.add_argument("--max-tokens", type=int, default=96)
+    demo.add_argument("--dtype", default="float32")
+    return p
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    # `hetpipe bench --local ...` (no suite named) is `hetpipe bench serving ...`, as it always was
+    if len(argv) >= 2 and argv[0] == "bench" and argv[1] not in BENCH_SUITES and argv[1] not in ("-h", "--help"):
+        argv = ["bench", "serving", *argv[1:]]
+    return build_parser().parse_args(argv)
+
+
+def _model_dir(arg: str | None) -> str:
+    from .fetch import default_model_dir
+
+    if arg:
+        return arg
+    d = default_model_dir()
+    if not d.is_dir():
+        raise UserError("no --model given and the default model is not fetched (run `hetpipe fetch smollm2`)")
+    return str(d)
+
+
+def _at_least_1(args, *names: str) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+
+
+def _generator(args):
+    """The pipeline the options ask for, in a Generator that owns it."""
+    from ..api import Generator, connect_pipeline, local_pipeline
+
+    _at_least_1(args, "inflight", "max_seqs", "max_queue", "max_batch_tokens")
+    if args.recovery_timeout < 0:
+        raise UserError("--recovery-timeout must be >= 0")
+    model_dir = _model_dir(args.model)
+    if args.local:
+        pipeline = local_pipeline(model_dir, args.local, check_dtype(args.dtype), args.device, compile=args.compile)
+    else:
+        pipeline = connect_pipeline(model_dir, args.stages, timeout_s=args.timeout, auth_dir=args.auth,
+                                    standby=args.standby, log=lambda m: print(m, file=sys.stderr))
+    return Generator(model_dir, pipeline, inflight=args.inflight, max_seqs=args.max_seqs, max_queue=args.max_queue,
+                     max_batch_tokens=args.max_batch_tokens, recovery_timeout_s=args.recovery_timeout)
+
+
+def cmd_fetch(args) -> int:
+    from .fetch import fetch
+
+    print(fetch(args.name, args.out, progress=sys.stderr.isatty()))
+    return 0
+
+
+def cmd_import_gguf(args) -> int:
+    from .gguf_import import import_gguf
+
+    print(import_gguf(args.file, args.out, progress=sys.stderr.isatty()))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from ..core.sampling import SamplingParams
+
+    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                              repetition_penalty=args.repetition_penalty, seed=args.seed, logprobs=args.logprobs)
+    opts = dict(chat=args.chat, max_tokens=args.max_tokens, sampling=sampling, stop=args.stop)
+    with _generator(args) as gen:
+        if args.json:
+            print(json.dumps(gen.generate(args.prompt, **opts).to_json()))
+            return 0
+        stream = gen.stream(args.prompt, **opts)
+        for piece in stream:
+            sys.stdout.write(piece.text)
+            sys.stdout.flush()
+        t = stream.timing
+    sys.stdout.write("\n")
+    print(f"[{t.tokens} tokens, ttft {t.ttft_ms:.0f} ms, {t.decode_tokens_per_s:.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
+def cmd_stage(args) -> int:
+    import signal
+
+    from transport.daemon import StageDaemon
+
+    from .stages import check_backend, load_stage
+
+    check_backend(args.backend)
+    check_dtype(args.dtype)
+    _at_least_1(args, "kv_tokens", "max_seqs", "max_call_tokens", "threads")
+    layers = parse_layer_range(args.layers) if args.layers else None
+    model_dir = _model_dir(args.model)
+    common = dict(device=args.device, dtype=args.dtype, threads=args.threads)
+    load = functools.partial(load_stage, args.backend, model_dir, **common, kv_tokens=args.kv_tokens,
+                             compile=args.compile, max_seqs=args.max_seqs, max_call_tokens=args.max_call_tokens)
+    # calibration times eager layers even with --compile: a conservative plan, and no compile at start-up
+    probe = functools.partial(load_stage, args.backend, model_dir, **common)
+    daemon = StageDaemon(args.backend, args.dtype, model_dir, args.listen, load, probe=probe, layers=layers,
+                         max_seqs=args.max_seqs, auth_dir=args.auth, insecure=args.insecure)
+
+    def stop(signum, frame):  # finish what is live, take nothing new; a second signal exits at once
+        daemon.drain()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    daemon.serve()
+    return 0
+
+
+def cmd_bench(args) -> int:
+    model_dir = _model_dir(args.model)
+    if args.suite == "serving":
+        from .bench.serving import KEYS, format_serving, run_serving
+
+        _at_least_1(args, "concurrency", "requests", "max_tokens", "prompt_len")
+        with _generator(args) as gen:
+            r = run_serving(gen, concurrency=args.concurrency, requests=args.requests or 4 * args.concurrency,
+                            max_tokens=args.max_tokens, prompt_len=args.prompt_len)
+        print(json.dumps({**{k: r[k] for k in KEYS}, **{k: v for k, v in r.items() if k not in KEYS}})
+              if args.json else format_serving(r))
+        return 0
+    from pathlib import Path
+
+    from .bench import report
+
+    log = (lambda m: print(m, file=sys.stderr)) if args.json else print
+    if args.suite == "backends":
+        from .bench import backends as B
+
+        _at_least_1(args, "prompt_len", "max_tokens")
+        layers = parse_layer_range(args.layers) if args.layers else None
+        dtypes = [check_dtype(d) for d in args.dtypes.split(",") if d]
+        data = B.run_backends(model_dir, layers, dtypes, args.prompt_len, args.max_tokens, log)
+        paths = report.write_outputs(Path(args.out), "backends", data, B.backends_table(data), B.backends_plot)
+    else:
+        from ..core.config import ModelConfig
+        from .bench import pipeline as PL
+
+        _at_least_1(args, "rounds", "max_tokens")
+        n = ModelConfig.load(model_dir).num_hidden_layers
+        data = PL.run_pipeline(model_dir, (n // 2 - 1) if args.split is None else args.split, check_dtype(args.dtype),
+                               args.rounds, args.max_tokens, log)
+        paths = report.write_outputs(Path(args.out), "pipeline", data, PL.pipeline_table(data), PL.pipeline_plot)
+    if args.json:
+        print(json.dumps(data))
+    else:
+        print(paths[1].read_text())
+        print("wrote " + ", ".join(map(str, paths)))
+    return 0
+
+
+def cmd_health(args) -> int:
+    from transport.auth import Auth
+    from transport.client import health_reports
+
+    from .specs import parse_stages_spec
+
+    addresses = [a for a, _ in parse_stages_spec(args.stages)]
+    rows = []
+    for address, r in zip(addresses, health_reports(addresses, Auth.load(args.auth, "coordinator"), args.timeout)):
+        if isinstance(r, Exception):
+            rows.append({"address": address, "state": "down", "error": str(r)})
+            continue
+        rows.append({"address": address, "state": "ok" if r.layers else "idle", "backend": r.backend,
+                     "device": r.device, "dtype": r.dtype, "layers": list(r.layers) if r.layers else None,
+                     "live_sequences": len(r.live_sequences), "kv_tokens_used": r.kv_tokens_used,
+                     "kv_tokens": r.kv_tokens, "forward_ms": r.forward_ms, "draining": r.draining})
+    if args.json:
+        print(json.dumps(rows))
+    for r in [] if args.json else rows:
+        if r["state"] == "down":
+            print(f"{r['address']}: down ({r['error']})")
+            continue
+        layers = "none" if r["layers"] is None else f"{r['layers'][0]}-{r['layers'][1]}"
+        fwd = "" if r["forward_ms"] is None else f", one-token forward {r['forward_ms']:.1f} ms"
+        print(f"{r['address']}: {r['state']} {r['backend']} {r['device']} {r['dtype']} layers {layers}, "
+              f"{r['live_sequences']} live sequences, KV {r['kv_tokens_used']}/{r['kv_tokens']} tokens{fwd}")
+    return 0 if all(r["state"] == "ok" for r in rows) else 1
+
+
+def cmd_keys(args) -> int:
+    from pathlib import Path
+
+    from transport.auth import init_keys
+
+    if (Path(args.dir) / "stage.key_secret").exists() and not args.force:
+        raise UserError(f"{args.dir} already holds keys (use --force to replace them)")
+    d = init_keys(args.dir, force=True)
+    print(f"wrote {d}/stage.key(_secret), {d}/coordinator.key(_secret) and {d}/allowed/; "
+          "copy the directory to each machine and pass --auth DIR")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.prompt, args.max_tokens, check_dtype(args.dtype))
+
+
+COMMANDS = {"fetch": cmd_fetch, "import-gguf": cmd_import_gguf, "generate": cmd_generate, "stage": cmd_stage,
+            "bench": cmd_bench, "health": cmd_health, "keys": cmd_keys, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+        return COMMANDS[args.command](args)
+    except UserError as e:
+        print(f"hetpipe: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except StageFailure as e:
+        print(f"hetpipe: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("hetpipe: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+def entry() -> None:
+    """The `hetpipe` program: on tcmalloc where the system has it (see `allocator`), then `main`."""
+    from . import allocator
+
+    allocator.reexec()
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,46 @@
+"""Stage daemons as processes of their own: start one and read its ready line; stop them."""
+
+from __future__ import annotations
+
+import selectors
+import signal
+import subprocess
+import sys
+import time
+
+from ..core.errors import UserError
+
+READY_TIMEOUT_S = 180
+
+
+def start_stage(backend: str, model_dir, dtype: str = "float32", listen: str = "tcp://127.0.0.1:0",
+                extra: list[str] = (), env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    """Start `hetpipe stage` as its own process; return it and the address from its ready line."""
+    cmd = [sys.executable, "-m", "engine.app.cli", "stage", "--backend", backend, "--model", str(model_dir),
+           "--listen", listen, "--dtype", dtype, *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise UserError(f"{backend} stage exited with code {proc.returncode} before it was ready")
+        if sel.select(timeout=0.5):
+            line = proc.stdout.readline()
+            if line.startswith("ready "):
+                return proc, line.split()[1]
+    stop_stages([proc])
+    raise UserError(f"{backend} stage was not ready within {READY_TIMEOUT_S} s")
+
+
+def stop_stages(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM (a daemon drains its live sequences, then exits); SIGKILL after 10 s."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()

@@ -1,0 +1,69 @@
+"""The backend registry, and building one in-process stage of a backend by name.
+
+Backends are imported here only, by name (`importlib`), so the rest of the engine never imports
+mlx or torch, and a coordinator that drives stage daemons never loads either.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from ..core.base_stage import BaseStage
+from ..core.config import ModelConfig
+from ..core.errors import UserError
+from ..core.partition import check_range
+from ..core.tensors import check_dtype
+from . import allocator
+
+BACKENDS = {"mlx": "backends.mlx_stage", "torch": "backends.torch_stage"}
+# torch must load before MLX's OpenBLAS preload (backends/mlx_stage/blas.py): loaded after it,
+# torch's BLAS calls resolve to OpenBLAS instead of its MKL and decode at half speed (measured).
+IMPORT_ORDER = ("torch", "mlx")
+
+
+def check_backend(name: str) -> str:
+    if name not in BACKENDS:
+        raise UserError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
+    return name
+
+
+def import_backends(names) -> None:
+    """Import the backends a process will use, in the order that keeps each on its own BLAS."""
+    for name in IMPORT_ORDER:
+        if name in names:
+            try:
+                importlib.import_module(BACKENDS[name])
+            except ImportError as e:
+                raise UserError(f"backend {name!r} is not available here: {e} "
+                                f"(install hetpipe[{name}])") from None
+
+
+def load_stage(backend: str, model_dir: str | Path, first: int, last: int, *, device: str | None = None,
+               dtype: str = "float32", threads: int | None = None, kv_tokens: int | None = None,
+               compile: bool = False, max_seqs: int | None = None, max_call_tokens: int | None = None) -> BaseStage:
+    """Build, warm up and budget an in-process stage of `backend` holding layers [first, last].
+
+    torch runs fastest on the thread that loads it: load a stage on the thread that will run it.
+    """
+    check_backend(backend)
+    check_dtype(dtype)
+    cfg = ModelConfig.load(model_dir)
+    check_range(first, last, cfg.num_hidden_layers)
+    import_backends({backend})
+    module = importlib.import_module(BACKENDS[backend])
+    stage = module.create_stage(str(model_dir), cfg, first, last, device=device, dtype=dtype, threads=threads,
+                                compile=compile)
+    allocator.release_free_memory()  # the loading's scratch (unfused copies of weights) back to the OS
+    stage.set_kv_budget(kv_tokens)
+    stage.max_seqs, stage.max_call_tokens = max_seqs, max_call_tokens
+    return stage
+
+
+def available_backends() -> list[str]:
+    """Backends importable in this environment (each tried in a process of its own)."""
+    import subprocess
+    import sys
+
+    return [name for name, module in BACKENDS.items()
+            if subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True).returncode == 0]

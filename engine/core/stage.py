@@ -1,0 +1,131 @@
+"""The `Stage` contract every backend, and the remote client, satisfies, and the types it speaks.
+
+A stage holds the contiguous layers [first, last] of a model. The first stage also holds the
+embedding and takes token ids; the last also holds the final norm and head and returns sampled
+token ids with their log-probabilities, never vocab-sized logits. Every call carries a batch of
+sequences, each with its id, its new tokens (and, past the first stage, its hidden rows), and its
+position offset, so ragged prefill and a decode step of many sequences are the same call.
+Everything here is numpy and dataclasses so it can cross a socket unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from .sampling import SamplingParams
+from .tensors import TypedArray
+
+
+@dataclass(slots=True)
+class SeqChunk:
+    """One sequence's share of a stage call."""
+
+    seq_id: int
+    offset: int  # tokens already in this sequence's KV cache == position of the first new token
+    token_ids: np.ndarray  # (T,) int32: the new tokens (the last stage keeps them for penalties)
+    sampling: SamplingParams | None = None  # None: no token wanted yet (a middle prefill chunk)
+
+
+@dataclass(slots=True)
+class StageBatch:
+    seqs: list[SeqChunk]
+    hidden: TypedArray | None = None  # (sum of T, hidden_size) rows in `seqs` order; None for the first stage
+
+
+@dataclass(slots=True)
+class SampledToken:
+    seq_id: int
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob), best first
+
+
+@dataclass(slots=True)
+class StageResult:
+    hidden: TypedArray | None = None  # from every stage but the last
+    tokens: list[SampledToken] = field(default_factory=list)  # from the last stage
+
+
+@dataclass(slots=True)
+class StageInfo:
+    """What a stage is: backend, where it runs, and which layers it holds."""
+
+    backend: str
+    device: str
+    dtype: str
+    first: int
+    last: int
+    num_layers: int  # of the whole model
+    kv_tokens: int = 0  # tokens of KV cache this stage can hold, all sequences together (its budget)
+
+    @property
+    def is_first(self) -> bool:
+        return self.first == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.last == self.num_layers - 1
+
+    def describe(self) -> dict:
+        """The `stages` entry of `--json` output."""
+        return {"backend": self.backend, "device": self.device, "dtype": self.dtype, "layers": [self.first, self.last],
+                "kv_tokens": self.kv_tokens}
+
+
+@dataclass(slots=True)
+class StageReport:
+    """What a stage daemon says about itself: sent on every hello, load, ping and health check,
+    validated on receipt (`transport.wire.unpack_report`), read by the client, planner and health."""
+
+    address: str
+    heartbeat: str  # where its heartbeat socket answers
+    backend: str
+    device: str
+    dtype: str
+    num_layers: int
+    layers: tuple[int, int] | None  # None: waiting to be given a layer range
+    kv_tokens: int  # its KV budget (0 before it holds layers)
+    kv_tokens_used: int
+    live_sequences: list[int]
+    max_seqs: int | None
+    draining: bool  # after SIGTERM: serves its live sequences, takes no new ones
+    identity: dict[str, str | None]  # the model it serves: config and weights hashes
+    # measured at start-up: what the planner splits layers by
+    ms_per_layer: float  # one layer, one decoded token
+    head_ms: float  # final norm and head, one token
+    layer_bytes: int  # one layer's weights in its dtype
+    free_memory: int
+    resident_bytes: int
+    forward_ms: float | None = None  # a health check's one-token forward through its layers
+
+    @property
+    def info(self) -> StageInfo | None:
+        if self.layers is None:
+            return None
+        return StageInfo(self.backend, self.device, self.dtype, self.layers[0], self.layers[1], self.num_layers,
+                         self.kv_tokens)
+
+
+@runtime_checkable
+class Stage(Protocol):
+    info: StageInfo
+
+    def forward(self, batch: StageBatch) -> StageResult:
+        """Run the batch through this stage's layers, appending to each sequence's KV cache."""
+        ...
+
+    def release(self, seq_ids: Sequence[int]) -> None:
+        """Free the KV caches (and sampler state) of these sequences."""
+        ...
+
+    def live_sequences(self) -> list[int]: ...
+
+    def kv_tokens_used(self) -> int:
+        """Tokens held in KV caches now, all sequences together (at most `info.kv_tokens`)."""
+        ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,340 @@
+"""The serving engine: one thread that drives a `Pipeline`, a step at a time.
+
+Callers on any thread `submit` a request and read its `GenerationChunk`s from the delivery
+function they passed (a queue for `stream`, an asyncio loop for `astream`); `cancel` takes it
+out wherever it is. The engine thread alone touches the scheduler and the pipeline. Each step:
+
+    take requests -> schedule -> run (submit, poll) -> postprocess -> deliver
+
+Postprocessing turns returned tokens into chunks (detokenized, stop strings applied) and takes
+finished sequences out, releasing them on every stage before their last chunk is delivered; the
+next micro-batches are submitted before the chunks are delivered, so the callers' work overlaps
+the stages' compute. A lost stage starts a recovery (`recovery.py`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import secrets
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..core.errors import StageFailure, UserError
+from ..core.pipeline import BatchOutcome, Pipeline
+from ..core.sampling import SamplingParams
+from ..core.stage import SampledToken, SeqChunk, StageBatch
+from .output import GenerationChunk, Profile, Timing
+from .recovery import RecoveryEvent, recover
+from .scheduler import Scheduler, Sequence as Seq, Slice
+from .text import IncrementalDetokenizer, StopMatcher, Tokenizer
+
+RESULT_WAIT_S = 0.05  # the longest wait for results while batches are in flight (lost stages are checked between)
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """How the engine schedules: micro-batches in flight, limits, and how long a recovery may take."""
+
+    inflight: int | None = None  # micro-batches in flight (None: one per stage, within the pipeline's limit)
+    max_seqs: int = 256  # sequences running at once
+    max_queue: int = 1024  # requests waiting beyond those; more are refused
+    max_batch_tokens: int = 512  # tokens in one micro-batch: the prefill chunk size
+    prefill_with_decode: int = 128  # prefill tokens riding along with decode steps
+    recovery_timeout_s: float = 30.0  # for a lost stage to be replaced, its load included
+
+    def __post_init__(self):
+        if self.inflight is not None and self.inflight < 1:
+            raise UserError("micro-batches in flight must be at least 1")
+        for name in ("max_seqs", "max_queue", "max_batch_tokens", "prefill_with_decode"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be at least 1")
+        if self.recovery_timeout_s < 0:
+            raise UserError("the recovery timeout must be >= 0 seconds")
+
+
+@dataclass(eq=False)
+class Request:
+    """What the engine keeps per request besides the scheduler's `Sequence`."""
+
+    seq_id: int
+    deliver: Callable[[GenerationChunk | BaseException], None]
+    detok: IncrementalDetokenizer
+    stops: StopMatcher
+    timing: Timing
+    ignore_eos: bool = False
+    profile: Profile = field(default_factory=Profile)
+
+
+class Engine:
+    def __init__(self, pipeline: Pipeline, tokenizer: Tokenizer, *, eos_ids: set[int], context: int,
+                 vocab_size: int, sliding_window: int | None = None, config: EngineConfig | None = None, log=None):
+        self.config = config or EngineConfig()
+        # default: one micro-batch per stage, so each stage has its own to work on
+        self.inflight = min(self.config.inflight or len(pipeline.stages), pipeline.max_inflight)
+        self.pipeline = pipeline
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_ids
+        self.context = context
+        self.vocab_size = vocab_size
+        self.sliding_window = sliding_window
+        c = self.config
+        self.scheduler = Scheduler(pipeline.kv_tokens(), micro_batches=self.inflight, max_seqs=c.max_seqs,
+                                   max_queue=c.max_queue, max_batch_tokens=c.max_batch_tokens,
+                                   prefill_with_decode=c.prefill_with_decode)
+        self._ids = itertools.count(secrets.randbits(40) << 20)  # unique on daemons other coordinators share
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._flying: dict[int, list[Slice]] = {}  # batch tag -> its slices
+        self._tags = itertools.count()
+        self._seqs: dict[int, Seq] = {}
+        self._closing = False
+        self._lock = threading.Lock()
+        self.error: BaseException | None = None  # what stopped the engine thread, if anything
+        self.profile = Profile()  # every batch run, for benchmarks
+        self.recoveries: list[RecoveryEvent] = []
+        self.log = log or (lambda m: print(f"hetpipe: {m}", file=sys.stderr, flush=True))
+        # a daemon thread: an engine its owner never closed does not keep the process alive; it
+        # runs no framework code (the pipeline computes elsewhere), so being stopped at exit is harmless
+        self._thread = threading.Thread(target=self._main, name="hetpipe-engine", daemon=True)
+        self._thread.start()
+
+    # -- any thread ----------------------------------------------------------------------------
+
+    def submit(self, prompt_ids: Sequence[int], *, max_tokens: int = 128, sampling: SamplingParams | None = None,
+               stop: Sequence[str] = (), ignore_eos: bool = False,
+               deliver: Callable[[GenerationChunk | BaseException], None]) -> Request:
+        """Queue a request. Bad input raises `UserError` here, at once; later failures are delivered."""
+        ids = self._check(prompt_ids, max_tokens, sampling)
+        req = Request(next(self._ids), deliver, IncrementalDetokenizer(self.tokenizer), StopMatcher(stop),
+                      Timing(time.perf_counter()), ignore_eos)
+        seq = Seq(req.seq_id, ids, max_tokens, sampling or SamplingParams(),
+                  min(len(ids) + max_tokens, self.context), owner=req)
+        self.scheduler.check(seq)
+        with self._lock:
+            if self._closing:
+                raise UserError("the engine is closed")
+            if self.error is not None:
+                raise StageFailure(f"the serving engine stopped: {self.error!r}")
+            self._put(("add", seq))
+        return req
+
+    def cancel(self, seq_id: int) -> None:
+        """Stop a request and free its KV caches on every stage (as soon as no batch of it is in flight)."""
+        self._put(("cancel", seq_id))
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Finish the batches in flight, end every other request with an error, and join the thread."""
+        with self._lock:
+            self._closing = True
+        self._put(("close", None))
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout_s)
+
+    def _put(self, item) -> None:
+        self._inbox.put(item)
+        self.pipeline.wake()  # a `poll` waiting for results returns at once
+
+    def _check(self, prompt_ids, max_tokens: int, sampling) -> list[int]:
+        try:
+            ids = [int(i) for i in prompt_ids if isinstance(i, (int, np.integer)) and not isinstance(i, bool)]
+        except TypeError:
+            ids = None
+        if ids is None or len(ids) != len(prompt_ids):
+            raise UserError("prompt token ids must be integers")
+        if not ids:
+            raise UserError("empty prompt")
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+            raise UserError("max tokens must be an integer of at least 1")
+        if len(ids) >= self.context:
+            raise UserError(f"prompt is {len(ids)} tokens; the model's context is {self.context}")
+        if min(ids) < 0 or max(ids) >= self.vocab_size:
+            raise UserError(f"prompt token ids must be in 0..{self.vocab_size - 1}")
+        reach = min(len(ids) + max_tokens, self.context)
+        if self.sliding_window is not None and reach > self.sliding_window:
+            raise UserError(f"prompt ({len(ids)} tokens) + max tokens ({max_tokens}) reach past the model's "
+                            f"sliding_window of {self.sliding_window}, which hetpipe does not implement yet")
+        if sampling is not None and not isinstance(sampling, SamplingParams):
+            raise UserError("sampling must be a SamplingParams")
+        return ids
+
+    # -- the engine thread ---------------------------------------------------------------------
+
+    def _main(self) -> None:
+        try:
+            while self._take_requests():
+                self._submit(self._schedule())                     # schedule -> run
+                chunks = self._postprocess(self.pipeline.poll(RESULT_WAIT_S) if self._flying else [])
+                self._submit(self._schedule())                     # the next step leaves before callers hear
+                self._deliver(chunks)                              # of this one: their work overlaps it
+                self._watch_stages()
+        except BaseException as e:  # a bug, or the pipeline itself gone: no request may hang on it
+            self.error = e
+            err = e if isinstance(e, (UserError, StageFailure)) else StageFailure(f"engine stopped: {e!r}")
+            for seq in list(self._seqs.values()):
+                self._end(seq, err)
+            raise
+
+    def _take_requests(self) -> bool:
+        """Take in new requests, cancellations and `close`, waiting for one while there is nothing
+        to do. False once closed with no batch left in flight: the thread ends."""
+        idle = not self._flying and not self._closing and not self._ready()
+        while True:
+            try:
+                kind, arg = self._inbox.get() if idle else self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            idle = False
+            if kind == "add":
+                self._add(arg)
+            elif kind == "cancel":
+                self._cancel(arg)
+            else:
+                self._closing = True
+        if self._closing:
+            for seq in [s for s in self._seqs.values() if not s.in_flight]:
+                self._end(seq, UserError("the engine was closed"))
+        return not (self._closing and not self._flying)
+
+    def _ready(self) -> bool:
+        self.scheduler.admit()
+        return any(not s.in_flight and s.pending > 0 for s in self.scheduler.running)
+
+    def _add(self, seq: Seq) -> None:
+        try:
+            self.scheduler.add(seq)
+        except UserError as e:
+            seq.owner.deliver(e)
+            return
+        self._seqs[seq.seq_id] = seq
+
+    def _cancel(self, seq_id: int) -> None:
+        seq = self._seqs.get(seq_id)
+        if seq is None:
+            return  # finished already
+        seq.cancelled = True
+        if not seq.in_flight:
+            self._end(seq)
+
+    def _schedule(self) -> list[list[Slice]]:
+        """Micro-batches to start now: as many as the pipeline has room for."""
+        batches = []
+        while not self._closing and len(self._flying) + len(batches) < self.inflight:
+            slices = self.scheduler.next_batch()
+            if not slices:
+                break
+            batches.append(slices)
+        return batches
+
+    def _submit(self, batches: list[list[Slice]]) -> None:
+        for slices in batches:
+            tag = next(self._tags)
+            self._flying[tag] = slices
+            self.pipeline.submit(tag, StageBatch([
+                SeqChunk(sl.seq.seq_id, sl.start, np.asarray(sl.seq.tokens(sl.start, sl.n), np.int32),
+                         sl.seq.sampling if sl.sample else None) for sl in slices]))
+
+    def _postprocess(self, outcomes: list[BatchOutcome]) -> list[tuple[Request, GenerationChunk]]:
+        """Tokens into chunks; finished and cancelled sequences out (released on every stage)."""
+        chunks = []
+        for o in outcomes:
+            slices = self._flying.pop(o.tag, None)
+            if slices is None:
+                continue  # a batch given up on in a recovery
+            if o.error is not None:
+                self._failed(slices, o.error)
+                continue
+            self.scheduler.completed(slices)
+            self.profile.add(o.timing)
+            tokens = {t.seq_id: t for t in o.tokens}
+            now = time.perf_counter()
+            for sl in slices:
+                seq = sl.seq
+                seq.owner.profile.add(o.timing)
+                if seq.cancelled:
+                    self._end(seq)
+                elif sl.sample:
+                    chunk = self._chunk(seq, tokens[seq.seq_id], now)
+                    if chunk.finish_reason:
+                        self._end(seq)  # caches freed before the caller hears it is done
+                    chunks.append((seq.owner, chunk))
+        return chunks
+
+    def _failed(self, slices: list[Slice], error: Exception) -> None:
+        """A batch failed: a stage restarted or unreachable is recovered (nothing lost); any other
+        error ends the batch's requests."""
+        if isinstance(error, StageFailure):
+            lost = self.pipeline.check()
+            if lost:
+                self._recover(lost)
+                return
+        err = error if isinstance(error, (UserError, StageFailure)) else StageFailure(str(error))
+        for sl in slices:
+            self._end(sl.seq, err)
+
+    def _deliver(self, chunks: list[tuple[Request, GenerationChunk]]) -> None:
+        for req, chunk in chunks:
+            req.deliver(chunk)
+
+    def _watch_stages(self) -> None:
+        if self._flying:  # heartbeats are watched while serving
+            lost = self.pipeline.lost()
+            if lost:
+                self._recover(lost)
+
+    def _recover(self, lost: list[int]) -> None:
+        """A stage is gone. Every batch in flight is given up on; once a stage has taken the lost
+        one's place, every live sequence is freed on every stage and prefilled again from its token
+        ids (prompt + generated) by the next steps, so greedy outputs continue exactly and streams
+        see no token twice, none missing. If none takes its place in time, every request ends with
+        that error. The split is not planned again: the replacement takes the lost layer range."""
+        self._flying.clear()
+        live = list(self._seqs.values())
+        for seq in live:
+            seq.in_flight = False
+            seq.cached = 0
+        event = recover(self.pipeline, lost, self.config.recovery_timeout_s, self.log)
+        self.recoveries.append(event)
+        try:
+            self.pipeline.release([s.seq_id for s in live])  # what the surviving stages still hold
+        except Exception:
+            pass  # a stage that cannot be told drops them with its connection
+        if not event.ok:
+            err = StageFailure(event.error)
+            for seq in live:
+                self._end(seq, err)
+
+    def _chunk(self, seq: Seq, tok: SampledToken, now: float) -> GenerationChunk:
+        """The chunk one sampled token makes for its request (`finish_reason` set if it ends it)."""
+        req: Request = seq.owner
+        seq.generated.append(tok.token_id)
+        req.timing.token(now)
+        finish = None
+        if tok.token_id in self.eos_ids and not req.ignore_eos:
+            finish = "stop"
+        elif len(seq.generated) >= seq.max_tokens or seq.length >= self.context:
+            finish = "length"
+        piece = "" if finish == "stop" else req.detok.add(tok.token_id)
+        if finish:
+            piece += req.detok.flush()
+        text, hit = req.stops.feed(piece, final=finish is not None)
+        if hit:
+            finish = "stop"
+        return GenerationChunk(tok.token_id, text, tok.logprob, tok.top, finish)
+
+    def _end(self, seq: Seq, err: BaseException | None = None) -> None:
+        """Take a sequence out of everything; tell its request why, if it did not end normally."""
+        started = seq.cached > 0 or seq.in_flight
+        self.scheduler.finish(seq)
+        self._seqs.pop(seq.seq_id, None)
+        if err is not None and not seq.cancelled:
+            seq.owner.deliver(err)
+        if started:
+            try:
+                self.pipeline.release([seq.seq_id])
+            except Exception:
+                pass  # a stage that cannot be told drops the sequence with its connection

@@ -1,0 +1,70 @@
+"""The torch stage's paged KV cache: block tables, slot planning per batch, growth and reuse."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from backends.torch_stage.cache import BLOCK, PagedKV  # noqa: E402
+
+
+def cache():
+    return PagedKV(n_layers=2, n_kv=2, head_dim=4, dtype=torch.float32, device=torch.device("cpu"))
+
+
+def slots_of(kv, seq_id, n):
+    table = kv.tables[seq_id]
+    return [table[p // BLOCK] * BLOCK + p % BLOCK for p in range(n)]
+
+
+def test_a_first_prefill_writes_its_own_slots_and_attends_without_a_gather():
+    kv = cache()
+    plan = kv.plan([1, 2], starts=[0, 20], lengths=[20, 3], offsets=[0, 0])
+    assert len(kv.tables[1]) == 2 and len(kv.tables[2]) == 1  # blocks follow the tokens
+    assert set(kv.tables[1]).isdisjoint(kv.tables[2])
+    assert plan.write.tolist() == slots_of(kv, 1, 20) + slots_of(kv, 2, 3)
+    assert [(start, n, slots, mask) for start, n, slots, mask in plan.prefill] == [(0, 20, None, None),
+                                                                                 (20, 3, None, None)]
+    assert plan.decode_rows is None and not plan.all_decode
+
+
+def test_decode_rows_attend_together_with_padding_masked():
+    kv = cache()
+    kv.plan([1, 2], [0, 20], [20, 3], [0, 0])
+    plan = kv.plan([1, 2], starts=[0, 1], lengths=[1, 1], offsets=[20, 3])
+    assert plan.all_decode and plan.prefill == []
+    assert plan.write.tolist() == [slots_of(kv, 1, 21)[20], slots_of(kv, 2, 4)[3]]
+    assert plan.decode_rows.tolist() == [0, 1]
+    assert plan.decode_slots.shape == (2, 21)
+    assert plan.decode_slots[0].tolist() == slots_of(kv, 1, 21)
+    assert plan.decode_slots[1, :4].tolist() == slots_of(kv, 2, 4)
+    assert plan.decode_mask.shape == (2, 1, 1, 21)
+    assert plan.decode_mask[0].all() and plan.decode_mask[1, 0, 0].tolist() == [True] * 4 + [False] * 17
+    # equal lengths need no mask
+    assert kv.plan([1], [0], [1], [21]).decode_mask is None
+
+
+def test_a_later_chunk_gathers_its_slots_under_a_causal_mask():
+    kv = cache()
+    kv.plan([1], [0], [5], [0])
+    plan = kv.plan([1], starts=[0], lengths=[3], offsets=[5])
+    ((start, n, slots, mask),) = plan.prefill
+    assert (start, n) == (0, 3) and slots.tolist() == slots_of(kv, 1, 8)
+    # row i (position 5 + i) sees positions 0..5+i
+    assert mask.tolist() == [[p <= 5 + i for p in range(8)] for i in range(3)]
+
+
+def test_released_blocks_are_reused_and_growth_keeps_what_is_cached():
+    kv = cache()
+    kv.plan([1], [0], [40], [0])
+    first_blocks = list(kv.tables[1])
+    kv.keys[0][np.array(slots_of(kv, 1, 40))] = 1.5  # something cached
+    kv.release(1)
+    assert 1 not in kv.tables
+    kv.plan([2], [0], [40], [0])
+    assert sorted(kv.tables[2]) == sorted(first_blocks)  # freed blocks come back first
+    before = kv.n_blocks
+    kv.plan([3], [0], [BLOCK * (before + 1)], [0])  # more than is free: every layer grows
+    assert kv.n_blocks >= 2 * before and kv.keys[1].shape[0] == kv.n_blocks * BLOCK
+    assert torch.all(kv.keys[0][torch.tensor(slots_of(kv, 2, 40))] == 1.5)
+    used = [b for t in kv.tables.values() for b in t]
+    assert len(used) == len(set(used)) and not set(used) & set(kv.free)

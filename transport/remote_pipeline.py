@@ -1,0 +1,136 @@
+"""`RemotePipeline`: stage daemons in pipeline order, satisfying `engine.core.pipeline.Pipeline`.
+
+A batch goes to the first stage with the other stages' addresses as its route; each stage passes
+its hidden rows straight to the next, and the last answers here. Several batches may be in flight
+at once: the daemons work on different ones. Liveness comes from the daemons' heartbeat sockets;
+`replace` does the socket work of putting a stage in a lost one's place (the policy around it is
+the engine's: `engine.serving.recovery`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from engine.core.errors import UserError
+from engine.core.partition import check_coverage
+from engine.core.pipeline import BatchOutcome, BatchTiming
+from engine.core.stage import StageBatch
+
+from . import protocol as P
+from .client import RemoteStage, StageError, raise_if_error
+from .heartbeat import Heartbeat
+from .wire import pack, pack_batch, unpack_result
+
+
+class RemotePipeline:
+    def __init__(self, stages: list[RemoteStage], identity: dict, standby: Sequence[str] = ()):
+        check_coverage([(s.info.first, s.info.last) for s in stages], stages[0].info.num_layers)
+        self.stages = stages
+        self.client = stages[0].client
+        self.identity = identity
+        self.standby = list(standby)  # addresses of spare daemons that may take a lost stage's place
+        self._flying: dict[int, tuple[int, float]] = {}  # req -> (tag, sent)
+        self.heartbeat = Heartbeat(self.client.ctx, self.client.auth)
+        for s in stages:
+            self.heartbeat.watch(s.address, s.report.heartbeat)
+
+    @property
+    def max_inflight(self) -> int:
+        return 4 * len(self.stages)
+
+    @property
+    def route(self) -> list[str]:
+        return [s.address for s in self.stages[1:]]
+
+    def submit(self, tag: int, batch: StageBatch) -> None:
+        req = self.client.next_req()
+        self.client.expect(req)
+        self.client.send(self.stages[0].address, pack_batch(batch, req=req, client=self.client.id, route=self.route))
+        self._flying[req] = (tag, time.monotonic())
+
+    def poll(self, timeout_s: float) -> list[BatchOutcome]:
+        out = []
+        for req, (header, arrays) in self.client.poll(timeout_s).items():
+            tag, sent = self._flying.pop(req)
+            try:
+                raise_if_error(header, self.stages[-1].address)
+                result = unpack_result(header, arrays)
+            except Exception as e:
+                out.append(BatchOutcome(tag, error=e))
+                continue
+            by_stage: dict[str, float] = {}
+            for address, ms in header.get("timings", []):
+                by_stage[address] = by_stage.get(address, 0.0) + ms
+            timing = BatchTiming([by_stage.get(s.address, 0.0) for s in self.stages], (time.monotonic() - sent) * 1000)
+            out.append(BatchOutcome(tag, result.tokens, timing))
+        now = time.monotonic()
+        for req, (tag, sent) in list(self._flying.items()):
+            if now - sent > self.client.timeout_s:
+                del self._flying[req]
+                self.client.forget(req)
+                out.append(BatchOutcome(tag, error=StageError(
+                    f"the pipeline did not answer within {self.client.timeout_s:.0f} s")))
+        return out
+
+    def wake(self) -> None:
+        self.client.wake()
+
+    def release(self, seq_ids: Sequence[int]) -> None:
+        """Tell every stage to free these sequences; no reply awaited (a later message sees it done)."""
+        for s in self.stages:
+            self.client.send(s.address, pack(P.RELEASE, req=self.client.next_req(), seq_ids=list(seq_ids)))
+
+    def kv_tokens(self) -> int:
+        return min(s.info.kv_tokens for s in self.stages)
+
+    def describe(self) -> list[dict]:
+        return [{**s.info.describe(), "address": s.address} for s in self.stages]
+
+    def lost(self) -> list[int]:
+        """Indices of stages whose heartbeat went silent."""
+        gone = set(self.heartbeat.lost())
+        return [i for i, s in enumerate(self.stages) if s.address in gone]
+
+    def check(self) -> list[int]:
+        """Indices of stages that do not answer a ping at once, or no longer hold their layers."""
+        out = []
+        for i, s in enumerate(self.stages):
+            try:
+                if s.refresh().layers != (s.info.first, s.info.last):
+                    out.append(i)
+            except StageError:
+                out.append(i)
+        return out
+
+    def abandon(self) -> None:
+        for req in self._flying:
+            self.client.forget(req)
+        self._flying.clear()
+
+    def replace(self, index: int, timeout_s: float) -> str | None:
+        """One try, within `timeout_s`: the lost stage's own address (restarted), then each unused
+        standby, says hello (identity checked) and loads the lost layer range."""
+        old = self.stages[index]
+        deadline = time.monotonic() + timeout_s
+        self.heartbeat.unwatch(old.address)
+        in_use = {s.address for i, s in enumerate(self.stages) if i != index}
+        for address in [old.address] + [a for a in self.standby if a not in in_use and a != old.address]:
+            self.client.reset(address)  # drop what was queued for the old process
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                new = RemoteStage(self.client, address, self.identity, timeout_s=min(left, 1.0))
+                new.load(old.info.first, old.info.last, timeout_s=max(deadline - time.monotonic(), 0.01))
+            except (UserError, StageError):
+                self.client.reset(address)
+                continue
+            self.stages[index] = new
+            self.heartbeat.watch(new.address, new.report.heartbeat)
+            return address
+        return None
+
+    def close(self) -> None:
+        self.heartbeat.close()
+        self.client.close()
