@@ -19,12 +19,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.bench import run_serving  # noqa: E402
-from engine.api import local_pipeline  # noqa: E402
-from engine.app.procs import start_stage, stop_stages  # noqa: E402
+from engine.api import Generator, connect_pipeline, local_pipeline  # noqa: E402
+from engine.app.bench.serving import run_serving  # noqa: E402
 from engine.app.fetch import default_model_dir  # noqa: E402
-from engine.api import Generator  # noqa: E402
-from engine.api import connect_pipeline  # noqa: E402
+from engine.app.procs import start_stage, stop_stages  # noqa: E402
 
 
 def rounds(runs: dict, n: int) -> dict:
@@ -39,25 +37,22 @@ def rounds(runs: dict, n: int) -> dict:
 
 
 def concurrency(model: str, dtype: str, n: int) -> dict:
-    gen = Generator(model, local_pipeline(model, "torch", dtype, None))
-    try:
+    with Generator(model, local_pipeline(model, "torch", dtype)) as gen:
         return rounds({c: (lambda c=c: run_serving(gen, concurrency=c, requests=c * 2, max_tokens=32, prompt_len=32))
                        for c in (1, 16)}, n)
-    finally:
-        gen.close()
 
 
 def inflight(model: str, addresses: list[str], prompt_len: int, max_tokens: int, n: int, split: int | None) -> dict:
     spec = ",".join(addresses) if split is None else f"{addresses[0]}=0-{split},{addresses[1]}={split + 1}-29"
-    pipe = connect_pipeline(model, spec, 30, log=lambda m: print(m, file=sys.stderr))
-    gens = {k: Generator(model, pipe, inflight=k) for k in (1, 2)}
+    # a pipeline (and so a coordinator connection) of its own per engine: the daemons serve both
+    gens = {k: Generator(model, connect_pipeline(model, spec, log=lambda m: print(m, file=sys.stderr)), inflight=k)
+            for k in (1, 2)}
     try:
         return rounds({k: (lambda g=g: run_serving(g, concurrency=16, requests=32, max_tokens=max_tokens,
                                                     prompt_len=prompt_len)) for k, g in gens.items()}, n)
     finally:
         for g in gens.values():
             g.close()
-        pipe.close()
 
 
 def main() -> None:

@@ -13,9 +13,8 @@ import argparse
 import asyncio
 import sys
 
+from engine.api import Generator, SamplingParams, connect_pipeline, local_pipeline
 from engine.app.fetch import default_model_dir
-from engine.api import Generator
-from engine.core.sampling import SamplingParams
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--model", default=str(default_model_dir()))
@@ -25,16 +24,12 @@ where.add_argument("--local")
 ap.add_argument("prompt", nargs="?", default="Give me three tips for writing clear code.")
 args = ap.parse_args()
 
-if args.stages:
-    from engine.api import connect_pipeline
-
-    pipeline = connect_pipeline(args.model, args.stages, num_layers=30, log=lambda m: print(m, file=sys.stderr))
+if args.stages:  # the layer count comes from the model directory; the planner splits if no ranges are given
+    pipeline = connect_pipeline(args.model, args.stages, log=lambda m: print(m, file=sys.stderr))
 else:
-    from engine.api import local_pipeline
+    pipeline = local_pipeline(args.model, args.local)
 
-    pipeline = local_pipeline(args.model, args.local, "float32", None)
-
-gen = Generator(args.model, pipeline)
+gen = Generator(args.model, pipeline)  # it owns the pipeline: gen.close() closes both
 messages = [{"role": "user", "content": args.prompt}]
 for piece in gen.stream(messages, max_tokens=200, sampling=SamplingParams(temperature=0.7, top_p=0.9, seed=0)):
     print(piece.text, end="", flush=True)

@@ -4,6 +4,7 @@ in-process stages of both backends, a stage daemon behind `RemoteStage`, and bot
 
 import inspect
 
+import numpy as np
 import pytest
 
 from backends.mlx_stage import MLXStage
@@ -12,7 +13,8 @@ from engine.api import connect_pipeline, load_stage, local_pipeline
 from engine.app.procs import start_stage, stop_stages
 from engine.core.identity import config_hash
 from engine.core.pipeline import Pipeline
-from engine.core.stage import Stage, StageInfo
+from engine.core.sampling import SamplingParams
+from engine.core.stage import SeqChunk, Stage, StageBatch, StageInfo
 from engine.serving.local_pipeline import LocalPipeline
 from transport.client import Client, RemoteStage
 from transport.remote_pipeline import RemotePipeline
@@ -76,3 +78,23 @@ def test_instances_have_the_protocols_attributes(tiny_dirs, daemon):
     check_attributes(remote, Pipeline)
     assert all(isinstance(s, RemoteStage) for s in remote.stages)
     remote.close()
+
+
+def test_a_remote_stage_computes_what_an_in_process_one_does(tiny_dirs, daemon):
+    d = tiny_dirs["llama"]
+    local = load_stage("torch", d, 0, 3)
+    client = Client(10)
+    remote = RemoteStage(client, daemon, identity={"config": config_hash(d)})
+    p = SamplingParams(logprobs=3)
+    outs = []
+    for stage in (local, remote):
+        first = stage.forward(StageBatch([SeqChunk(5, 0, np.array([3, 1, 4, 1, 5], np.int32), p)])).tokens
+        then = stage.forward(StageBatch([SeqChunk(5, 5, np.array([first[0].token_id], np.int32), p)])).tokens
+        outs.append(first + then)
+        assert stage.live_sequences() == [5] and stage.kv_tokens_used() == 6
+        stage.release([5])
+        assert stage.live_sequences() == []
+    ranked = [[(t.token_id, [i for i, _ in t.top]) for t in out] for out in outs]
+    assert ranked[0] == ranked[1]
+    np.testing.assert_allclose([t.logprob for t in outs[0]], [t.logprob for t in outs[1]], atol=1e-6)
+    client.close()

@@ -1,7 +1,7 @@
 """hetpipe's own CPU kernels (`backends/torch_stage/native.py`) against torch on the same inputs.
 
-They run where the CPU has AVX512-BF16; elsewhere these tests skip. A missing compiler or ninja,
-or a build that fails, is a failure here, not a skip: setup must provide them.
+They run where the CPU has AVX512-BF16 or AVX2 with FMA; elsewhere these tests skip. A missing
+compiler or ninja, or a build that fails, is a failure here, not a skip: setup must provide them.
 """
 
 import os
@@ -13,6 +13,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 from backends.torch_stage import native  # noqa: E402
+from backends.torch_stage import ops  # noqa: E402
 from backends.torch_stage.models.llama import SMALL_ROWS, small_matmul  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def kernels():
     why = native.load()
-    if why in ("not an x86-64 Linux machine", "the CPU lacks AVX512-BF16"):
+    if why in ("not an x86-64 Linux machine", "the CPU has neither AVX512-BF16 nor AVX2 with FMA"):
         pytest.skip(why)
     assert why is None, why
 
@@ -35,8 +36,8 @@ def randn(*shape, seed):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).bfloat16()
 
 
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8])  # every register blocking: 8, 4 and 2 weight rows a pass
-@pytest.mark.parametrize("n,k", [(1, 32), (7, 64), (13, 1536), (960, 576), (49152, 576)])
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8])  # every register blocking of either variant
+@pytest.mark.parametrize("n,k", [(1, 32), (13, 1536), (960, 576), (49152, 576)])
 def test_small_matmul_matches_float32_sums(kernels, m, n, k):
     """Every output, whole blocks of weight rows and the rows left over, within summation order
     (one bf16 ulp) of a float32 sum; oneDNN on the same inputs for scale."""
@@ -54,7 +55,7 @@ def test_small_matmul_reads_strided_inputs(kernels):
     torch.testing.assert_close(small_matmul(x, w).float(), fp32_reference(x, w).float(), rtol=2**-7, atol=1e-3)
 
 
-@pytest.mark.parametrize("dtype,m,k", [(torch.float16, 1, 64), (torch.float16, 3, 64), (torch.bfloat16, 1, 40),
+@pytest.mark.parametrize("dtype,m,k", [(torch.float16, 1, 64), (torch.float16, 3, 64), (torch.bfloat16, 1, 36),
                                        (torch.bfloat16, SMALL_ROWS + 1, 64), (torch.float32, 2, 64)])
 def test_small_matmul_leaves_other_cases_to_torch(kernels, dtype, m, k):
     """fp16, fp32, more than 8 rows, or a row length the 32-wide loop cannot step through: torch's
@@ -72,8 +73,8 @@ def test_small_matmul_refuses_mismatched_shapes(kernels):
 def test_a_bf16_cpu_stage_runs_them(kernels, tiny_dirs):
     from engine.app.stages import load_stage
 
-    assert load_stage("torch", tiny_dirs["llama"], 0, 3, dtype="bfloat16").kernels == native.KERNELS
-    assert load_stage("torch", tiny_dirs["llama"], 0, 3, dtype="float32").kernels == ""
+    assert load_stage("torch", tiny_dirs["llama"], 0, 3, dtype="bfloat16").kernels == native.running() != ""
+    assert load_stage("torch", tiny_dirs["llama"], 0, 3, dtype="float32").kernels == native.running()
 
 
 STAGE_RUN = """
@@ -103,7 +104,7 @@ def test_a_build_left_half_done_does_not_hang_the_next(kernels, tiny_dirs, tmp_p
     build.mkdir(parents=True)
     (build / "lock").touch()
     r = run_stage(tiny_dirs, tmp_path)
-    assert f"kernels={native.KERNELS}" in r.stdout
+    assert f"kernels={native.running()}" in r.stdout
     assert "building" in r.stderr and any(build.glob("*.so"))
 
 
@@ -117,3 +118,34 @@ def test_a_failed_build_or_unwritable_cache_falls_back_to_torch(kernels, tiny_di
     unwritable = run_stage(tiny_dirs, tmp_path / "c")
     assert "kernels= " in unwritable.stdout and "did not build" in unwritable.stderr
     assert unwritable.stdout.split()[-1] == ok.stdout.split()[-1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 3, 40])
+def test_fused_rms_norm_equals_its_torch_definition(kernels, dtype, rows):
+    x = (torch.randn(rows, 576, generator=torch.Generator().manual_seed(rows)) * 3).to(dtype)
+    w = torch.randn(576, generator=torch.Generator().manual_seed(7)).to(dtype)
+    got, want = ops.rms_norm(x, w, 1e-5), ops._rms_norm(x, w, 1e-5)
+    assert got.dtype == dtype and got.shape == x.shape
+    # fp32: summation order; bf16/fp16: a rounding tie now and then (one ulp)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2**-7, atol=2e-2)
+    torch.testing.assert_close(got, want, **tol)
+    assert ops.rms_norm(x[:, ::2], w[::2], 1e-5).shape == (rows, 288)  # strided rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv", [(9, 3), (4, 4)])
+def test_decode_attention_reads_the_paged_cache_as_sdpa_would(kernels, dtype, heads, kv):
+    g = torch.Generator().manual_seed(heads)
+    keys, values = (torch.randn(200, kv, 64, generator=g).to(dtype) for _ in range(2))
+    lengths = torch.tensor([5, 37, 1])
+    slots = torch.zeros(3, 37, dtype=torch.int64)
+    for b, n in enumerate(lengths.tolist()):
+        slots[b, :n] = torch.randperm(200, generator=g)[:n]  # scattered, as blocks of a paged cache are
+    mask = (torch.arange(37)[None, :] < lengths[:, None])[:, None, None, :]
+    q = torch.randn(3, heads + kv, 64, generator=g).to(dtype)[:, :heads]  # a strided view, as in the model
+    got = ops.decode_attention(q, keys, values, slots, mask, lengths, 0.125)
+    want = ops._decode_attention(q.float(), keys.float(), values.float(), slots, mask, lengths, 0.125)
+    assert got.dtype == dtype and got.shape == (3, heads, 64)
+    torch.testing.assert_close(got.float(), want, rtol=1e-5 if dtype == torch.float32 else 2**-7,
+                               atol=1e-5 if dtype == torch.float32 else 1e-2)

@@ -76,8 +76,8 @@ class Client:
         while mon.poll(0):
             event = recv_monitor_message(mon)["event"]
             if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-                return "it did not accept our key (authentication failed; check --auth)"
-            return "the handshake failed (is --auth given on one side only?)"
+                return "it did not accept our key (authentication failed; check the keys)"
+            return "the handshake failed (are keys given on one side only?)"
         return None
 
     def reset(self, address: str) -> None:

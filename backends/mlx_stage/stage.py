@@ -99,7 +99,7 @@ def create_stage(model_dir, cfg: ModelConfig, first: int, last: int, *, device=N
         raise UserError("mlx device 'gpu' needs Metal, which this machine lacks; use device 'cpu'")
     mx.set_default_device(mx.gpu if device == "gpu" else mx.cpu)
     if threads and device == "cpu" and not blas.set_threads(threads):
-        print("hetpipe: --threads has no effect without OpenBLAS", file=sys.stderr)
+        print("hetpipe: a thread count has no effect on MLX without OpenBLAS", file=sys.stderr)
     if device == "cpu" and sys.platform.startswith("linux") and blas.loaded is None:
         print("hetpipe: OpenBLAS not found; MLX CPU matmuls use the slow reference BLAS "
               "(apt-get install libopenblas0-pthread)", file=sys.stderr)

@@ -101,8 +101,8 @@ class TorchStage(BaseStage):
         del weights
         if self.device.type == "cpu":
             huge_page_weights(self.model)
-            if self.dtype == torch.bfloat16 and native.load() is None:
-                self.kernels = native.KERNELS
+            if native.load() is None:  # our CPU kernels, where this CPU runs them (else torch's)
+                self.kernels = native.running()
         self.inv_freq = torch.from_numpy(rope_inv_freq(cfg)).to(self.device)
         self.kv = PagedKV(last - first + 1, cfg.num_key_value_heads, cfg.head_dim, self.dtype, self.device)
 

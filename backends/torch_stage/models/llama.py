@@ -14,6 +14,7 @@ from torch import nn
 from engine.core.config import ModelConfig
 
 from ..cache import BatchSlots, PagedKV
+from ..ops import decode_attention, rms_norm, small_matmul
 
 
 class RMSNorm(nn.Module):
@@ -23,8 +24,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # computed in float32 as transformers does, then cast back (one fused kernel, same numbers)
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 SMALL_ROWS = 8  # up to this many rows (decode steps of up to 8 sequences) go through `small_matmul`
@@ -36,27 +36,6 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
         y = small_matmul(x, w)
         return y if b is None else y + b
     return F.linear(x, w, b)
-
-
-def _small_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    # one row: torch.mv, oneDNN's matrix-vector kernel, ~1.6x faster than its matmul path for a row
-    return torch.mv(w, x[0])[None] if x.shape[0] == 1 else F.linear(x, w)
-
-
-# A few rows times a weight matrix, as an op torch.compile cannot see into. Its plain
-# implementation is oneDNN's (`_small_matmul`), which under inductor beat the reduction inductor
-# writes itself (compiled decode ~10% faster). On CPUs with AVX512-BF16 `native.py` registers our
-# own kernel as its CPU implementation instead. A plain library op, not `torch.library.custom_op`,
-# whose wrappers cost ~10 us per call (121 a token).
-_lib = torch.library.Library("hetpipe", "DEF")
-_lib.define("small_matmul(Tensor x, Tensor w) -> Tensor")
-_lib.impl("small_matmul", _small_matmul, "CompositeExplicitAutograd")
-small_matmul = torch.ops.hetpipe.small_matmul
-
-
-@torch.library.register_fake("hetpipe::small_matmul")
-def _(x, w):
-    return x.new_empty((x.shape[0], w.shape[0]))
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -88,15 +67,14 @@ class Attention(nn.Module):
         values.index_copy_(0, plan.write, v)
         gqa = self.n_heads != self.n_kv
         out = None if plan.all_decode else q.new_empty((n, self.n_heads, self.head_dim))
-        if plan.decode_rows is not None:
+        if plan.decode_rows is not None:  # every one-token row in one call, read through its slots
             qs = q if plan.all_decode else q[plan.decode_rows]
-            ks = keys[plan.decode_slots].transpose(1, 2)  # (B, n_kv, Lmax, head_dim)
-            vs = values[plan.decode_slots].transpose(1, 2)
-            o = F.scaled_dot_product_attention(qs[:, :, None], ks, vs, attn_mask=plan.decode_mask, enable_gqa=gqa)
+            o = decode_attention(qs, keys, values, plan.decode_slots, plan.decode_mask, plan.decode_lengths,
+                                 self.head_dim**-0.5)
             if plan.all_decode:
-                out = o[:, :, 0]
+                out = o
             else:
-                out[plan.decode_rows] = o[:, :, 0]
+                out[plan.decode_rows] = o
         for start, length, slots, causal in plan.prefill:
             qs = q[start : start + length].transpose(0, 1)[None]
             if slots is None:  # a first chunk: its own rows, causal

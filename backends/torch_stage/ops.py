@@ -1,0 +1,66 @@
+"""The `hetpipe::` ops the torch model calls: each defined here in plain torch, which runs on any
+device; `native.py` registers our own CPU kernels for them where this CPU can run one.
+
+They are plain library ops, not `torch.library.custom_op`, whose Python wrappers cost ~10 us per
+call (a decode step makes ~200), and torch.compile treats them as opaque calls (fake kernels below).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_lib = torch.library.Library("hetpipe", "DEF")
+
+
+def _define(schema: str, fn) -> None:
+    _lib.define(schema)
+    _lib.impl(schema.split("(", 1)[0], fn, "CompositeExplicitAutograd")
+
+
+def _small_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    # one row: torch.mv, oneDNN's matrix-vector kernel, ~1.6x faster than its matmul path for a row
+    return torch.mv(w, x[0])[None] if x.shape[0] == 1 else F.linear(x, w)
+
+
+def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    # the norm in float32 as transformers computes it, cast back, then times the weight
+    return w * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+def _decode_attention(q, keys, values, slots, mask, lengths, scale: float) -> torch.Tensor:
+    # q (B, H, D); keys/values (slots, KV, D); each sequence's cached slots gathered, padded to (B, L)
+    ks = keys[slots].transpose(1, 2)  # (B, KV, L, D)
+    vs = values[slots].transpose(1, 2)
+    o = F.scaled_dot_product_attention(q[:, :, None], ks, vs, attn_mask=mask, scale=scale,
+                                       enable_gqa=q.shape[1] != keys.shape[1])
+    return o[:, :, 0].contiguous()  # as the CPU kernel returns it
+
+
+# A few rows times a weight matrix (decode steps of up to 8 sequences): y (M, N) = x (M, K) @ w^T.
+_define("small_matmul(Tensor x, Tensor w) -> Tensor", _small_matmul)
+# w * norm(x) over the last axis, the norm computed in float32.
+_define("rms_norm(Tensor x, Tensor w, float eps) -> Tensor", _rms_norm)
+# One query row per sequence against its cached keys and values, read through its slots (B, L);
+# `mask` (B, 1, 1, L) marks real slots (None: all are), `lengths` (B,) says the same as counts.
+_define("decode_attention(Tensor q, Tensor keys, Tensor values, Tensor slots, Tensor? mask, Tensor lengths, "
+        "float scale) -> Tensor", _decode_attention)
+
+small_matmul = torch.ops.hetpipe.small_matmul
+rms_norm = torch.ops.hetpipe.rms_norm
+decode_attention = torch.ops.hetpipe.decode_attention
+
+
+@torch.library.register_fake("hetpipe::small_matmul")
+def _(x, w):
+    return x.new_empty((x.shape[0], w.shape[0]))
+
+
+@torch.library.register_fake("hetpipe::rms_norm")
+def _(x, w, eps):
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("hetpipe::decode_attention")
+def _(q, keys, values, slots, mask, lengths, scale):
+    return q.new_empty(q.shape)
