@@ -63,6 +63,11 @@ def variant() -> Variant | None:
     return next((v for v in VARIANTS if set(v.cpu_flags) <= flags), None)
 
 
+def lacks_half_gemm() -> bool:
+    """An x86 CPU without bf16 arithmetic (AVX512-BF16 or AMX), where oneDNN's bf16/fp16 GEMM is slow."""
+    return platform.machine() == "x86_64" and not {"avx512_bf16", "amx_bf16"} & cpu_flags()
+
+
 def unsupported() -> str | None:
     """Why no kernels can run here, or None."""
     if os.environ.get("HETPIPE_NATIVE", "1") == "0":

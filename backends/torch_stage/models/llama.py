@@ -13,6 +13,7 @@ from torch import nn
 
 from engine.core.config import ModelConfig
 
+from .. import native
 from ..cache import BatchSlots, PagedKV
 from ..ops import decode_attention, rms_norm, small_matmul
 
@@ -28,13 +29,22 @@ class RMSNorm(nn.Module):
 
 
 SMALL_ROWS = 8  # up to this many rows (decode steps of up to 8 sequences) go through `small_matmul`
+# Many bf16/fp16 rows (a prefill) on a CPU without native bf16 arithmetic: oneDNN's half-precision
+# GEMM ran 5-7x slower there than widening both operands and multiplying in fp32 (2-core Zen 3,
+# 512 rows; the same fp32 sums, rounded once). CPUs with AVX512-BF16 or AMX keep oneDNN's own.
+WIDEN_HALF_GEMM = native.lacks_half_gemm()
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, except a few bf16/fp16 rows on a CPU (a decode step) go through `small_matmul`."""
-    if x.shape[0] <= SMALL_ROWS and x.device.type == "cpu" and x.dtype != torch.float32:
+    """F.linear, except on a CPU in bf16/fp16: a few rows (a decode step) go through `small_matmul`,
+    many (a prefill) through fp32 where the CPU has no half-precision arithmetic of its own."""
+    if x.device.type != "cpu" or x.dtype == torch.float32:
+        return F.linear(x, w, b)
+    if x.shape[0] <= SMALL_ROWS:
         y = small_matmul(x, w)
         return y if b is None else y + b
+    if WIDEN_HALF_GEMM:
+        return F.linear(x.float(), w.float(), None if b is None else b.float()).to(x.dtype)
     return F.linear(x, w, b)
 
 
