@@ -36,14 +36,14 @@ WIDEN_HALF_GEMM = native.lacks_half_gemm()
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, except on a CPU in bf16/fp16: a few rows (a decode step) go through `small_matmul`,
-    many (a prefill) through fp32 where the CPU has no half-precision arithmetic of its own."""
-    if x.device.type != "cpu" or x.dtype == torch.float32:
+    """F.linear, except on a CPU: a few rows (a decode step) go through `small_matmul`, and many bf16
+    or fp16 rows (a prefill) through fp32 where the CPU has no half-precision arithmetic of its own."""
+    if x.device.type != "cpu":
         return F.linear(x, w, b)
     if x.shape[0] <= SMALL_ROWS:
         y = small_matmul(x, w)
         return y if b is None else y + b
-    if WIDEN_HALF_GEMM:
+    if WIDEN_HALF_GEMM and x.dtype != torch.float32:
         return F.linear(x.float(), w.float(), None if b is None else b.float()).to(x.dtype)
     return F.linear(x, w, b)
 
