@@ -17,7 +17,8 @@ are medians over rounds and the table gives ratios to the lean loop and to llama
 
     .venv/bin/python examples/bench_model_core.py [--rounds 3] [--tokens 64] [--configs 'A;B'] [--json out.json]
 
-hetpipe's configurations run on tcmalloc where the system has it, as the `hetpipe` command does.
+hetpipe's configurations run on tcmalloc where the system has it and with short spin-waits, as the
+`hetpipe` command does (`engine/app/allocator.py`, `engine/app/threads.py`).
 """
 
 from __future__ import annotations
@@ -218,7 +219,7 @@ def main():
     ap.add_argument("--llama-python", default=sys.executable, help="the Python that has llama-cpp-python")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    from engine.app import allocator
+    from engine.app import allocator, threads
     from engine.app.fetch import default_model_dir
 
     model_dir = args.model or str(default_model_dir())
@@ -231,8 +232,8 @@ def main():
         for c in configs[:: 1 if r % 2 == 0 else -1]:
             env = dict(os.environ)
             python = sys.executable
-            if c.startswith(("hetpipe", "direct", "moved")):
-                env = allocator.environment(env)  # on tcmalloc, as the `hetpipe` command runs
+            if c.startswith(("hetpipe", "direct", "moved")):  # as the `hetpipe` command runs
+                env = threads.apply(allocator.environment(env))
             if c.startswith("llama.cpp"):
                 python = args.llama_python
                 env["PYTHONPATH"] = str(ROOT)

@@ -15,6 +15,7 @@ from engine.app.planner import StageCapacity, plan_layers
 from engine.api import connect_pipeline
 
 PROMPT = "Write a haiku about the sea."
+daemon_procs = []  # the module's daemon processes, for tests that look at them
 N = 24
 
 
@@ -27,6 +28,7 @@ def daemons(real_model, tmp_path_factory):
         for backend, listen in (("mlx", "tcp://127.0.0.1:0"), ("torch", "tcp://127.0.0.1:0"),
                                 ("torch", f"ipc://{sock}")):
             procs.append(start_stage(backend, real_model, listen=listen))
+        daemon_procs[:] = [p for p, _ in procs]
         yield [address for _, address in procs]
     finally:
         stop_stages([p for p, _ in procs])
@@ -68,6 +70,17 @@ def test_planner_splits_by_measured_speed(real_model, daemons):
     assert all(c.ms_per_layer > 0 for c in caps) and caps[-1].head_ms > 0
     assert ranges == plan_layers(caps, 30).ranges
     pipe.close()
+
+
+def test_daemons_run_with_short_spin_waits_and_no_passive_policy(daemons):
+    """Co-located daemons take turns on the same cores: each starts (through the `hetpipe` command)
+    with thread pools that stop spinning soon after their work, and never with OMP_WAIT_POLICY=PASSIVE,
+    which halved a torch stage's decode speed."""
+    from engine.app.threads import SPIN_WAITS
+
+    for proc in daemon_procs:
+        env = dict(kv.split("=", 1) for kv in open(f"/proc/{proc.pid}/environ").read().split("\0") if "=" in kv)
+        assert all(env.get(k) == v for k, v in SPIN_WAITS.items()) and "OMP_WAIT_POLICY" not in env
 
 
 def test_model_mismatch_is_refused(real_model, daemons, tiny_dirs):

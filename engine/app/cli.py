@@ -367,9 +367,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
-    """The `hetpipe` program: on tcmalloc where the system has it (see `allocator`), then `main`."""
-    from . import allocator
+    """The `hetpipe` program: short spin-waits (see `threads`), on tcmalloc where the system has it
+    (see `allocator`), then `main`."""
+    from . import allocator, threads
 
+    threads.apply()
     allocator.reexec()
     sys.exit(main())
 
