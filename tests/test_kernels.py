@@ -153,10 +153,9 @@ def test_decode_attention_reads_the_paged_cache_as_sdpa_would(kernels, dtype, he
     slots = torch.zeros(3, 37, dtype=torch.int64)
     for b, n in enumerate(lengths.tolist()):
         slots[b, :n] = torch.randperm(200, generator=g)[:n]  # scattered, as blocks of a paged cache are
-    mask = (torch.arange(37)[None, :] < lengths[:, None])[:, None, None, :]
     q = torch.randn(3, heads + kv, 64, generator=g).to(dtype)[:, :heads]  # a strided view, as in the model
-    got = ops.decode_attention(q, keys, values, slots, mask, lengths, 0.125)
-    want = ops._decode_attention(q.float(), keys.float(), values.float(), slots, mask, lengths, 0.125)
+    got = ops.decode_attention(q, keys, values, slots, lengths, 0.125)
+    want = ops._decode_attention(q.float(), keys.float(), values.float(), slots, lengths, 0.125)
     assert got.dtype == dtype and got.shape == (3, heads, 64)
     torch.testing.assert_close(got.float(), want, rtol=1e-5 if dtype == torch.float32 else 2**-7,
                                atol=1e-5 if dtype == torch.float32 else 1e-2)

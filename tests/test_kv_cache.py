@@ -27,7 +27,7 @@ def test_a_first_prefill_writes_its_own_slots_and_attends_without_a_gather():
     assert plan.decode_rows is None and not plan.all_decode
 
 
-def test_decode_rows_attend_together_with_padding_masked():
+def test_decode_rows_attend_together_padded_to_the_longest():
     kv = cache()
     kv.plan([1, 2], [0, 20], [20, 3], [0, 0])
     plan = kv.plan([1, 2], starts=[0, 1], lengths=[1, 1], offsets=[20, 3])
@@ -37,10 +37,7 @@ def test_decode_rows_attend_together_with_padding_masked():
     assert plan.decode_slots.shape == (2, 21)
     assert plan.decode_slots[0].tolist() == slots_of(kv, 1, 21)
     assert plan.decode_slots[1, :4].tolist() == slots_of(kv, 2, 4)
-    assert plan.decode_mask.shape == (2, 1, 1, 21)
-    assert plan.decode_mask[0].all() and plan.decode_mask[1, 0, 0].tolist() == [True] * 4 + [False] * 17
-    # equal lengths need no mask
-    assert kv.plan([1], [0], [1], [21]).decode_mask is None
+    assert plan.decode_lengths.tolist() == [21, 4]  # the second row's slots past 4 are padding
 
 
 def test_a_later_chunk_gathers_its_slots_under_a_causal_mask():

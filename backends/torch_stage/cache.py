@@ -23,8 +23,7 @@ class BatchSlots:
     write: torch.Tensor  # (N,) slot of every new row
     decode_rows: torch.Tensor | None  # (B,) rows of one-token sequences, attended together
     decode_slots: torch.Tensor | None  # (B, Lmax) their cached slots, padded
-    decode_mask: torch.Tensor | None  # (B, 1, 1, Lmax) True where a slot is real (None: every one is)
-    decode_lengths: torch.Tensor | None  # (B,) cached tokens of each, the same fact as a count
+    decode_lengths: torch.Tensor | None  # (B,) cached tokens of each: its slots past that are padding
     # (start, length, slots, causal mask); slots and mask are None for a sequence's first chunk,
     # which attends to its own new rows only (the causal kernel, no gather, no explicit mask)
     prefill: list[tuple[int, int, torch.Tensor | None, torch.Tensor | None]]
@@ -77,16 +76,13 @@ class PagedKV:
                 causal = torch.arange(off + n, device=self.device)[None, :] <= rows
                 prefill.append((start, n, torch.from_numpy(slots).to(self.device), causal))
         to = lambda a: torch.from_numpy(a).to(self.device)  # noqa: E731
-        plan = BatchSlots(to(np.concatenate(write)), None, None, None, None, prefill, not prefill)
+        plan = BatchSlots(to(np.concatenate(write)), None, None, None, prefill, not prefill)
         if drows:
             lmax = max(len(s) for s in dslots)
             padded = np.zeros((len(dslots), lmax), dtype=np.int64)
-            mask = np.zeros((len(dslots), 1, 1, lmax), dtype=bool)
             for i, s in enumerate(dslots):
                 padded[i, : len(s)] = s
-                mask[i, 0, 0, : len(s)] = True
             plan.decode_rows, plan.decode_slots = to(np.asarray(drows)), to(padded)
-            plan.decode_mask = None if mask.all() else to(mask)  # equal lengths need no mask
             plan.decode_lengths = to(np.asarray([len(s) for s in dslots], dtype=np.int64))
         return plan
 

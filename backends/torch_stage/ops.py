@@ -28,10 +28,11 @@ def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return w * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
-def _decode_attention(q, keys, values, slots, mask, lengths, scale: float) -> torch.Tensor:
+def _decode_attention(q, keys, values, slots, lengths, scale: float) -> torch.Tensor:
     # q (B, H, D); keys/values (slots, KV, D); each sequence's cached slots gathered, padded to (B, L)
     ks = keys[slots].transpose(1, 2)  # (B, KV, L, D)
     vs = values[slots].transpose(1, 2)
+    mask = (torch.arange(slots.shape[1], device=slots.device) < lengths[:, None])[:, None, None, :]
     o = F.scaled_dot_product_attention(q[:, :, None], ks, vs, attn_mask=mask, scale=scale,
                                        enable_gqa=q.shape[1] != keys.shape[1])
     return o[:, :, 0].contiguous()  # as the CPU kernel returns it
@@ -41,10 +42,10 @@ def _decode_attention(q, keys, values, slots, mask, lengths, scale: float) -> to
 _define("small_matmul(Tensor x, Tensor w) -> Tensor", _small_matmul)
 # w * norm(x) over the last axis, the norm computed in float32.
 _define("rms_norm(Tensor x, Tensor w, float eps) -> Tensor", _rms_norm)
-# One query row per sequence against its cached keys and values, read through its slots (B, L);
-# `mask` (B, 1, 1, L) marks real slots (None: all are), `lengths` (B,) says the same as counts.
-_define("decode_attention(Tensor q, Tensor keys, Tensor values, Tensor slots, Tensor? mask, Tensor lengths, "
-        "float scale) -> Tensor", _decode_attention)
+# One query row per sequence against its cached keys and values, read through its slots (B, L)
+# padded past each sequence's length (B,).
+_define("decode_attention(Tensor q, Tensor keys, Tensor values, Tensor slots, Tensor lengths, float scale) -> Tensor",
+        _decode_attention)
 
 small_matmul = torch.ops.hetpipe.small_matmul
 rms_norm = torch.ops.hetpipe.rms_norm
@@ -62,5 +63,5 @@ def _(x, w, eps):
 
 
 @torch.library.register_fake("hetpipe::decode_attention")
-def _(q, keys, values, slots, mask, lengths, scale):
+def _(q, keys, values, slots, lengths, scale):
     return q.new_empty(q.shape)

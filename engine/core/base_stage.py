@@ -132,7 +132,7 @@ class BaseStage:
             raise ValueError("a sequence appears twice in one batch")
         total = 0
         for s in batch.seqs:
-            if s.seq_id < 0 and s.seq_id != _WARMUP_ID:
+            if s.seq_id < 0 and not WARMUP_ID <= s.seq_id < WARMUP_ID + WARMUP_IDS:
                 raise ValueError(f"sequence ids are non-negative, not {s.seq_id}")
             have = self._seqs[s.seq_id].length if s.seq_id in self._seqs else 0
             if s.offset != have:
@@ -144,7 +144,7 @@ class BaseStage:
             total += len(s.token_ids)
         if self.max_call_tokens and total > self.max_call_tokens:
             raise ValueError(f"{total} tokens in one call; this stage takes at most {self.max_call_tokens}")
-        new = sum(1 for i in ids if i not in self._seqs and i != _WARMUP_ID)
+        new = sum(1 for i in ids if i not in self._seqs and i >= 0)
         if new and self.max_seqs and len(self._seqs) + new > self.max_seqs:
             raise ValueError(f"stage holds {len(self._seqs)} sequences; {new} more would pass its limit "
                              f"of {self.max_seqs}")
@@ -179,7 +179,7 @@ class BaseStage:
 
         `decode_only`: a one-token forward (a health check).
         """
-        sid = _WARMUP_ID
+        sid = WARMUP_ID
         p = SamplingParams()
         for n, off in ((1, 0),) if decode_only else ((8, 0), (1, 8)):
             toks = np.zeros(n, dtype=np.int32)
@@ -201,7 +201,8 @@ class BaseStage:
 
 
 _EMPTY = np.zeros(0, dtype=np.int64)
-_WARMUP_ID = -(2**62)  # the one negative sequence id: clients' ids are refused below zero
+WARMUP_ID = -(2**62)  # warm-up's sequence ids start here: clients' ids are refused below zero
+WARMUP_IDS = 16  # how many: a warm-up may run a batch of several
 KV_MEMORY_FRACTION = 0.5  # of the memory free after loading, by default, for KV caches
 
 

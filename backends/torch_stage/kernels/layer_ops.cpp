@@ -89,8 +89,7 @@ void attend(const T* q, const T* keys, const T* values, const int64_t* slots, co
 }
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
-                            const at::Tensor& slots, const c10::optional<at::Tensor>& mask, const at::Tensor& lengths,
-                            double scale) {
+                            const at::Tensor& slots, const at::Tensor& lengths, double scale) {
   TORCH_CHECK(q.dim() == 3 && keys.dim() == 3 && keys.sizes() == values.sizes() && slots.dim() == 2 &&
                   q.size(2) == keys.size(2) && q.size(1) % keys.size(1) == 0 && q.scalar_type() == keys.scalar_type(),
               "decode_attention: q (B, H, D), keys and values (S, KV, D), slots (B, L) expected");

@@ -79,8 +79,7 @@ class Attention(nn.Module):
         out = None if plan.all_decode else q.new_empty((n, self.n_heads, self.head_dim))
         if plan.decode_rows is not None:  # every one-token row in one call, read through its slots
             qs = q if plan.all_decode else q[plan.decode_rows]
-            o = decode_attention(qs, keys, values, plan.decode_slots, plan.decode_mask, plan.decode_lengths,
-                                 self.head_dim**-0.5)
+            o = decode_attention(qs, keys, values, plan.decode_slots, plan.decode_lengths, self.head_dim**-0.5)
             if plan.all_decode:
                 out = o
             else:
@@ -152,5 +151,6 @@ class LlamaStage(nn.Module):
             return x
         # only the rows that sample reach the head: never a (N, vocab) tensor
         return linear(self.norm(x[sample_rows]), self.lm_head).float()
+
 
 StageModel = LlamaStage
