@@ -31,17 +31,17 @@ def hf_hidden(model, ids, layer_count) -> np.ndarray:
 
 
 def hf_greedy(model, ids, n) -> tuple[list[int], list[float]]:
-    """n greedy tokens (EOS not special) and their log-probabilities, recomputing the whole
-    sequence each step: no cache, the plainest reference there is."""
+    """n greedy tokens (EOS not special) and their log-probabilities: transformers' own forward
+    with its own KV cache, one token at a time (no generation config, no logits processors)."""
     import torch
 
-    seq, toks, lps = list(ids), [], []
+    toks, lps = [], []
     with torch.no_grad():
+        out = model(torch.tensor([list(ids)]), use_cache=True)
         for _ in range(n):
-            logits = model(torch.tensor([seq])).logits[0, -1]
-            lp = torch.log_softmax(logits.double(), -1)
+            logits = out.logits[0, -1]
             t = int(torch.argmax(logits))
             toks.append(t)
-            lps.append(float(lp[t]))
-            seq.append(t)
+            lps.append(float(torch.log_softmax(logits.double(), -1)[t]))
+            out = model(torch.tensor([[t]]), past_key_values=out.past_key_values, use_cache=True)
     return toks, lps

@@ -81,22 +81,51 @@ class Cluster:
         self.model = model
         self.addresses = [f"tcp://127.0.0.1:{free_port()}" for _ in range(n)]
         self.procs = [start_stage("torch", model, listen=a)[0] for a in self.addresses]
+        self.restarts: list[threading.Thread] = []
 
     def restart(self, i):
         self.procs[i] = start_stage("torch", self.model, listen=self.addresses[i])[0]
+
+    def restart_soon(self, i):
+        """Restart daemon i from another thread (the test goes on while it starts)."""
+        t = threading.Thread(target=self.restart, args=(i,))
+        t.start()
+        self.restarts.append(t)
+
+    def heal(self):
+        """Every daemon running and answering again: what a test stopped is continued, what it
+        killed is restarted at its address (daemons start in ~10 s; the tests share them)."""
+        for t in self.restarts:
+            t.join()
+        self.restarts.clear()
+        for i, p in enumerate(self.procs):
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGCONT)
+            else:
+                self.restart(i)
+        client = Client(30)  # and holding nothing a test's coordinator left behind
+        for address in self.addresses:
+            held = client.call(address, P.PING)["info"]["live_sequences"]
+            if held:
+                client.call(address, P.RELEASE, seq_ids=held)
+        client.close()
 
     def close(self):
         stop_stages(self.procs)
 
 
-@pytest.fixture()
-def cluster(real_model):
+@pytest.fixture(scope="module")
+def shared_cluster(real_model):
     c = Cluster(real_model, 3)
     yield c
-    for p in c.procs:
-        if p.poll() is None:
-            os.kill(p.pid, signal.SIGCONT)
+    c.heal()
     c.close()
+
+
+@pytest.fixture()
+def cluster(shared_cluster):
+    yield shared_cluster
+    shared_cluster.heal()
 
 
 def generator(real_model, cluster, recovery_timeout_s, standby=()):
@@ -128,7 +157,7 @@ def disturbed_run(gen, ps, when, disturb):
 def test_kill_9_and_restart_mid_generation_loses_nothing(real_model, cluster):
     def kill_and_restart():
         cluster.procs[1].kill()
-        threading.Thread(target=cluster.restart, args=(1,)).start()
+        cluster.restart_soon(1)
 
     with undisturbed(real_model, cluster, LENGTHS, recovery_timeout_s=60) as (pipe, gen, ps, want):
         got, t_kill = disturbed_run(gen, ps, 8, kill_and_restart)
