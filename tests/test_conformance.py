@@ -162,7 +162,7 @@ def test_torch_cpu_weights_sit_in_huge_page_blocks(tiny_dirs):
     if not hasattr(mmap, "MADV_HUGEPAGE"):
         pytest.skip("no transparent huge pages on this platform")
     model = load_stage("torch", tiny_dirs["llama-tied"], 0, 3).model
-    assert model.embed.data_ptr() == model.lm_head.data_ptr()
+    assert model.embed.weight.data_ptr() == model.lm_head.weight.data_ptr()
     for layer in model.layers:
         ptrs = sorted(p.data_ptr() for p in layer.parameters())
         assert ptrs[0] % HUGE_PAGE == 0

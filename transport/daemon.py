@@ -24,8 +24,8 @@ from engine.core.identity import config_hash, weights_hash
 from engine.core.partition import check_range
 from engine.core.sampling import SamplingParams
 from engine.core.stage import SeqChunk, StageBatch, StageReport
-from engine.core.tensors import TypedArray, itemsize
-from engine.core.weights import checkpoint_files, read_header, stage_tensor_names
+from engine.core.tensors import TypedArray
+from engine.core.weights import layer_bytes
 
 from . import protocol as P
 from .auth import Auth, is_loopback
@@ -128,12 +128,7 @@ class StageDaemon:
     # -- start-up ------------------------------------------------------------------------------
 
     def _layer_bytes(self) -> int:
-        """Bytes of one decoder layer in this daemon's dtype (from the checkpoint's index)."""
-        files = checkpoint_files(self.model_dir)
-        names = [n for n in stage_tensor_names(self.cfg, files, 0, 0) if n.startswith("model.layers.0.")]
-        headers = {path: read_header(path)[0] for path in {files[n] for n in names}}
-        numel = sum(int(np.prod(headers[files[n]][n]["shape"])) for n in names)
-        return numel * itemsize(self.dtype)
+        return layer_bytes(self.model_dir, self.cfg, self.dtype)
 
     def _calibrate(self, probe: StageLoader) -> tuple[float, float]:
         """(ms per layer, ms of the final norm + head) per decoded token on this device.

@@ -13,6 +13,7 @@ from engine.core.base_stage import PROBE_BYTES, BaseStage, Layout
 from engine.core.config import ModelConfig, rope_inv_freq
 from engine.core.errors import UserError
 from engine.core.stage import SeqChunk, StageInfo
+from engine.core.quant import QuantTensor
 from engine.core.tensors import TypedArray
 from engine.core.weights import load_stage_tensors
 
@@ -40,7 +41,8 @@ class MLXStage(BaseStage):
         super().__init__(StageInfo("mlx", device, dtype, first, last, cfg.num_hidden_layers), cfg)
         self.dtype = MLX_DTYPES[dtype]
         raw = load_stage_tensors(model_dir, cfg, first, last)
-        weights = {name: to_mlx(t, self.dtype) for name, t in raw.items()}
+        # quantized weights stay QuantTensors: the model loads their codes as they are (quant.py)
+        weights = {name: t if isinstance(t, QuantTensor) else to_mlx(t, self.dtype) for name, t in raw.items()}
         # mx.fast.rope takes periods (1 / inverse frequency)
         freqs = mx.array(1.0 / rope_inv_freq(cfg))
         model_cls = importlib.import_module(f"{__package__}.models.{cfg.family}").StageModel

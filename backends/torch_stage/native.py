@@ -35,11 +35,11 @@ class Variant:
 
 
 VARIANTS = (
-    Variant("avx512-bf16 small matmul, fused norm and decode attention", ("avx512f", "avx512_bf16"),
-            (KERNEL_DIR / "small_matmul.cpp", KERNEL_DIR / "layer_ops.cpp"),
+    Variant("avx512-bf16 small matmul, fused norm and decode attention, 8-bit matmul", ("avx512f", "avx512_bf16"),
+            (KERNEL_DIR / "small_matmul.cpp", KERNEL_DIR / "layer_ops.cpp", KERNEL_DIR / "quant_matmul.cpp"),
             ("-O3", "-mavx512f", "-mavx512bf16", "-mfma", "-fopenmp")),
-    Variant("avx2 small matmul, fused norm and decode attention", ("avx2", "fma"),
-            (KERNEL_DIR / "small_matmul_avx2.cpp", KERNEL_DIR / "layer_ops.cpp"),
+    Variant("avx2 small matmul, fused norm and decode attention, 8-bit matmul", ("avx2", "fma"),
+            (KERNEL_DIR / "small_matmul_avx2.cpp", KERNEL_DIR / "layer_ops.cpp", KERNEL_DIR / "quant_matmul.cpp"),
             ("-O3", "-mavx2", "-mfma", "-fopenmp")),
 )
 

@@ -38,6 +38,13 @@ def _decode_attention(q, keys, values, slots, lengths, scale: float) -> torch.Te
     return o[:, :, 0].contiguous()  # as the CPU kernel returns it
 
 
+def _qmatmul(x, codes, scales, biases, group_size: int) -> torch.Tensor:
+    # the weight dequantized in float32 from its uint8 codes, then one matmul
+    n, k = codes.shape
+    w = codes.view(n, k // group_size, group_size).float() * scales[..., None] + biases[..., None]
+    return F.linear(x.float(), w.view(n, k)).to(x.dtype)
+
+
 # A few rows times a weight matrix (decode steps of up to 8 sequences): y (M, N) = x (M, K) @ w^T.
 _define("small_matmul(Tensor x, Tensor w) -> Tensor", _small_matmul)
 # w * norm(x) over the last axis, the norm computed in float32.
@@ -47,7 +54,11 @@ _define("rms_norm(Tensor x, Tensor w, float eps) -> Tensor", _rms_norm)
 _define("decode_attention(Tensor q, Tensor keys, Tensor values, Tensor slots, Tensor lengths, float scale) -> Tensor",
         _decode_attention)
 
+# A few rows times a weight held as uint8 codes (N, K), float32 scales and biases (N, K / group_size).
+_define("qmatmul(Tensor x, Tensor codes, Tensor scales, Tensor biases, int group_size) -> Tensor", _qmatmul)
+
 small_matmul = torch.ops.hetpipe.small_matmul
+qmatmul = torch.ops.hetpipe.qmatmul
 rms_norm = torch.ops.hetpipe.rms_norm
 decode_attention = torch.ops.hetpipe.decode_attention
 
@@ -65,3 +76,8 @@ def _(x, w, eps):
 @torch.library.register_fake("hetpipe::decode_attention")
 def _(q, keys, values, slots, lengths, scale):
     return q.new_empty(q.shape)
+
+
+@torch.library.register_fake("hetpipe::qmatmul")
+def _(x, codes, scales, biases, group_size):
+    return x.new_empty((x.shape[0], codes.shape[0]))

@@ -14,6 +14,7 @@ from engine.core.sampling import SamplingParams
 from engine.core.config import ModelConfig, rope_inv_freq
 from engine.core.errors import UserError
 from engine.core.stage import SeqChunk, StageBatch, StageInfo
+from engine.core.quant import QuantTensor
 from engine.core.tensors import TypedArray
 from engine.core.weights import load_stage_tensors
 
@@ -96,7 +97,9 @@ class TorchStage(BaseStage):
         self.device = torch.device(device)
         self.dtype = TORCH_DTYPES[dtype]
         raw = load_stage_tensors(model_dir, cfg, first, last)
-        weights = {name: to_torch(t, self.dtype, self.device) for name, t in raw.items()}
+        # quantized weights stay QuantTensors: the model re-lays them for this host's kernels (quant.py)
+        weights = {name: t if isinstance(t, QuantTensor) else to_torch(t, self.dtype, self.device)
+                   for name, t in raw.items()}
         model_cls = importlib.import_module(f"{__package__}.models.{cfg.family}").StageModel
         self.model = model_cls(cfg, weights, first, last).eval()
         del weights

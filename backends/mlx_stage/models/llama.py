@@ -9,8 +9,10 @@ from __future__ import annotations
 import mlx.core as mx
 
 from engine.core.config import ModelConfig
+from engine.core.quant import QuantTensor, concat_rows
 
 from ..cache import KVCache
+from ..quant import QuantEmbedding, QuantLinear
 
 
 def in_out(w: mx.array) -> mx.array:
@@ -20,22 +22,76 @@ def in_out(w: mx.array) -> mx.array:
     return mx.contiguous(w.T)
 
 
+class Dense:
+    """x @ w for a float weight, stored as `t` lays it out (see `in_out`)."""
+
+    def __init__(self, w: mx.array, bias: mx.array | None = None, t=in_out):
+        self.w, self.bias = t(w), bias
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.run(self.parameters(), x)
+
+    def key(self):
+        return ("dense", self.bias is not None)
+
+    def run(self, p, x):
+        y = x @ p[0]
+        return y + p[1] if len(p) > 1 else y
+
+    def parameters(self) -> list[mx.array]:
+        return [self.w] + ([self.bias] if self.bias is not None else [])
+
+
+class QLinear(QuantLinear):
+    """A QuantLinear whose arrays a compiled graph may take as inputs (`run`)."""
+
+    def key(self):
+        return ("q", self.bits, self.group_size, self.bias is not None)
+
+    def run(self, p, x):
+        y = mx.quantized_matmul(x, p[0], p[1], p[2], transpose=True, group_size=self.group_size, bits=self.bits)
+        return y + p[3] if len(p) > 3 else y
+
+
+class Stacked:
+    """Projections that cannot be one matrix (quantized differently): outputs side by side."""
+
+    def __init__(self, parts, bias=None):
+        self.parts, self.bias = parts, bias
+
+    def __call__(self, x):
+        y = mx.concatenate([p(x) for p in self.parts], axis=-1)
+        return y if self.bias is None else y + self.bias
+
+    def key(self):
+        return None  # not compiled
+
+    def parameters(self):
+        return [a for p in self.parts for a in p.parameters()] + ([self.bias] if self.bias is not None else [])
+
+
+def projection(ws: list, dtype, bias=None, t=in_out):
+    """One linear layer over the rows of `ws` stacked: float arrays or QuantTensors."""
+    if all(isinstance(w, mx.array) for w in ws):
+        return Dense(mx.concatenate(ws) if len(ws) > 1 else ws[0], bias, t)
+    fused = concat_rows(ws)
+    if fused is not None:
+        return QLinear(fused, dtype, bias)
+    return Stacked([projection([w], dtype, None, t) for w in ws], bias)
+
+
 class Attention:
-    def __init__(self, cfg: ModelConfig, w: dict[str, mx.array], p: str, rope_freqs: mx.array, t=in_out):
+    def __init__(self, cfg: ModelConfig, w: dict, p: str, rope_freqs: mx.array, dtype, t=in_out):
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.scale = self.head_dim**-0.5
         self.rope_freqs = rope_freqs
-        # fused q/k/v, stored transposed (in, out) for x @ w
-        self.wqkv = t(mx.concatenate([w.pop(p + f"{x}_proj.weight") for x in "qkv"]))
-        self.bqkv = mx.concatenate([w[p + f"{x}_proj.bias"] for x in "qkv"]) if cfg.attention_bias else None
-        self.wo = t(w.pop(p + "o_proj.weight"))
-        self.bo = w.get(p + "o_proj.bias")
+        bqkv = mx.concatenate([w[p + f"{x}_proj.bias"] for x in "qkv"]) if cfg.attention_bias else None
+        self.qkv = projection([w.pop(p + f"{x}_proj.weight") for x in "qkv"], dtype, bqkv, t)  # fused q/k/v
+        self.o = projection([w.pop(p + "o_proj.weight")], dtype, w.get(p + "o_proj.bias"), t)
 
     def __call__(self, x: mx.array, segments, caches: list[KVCache]) -> mx.array:
         qd, kd = self.n_heads * self.head_dim, self.n_kv * self.head_dim
-        qkv = x @ self.wqkv
-        if self.bqkv is not None:
-            qkv = qkv + self.bqkv
+        qkv = self.qkv(x)
         q, k, v = mx.split(qkv, [qd, qd + kd], axis=-1)
         outs = []
         for (start, length, offset), cache in zip(segments, caches):
@@ -51,34 +107,48 @@ class Attention:
             o = mx.fast.scaled_dot_product_attention(qs, keys, values, scale=self.scale,
                                                      mask="causal" if length > 1 else None)
             outs.append(o.transpose(0, 2, 1, 3).reshape(length, qd))
-        out = (mx.concatenate(outs) if len(outs) > 1 else outs[0]) @ self.wo
-        return out + self.bo if self.bo is not None else out
+        return self.o(mx.concatenate(outs) if len(outs) > 1 else outs[0])
 
 
 class Block:
-    def __init__(self, cfg: ModelConfig, w: dict[str, mx.array], i: int, rope_freqs: mx.array, mlp, t=in_out):
+    def __init__(self, cfg: ModelConfig, w: dict, i: int, rope_freqs: mx.array, mlps: dict, t=in_out):
         p = f"model.layers.{i}."
-        self.mlp = mlp
         self.eps = cfg.rms_norm_eps
         self.attn_norm = w[p + "input_layernorm.weight"]
         self.mlp_norm = w[p + "post_attention_layernorm.weight"]
-        self.attn = Attention(cfg, w, p + "self_attn.", rope_freqs, t)
-        self.w_gate_up = t(mx.concatenate([w.pop(p + "mlp.gate_proj.weight"), w.pop(p + "mlp.up_proj.weight")]))
-        self.w_down = t(w.pop(p + "mlp.down_proj.weight"))
+        dtype = self.attn_norm.dtype
+        self.attn = Attention(cfg, w, p + "self_attn.", rope_freqs, dtype, t)
+        self.gate_up = projection([w.pop(p + "mlp.gate_proj.weight"), w.pop(p + "mlp.up_proj.weight")], dtype, None, t)
+        self.down = projection([w.pop(p + "mlp.down_proj.weight")], dtype, None, t)
+        self.mlp = compiled_mlp(self.gate_up, self.down, self.eps, mlps)
 
     def parameters(self) -> list[mx.array]:
-        out = [self.attn_norm, self.mlp_norm, self.attn.wqkv, self.attn.wo, self.w_gate_up, self.w_down]
-        return out + [a for a in (self.attn.bqkv, self.attn.bo) if a is not None]
+        return [self.attn_norm, self.mlp_norm] + [
+            a for lin in (self.attn.qkv, self.attn.o, self.gate_up, self.down) for a in lin.parameters()]
 
     def __call__(self, x, segments, caches):
         x = x + self.attn(mx.fast.rms_norm(x, self.attn_norm, self.eps), segments, caches)
-        return self.mlp(x, self.mlp_norm, self.w_gate_up, self.w_down, self.eps)
+        return self.mlp(x, self.mlp_norm, self.gate_up.parameters(), self.down.parameters())
 
 
-def mlp(x, norm, w_gate_up, w_down, eps):
-    """Norm, gate/up, SiLU-gate, down and the residual as one compiled graph (fewer kernels and dispatches)."""
-    gate, up = mx.split(mx.fast.rms_norm(x, norm, eps) @ w_gate_up, 2, axis=-1)
-    return x + (gate * mx.sigmoid(gate) * up) @ w_down
+def compiled_mlp(gate_up, down, eps: float, cache: dict):
+    """Norm, gate/up, SiLU-gate, down and the residual as one compiled graph (fewer kernels and
+    dispatches), taking the weights as inputs: one graph per kind of layers (float, or quantized at
+    given bits and group size), shared by every layer of that kind in the stage."""
+    key = (gate_up.key(), down.key(), eps)
+    if None in key[:2]:  # projections of mixed schemes: run as they are
+        return lambda x, norm, gu, dn: x + down(_swiglu(gate_up(mx.fast.rms_norm(x, norm, eps))))
+    if key not in cache:
+        def mlp(x, norm, gu, dn):
+            return x + down.run(dn, _swiglu(gate_up.run(gu, mx.fast.rms_norm(x, norm, eps))))
+
+        cache[key] = mx.compile(mlp)
+    return cache[key]
+
+
+def _swiglu(gate_up: mx.array) -> mx.array:
+    gate, up = mx.split(gate_up, 2, axis=-1)
+    return gate * mx.sigmoid(gate) * up
 
 
 class LlamaStage:
@@ -94,17 +164,23 @@ class LlamaStage:
         # compiled per stage, not at import: MLX keeps compiled graphs per thread, and a thread that
         # ends holding one while Python finalizes aborts the process in its destructor (which takes
         # the GIL). Dropped with the stage, on the thread that ran it, the graphs go with it.
-        self.compiled_mlp = mx.compile(mlp)
-        self.embed = w["model.embed_tokens.weight"] if first == 0 else None
+        self.compiled_mlps: dict = {}
+        emb = w.get("model.embed_tokens.weight")
+        dtype = w[f"model.layers.{first}.input_layernorm.weight"].dtype
+        q_emb = QuantEmbedding(emb, dtype) if isinstance(emb, QuantTensor) else None
+        self.embed = (q_emb if q_emb is not None else emb) if first == 0 else None
         # projections are fused/re-laid copies: each layer is evaluated as it is built and its
         # originals popped from `w`, so loading never holds two copies of more than one layer
         self.layers = []
         for i in range(first, last + 1):
-            self.layers.append(Block(cfg, w, i, rope_freqs, self.compiled_mlp, t))
+            self.layers.append(Block(cfg, w, i, rope_freqs, self.compiled_mlps, t))
             mx.eval(self.layers[-1].parameters())
         self.norm = w["model.norm.weight"] if is_last else None
-        # tied embeddings: the head is the embedding matrix (a copy in the (in, out) layout)
-        self.lm_head = t(w.get("lm_head.weight", w.get("model.embed_tokens.weight"))) if is_last else None
+        self.lm_head = None
+        if is_last and "lm_head.weight" in w:
+            self.lm_head = projection([w["lm_head.weight"]], dtype, None, t)
+        elif is_last:  # tied embeddings: the head is the embedding matrix (float: a copy in the (in, out) layout)
+            self.lm_head = q_emb if q_emb is not None else Dense(emb, None, t)
 
     def __call__(self, x, segments, caches: list[list[KVCache]], sample_rows=None):
         """x: (N,) token ids on the first stage, else (N, hidden). caches[seq][layer]."""
@@ -115,11 +191,12 @@ class LlamaStage:
         if self.lm_head is None:
             return x
         # only the rows that sample reach the head: never a (N, vocab) array
-        return (mx.fast.rms_norm(x[sample_rows], self.norm, self.eps) @ self.lm_head).astype(mx.float32)
+        return self.lm_head(mx.fast.rms_norm(x[sample_rows], self.norm, self.eps)).astype(mx.float32)
 
     def parameters(self) -> list[mx.array]:
-        return [a for a in (self.embed, self.norm, self.lm_head) if a is not None] + [
-            a for b in self.layers for a in b.parameters()]
+        ends = [a for a in (self.embed, self.lm_head) if a is not None]
+        out = [a for e in ends for a in (e.parameters() if hasattr(e, "parameters") else [e])]
+        return out + ([self.norm] if self.norm is not None else []) + [a for b in self.layers for a in b.parameters()]
 
 
 StageModel = LlamaStage

@@ -12,10 +12,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.core.config import ModelConfig
+from engine.core.quant import QuantTensor, concat_rows
 
 from .. import native
 from ..cache import BatchSlots, PagedKV
 from ..ops import decode_attention, rms_norm, small_matmul
+from ..quant import QuantEmbedding, QuantLinear
 
 
 class RMSNorm(nn.Module):
@@ -48,27 +50,58 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     return F.linear(x, w, b)
 
 
+class Dense(nn.Module):
+    def __init__(self, w: torch.Tensor, b: torch.Tensor | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(w, requires_grad=False)
+        self.bias = None if b is None else nn.Parameter(b, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+class Stacked(nn.Module):
+    """Projections that cannot be one matrix (quantized differently): their outputs side by side."""
+
+    def __init__(self, parts: list[nn.Module], b: torch.Tensor | None = None):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.bias = None if b is None else nn.Parameter(b, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.cat([p(x) for p in self.parts], dim=-1)
+        return y if self.bias is None else y + self.bias
+
+
+def projection(ws: list, like: torch.Tensor, b: torch.Tensor | None = None) -> nn.Module:
+    """One linear layer over the rows of `ws` stacked (float tensors or QuantTensors); `like` gives
+    the activation dtype and device."""
+    if all(isinstance(w, torch.Tensor) for w in ws):
+        return Dense(torch.cat(ws) if len(ws) > 1 else ws[0], b)
+    fused = concat_rows(ws)
+    if fused is not None:
+        return QuantLinear(fused, like.dtype, like.device, b)
+    return Stacked([projection([w], like) for w in ws], b)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, w: dict[str, torch.Tensor], p: str):
+    def __init__(self, cfg: ModelConfig, w: dict[str, torch.Tensor], p: str, like: torch.Tensor):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.wqkv = nn.Parameter(torch.cat([w[p + f"{x}_proj.weight"] for x in "qkv"]), requires_grad=False)
-        self.bqkv = None
-        if cfg.attention_bias:
-            self.bqkv = nn.Parameter(torch.cat([w[p + f"{x}_proj.bias"] for x in "qkv"]), requires_grad=False)
-        self.wo = nn.Parameter(w[p + "o_proj.weight"], requires_grad=False)
-        self.bo = nn.Parameter(w[p + "o_proj.bias"], requires_grad=False) if p + "o_proj.bias" in w else None
+        bqkv = torch.cat([w[p + f"{x}_proj.bias"] for x in "qkv"]) if cfg.attention_bias else None
+        self.qkv = projection([w[p + f"{x}_proj.weight"] for x in "qkv"], like, bqkv)  # fused q/k/v
+        self.o = projection([w[p + "o_proj.weight"]], like, w.get(p + "o_proj.bias"))
 
     def forward(self, x, cos, sin, plan: BatchSlots, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """keys/values: this layer's slots of the paged cache, (slots, n_kv, head_dim)."""
         n = x.shape[0]
         qd, kd = self.n_heads * self.head_dim, self.n_kv * self.head_dim
-        qk, v = linear(x, self.wqkv, self.bqkv).split([qd + kd, kd], dim=-1)
+        qk, v = self.qkv(x).split([qd + kd, kd], dim=-1)
         qk = qk.reshape(n, self.n_heads + self.n_kv, self.head_dim)  # q and k heads rotated together
         qk = qk * cos + rotate_half(qk) * sin
         q, k = qk.split([self.n_heads, self.n_kv], dim=1)  # (N, n_heads, head_dim), (N, n_kv, head_dim)
@@ -95,33 +128,42 @@ class Attention(nn.Module):
                 vs = values[slots].transpose(0, 1)[None]
                 o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=causal, enable_gqa=gqa)
             out[start : start + length] = o[0].transpose(0, 1)
-        return linear(out.reshape(n, qd), self.wo, self.bo)
+        return self.o(out.reshape(n, qd))
 
 
 class MLP(nn.Module):
-    def __init__(self, w: dict[str, torch.Tensor], p: str):
+    def __init__(self, w: dict[str, torch.Tensor], p: str, like: torch.Tensor):
         super().__init__()
-        self.w_gate_up = nn.Parameter(torch.cat([w[p + "gate_proj.weight"], w[p + "up_proj.weight"]]),
-                                      requires_grad=False)
-        self.w_down = nn.Parameter(w[p + "down_proj.weight"], requires_grad=False)
+        self.gate_up = projection([w[p + "gate_proj.weight"], w[p + "up_proj.weight"]], like)  # fused
+        self.down = projection([w[p + "down_proj.weight"]], like)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = linear(x, self.w_gate_up).chunk(2, dim=-1)
-        return linear(F.silu(gate) * up, self.w_down)
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, w: dict[str, torch.Tensor], i: int):
         super().__init__()
         p = f"model.layers.{i}."
-        self.input_layernorm = RMSNorm(w[p + "input_layernorm.weight"], cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, w, p + "self_attn.")
+        like = w[p + "input_layernorm.weight"]  # a float tensor: the activation dtype and device
+        self.input_layernorm = RMSNorm(like, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, w, p + "self_attn.", like)
         self.post_attention_layernorm = RMSNorm(w[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
-        self.mlp = MLP(w, p + "mlp.")
+        self.mlp = MLP(w, p + "mlp.", like)
 
     def forward(self, x, cos, sin, plan, keys, values):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, plan, keys, values)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Embedding(nn.Module):
+    def __init__(self, w: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(w, requires_grad=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)
 
 
 class LlamaStage(nn.Module):
@@ -131,26 +173,32 @@ class LlamaStage(nn.Module):
         super().__init__()
         self.cfg, self.first, self.last = cfg, first, last
         is_last = last == cfg.num_hidden_layers - 1
-        self.embed = nn.Parameter(w["model.embed_tokens.weight"], requires_grad=False) if first == 0 else None
+        like = w[f"model.layers.{first}.input_layernorm.weight"]
+        emb = w.get("model.embed_tokens.weight")
+        q_emb = QuantEmbedding(emb, like.dtype, like.device) if isinstance(emb, QuantTensor) else None
+        self.embed = None
+        if first == 0:
+            self.embed = q_emb if q_emb is not None else Embedding(emb)
         self.layers = nn.ModuleList(Block(cfg, w, i) for i in range(first, last + 1))
         self.norm = RMSNorm(w["model.norm.weight"], cfg.rms_norm_eps) if is_last else None
         self.lm_head = None
         if is_last:
-            # tied embeddings: the head is the embedding matrix
             head = w.get("lm_head.weight")
-            self.lm_head = nn.Parameter(head if head is not None else w["model.embed_tokens.weight"],
-                                        requires_grad=False)
+            if head is not None:
+                self.lm_head = projection([head], like)
+            else:  # tied embeddings: the head is the embedding matrix
+                self.lm_head = q_emb.as_linear() if q_emb is not None else Dense(emb)
 
     def forward(self, x, cos, sin, plan: BatchSlots, kv: PagedKV, sample_rows=None):
         """x: (N,) token ids on the first stage, else (N, hidden)."""
         if self.embed is not None:
-            x = F.embedding(x, self.embed)
+            x = self.embed(x)
         for j, layer in enumerate(self.layers):
             x = layer(x, cos, sin, plan, kv.keys[j], kv.values[j])
         if self.lm_head is None:
             return x
         # only the rows that sample reach the head: never a (N, vocab) tensor
-        return linear(self.norm(x[sample_rows]), self.lm_head).float()
+        return self.lm_head(self.norm(x[sample_rows])).float()
 
 
 StageModel = LlamaStage

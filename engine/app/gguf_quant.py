@@ -1,0 +1,105 @@
+"""GGUF's block-quantized tensors as MLX affine `QuantTensor`s, kept exactly where a mapping exists.
+
+Every block type below is `w = scale * q + bias` over groups of 32 along a row, so its codes and
+float32 scales and biases are read out of the blocks as they are (ggml's layouts, as gguf-py's
+dequantizers read them):
+
+    Q4_0  4-bit   scale d          bias -8d         Q4_K  4-bit  scale d*sc   bias -dmin*m
+    Q4_1  4-bit   scale d          bias m           Q5_K  5-bit  scale d*sc   bias -dmin*m
+    Q5_0  5-bit   scale d          bias -16d        Q8_0  8-bit  scale d      bias -128d (code q+128)
+    Q5_1  5-bit   scale d          bias m
+
+Other types have no exact affine form at group 32 (Q6_K has 16-weight groups with signed
+scales; Q2_K/Q3_K and the IQ types are codebooks): they are dequantized by gguf-py and
+requantized to 8 bits in groups of 32, which adds ~0.1 of a Q6_K step RMS, and stderr says so.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+from ..core.quant import QuantTensor, from_codes, quantize
+
+EXACT = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K")
+REQUANT_BITS = 8
+
+
+def _f16(b: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(b).view(np.float16).astype(np.float32)[..., 0]
+
+
+def _nibbles_32(qs: np.ndarray) -> np.ndarray:
+    """16 bytes per block -> 32 codes: low nibbles are weights 0-15, high nibbles 16-31."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+
+
+def _high_bits(qh: np.ndarray) -> np.ndarray:
+    """4 bytes (a little-endian uint32) per block -> bit j of it for weight j, as 0/1 (blocks, 32)."""
+    return np.unpackbits(qh, axis=-1, bitorder="little")
+
+
+def _k_scales(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    from gguf.quants import Q4_K
+
+    sc, m = Q4_K.get_scale_min(scales)
+    return sc.astype(np.float32), m.astype(np.float32)
+
+
+def _blocks_to_codes(kind: str, blocks: np.ndarray):
+    """(n_blocks, bytes) of one type -> codes (n_groups, 32) and scales, biases (n_groups,)."""
+    if kind in ("Q4_0", "Q4_1"):
+        d = _f16(blocks[:, :2])
+        if kind == "Q4_0":
+            return _nibbles_32(blocks[:, 2:]), d, -8 * d
+        return _nibbles_32(blocks[:, 4:]), d, _f16(blocks[:, 2:4])
+    if kind in ("Q5_0", "Q5_1"):
+        d = _f16(blocks[:, :2])
+        head = 2 if kind == "Q5_0" else 4
+        q = _nibbles_32(blocks[:, head + 4 :]) | (_high_bits(blocks[:, head : head + 4]) << 4)
+        return q, d, (-16 * d if kind == "Q5_0" else _f16(blocks[:, 2:4]))
+    if kind == "Q8_0":
+        d = _f16(blocks[:, :2])
+        q = (blocks[:, 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+        return q, d, -128 * d
+    if kind in ("Q4_K", "Q5_K"):
+        n = blocks.shape[0]
+        d, dmin = _f16(blocks[:, 0:2])[:, None], _f16(blocks[:, 2:4])[:, None]
+        sc, m = _k_scales(blocks[:, 4:16])
+        if kind == "Q4_K":
+            qs, qh = blocks[:, 16:144], None
+        else:
+            qh, qs = blocks[:, 16:48], blocks[:, 48:176]
+        # 4 chunks of 32 bytes: low nibbles are sub-block 2c, high nibbles sub-block 2c+1
+        qs = qs.reshape(n, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
+        q = (qs & 0x0F).reshape(n, 8, 32)
+        if qh is not None:  # bit j of each of the 32 qh bytes is the fifth bit of sub-block j
+            high = (qh.reshape(n, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & 1
+            q = q | (high << 4)
+        return q.reshape(n * 8, 32), (d * sc).reshape(-1), (-(dmin * m)).reshape(-1)
+    raise KeyError(kind)
+
+
+_BITS = {"Q4_0": 4, "Q4_1": 4, "Q5_0": 5, "Q5_1": 5, "Q8_0": 8, "Q4_K": 4, "Q5_K": 5}
+_warned: set[str] = set()
+
+
+def to_quant_tensor(data: np.ndarray, kind: str, rows: int, cols: int) -> QuantTensor:
+    """A GGUF tensor of block type `kind` (raw bytes, `rows` rows of `cols` weights) as a QuantTensor."""
+    if kind in EXACT:
+        from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        _, type_size = GGML_QUANT_SIZES[GGMLQuantizationType[kind]]
+        blocks = np.ascontiguousarray(data).reshape(-1, type_size)
+        q, s, b = _blocks_to_codes(kind, blocks)
+        return from_codes(q.reshape(rows, cols), s.reshape(rows, -1), b.reshape(rows, -1), _BITS[kind], 32)
+    from gguf.constants import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    if kind not in _warned:
+        _warned.add(kind)
+        print(f"hetpipe: {kind} has no exact affine form; its tensors are requantized to "
+              f"{REQUANT_BITS} bits in groups of 32", file=sys.stderr)
+    w = dequantize(data, GGMLQuantizationType[kind]).astype(np.float32).reshape(rows, cols)
+    return quantize(w, REQUANT_BITS, 32)

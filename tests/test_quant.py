@@ -1,0 +1,231 @@
+"""Quantized checkpoints on both backends against the same model dequantized, in transformers.
+
+MLX-layout directories (`hetpipe quantize`, 4 and 8 bits, groups 32 and 64) and GGUF block types
+(written by gguf-py, imported with their quantization kept): greedy tokens identical to
+transformers on the dequantized weights at fp32, log-probabilities within 1e-3.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+from engine.app.gguf_import import import_gguf
+from engine.app.quantize import dequantize_dir, quantize_dir
+from engine.app.stages import load_stage
+from engine.core.pipeline import run_stages
+from engine.core.quant import QuantTensor, pack, quantize, unpack
+from engine.core.sampling import SamplingParams
+from engine.core.stage import SeqChunk, StageBatch
+from reference import hf_logprobs, hf_model
+from tiny import make_tiny
+from tiny_gguf import K_TINY, write_gguf
+
+TOL = 1e-3
+IDS = [5, 17, 33, 9, 100, 7, 3, 250, 64, 12, 8]
+P5 = SamplingParams(logprobs=5)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+def test_codes_pack_as_mlx_packs_them(bits):
+    import backends.mlx_stage  # noqa: F401  (loads OpenBLAS before mlx, as every MLX stage does)
+    import mlx.core as mx
+
+    rng = np.random.default_rng(bits)
+    w = rng.normal(size=(8, 128)).astype(np.float32)
+    codes, scales, biases = mx.quantize(mx.array(w), group_size=32, bits=bits)
+    t = QuantTensor(np.array(codes), *(TypedF32(np.array(a)) for a in (scales, biases)), bits, 32)
+    np.testing.assert_allclose(t.dequantize(), np.array(mx.dequantize(codes, scales, biases, 32, bits)), atol=1e-6)
+    q = t.unpack()
+    assert q.max() < 2**bits and np.array_equal(pack(q, bits), np.array(codes))
+    ours = quantize(w, bits, 32)  # our quantizer's codes read back by MLX
+    np.testing.assert_allclose(np.array(mx.dequantize(mx.array(ours.codes), mx.array(ours.scales.data),
+                                                      mx.array(ours.biases.data), 32, bits)), ours.dequantize(),
+                               atol=1e-6)
+    assert np.array_equal(unpack(ours.codes, bits, 128), ours.unpack())
+
+
+def TypedF32(a):
+    from engine.core.tensors import TypedArray
+
+    return TypedArray(a.astype(np.float32), "float32")
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K"])
+def test_gguf_blocks_map_exactly(kind):
+    from gguf.constants import GGMLQuantizationType as T
+    from gguf.quants import dequantize, quantize as gguf_quantize
+
+    from engine.app.gguf_quant import to_quant_tensor
+    from tiny_gguf import _random_blocks
+
+    rng = np.random.default_rng(0)
+    if kind.endswith("_K"):
+        data = _random_blocks(kind, 4, 512, rng)
+    else:
+        data = gguf_quantize(rng.normal(size=(4, 512)).astype(np.float32), T[kind])
+    t = to_quant_tensor(data, kind, 4, 512)
+    ref = dequantize(data, T[kind]).reshape(4, 512)
+    np.testing.assert_allclose(t.dequantize(), ref, rtol=1e-6, atol=1e-7)
+
+
+def test_q6_k_is_requantized_to_8_bits_and_said_so(capsys):
+    from gguf.constants import GGMLQuantizationType as T
+    from gguf.quants import dequantize
+
+    from engine.app import gguf_quant
+    from tiny_gguf import _random_blocks
+
+    data = _random_blocks("Q6_K", 4, 512, np.random.default_rng(1))
+    gguf_quant._warned.discard("Q6_K")
+    t = gguf_quant.to_quant_tensor(data, "Q6_K", 4, 512)
+    gguf_quant.to_quant_tensor(data, "Q6_K", 4, 512)
+    assert (t.bits, t.group_size) == (8, 32)
+    ref = dequantize(data, T.Q6_K).reshape(4, 512)
+    step = np.abs(ref).max() / 31  # a Q6_K step, about
+    assert np.sqrt(np.mean((t.dequantize() - ref) ** 2)) < 0.1 * step
+    assert capsys.readouterr().err.count("Q6_K") == 1
+
+
+def _check_stage_against(ref_dir, qdir, backend, spec=None):
+    ref = hf_model(ref_dir)
+    lp = hf_logprobs(ref, IDS)
+    stages = [load_stage(backend, qdir, 0, 3)] if spec is None else [load_stage(b, qdir, a, z) for b, a, z in spec]
+    n = len(IDS)
+    # a prefill of 6, then decode steps, each token and its log-probability against the reference
+    chunks = [(0, IDS[:6])] + [(i, [IDS[i]]) for i in range(6, n)]
+    for off, ids in chunks:
+        (tok,), _ = run_stages(stages, StageBatch([SeqChunk(0, off, np.array(ids, np.int32), P5)]))
+        row = lp[off + len(ids) - 1]
+        assert tok.token_id == int(np.argmax(row))
+        assert abs(tok.logprob - row[tok.token_id]) < TOL
+        top = np.argsort(-row)[:5]
+        np.testing.assert_allclose([x for _, x in tok.top], row[top], atol=TOL)
+    for s in stages:
+        s.close()
+
+
+@pytest.fixture(scope="module")
+def quantized_dirs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("quant")
+    src = make_tiny(base / "src", "llama-tied")
+    out = {}
+    for bits in (4, 8):
+        for group in (32, 64):
+            q = quantize_dir(src, base / f"q{bits}g{group}", bits, group, progress=False)
+            out[bits, group] = (q, dequantize_dir(q, base / f"q{bits}g{group}-ref"))
+    return out
+
+
+@pytest.mark.parametrize("backend", ["mlx", "torch"])
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (8, 32), (8, 64)])
+def test_mlx_layout_checkpoint_matches_its_dequantized_reference(quantized_dirs, backend, bits, group):
+    qdir, ref = quantized_dirs[bits, group]
+    cfg = json.loads((qdir / "config.json").read_text())
+    assert cfg["quantization"]["bits"] == bits and cfg["quantization"]["group_size"] == group
+    _check_stage_against(ref, qdir, backend)
+
+
+def test_mixed_split_of_a_quantized_checkpoint(quantized_dirs):
+    qdir, ref = quantized_dirs[4, 32]
+    _check_stage_against(ref, qdir, None, spec=[("mlx", 0, 1), ("torch", 2, 3)])
+
+
+def test_per_module_overrides_and_unquantized_modules(quantized_dirs, tmp_path):
+    """A `false` entry and an 8-bit override inside a 4-bit checkpoint, as mlx-community writes them."""
+    from safetensors.numpy import load_file, save_file
+
+    qdir, _ = quantized_dirs[4, 32]
+    src8, _ = quantized_dirs[8, 32]
+    w, w8 = load_file(str(qdir / "model.safetensors")), load_file(str(src8 / "model.safetensors"))
+    ref_src = load_file(str(dequantize_dir(qdir, tmp_path / "r4") / "model.safetensors"))
+    p_down, p_q = "model.layers.1.mlp.down_proj", "model.layers.2.self_attn.q_proj"
+    for x in ("weight", "scales", "biases"):  # down_proj of layer 1 at 8 bits
+        w[f"{p_down}.{x}"] = w8[f"{p_down}.{x}"]
+    for x in ("scales", "biases"):  # q_proj of layer 2 not quantized
+        del w[f"{p_q}.{x}"]
+    w[f"{p_q}.weight"] = ref_src[f"{p_q}.weight"]
+    d = tmp_path / "mixed"
+    d.mkdir()
+    save_file(w, str(d / "model.safetensors"))
+    cfg = json.loads((qdir / "config.json").read_text())
+    cfg["quantization"][p_down] = {"group_size": 32, "bits": 8}
+    cfg["quantization"][p_q] = False
+    cfg["quantization_config"] = cfg["quantization"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (d / f).write_bytes((qdir / f).read_bytes())
+    ref = dequantize_dir(d, tmp_path / "mixed-ref")
+    for backend in ("mlx", "torch"):
+        _check_stage_against(ref, d, backend)
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"])
+def test_gguf_types_import_quantized_and_match(tmp_path, kind):
+    shape = K_TINY if kind.endswith("_K") else {}
+    hf = make_tiny(tmp_path / "hf", "llama", **shape)
+    path = write_gguf(hf, tmp_path / "m.gguf", kind, embed_kind="Q8_0" if not kind.endswith("_K") else kind)
+    q = import_gguf(path, tmp_path / "q", progress=False)
+    # Q6_K is requantized (its error is bounded above): the stages must match what they hold
+    ref = (dequantize_dir(q, tmp_path / "ref") if kind == "Q6_K"
+           else import_gguf(path, tmp_path / "ref", progress=False, dequantize=True))
+    cfg = json.loads((q / "config.json").read_text())
+    expect = {"Q4_0": 4, "Q4_1": 4, "Q5_0": 5, "Q5_1": 5, "Q8_0": 8, "Q4_K": 4, "Q5_K": 5, "Q6_K": 8}[kind]
+    assert (cfg["quantization"]["bits"], cfg["quantization"]["group_size"]) == (expect, 32)
+    layers = cfg["num_hidden_layers"]
+    for backend in ("mlx", "torch"):
+        stage = load_stage(backend, q, 0, layers - 1)
+        lp = hf_logprobs(hf_model(ref), IDS)
+        (tok,) = stage.forward(StageBatch([SeqChunk(0, 0, np.array(IDS, np.int32), P5)])).tokens
+        assert tok.token_id == int(np.argmax(lp[-1])) and abs(tok.logprob - lp[-1][tok.token_id]) < TOL
+        (tok,) = stage.forward(StageBatch([SeqChunk(0, len(IDS), np.array([tok.token_id], np.int32), P5)])).tokens
+        stage.close()
+
+
+def test_a_4_bit_torch_layer_costs_at_most_0_4x_a_bf16_layer(quantized_dirs):
+    """What the torch stage holds per layer: packed int4 with bf16 scales against bf16 weights."""
+    import torch
+
+    qdir, _ = quantized_dirs[4, 64]
+    src = qdir.parent / "src"
+
+    def layer_bytes(stage):
+        layer = stage.model.layers[0]
+        tensors = {t.data_ptr(): t.numel() * t.element_size() for t in [*layer.parameters(), *layer.buffers()]}
+        return sum(tensors.values())
+
+    q = load_stage("torch", qdir, 0, 3, dtype="bfloat16")
+    f = load_stage("torch", src, 0, 3, dtype="bfloat16")
+    assert all(m.kind == "int4-cpu" for m in q.model.layers[0].modules() if hasattr(m, "kind"))
+    assert layer_bytes(q) <= 0.4 * layer_bytes(f)
+    assert isinstance(q.model.layers[0].mlp.gate_up.packed, torch.Tensor)
+
+
+def test_planner_counts_quantized_bytes(quantized_dirs):
+    from engine.core.config import ModelConfig
+    from engine.core.weights import layer_bytes
+
+    qdir, _ = quantized_dirs[4, 32]
+    cfg, fcfg = ModelConfig.load(qdir), ModelConfig.load(qdir.parent / "src")
+    ratio = layer_bytes(qdir, cfg, "bfloat16") / layer_bytes(qdir.parent / "src", fcfg, "bfloat16")
+    assert 0.2 < ratio < 0.45
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_the_8_bit_cpu_kernel_equals_its_torch_definition(rows):
+    import torch
+
+    from backends.torch_stage import native
+    from backends.torch_stage.ops import _qmatmul, qmatmul
+
+    if native.load() is not None:
+        pytest.skip(f"no CPU kernels here: {native.load()}")
+    g = torch.Generator().manual_seed(rows)
+    codes = torch.randint(0, 256, (96, 256), dtype=torch.uint8, generator=g)
+    scales, biases = torch.rand(96, 8, generator=g) * 0.01, torch.randn(96, 8, generator=g) * 0.1
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(rows, 256, generator=g).to(dtype)
+        ours, ref = qmatmul(x, codes, scales, biases, 32), _qmatmul(x, codes, scales, biases, 32)
+        assert ours.dtype == dtype
+        torch.testing.assert_close(ours.float(), ref.float(), rtol=1e-4 if dtype == torch.float32 else 1e-2,
+                                   atol=1e-4 if dtype == torch.float32 else 1e-2)
