@@ -26,8 +26,14 @@ def run(*args, timeout=600):
 
 def test_bench_backends_times_every_backend_and_writes_three_files(real_model, tmp_path):
     rows = run("backends", "--model", str(real_model), "--layers", "0-1", "--dtypes", "float32",
-               "--prompt-len", "8", "--max-tokens", "2", "--out", str(tmp_path), "--json")
-    assert sorted(r["backend"] for r in rows) == ["mlx", "torch"]
+               "--prompt-len", "8", "--max-tokens", "2", "--quant", "4:32", "--out", str(tmp_path), "--json")
+    assert sorted((r["backend"], r["weights"]) for r in rows) == [("mlx", "4-bit g32"), ("mlx", "float"),
+                                                                   ("torch", "4-bit g32"), ("torch", "float")]
+    by = {(r["backend"], r["weights"]): r for r in rows}
+    for b in ("mlx", "torch"):  # 4 bits + a float32 scale and bias per 32 weights: 0.75 of 4 bytes a weight
+        q, f = by[b, "4-bit g32"], by[b, "float"]
+        assert (q["bits"], q["group_size"], f["bits"]) == (4, 32, None)
+        assert 0.15 < q["weight_bytes_per_token"] / f["weight_bytes_per_token"] < 0.25
     assert all(r["layers"] == [0, 1] and r["decode_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0
                and r["ms_per_layer"] > 0 for r in rows)
     # weights read per second and the memory floor: both backends measure their device's bandwidth
@@ -39,7 +45,8 @@ def test_bench_backends_times_every_backend_and_writes_three_files(real_model, t
     # the `hetpipe` command restarts itself on tcmalloc where the system has it; its stages inherit it
     assert {r["allocator"] for r in rows} == {"tcmalloc" if allocator.library() else "system"}
     table = (tmp_path / "backends.md").read_text().splitlines()
-    assert table[0].startswith("| backend |") and sorted(line.split()[1] for line in table[2:]) == ["mlx", "torch"]
+    assert table[0].startswith("| backend |") and sorted(line.split()[1] for line in table[2:]) == [
+        "mlx", "mlx", "torch", "torch"]
     assert (tmp_path / "backends.png").read_bytes()[:4] == b"\x89PNG"
 
 

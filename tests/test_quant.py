@@ -229,3 +229,35 @@ def test_the_8_bit_cpu_kernel_equals_its_torch_definition(rows):
         assert ours.dtype == dtype
         torch.testing.assert_close(ours.float(), ref.float(), rtol=1e-4 if dtype == torch.float32 else 1e-2,
                                    atol=1e-4 if dtype == torch.float32 else 1e-2)
+
+
+def _mlx_lm_greedy(model_dir, ids, n):
+    import backends.mlx_stage  # noqa: F401  (OpenBLAS before mlx)
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+    from mlx_lm.utils import load_model
+
+    model, _ = load_model(model_dir)
+    cache = make_prompt_cache(model)
+    logits = model(mx.array([ids]), cache=cache)[0, -1]
+    out = []
+    for _ in range(n):
+        t = int(mx.argmax(logits).item())
+        out.append(t)
+        logits = model(mx.array([[t]]), cache=cache)[0, -1]
+    return out
+
+
+@pytest.mark.parametrize("bits,group", [(4, 64), (8, 32)])
+def test_hetpipe_quantize_output_loads_in_mlx_lm_with_the_same_greedy_tokens(quantized_dirs, bits, group):
+    pytest.importorskip("mlx_lm")
+    qdir, _ = quantized_dirs[bits, group]
+    stage = load_stage("mlx", qdir, 0, 3)
+    ids, ours = list(IDS), []
+    (tok,) = stage.forward(StageBatch([SeqChunk(0, 0, np.array(ids, np.int32), SamplingParams())])).tokens
+    for i in range(16):
+        ours.append(tok.token_id)
+        (tok,) = stage.forward(StageBatch([SeqChunk(0, len(ids) + i, np.array([tok.token_id], np.int32),
+                                                    SamplingParams())])).tokens
+    stage.close()
+    assert _mlx_lm_greedy(qdir, ids, 16) == ours

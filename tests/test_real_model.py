@@ -78,3 +78,27 @@ def test_stop_string_ends_generation_and_is_not_emitted(real_model):
     res = gen.generate("The history of the Roman Empire", max_tokens=32, stop=[stop])
     assert res.finish_reason == "stop"
     assert res.text == full[: full.index(stop)]
+
+
+@pytest.fixture(scope="module")
+def real_q4(real_model, tmp_path_factory):
+    """The same GGUF imported with its quantization kept (what `hetpipe fetch smollm2-q4` writes)."""
+    from engine.app.gguf_import import import_gguf
+
+    return import_gguf(real_model / SOURCE_GGUF, tmp_path_factory.mktemp("q4") / "smollm2-q4", progress=False)
+
+
+def test_q4_1_checkpoint_kept_quantized_gives_transformers_greedy_tokens(real_q4, references):
+    """Layers at 4 bits (Q4_1), embedding and tied head at 8 (Q8_0), never dequantized, on a mixed
+    split at fp32: transformers' tokens, which it computes from the same file dequantized."""
+    import json
+
+    q = json.loads((real_q4 / "config.json").read_text())["quantization"]
+    assert (q["bits"], q["group_size"], q["model.embed_tokens"]["bits"]) == (4, 32, 8)
+    gen = Generator(real_q4, local_pipeline(str(real_q4), "mlx:0-14,torch:15-29"))
+    for _, text in PROMPTS:
+        ids, ref_toks, ref_lps = references[text]
+        res = gen.generate(ids, max_tokens=N, sampling=SamplingParams(), ignore_eos=True)
+        assert res.token_ids == ref_toks, f"q4 diverged on {text!r}"
+        np.testing.assert_allclose([e["logprob"] for e in res.logprobs], ref_lps, atol=1e-3)
+    gen.close()

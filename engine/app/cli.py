@@ -107,6 +107,8 @@ def _add_bench(sub) -> None:
     k.add_argument("--model", default=None, help="model directory (default: the fetched smollm2)")
     k.add_argument("--layers", default=None, metavar="FIRST-LAST", help="layer range (default: all)")
     k.add_argument("--dtypes", default="float32,bfloat16", help="dtypes to time")
+    k.add_argument("--quant", default="4:32,8:32", metavar="BITS:GROUP,...",
+                   help="also time the model quantized at these schemes ('' for none; made once, kept)")
     k.add_argument("--prompt-len", type=int, default=32, help="prompt tokens of the prefill timed")
     k.add_argument("--max-tokens", type=int, default=64, help="tokens decoded per run")
     k.add_argument("--out", default="bench-results", help="where backends.json, .md and .png go")
@@ -197,6 +199,19 @@ def _generator(args):
                                     standby=args.standby, log=lambda m: print(m, file=sys.stderr))
     return Generator(model_dir, pipeline, inflight=args.inflight, max_seqs=args.max_seqs, max_queue=args.max_queue,
                      max_batch_tokens=args.max_batch_tokens, recovery_timeout_s=args.recovery_timeout)
+
+
+def _parse_quant(text: str) -> tuple[tuple[int, int], ...]:
+    from ..core.quant import check_scheme
+
+    out = []
+    for item in filter(None, text.split(",")):
+        bits, _, group = item.partition(":")
+        if not (bits.isdigit() and group.isdigit()):
+            raise UserError(f"--quant: expected BITS:GROUP (e.g. 4:32), got {item!r}")
+        check_scheme(int(bits), int(group), "--quant")
+        out.append((int(bits), int(group)))
+    return tuple(out)
 
 
 def cmd_fetch(args) -> int:
@@ -292,7 +307,8 @@ def cmd_bench(args) -> int:
         _at_least_1(args, "prompt_len", "max_tokens")
         layers = parse_layer_range(args.layers) if args.layers else None
         dtypes = [check_dtype(d) for d in args.dtypes.split(",") if d]
-        data = B.run_backends(model_dir, layers, dtypes, args.prompt_len, args.max_tokens, log)
+        data = B.run_backends(model_dir, layers, dtypes, args.prompt_len, args.max_tokens, log,
+                              quant=_parse_quant(args.quant))
         paths = report.write_outputs(Path(args.out), "backends", data, B.backends_table(data), B.backends_plot)
     else:
         from ..core.config import ModelConfig

@@ -26,18 +26,50 @@ from ..stages import available_backends
 from .report import pyplot
 
 
+def _per_weight(cfg: ModelConfig, module: str, dtype: str) -> float:
+    """Bytes per weight of `module` as a stage holds it: the dtype, or packed codes plus a scale
+    and a bias (in the activation dtype) per group."""
+    spec = cfg.quantization.for_module(module) if cfg.quantization else None
+    if spec is None:
+        return itemsize(dtype)
+    bits, group = spec
+    return bits / 8 + 2 * itemsize(dtype) / group
+
+
 def decode_weight_bytes(cfg: ModelConfig, first: int, last: int, dtype: str) -> int:
     """Weight bytes one decode step reads on layers [first, last]: every projection and norm, and
     the head on the last stage (the embedding is a lookup of one row: not counted)."""
     h, hd = cfg.hidden_size, cfg.head_dim
     q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
-    layer = h * (q + 2 * kv) + q * h + 3 * h * cfg.intermediate_size + 2 * h
-    if cfg.attention_bias:
-        layer += q + 2 * kv
-    n = layer * (last - first + 1)
+    total = 0.0
+    for i in range(first, last + 1):
+        p = f"model.layers.{i}."
+        for module, n in ((f"self_attn.{x}_proj", h * (q if x == "q" else kv)) for x in "qkv"):
+            total += n * _per_weight(cfg, p + module, dtype)
+        total += q * h * _per_weight(cfg, p + "self_attn.o_proj", dtype)
+        for x in ("gate", "up", "down"):
+            total += h * cfg.intermediate_size * _per_weight(cfg, p + f"mlp.{x}_proj", dtype)
+        total += (2 * h + (q + 2 * kv if cfg.attention_bias else 0)) * itemsize(dtype)
     if last == cfg.num_hidden_layers - 1:
-        n += cfg.vocab_size * h + h
-    return n * itemsize(dtype)
+        head = "model.embed_tokens" if cfg.tie_word_embeddings else "lm_head"
+        total += cfg.vocab_size * h * _per_weight(cfg, head, dtype) + h * itemsize(dtype)
+    return int(total)
+
+
+def quantized_copy(model_dir: str, bits: int, group_size: int) -> str:
+    """`model_dir` quantized at bits/group (made once with `hetpipe quantize`, kept beside it)."""
+    from ..fetch import models_home
+    from ..quantize import quantize_dir
+
+    out = models_home() / "quantized" / f"{Path(model_dir).resolve().name}-q{bits}g{group_size}"
+    if not (out / "config.json").is_file():
+        quantize_dir(model_dir, out, bits, group_size, progress=False)
+    return str(out)
+
+
+def scheme_name(cfg: ModelConfig) -> str:
+    q = cfg.quantization
+    return "float" if q is None else f"{q.bits}-bit g{q.group_size}"
 
 
 def time_stage(backend: str, model_dir: str, first: int, last: int, dtype: str, prompt_len: int, tokens: int) -> dict:
@@ -72,6 +104,8 @@ def time_stage(backend: str, model_dir: str, first: int, last: int, dtype: str, 
     weights = decode_weight_bytes(cfg, first, last, dtype)
     bandwidth = stage.read_bandwidth()
     return {"backend": backend, "device": stage.info.device, "dtype": dtype, "layers": [first, last],
+            "weights": scheme_name(cfg), "bits": cfg.quantization.bits if cfg.quantization else None,
+            "group_size": cfg.quantization.group_size if cfg.quantization else None,
             "prefill_tokens_per_s": prompt_len / statistics.median(prefill),
             "decode_tokens_per_s": 1 / step, "ms_per_layer": step * 1000 / (last - first + 1),
             # the memory floor: one stream reads every weight once per token, so it can go no faster
@@ -85,25 +119,26 @@ def time_stage(backend: str, model_dir: str, first: int, last: int, dtype: str, 
 
 
 def run_backends(model_dir: str, layers: tuple[int, int] | None, dtypes: list[str], prompt_len: int,
-                 tokens: int, log=print) -> list[dict]:
+                 tokens: int, log=print, quant: tuple[tuple[int, int], ...] = ()) -> list[dict]:
+    """Each backend x dtype on `model_dir`, then on its quantized copies at each (bits, group)."""
     cfg = ModelConfig.load(model_dir)
     first, last = layers or (0, cfg.num_hidden_layers - 1)
     check_range(first, last, cfg.num_hidden_layers)
+    dirs = [model_dir] + ([quantized_copy(model_dir, b, g) for b, g in quant] if cfg.quantization is None else [])
     rows = []
-    for backend in available_backends():
-        for dtype in dtypes:
-            args = [backend, model_dir, str(first), str(last), dtype, str(prompt_len), str(tokens)]
-            r = subprocess.run([sys.executable, "-m", "engine.app.bench.backends", *args],
-                               capture_output=True, text=True)
-            if r.returncode != 0:
-                tail = (r.stderr.strip().splitlines() or ["?"])[-1]
-                log(f"{backend} {dtype}: failed: {tail}")
-                continue
-            rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
-            x = rows[-1]
-            log(f"{backend} {x['device']} {dtype}: prefill {x['prefill_tokens_per_s']:.0f} tokens/s, decode "
-                f"{x['decode_tokens_per_s']:.1f} tokens/s, {x['ms_per_layer']:.2f} ms/layer, "
-                f"weights read at {x['weights_gb_per_s']:.1f} GB/s{_floor(x)}")
+    for backend, d, dtype in ((b, d, t) for d in dirs for b in available_backends() for t in dtypes):
+        args = [backend, d, str(first), str(last), dtype, str(prompt_len), str(tokens)]
+        r = subprocess.run([sys.executable, "-m", "engine.app.bench.backends", *args],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            tail = (r.stderr.strip().splitlines() or ["?"])[-1]
+            log(f"{backend} {dtype}: failed: {tail}")
+            continue
+        rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+        x = rows[-1]
+        log(f"{backend} {x['device']} {dtype} {x['weights']}: prefill {x['prefill_tokens_per_s']:.0f} tokens/s, decode "
+            f"{x['decode_tokens_per_s']:.1f} tokens/s, {x['ms_per_layer']:.2f} ms/layer, "
+            f"weights read at {x['weights_gb_per_s']:.1f} GB/s{_floor(x)}")
     return rows
 
 
@@ -115,14 +150,15 @@ def _floor(x: dict) -> str:
 
 
 def backends_table(rows: list[dict]) -> str:
-    lines = ["| backend | device | dtype | layers | prefill tokens/s | decode tokens/s | ms per layer (decode) "
-             "| weights read GB/s | memory read GB/s | memory floor tokens/s | of floor | kernels |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| backend | device | dtype | weights | layers | prefill tokens/s | decode tokens/s | ms per layer (decode) "
+             "| weight MB per token | weights read GB/s | memory read GB/s | memory floor tokens/s | of floor | kernels |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for x in rows:
         floor = (f"{x['memory_read_gb_per_s']:.1f} | {x['floor_tokens_per_s']:.0f} | {x['of_floor']:.0%}"
                  if x["floor_tokens_per_s"] else "- | - | -")
-        lines.append(f"| {x['backend']} | {x['device']} | {x['dtype']} | {x['layers'][0]}-{x['layers'][1]} | "
-                     f"{x['prefill_tokens_per_s']:.0f} | {x['decode_tokens_per_s']:.1f} | {x['ms_per_layer']:.2f} | "
+        lines.append(f"| {x['backend']} | {x['device']} | {x['dtype']} | {x['weights']} | "
+                     f"{x['layers'][0]}-{x['layers'][1]} | {x['prefill_tokens_per_s']:.0f} | "
+                     f"{x['decode_tokens_per_s']:.1f} | {x['ms_per_layer']:.2f} | {x['weight_bytes_per_token'] / 1e6:.1f} | "
                      f"{x['weights_gb_per_s']:.1f} | {floor} | {x['kernels']} |")
     return "\n".join(lines) + "\n"
 
