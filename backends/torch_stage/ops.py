@@ -38,8 +38,15 @@ def _decode_attention(q, keys, values, slots, lengths, scale: float) -> torch.Te
     return o[:, :, 0].contiguous()  # as the CPU kernel returns it
 
 
+def unpack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """(N, K / 2) bytes of 4-bit codes, low nibble first -> (N, K) uint8."""
+    return torch.stack([codes & 0x0F, codes >> 4], dim=-1).view(codes.shape[0], -1)
+
+
 def _qmatmul(x, codes, scales, biases, group_size: int) -> torch.Tensor:
-    # the weight dequantized in float32 from its uint8 codes, then one matmul
+    # the weight dequantized in float32 from its uint8 codes (two a byte if 4-bit), then one matmul
+    if codes.shape[1] * 2 == x.shape[1]:
+        codes = unpack_nibbles(codes)
     n, k = codes.shape
     w = codes.view(n, k // group_size, group_size).float() * scales[..., None] + biases[..., None]
     return F.linear(x.float(), w.view(n, k)).to(x.dtype)
@@ -54,7 +61,8 @@ _define("rms_norm(Tensor x, Tensor w, float eps) -> Tensor", _rms_norm)
 _define("decode_attention(Tensor q, Tensor keys, Tensor values, Tensor slots, Tensor lengths, float scale) -> Tensor",
         _decode_attention)
 
-# A few rows times a weight held as uint8 codes (N, K), float32 scales and biases (N, K / group_size).
+# A few rows times a weight held as uint8 codes (N, K), or 4-bit codes two a byte (N, K / 2), with
+# float32 scales and biases (N, K / group_size).
 _define("qmatmul(Tensor x, Tensor codes, Tensor scales, Tensor biases, int group_size) -> Tensor", _qmatmul)
 
 small_matmul = torch.ops.hetpipe.small_matmul

@@ -69,9 +69,10 @@ def huge_page_weights(model: torch.nn.Module) -> None:
     if not hasattr(mmap, "MADV_HUGEPAGE"):
         return
     layers = list(getattr(model, "layers", []))
-    inner = {id(p) for layer in layers for p in layer.parameters()}
-    groups = [list(layer.parameters()) for layer in layers]
-    groups.append([p for p in model.parameters() if id(p) not in inner])
+    tensors = lambda m: [*m.parameters(), *m.buffers()]  # noqa: E731  (quantized codes are buffers)
+    inner = {id(p) for layer in layers for p in tensors(layer)}
+    groups = [tensors(layer) for layer in layers]
+    groups.append([p for p in tensors(model) if id(p) not in inner])
     for params in groups:
         unique = {p.data_ptr(): p.data for p in params if p.device.type == "cpu"}
         if not unique:

@@ -49,7 +49,7 @@ class QLinear(QuantLinear):
         return ("q", self.bits, self.group_size, self.bias is not None)
 
     def run(self, p, x):
-        y = mx.quantized_matmul(x, p[0], p[1], p[2], transpose=True, group_size=self.group_size, bits=self.bits)
+        y = self.matmul(x, p[0], p[1], p[2])
         return y + p[3] if len(p) > 3 else y
 
 
