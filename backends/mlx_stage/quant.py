@@ -33,6 +33,15 @@ class QuantLinear:
         y = self.matmul(x, self.w, self.scales, self.biases)
         return y if self.bias is None else y + self.bias
 
+    def key(self):
+        """What a compiled graph over `run` depends on besides its inputs (`models/llama.py`)."""
+        return ("q", self.bits, self.group_size, self.bias is not None)
+
+    def run(self, p, x):
+        """The layer with its arrays `p` (this layer's `parameters()`) passed in, for a compiled graph."""
+        y = self.matmul(x, p[0], p[1], p[2])
+        return y + p[3] if len(p) > 3 else y
+
     def matmul(self, x, w, scales, biases) -> mx.array:
         if self.max_qmm_rows is not None and x.shape[0] > self.max_qmm_rows:
             return x @ mx.dequantize(w, scales, biases, group_size=self.group_size, bits=self.bits).T

@@ -51,29 +51,39 @@ class QuantLinear(nn.Module):
         self.bits, self.group_size = t.bits, t.group_size
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         s, b = (torch.from_numpy(np.ascontiguousarray(a)) for a in t.float_parts())
-        q = torch.from_numpy(t.unpack())
         self.kind = "codes"
         if int4pack is None:
             int4pack = not _our_kernels()
-        if t.bits == 4 and device.type == "cpu" and not int4pack:
-            q = torch.from_numpy(np.array(t.codes).view(np.uint8))  # two a byte, as MLX packs
-        elif t.bits == 4 and device.type == "cpu":
+        if t.bits == 4 and device.type == "cpu" and int4pack:
             self.kind = "int4-cpu"
-            self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1))
+            q = torch.from_numpy(t.unpack()).to(torch.int32)
+            self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(q, 1))
         elif t.bits == 4 and device.type == "cuda" and dtype == torch.bfloat16:
             try:
+                q = torch.from_numpy(t.unpack())
                 u8 = (q[:, 0::2] << 4 | q[:, 1::2]).to(torch.uint8).to(device)
                 self.register_buffer("packed", torch._convert_weight_to_int4pack(u8, _inner_k_tiles(t.shape[1])))
                 self.kind = "int4-cuda"
             except (RuntimeError, StopIteration):
                 pass
-        if self.kind == "codes":
-            self.register_buffer("codes", q.to(device))
+        if self.kind == "codes":  # 4-bit codes two a byte, as MLX packs them; other widths a byte each
+            q = np.array(t.codes).view(np.uint8) if t.bits == 4 else t.unpack()
+            self.register_buffer("codes", torch.from_numpy(q).to(device))
             self.register_buffer("scales", s.to(device))
             self.register_buffer("biases", b.to(device))
         else:  # (K / group, N, 2): scale and zero per group and output
             sz = torch.stack([s, b + 8 * s], dim=-1).transpose(0, 1).contiguous()
             self.register_buffer("scales_zeros", sz.to(device=device, dtype=dtype))
+
+    @classmethod
+    def sharing(cls, emb: QuantEmbedding) -> QuantLinear:
+        """A linear layer over an embedding's own codes (the tied head): no second copy."""
+        head = cls.__new__(cls)
+        nn.Module.__init__(head)
+        head.out_features, head.in_features = emb.codes.shape[0], emb.in_features
+        head.bits, head.group_size, head.kind, head.bias = emb.bits, emb.group_size, "codes", None
+        head.codes, head.scales, head.biases = emb.codes, emb.scales, emb.biases
+        return head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "int4-cpu":
@@ -117,9 +127,4 @@ class QuantEmbedding(nn.Module):
         return w.view(n, k).to(self.dtype)
 
     def as_linear(self) -> nn.Module:
-        head = QuantLinear.__new__(QuantLinear)
-        nn.Module.__init__(head)
-        head.out_features, head.in_features = self.codes.shape[0], self.in_features
-        head.bits, head.group_size, head.kind, head.bias = self.bits, self.group_size, "codes", None
-        head.codes, head.scales, head.biases = self.codes, self.scales, self.biases
-        return head
+        return QuantLinear.sharing(self)

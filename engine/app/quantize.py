@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 from ..core.errors import UserError
-from ..core.quant import QuantScheme, check_scheme, checkpoint_entries, quantize
+from ..core.quant import QuantScheme, QuantTensor, check_scheme, checkpoint_entries, quantize
 from ..core.weights import all_tensors
 
 _COPIED = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json",
@@ -22,7 +22,6 @@ _COPIED = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", 
 
 def quantize_dir(model_dir: str | Path, out: str | Path, bits: int = 4, group_size: int = 64,
                  progress: bool = True) -> Path:
-    from safetensors.numpy import save_file
     from tqdm import tqdm
 
     check_scheme(bits, group_size)
@@ -40,26 +39,12 @@ def quantize_dir(model_dir: str | Path, out: str | Path, bits: int = 4, group_si
         else:
             tensors[name] = t.to_float32() if t.data.ndim < 2 or t.dtype == "bfloat16" else t.data
     flat, block = checkpoint_entries(tensors)
-    block = block or QuantScheme(bits, group_size).to_config()
-    cfg["quantization"] = cfg["quantization_config"] = block
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(flat, str(tmp / "model.safetensors"), metadata={"format": "mlx"})
-    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-    for name in _COPIED:
-        if (model_dir / name).is_file():
-            shutil.copy(model_dir / name, tmp / name)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+    cfg["quantization"] = cfg["quantization_config"] = block or QuantScheme(bits, group_size).to_config()
+    return _write(flat, cfg, model_dir, out, "mlx")
 
 
 def dequantize_dir(model_dir: str | Path, out: str | Path) -> Path:
     """The float32 checkpoint a quantized directory stands for (what transformers loads)."""
-    from safetensors.numpy import save_file
-
     from ..core.weights import group_quantized
 
     model_dir, out = Path(model_dir), Path(out)
@@ -68,13 +53,26 @@ def dequantize_dir(model_dir: str | Path, out: str | Path) -> Path:
     if scheme is None:
         raise UserError(f"{model_dir} is not quantized")
     tensors = group_quantized(all_tensors(model_dir), scheme, model_dir)
-    flat = {name: t.dequantize() if hasattr(t, "dequantize") else t.to_float32() for name, t in tensors.items()}
+    flat = {name: t.dequantize() if isinstance(t, QuantTensor) else t.to_float32() for name, t in tensors.items()}
     cfg.pop("quantization", None)
     cfg.pop("quantization_config", None)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(flat, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    return _write(flat, cfg, model_dir, out, "pt")
+
+
+def _write(flat: dict, cfg: dict, model_dir: Path, out: Path, fmt: str) -> Path:
+    """model.safetensors, config.json and the source's tokenizer files, written beside `out` and
+    renamed into place."""
+    from safetensors.numpy import save_file
+
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(flat, str(tmp / "model.safetensors"), metadata={"format": fmt})
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
     for name in _COPIED:
         if (model_dir / name).is_file():
-            shutil.copy(model_dir / name, out / name)
+            shutil.copy(model_dir / name, tmp / name)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
     return out

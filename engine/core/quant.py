@@ -192,7 +192,9 @@ def checkpoint_entries(tensors: dict) -> tuple[dict, dict | None]:
     for name, w in tensors.items():
         if isinstance(w, QuantTensor):
             module = name[: -len(".weight")]
-            flat[name], flat[module + ".scales"], flat[module + ".biases"] = w.codes, w.scales.data, w.biases.data
+            # numpy has no bfloat16: such scales are written widened to float32 (exact), never as raw words
+            s, b = (a.to_float32() if a.dtype == "bfloat16" else a.data for a in (w.scales, w.biases))
+            flat[name], flat[module + ".scales"], flat[module + ".biases"] = w.codes, s, b
             specs[module] = (w.bits, w.group_size)
         else:
             flat[name] = w

@@ -42,17 +42,6 @@ class Dense:
         return [self.w] + ([self.bias] if self.bias is not None else [])
 
 
-class QLinear(QuantLinear):
-    """A QuantLinear whose arrays a compiled graph may take as inputs (`run`)."""
-
-    def key(self):
-        return ("q", self.bits, self.group_size, self.bias is not None)
-
-    def run(self, p, x):
-        y = self.matmul(x, p[0], p[1], p[2])
-        return y + p[3] if len(p) > 3 else y
-
-
 class Stacked:
     """Projections that cannot be one matrix (quantized differently): outputs side by side."""
 
@@ -76,7 +65,7 @@ def projection(ws: list, dtype, bias=None, t=in_out):
         return Dense(mx.concatenate(ws) if len(ws) > 1 else ws[0], bias, t)
     fused = concat_rows(ws)
     if fused is not None:
-        return QLinear(fused, dtype, bias)
+        return QuantLinear(fused, dtype, bias)
     return Stacked([projection([w], dtype, None, t) for w in ws], bias)
 
 
@@ -121,6 +110,7 @@ class Block:
         self.gate_up = projection([w.pop(p + "mlp.gate_proj.weight"), w.pop(p + "mlp.up_proj.weight")], dtype, None, t)
         self.down = projection([w.pop(p + "mlp.down_proj.weight")], dtype, None, t)
         self.mlp = compiled_mlp(self.gate_up, self.down, self.eps, mlps)
+        self.mlp_weights = (self.gate_up.parameters(), self.down.parameters())  # the compiled graph's inputs
 
     def parameters(self) -> list[mx.array]:
         return [self.attn_norm, self.mlp_norm] + [
@@ -128,7 +118,7 @@ class Block:
 
     def __call__(self, x, segments, caches):
         x = x + self.attn(mx.fast.rms_norm(x, self.attn_norm, self.eps), segments, caches)
-        return self.mlp(x, self.mlp_norm, self.gate_up.parameters(), self.down.parameters())
+        return self.mlp(x, self.mlp_norm, *self.mlp_weights)
 
 
 def compiled_mlp(gate_up, down, eps: float, cache: dict):
