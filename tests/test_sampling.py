@@ -88,3 +88,27 @@ def test_logsumexp_gives_log_softmax_of_the_chosen_token():
     got, want = top_logprobs(row, 5, logsumexp(row)), top_logprobs(lp, 5)
     assert [i for i, _ in got] == [i for i, _ in want]
     np.testing.assert_allclose([v for _, v in got], [v for _, v in want], atol=1e-6)
+
+
+def test_openai_penalties_bias_and_mask_as_defined():
+    """OpenAI's presence/frequency penalties count the output only (from `output_from`); logit bias
+    adds; the allowed-token mask keeps exactly its bits, whatever the sampling."""
+    from engine.core.sampling import apply_allowed
+
+    history = np.array([5, 9, 9, 3, 3, 3], np.int64)  # prompt [5, 9], output [9, 3, 3, 3]
+    p = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25, output_from=2, logit_bias=((7, 3.0),))
+    want = LOGITS.astype(np.float64).copy()
+    want[9] -= 0.5 + 0.25 * 1
+    want[3] -= 0.5 + 0.25 * 3
+    want[7] += 3.0
+    assert sample_token(LOGITS, p, np.random.default_rng(), history) == int(np.argmax(want))
+    allowed = np.zeros((LOGITS.size + 31) // 32, np.int32)
+    for t in (4, 33 % LOGITS.size):
+        allowed[t // 32] |= np.int32(1 << (t % 32)) if t % 32 < 31 else np.int32(-(2**31))
+    kept = np.isfinite(apply_allowed(LOGITS, allowed))
+    assert sorted(np.nonzero(kept)[0].tolist()) == sorted({4, 33 % LOGITS.size})
+    hot = SamplingParams(temperature=1.5, top_k=3, seed=0)
+    draws = {sample_token(LOGITS, hot, np.random.default_rng(i), history[:0], allowed) for i in range(50)}
+    assert draws <= {4, 33 % LOGITS.size}
+    with pytest.raises(ValueError, match="allows no token"):
+        sample_token(LOGITS, p, np.random.default_rng(), history, np.zeros_like(allowed))

@@ -101,3 +101,27 @@ def test_every_kind_is_covered_here():
     """A kind added to the protocol without a round trip above fails this test."""
     covered = {P.FORWARD, P.RESULT, P.INFO, P.HELLO, P.LOAD, P.RELEASE, P.PING, P.HEALTH, P.OK, P.ERROR}
     assert covered == P.KINDS
+
+
+def test_masks_and_openai_sampling_round_trip(pair):
+    """Structured output's masks ride in a frame of their own, each named by its sequence; the
+    OpenAI penalties and logit bias come back as sent; a mask nobody names, or on a sequence that
+    samples nothing, is refused."""
+    p = SamplingParams(temperature=0.5, presence_penalty=0.5, frequency_penalty=-1.0, logit_bias=((3, 2.5), (9, -100.0)),
+                       output_from=4)
+    mask = np.arange(6, dtype=np.int32) * 7919
+    sent = StageBatch([SeqChunk(1, 0, np.array([1, 2], np.int32), p, mask),
+                       SeqChunk(2, 0, np.array([4], np.int32), SamplingParams()),
+                       SeqChunk(3, 0, np.array([5], np.int32), p, -mask)])
+    header, arrays = through(pair, pack_batch(sent, req=1))
+    got = unpack_batch(header, arrays)
+    assert [s.sampling for s in got.seqs] == [s.sampling for s in sent.seqs]
+    assert [None if s.allowed is None else s.allowed.tolist() for s in got.seqs] == [mask.tolist(), None,
+                                                                                    (-mask).tolist()]
+    assert got.hidden is None
+    with pytest.raises(WireError, match="masks"):
+        unpack_batch({**header, "masks": 1}, arrays)
+    bad = [list(s) for s in header["seqs"]]
+    bad[1][4] = 0  # a second sequence naming the first's mask
+    with pytest.raises(WireError):
+        unpack_batch({**header, "seqs": bad}, arrays)

@@ -1,6 +1,6 @@
 """Protocol constants: every message kind, limit and version lives here, once."""
 
-VERSION = 1
+VERSION = 2  # 2: forward carries allowed-token masks; sampling has OpenAI's penalties and logit bias
 
 # message kinds, client -> stage
 HELLO = "hello"  # identity check; reply: INFO
@@ -23,6 +23,7 @@ MAX_FRAME_BYTES = 1 << 28  # also the socket's ZMQ_MAXMSGSIZE: a larger message 
 MAX_SEQS_PER_CALL = 4096
 MAX_ROUTE = 64  # stages after this one
 MAX_SEQ_ID = (1 << 63) - 1
+MAX_LOGIT_BIAS = 1024  # entries in one request's logit bias
 
 HEARTBEAT_S = 0.4  # the coordinator pings every stage's heartbeat socket this often while serving
 DEAD_AFTER_S = 1.5  # no answer for this long: the stage is lost (killed, stopped, unreachable)

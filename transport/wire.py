@@ -21,7 +21,8 @@ from . import protocol as P
 
 _NP = {**STORAGE, "int32": np.int32}
 _ITEMSIZE = {k: np.dtype(v).itemsize for k, v in _NP.items()}
-_SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "logprobs")
+_SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                    "frequency_penalty", "logit_bias", "seed", "logprobs", "output_from")
 
 
 class WireError(ValueError):
@@ -83,34 +84,60 @@ def _buffer(frame):
 # -- batches and results -------------------------------------------------------------------------
 
 def pack_batch(batch: StageBatch, **fields) -> list:
-    seqs = [[s.seq_id, s.offset, len(s.token_ids),
-             None if s.sampling is None else {f: getattr(s.sampling, f) for f in _SAMPLING_FIELDS}]
-            for s in batch.seqs]
+    """Frames: the token ids, the hidden rows (past the first stage), and the allowed-token masks of
+    the sequences that have one (structured output), one row each; a seq entry names its mask row."""
+    masks = [s.allowed for s in batch.seqs if s.allowed is not None]
+    rows = iter(range(len(masks)))
+    seqs = [[s.seq_id, s.offset, len(s.token_ids), None if s.sampling is None else _pack_sampling(s.sampling),
+             None if s.allowed is None else next(rows)] for s in batch.seqs]
     ids = [s.token_ids for s in batch.seqs]
     tokens = np.asarray(ids[0] if len(ids) == 1 else np.concatenate(ids), np.int32)
     arrays = [("int32", tokens)]
     if batch.hidden is not None:
         arrays.append((batch.hidden.dtype, batch.hidden.data))
-    return pack(P.FORWARD, arrays, seqs=seqs, **fields)
+    if masks:
+        arrays.append(("int32", np.stack(masks).astype(np.int32, copy=False)))
+    return pack(P.FORWARD, arrays, seqs=seqs, masks=len(masks), **fields)
+
+
+def _pack_sampling(p: SamplingParams) -> dict:
+    d = {f: getattr(p, f) for f in _SAMPLING_FIELDS}
+    d["logit_bias"] = [list(x) for x in p.logit_bias]
+    return d
 
 
 def unpack_batch(header: dict, arrays) -> StageBatch:
-    seqs = header.get("seqs")
+    seqs, n_masks = header.get("seqs"), header.get("masks", 0)
     if not isinstance(seqs, list) or not 0 < len(seqs) <= P.MAX_SEQS_PER_CALL:
         raise WireError("forward needs a non-empty list of seqs")
+    if not (_is_int(n_masks) and 0 <= n_masks <= len(seqs)):
+        raise WireError("bad mask count")
+    masks = None
+    if n_masks:
+        if len(arrays) < 2 or arrays[-1][0] != "int32" or arrays[-1][1].ndim != 2 or len(arrays[-1][1]) != n_masks:
+            raise WireError(f"forward names {n_masks} masks but has no (masks, words) int32 frame for them")
+        masks, arrays = arrays[-1][1], arrays[:-1]
     if not 1 <= len(arrays) <= 2 or arrays[0][0] != "int32" or arrays[0][1].ndim != 1:
         raise WireError("forward needs an int32 token frame and at most one hidden frame")
     tokens = arrays[0][1]
-    out, at = [], 0
+    out, at, used = [], 0, set()
     for s in seqs:
-        if not (isinstance(s, list) and len(s) == 4 and all(_is_int(x) for x in s[:3])
-                and 0 <= s[0] <= P.MAX_SEQ_ID and 0 <= s[1] < 2**31 and 0 < s[2] <= len(tokens) - at):
+        if not (isinstance(s, list) and len(s) == 5 and all(_is_int(x) for x in s[:3])
+                and 0 <= s[0] <= P.MAX_SEQ_ID and 0 <= s[1] < 2**31 and 0 < s[2] <= len(tokens) - at
+                and (s[4] is None or (_is_int(s[4]) and 0 <= s[4] < n_masks and s[4] not in used))):
             raise WireError(f"bad seq entry {str(s)[:80]}")
         sampling = None if s[3] is None else _sampling(s[3])
-        out.append(SeqChunk(s[0], s[1], tokens[at : at + s[2]], sampling))
+        allowed = None if s[4] is None else masks[s[4]]
+        if allowed is not None:
+            used.add(s[4])
+            if sampling is None:
+                raise WireError("a mask on a sequence that samples nothing")
+        out.append(SeqChunk(s[0], s[1], tokens[at : at + s[2]], sampling, allowed))
         at += s[2]
     if at != len(tokens):
         raise WireError(f"seqs count {at} tokens, token frame has {len(tokens)}")
+    if len(used) != n_masks:
+        raise WireError(f"{n_masks} masks sent, {len(used)} named")
     hidden = None
     if len(arrays) == 2:
         dtype, data = arrays[1]
@@ -124,8 +151,11 @@ def _sampling(d) -> SamplingParams:
     if not isinstance(d, dict) or set(d) - set(_SAMPLING_FIELDS):
         raise WireError("bad sampling params")
     for k, v in d.items():
-        if k in ("top_k", "logprobs"):
+        if k in ("top_k", "logprobs", "output_from"):
             ok = _is_int(v)
+        elif k == "logit_bias":
+            ok = (isinstance(v, list) and len(v) <= P.MAX_LOGIT_BIAS
+                  and all(isinstance(x, list) and len(x) == 2 and _is_int(x[0]) and _is_number(x[1]) for x in v))
         elif k == "seed":
             ok = v is None or (_is_int(v) and 0 <= v < 2**63)
         else:

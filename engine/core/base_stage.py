@@ -42,7 +42,7 @@ class Layout:
 @dataclass(slots=True)
 class _SeqState:
     length: int = 0  # tokens in the KV cache
-    seen: list[int] = field(default_factory=list)  # token ids, for the repetition penalty
+    seen: list[int] = field(default_factory=list)  # token ids in order, for the penalties
     rng: np.random.Generator | None = None
 
 
@@ -167,8 +167,8 @@ class BaseStage:
             p, st = s.sampling, self._seqs[s.seq_id]
             if st.rng is None:
                 st.rng = np.random.default_rng(p.seed)
-            seen = np.unique(np.asarray(st.seen, dtype=np.int64)) if p.repetition_penalty != 1.0 else _EMPTY
-            tok = sample_token(row, p, st.rng, seen)
+            history = np.asarray(st.seen, dtype=np.int64) if p.uses_history else _EMPTY
+            tok = sample_token(row, p, st.rng, history, s.allowed)
             lse = logsumexp(row)
             top = top_logprobs(row, p.logprobs, lse) if p.logprobs > 1 else []
             out.append(SampledToken(s.seq_id, tok, float(row[tok]) - lse, top))

@@ -28,6 +28,7 @@ class SeqChunk:
     offset: int  # tokens already in this sequence's KV cache == position of the first new token
     token_ids: np.ndarray  # (T,) int32: the new tokens (the last stage keeps them for penalties)
     sampling: SamplingParams | None = None  # None: no token wanted yet (a middle prefill chunk)
+    allowed: np.ndarray | None = None  # structured output: the tokens the next one may be (int32 bitmask words)
 
 
 @dataclass(slots=True)
