@@ -7,3 +7,7 @@ class UserError(Exception):
 
 class StageFailure(RuntimeError):
     """A stage answered a request with an error, or did not answer in time."""
+
+
+class QueueFull(UserError):
+    """The engine's queue is at its limit: retry later (HTTP 429)."""

@@ -14,6 +14,7 @@ the stages' compute. A lost stage starts a recovery (`recovery.py`).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import queue
 import secrets
@@ -25,13 +26,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..core.errors import StageFailure, UserError
+from ..core.errors import QueueFull, StageFailure, UserError
 from ..core.pipeline import BatchOutcome, Pipeline
 from ..core.sampling import SamplingParams
 from ..core.stage import SampledToken, SeqChunk, StageBatch
 from .output import GenerationChunk, Profile, Timing
 from .recovery import RecoveryEvent, recover
 from .scheduler import Scheduler, Sequence as Seq, Slice
+from .structured import Constraint
 from .text import IncrementalDetokenizer, StopMatcher, Tokenizer
 
 RESULT_WAIT_S = 0.05  # the longest wait for results while batches are in flight (lost stages are checked between)
@@ -68,6 +70,7 @@ class Request:
     stops: StopMatcher
     timing: Timing
     ignore_eos: bool = False
+    constraint: Constraint | None = None  # structured output's grammar state
     profile: Profile = field(default_factory=Profile)
 
 
@@ -94,6 +97,7 @@ class Engine:
         self._seqs: dict[int, Seq] = {}
         self._closing = False
         self._lock = threading.Lock()
+        self._adding = 0  # submitted, not yet taken in by the engine thread
         self.error: BaseException | None = None  # what stopped the engine thread, if anything
         self.profile = Profile()  # every batch run, for benchmarks
         self.recoveries: list[RecoveryEvent] = []
@@ -106,20 +110,27 @@ class Engine:
     # -- any thread ----------------------------------------------------------------------------
 
     def submit(self, prompt_ids: Sequence[int], *, max_tokens: int = 128, sampling: SamplingParams | None = None,
-               stop: Sequence[str] = (), ignore_eos: bool = False,
+               stop: Sequence[str] = (), ignore_eos: bool = False, constraint: Constraint | None = None,
                deliver: Callable[[GenerationChunk | BaseException], None]) -> Request:
-        """Queue a request. Bad input raises `UserError` here, at once; later failures are delivered."""
+        """Queue a request. Bad input raises `UserError` here, at once; later failures are delivered.
+        `constraint`: structured output, whose mask goes with every sampling step to the last stage."""
         ids = self._check(prompt_ids, max_tokens, sampling)
         req = Request(next(self._ids), deliver, IncrementalDetokenizer(self.tokenizer), StopMatcher(stop),
-                      Timing(time.perf_counter()), ignore_eos)
-        seq = Seq(req.seq_id, ids, max_tokens, sampling or SamplingParams(),
-                  min(len(ids) + max_tokens, self.context), owner=req)
+                      Timing(time.perf_counter()), ignore_eos, constraint)
+        # the presence and frequency penalties count the output only: it starts past the prompt
+        sampling = dataclasses.replace(sampling or SamplingParams(), output_from=len(ids))
+        seq = Seq(req.seq_id, ids, max_tokens, sampling, min(len(ids) + max_tokens, self.context), owner=req)
         self.scheduler.check(seq)
         with self._lock:
             if self._closing:
                 raise UserError("the engine is closed")
             if self.error is not None:
                 raise StageFailure(f"the serving engine stopped: {self.error!r}")
+            # refused here, at once, when the queue is plainly full (the engine thread has the last word)
+            waiting = len(self.scheduler.waiting) + self._adding
+            if waiting >= self.config.max_queue:
+                raise QueueFull(f"queue full: {waiting} requests waiting (limit {self.config.max_queue}); retry later")
+            self._adding += 1
             self._put(("add", seq))
         return req
 
@@ -160,6 +171,9 @@ class Engine:
                             f"sliding_window of {self.sliding_window}, which hetpipe does not implement yet")
         if sampling is not None and not isinstance(sampling, SamplingParams):
             raise UserError("sampling must be a SamplingParams")
+        for t, _ in sampling.logit_bias if sampling is not None else ():
+            if t >= self.vocab_size:
+                raise UserError(f"logit bias names token {t}; token ids are in 0..{self.vocab_size - 1}")
         return ids
 
     # -- the engine thread ---------------------------------------------------------------------
@@ -205,6 +219,8 @@ class Engine:
         return any(not s.in_flight and s.pending > 0 for s in self.scheduler.running)
 
     def _add(self, seq: Seq) -> None:
+        with self._lock:
+            self._adding -= 1
         try:
             self.scheduler.add(seq)
         except UserError as e:
@@ -234,9 +250,13 @@ class Engine:
         for slices in batches:
             tag = next(self._tags)
             self._flying[tag] = slices
-            self.pipeline.submit(tag, StageBatch([
-                SeqChunk(sl.seq.seq_id, sl.start, np.asarray(sl.seq.tokens(sl.start, sl.n), np.int32),
-                         sl.seq.sampling if sl.sample else None) for sl in slices]))
+            self.pipeline.submit(tag, StageBatch([self._seq_chunk(sl) for sl in slices]))
+
+    def _seq_chunk(self, sl: Slice) -> SeqChunk:
+        constraint = sl.seq.owner.constraint
+        return SeqChunk(sl.seq.seq_id, sl.start, np.asarray(sl.seq.tokens(sl.start, sl.n), np.int32),
+                        sl.seq.sampling if sl.sample else None,
+                        constraint.mask() if sl.sample and constraint is not None else None)
 
     def _postprocess(self, outcomes: list[BatchOutcome]) -> list[tuple[Request, GenerationChunk]]:
         """Tokens into chunks; finished and cancelled sequences out (released on every stage)."""
@@ -258,7 +278,11 @@ class Engine:
                 if seq.cancelled:
                     self._end(seq)
                 elif sl.sample:
-                    chunk = self._chunk(seq, tokens[seq.seq_id], now)
+                    try:
+                        chunk = self._chunk(seq, tokens[seq.seq_id], now)
+                    except RuntimeError as e:  # the grammar refused a token: this request ends, not the engine
+                        self._end(seq, StageFailure(str(e)))
+                        continue
                     if chunk.finish_reason:
                         self._end(seq)  # caches freed before the caller hears it is done
                     chunks.append((seq.owner, chunk))
@@ -314,11 +338,14 @@ class Engine:
         seq.generated.append(tok.token_id)
         req.timing.token(now)
         finish = None
-        if tok.token_id in self.eos_ids and not req.ignore_eos:
+        if req.constraint is not None:
+            req.constraint.consume(tok.token_id)
+        eos = tok.token_id in self.eos_ids and not req.ignore_eos
+        if eos or (req.constraint is not None and req.constraint.done):  # EOS, or the JSON is complete
             finish = "stop"
         elif len(seq.generated) >= seq.max_tokens or seq.length >= self.context:
             finish = "length"
-        piece = "" if finish == "stop" else req.detok.add(tok.token_id)
+        piece = "" if eos else req.detok.add(tok.token_id)
         if finish:
             piece += req.detok.flush()
         text, hit = req.stops.feed(piece, final=finish is not None)

@@ -14,9 +14,10 @@ batching, see `engine.Engine`). Leaving a stream early cancels its request and f
 from __future__ import annotations
 
 import asyncio
+import json
 import queue
 import weakref
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,10 +27,12 @@ from ..core.pipeline import Pipeline
 from ..core.sampling import SamplingParams
 from .engine import Engine, EngineConfig, Request
 from .output import GenerationChunk, Timing, percentiles
+from .structured import Constraint, Grammars
 from .text import Tokenizer
 
-__all__ = ["GenerationChunk", "GenerationResult", "Generator", "Stream", "Timing"]
+__all__ = ["AsyncStream", "GenerationChunk", "GenerationResult", "Generator", "Stream", "Timing"]
 
+GRAMMAR_CACHE = 64  # compiled grammars kept, by schema
 CONSUMER_CHECK_S = 1.0  # a stream waiting for its next token checks this often that the engine lives
 
 
@@ -64,6 +67,8 @@ class Generator:
             self.cfg = ModelConfig.load(model_dir)
             self.tokenizer = Tokenizer(model_dir)
             self.eos_ids = self.tokenizer.eos_ids | set(self.cfg.eos_token_ids)
+            self.grammars = Grammars(self.tokenizer, self.cfg.vocab_size, self.eos_ids)
+            self._grammar_cache: dict[str, str] = {}
             if pipeline is not None:
                 self.engine = Engine(pipeline, self.tokenizer, eos_ids=self.eos_ids,
                                      context=self.cfg.max_position_embeddings, vocab_size=self.cfg.vocab_size,
@@ -95,21 +100,25 @@ class Generator:
         return self.tokenizer.encode(prompt)
 
     def stream(self, prompt, *, chat: bool = False, max_tokens: int = 128, sampling: SamplingParams | None = None,
-               stop: Sequence[str] = (), ignore_eos: bool = False) -> Stream:
+               stop: Sequence[str] = (), ignore_eos: bool = False, json_schema: dict | bool | None = None) -> Stream:
         """Submit now; iterate for one `GenerationChunk` per token, the last with `finish_reason`.
+
+        `json_schema`: structured output, enforced while decoding: True for any JSON object, or a
+        JSON schema the output will follow. The request ends ("stop") when the JSON is complete.
 
         Closing the stream early (`close()`, leaving a for loop over it, or dropping it) cancels
         the request. `Stream.timing` holds its clock readings.
         """
         q: queue.SimpleQueue = queue.SimpleQueue()
-        return Stream(self, self._submit(prompt, chat, max_tokens, sampling, stop, ignore_eos, q.put), q)
+        return Stream(self, self._submit(prompt, chat, max_tokens, sampling, stop, ignore_eos, json_schema, q.put), q)
 
-    async def astream(self, prompt, *, chat: bool = False, max_tokens: int = 128,
-                      sampling: SamplingParams | None = None, stop: Sequence[str] = (),
-                      ignore_eos: bool = False) -> AsyncIterator[GenerationChunk]:
-        """`stream` for asyncio: the engine thread hands chunks to this event loop.
+    def astream(self, prompt, *, chat: bool = False, max_tokens: int = 128,
+                sampling: SamplingParams | None = None, stop: Sequence[str] = (),
+                ignore_eos: bool = False, json_schema: dict | bool | None = None) -> AsyncStream:
+        """`stream` for asyncio, called on the event loop: submitted at once (bad input raises
+        here, before any chunk), then `async for` the chunks the engine thread hands this loop.
 
-        Cancelling the task (or closing the generator) cancels the request.
+        `aclose()` (or cancelling the task iterating it, or dropping it) cancels the request.
         """
         loop = asyncio.get_running_loop()
         aq: asyncio.Queue = asyncio.Queue()
@@ -120,25 +129,8 @@ class Generator:
             except RuntimeError:
                 pass  # the loop has closed: nobody is listening any more
 
-        seq_id = self._submit(prompt, chat, max_tokens, sampling, stop, ignore_eos, deliver).seq_id
-        finished = False
-        try:
-            while True:
-                try:
-                    item = await asyncio.wait_for(aq.get(), CONSUMER_CHECK_S)
-                except asyncio.TimeoutError:
-                    self._check_engine()
-                    continue
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                finished = item.finish_reason is not None
-                yield item
-                if finished:
-                    return
-        finally:
-            if not finished:
-                self.engine.cancel(seq_id)
+        return AsyncStream(self, self._submit(prompt, chat, max_tokens, sampling, stop, ignore_eos, json_schema,
+                                              deliver), aq)
 
     def generate(self, prompt, *, chat: bool = False, **kw) -> GenerationResult:
         """Run `stream()` to the end and collect the result (same arguments)."""
@@ -179,12 +171,26 @@ class Generator:
     def __exit__(self, *exc):
         self.close()
 
-    def _submit(self, prompt, chat, max_tokens, sampling, stop, ignore_eos, deliver) -> Request:
+    def constraint(self, json_schema: dict | bool) -> Constraint:
+        """A fresh grammar state for structured output (the grammar compiled once per schema)."""
+        if json_schema is not True and not isinstance(json_schema, dict):
+            raise UserError("json_schema is True (any JSON object) or a JSON schema (a dict)")
+        key = "" if json_schema is True else json.dumps(json_schema, sort_keys=True)
+        grammar = self._grammar_cache.get(key)
+        if grammar is None:
+            grammar = self.grammars.grammar(None if json_schema is True else json_schema)
+            if len(self._grammar_cache) >= GRAMMAR_CACHE:
+                self._grammar_cache.pop(next(iter(self._grammar_cache)))
+            self._grammar_cache[key] = grammar
+        return self.grammars.constraint(grammar)
+
+    def _submit(self, prompt, chat, max_tokens, sampling, stop, ignore_eos, json_schema, deliver) -> Request:
         if self.engine is None:
             raise UserError("this Generator has no pipeline to generate with")
         ids = self.prompt_ids(prompt, chat)
+        constraint = None if json_schema in (None, False) else self.constraint(json_schema)
         req = self.engine.submit(ids, max_tokens=max_tokens, sampling=sampling, stop=stop, ignore_eos=ignore_eos,
-                                 deliver=deliver)
+                                 constraint=constraint, deliver=deliver)
         self.last_timing = req.timing
         return req
 
@@ -255,6 +261,42 @@ class Stream:
         return self
 
     def __exit__(self, *exc):
+        self.close()
+
+
+class AsyncStream(Stream):
+    """`Stream` for asyncio: `async for` its chunks. Cancelled like a `Stream` when closed early,
+    also when the task iterating it is cancelled (the chunk it was waiting for never comes)."""
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> GenerationChunk:
+        if self._finished:
+            raise StopAsyncIteration
+        while True:
+            try:
+                item = await asyncio.wait_for(self._q.get(), CONSUMER_CHECK_S)
+                break
+            except asyncio.TimeoutError:
+                self._check_engine()
+            except BaseException:  # cancelled while waiting: nobody will read the rest
+                self.close()
+                raise
+        if isinstance(item, BaseException):
+            self._finished = True
+            raise item
+        self._finished = item.finish_reason is not None
+        return item
+
+    def _check_engine(self) -> None:
+        try:
+            self.gen._check_engine()
+        except BaseException:
+            self._finished = True
+            raise
+
+    async def aclose(self) -> None:
         self.close()
 
 

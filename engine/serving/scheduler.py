@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from ..core.errors import UserError
+from ..core.errors import QueueFull, UserError
 from ..core.sampling import SamplingParams
 
 
@@ -84,7 +84,7 @@ class Scheduler:
         self.check(seq)
         self.admit()  # the queue holds only what cannot run now
         if len(self.waiting) >= self.max_queue:
-            raise UserError(f"queue full: {len(self.waiting)} requests waiting (limit {self.max_queue}); retry later")
+            raise QueueFull(f"queue full: {len(self.waiting)} requests waiting (limit {self.max_queue}); retry later")
         self.waiting.append(seq)
         self.admit()
 

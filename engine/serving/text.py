@@ -48,6 +48,14 @@ class Tokenizer:
             ids = [self.bos_id] + ids
         return ids
 
+    def to_json(self) -> str:
+        """The tokenizer as `tokenizer.json` holds it (llguidance builds its vocabulary from it)."""
+        return self._tok.to_str()
+
+    def token_text(self, token_id: int) -> str:
+        """One token's text as OpenAI's logprobs show it (special tokens included)."""
+        return self._tok.decode([token_id], skip_special_tokens=False)
+
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
