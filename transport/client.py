@@ -231,15 +231,16 @@ class RemoteStage:
         pass  # the daemon keeps running; the client owns the sockets
 
 
-def health_reports(addresses: Sequence[str], auth: Auth | None = None,
-                   timeout_s: float = 5.0) -> list[StageReport | StageError]:
-    """Each stage's report after a real one-token forward through its layers, or why it gave none."""
+def health_reports(addresses: Sequence[str], auth: Auth | None = None, timeout_s: float = 5.0,
+                   kind: str = P.HEALTH) -> list[StageReport | StageError]:
+    """Each stage's report after a real one-token forward through its layers (`kind` PING: without
+    one), or why it gave none. On sockets of its own: safe beside a pipeline serving on another thread."""
     client = Client(timeout_s, auth)
     out: list[StageReport | StageError] = []
     try:
         for address in addresses:
             try:
-                out.append(unpack_report(client.call(address, P.HEALTH, timeout_s=timeout_s).get("info")))
+                out.append(unpack_report(client.call(address, kind, timeout_s=timeout_s).get("info")))
             except StageError as e:
                 out.append(e)
             except WireError as e:

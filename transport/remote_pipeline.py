@@ -18,9 +18,12 @@ from engine.core.pipeline import BatchOutcome, BatchTiming
 from engine.core.stage import StageBatch
 
 from . import protocol as P
-from .client import RemoteStage, StageError, raise_if_error
+from .client import RemoteStage, StageError, health_reports, raise_if_error
 from .heartbeat import Heartbeat
 from .wire import pack, pack_batch, unpack_result
+
+
+STATUS_TIMEOUT_S = 2.0  # a stage that does not answer a status ping this fast is reported lost
 
 
 class RemotePipeline:
@@ -86,6 +89,20 @@ class RemotePipeline:
 
     def describe(self) -> list[dict]:
         return [{**s.info.describe(), "address": s.address} for s in self.stages]
+
+    def status(self) -> list[dict]:
+        """Each stage as it answers a ping now, on sockets of its own (any thread may ask)."""
+        reports = health_reports([s.address for s in self.stages], self.client.auth, STATUS_TIMEOUT_S, P.PING)
+        out = []
+        for s, r in zip(self.stages, reports):
+            entry = {**s.info.describe(), "address": s.address}
+            if isinstance(r, Exception):
+                out.append({**entry, "state": "lost", "error": str(r)})
+            else:
+                held = r.layers == (s.info.first, s.info.last)
+                out.append({**entry, "state": "ok" if held else "lost", "live_sequences": len(r.live_sequences),
+                            "kv_tokens_used": r.kv_tokens_used, "kv_tokens": r.kv_tokens})
+        return out
 
     def lost(self) -> list[int]:
         """Indices of stages whose heartbeat went silent."""

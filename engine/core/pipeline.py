@@ -70,6 +70,11 @@ class Pipeline(Protocol):
         """One `stages` entry per stage, for results and reports."""
         ...
 
+    def status(self) -> list[dict]:
+        """Each stage now, from any thread: its `describe()` entry with `state` ("ok" or "lost"),
+        `live_sequences` (a count) and `kv_tokens_used`. May block briefly (a ping, or a batch running)."""
+        ...
+
     def lost(self) -> list[int]:
         """Indices of stages found gone (silent heartbeats); none for in-process stages."""
         ...

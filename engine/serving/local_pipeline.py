@@ -94,6 +94,13 @@ class LocalPipeline:
     def describe(self) -> list[dict]:
         return [s.info.describe() for s in self.stages]
 
+    def status(self) -> list[dict]:
+        """Each stage now, read on the compute thread between batches."""
+        def read(stages):
+            return [{**s.info.describe(), "state": "ok", "live_sequences": len(s.live_sequences()),
+                     "kv_tokens_used": s.kv_tokens_used()} for s in stages]
+        return self.call(read)
+
     # in-process stages are never lost
     def lost(self) -> list[int]:
         return []
