@@ -6,12 +6,15 @@ cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
 
 # Linux system libraries: OpenBLAS (MLX's CPU matmuls), tcmalloc (the allocator `hetpipe` runs on)
-# and a C++ compiler (the torch stage builds its AVX512-BF16 kernels with it on first use)
+# a C++ compiler (the torch stage builds its CPU kernels with it on first use), and chromium with
+# its driver (the web page's test runs in it; nothing downloads a browser of its own)
 if [ "$(uname -s)" = Linux ]; then
     missing=()
     ldconfig -p 2>/dev/null | grep -q libopenblas || missing+=(libopenblas0-pthread)
     ldconfig -p 2>/dev/null | grep -q libtcmalloc || missing+=(libtcmalloc-minimal4)
     command -v c++ >/dev/null || missing+=(g++)
+    command -v chromium >/dev/null || missing+=(chromium)
+    command -v chromedriver >/dev/null || missing+=(chromium-driver)
     if [ ${#missing[@]} -gt 0 ]; then
         if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
             export DEBIAN_FRONTEND=noninteractive

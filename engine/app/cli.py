@@ -69,6 +69,21 @@ def _add_generate(sub) -> None:
     _add_sampling(gen)
 
 
+def _add_serve(sub) -> None:
+    sv = sub.add_parser("serve", help="serve the OpenAI HTTP API (and a web page) over a pipeline")
+    _add_pipeline(sv, required=True)
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    sv.add_argument("--port", type=int, default=8000, help="port (0: any free port; the line printed says which)")
+    key = sv.add_mutually_exclusive_group()
+    key.add_argument("--api-key", default=None, help="clients must send `Authorization: Bearer KEY`")
+    key.add_argument("--api-key-file", default=None, metavar="F", help="the API key, read from a file")
+    sv.add_argument("--served-model-name", default=None, metavar="NAME",
+                    help="the model id clients ask for (default: the model directory's name)")
+    sv.add_argument("--cors-origin", action="append", default=[], metavar="O",
+                    help="an origin whose pages may call the API (repeatable)")
+    sv.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without an API key")
+
+
 def _add_stage(sub) -> None:
     st = sub.add_parser("stage", help="serve a stage daemon over ZeroMQ")
     st.add_argument("--backend", required=True, help="mlx or torch")
@@ -97,7 +112,9 @@ def _add_bench(sub) -> None:
                        "torch+torch vs mlx+torch. The last two write JSON, Markdown and PNG under --out.")
     suites = b.add_subparsers(dest="suite", required=True, parser_class=_Parser)
     s = suites.add_parser("serving", help="throughput and latency with concurrent clients (the default)")
-    _add_pipeline(s, required=True)
+    _add_pipeline(s, required=False)
+    s.add_argument("--url", default=None, help="load a running `hetpipe serve` at URL instead (same keys)")
+    s.add_argument("--api-key", default=None, help="with --url: the server's API key")
     s.add_argument("--concurrency", type=int, default=1, help="clients, each keeping one request going")
     s.add_argument("--requests", type=int, default=None, help="requests in all (default: 4 per client)")
     s.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request (EOS ignored)")
@@ -141,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--group-size", type=int, default=64, choices=(32, 64, 128))
     _add_generate(sub)
     _add_stage(sub)
+    _add_serve(sub)
     _add_bench(sub)
     h = sub.add_parser("health", help="check each stage daemon with a real one-token forward")
     h.add_argument("--stages", required=True, metavar="ADDR,...")
@@ -255,6 +273,22 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from pathlib import Path
+
+    from .server.run import check_exposure, read_api_key, serve
+
+    if not 0 <= args.port < 65536:
+        raise UserError("--port must be in 0..65535")
+    api_key = read_api_key(args.api_key, args.api_key_file)
+    check_exposure(args.host, api_key, args.insecure)
+    name = args.served_model_name or Path(_model_dir(args.model)).resolve().name
+    with _generator(args) as gen:
+        serve(gen, host=args.host, port=args.port, model_name=name, api_key=api_key,
+              cors_origins=tuple(args.cors_origin))
+    return 0
+
+
 def cmd_stage(args) -> int:
     import signal
 
@@ -290,6 +324,16 @@ def cmd_bench(args) -> int:
         from .bench.serving import KEYS, format_serving, run_serving
 
         _at_least_1(args, "concurrency", "requests", "max_tokens", "prompt_len")
+        if (args.url is not None) + (args.local is not None) + (args.stages is not None) != 1:
+            raise UserError("bench serving: give one of --url, --local or --stages")
+        if args.url is not None:
+            from .bench.http import format_http, run_http
+
+            r = run_http(args.url, model_dir, api_key=args.api_key, concurrency=args.concurrency,
+                         requests=args.requests or 4 * args.concurrency, max_tokens=args.max_tokens,
+                         prompt_len=args.prompt_len)
+            print(json.dumps(r) if args.json else format_http(r))
+            return 0
         with _generator(args) as gen:
             r = run_serving(gen, concurrency=args.concurrency, requests=args.requests or 4 * args.concurrency,
                             max_tokens=args.max_tokens, prompt_len=args.prompt_len)
@@ -376,7 +420,7 @@ def cmd_demo(args) -> int:
 
 
 COMMANDS = {"fetch": cmd_fetch, "import-gguf": cmd_import_gguf, "quantize": cmd_quantize, "generate": cmd_generate,
-            "stage": cmd_stage, "bench": cmd_bench, "health": cmd_health, "keys": cmd_keys, "demo": cmd_demo}
+            "stage": cmd_stage, "serve": cmd_serve, "bench": cmd_bench, "health": cmd_health, "keys": cmd_keys, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,266 @@
+"""The ASGI app of `hetpipe serve` (Starlette): OpenAI's endpoints, `/health`, `/metrics`, the page.
+
+Every error a client can cause or meet is answered in OpenAI's shape,
+`{"error": {"message", "type", "param", "code"}}`, with its status (400 bad values or a prompt past
+the context, 401 bad key, 404 unknown model or path, 429 queue full, 503 a stage lost beyond
+recovery); anything else is a 500 with one line, its traceback logged here, never sent. A client
+that disconnects, streaming or not, has its requests cancelled on every stage at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import os
+import sys
+import time
+import traceback
+from importlib import resources
+
+from pydantic import ValidationError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from ...core.errors import QueueFull, StageFailure, UserError
+from ...serving.generator import Generator
+from . import completions as C
+from .events import EventStream, until_disconnect
+from .metrics import Metrics, stage_name
+from .schemas import ChatRequest, CompletionRequest
+from .status import StageStatus
+
+# an SSE comment this often while a stream waits (a long prefill); the environment may shorten it
+KEEPALIVE_S = float(os.environ.get("HETPIPE_SSE_KEEPALIVE_S", "2.0"))
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    kind = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+            429: "rate_limit_error", 503: "service_unavailable"}.get(status, "server_error")
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
+
+
+def error_of(e: BaseException) -> tuple[int, str, str | None, str | None]:
+    """(status, message, param, code) for an exception met while serving a request."""
+    if isinstance(e, C.ParamError):
+        return 400, str(e), e.param, e.code
+    if isinstance(e, QueueFull):
+        return 429, str(e), None, "queue_full"
+    if isinstance(e, UserError):
+        return 400, str(e), None, None
+    if isinstance(e, StageFailure):
+        return 503, f"the pipeline cannot serve this request: {e}", None, "stage_unavailable"
+    print(f"hetpipe serve: internal error: {e!r}\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+    return 500, f"internal error: {type(e).__name__}", None, None
+
+
+def validation_message(e: ValidationError) -> tuple[str, str | None]:
+    """pydantic's first error as one line, and the parameter it names."""
+    err = e.errors()[0]
+    loc = [str(x) for x in err["loc"] if not str(x).startswith(("function-", "list[", "str", "int", "Annotated"))]
+    param = ".".join(loc) or None
+    if err["type"] == "extra_forbidden":
+        return f"unsupported field {param!r}: hetpipe does not implement it", param
+    if err["type"] == "missing":
+        return f"missing field {param!r}", param
+    return f"{param}: {err['msg']}" if param else err["msg"], param
+
+
+def create_app(gen: Generator, *, model_name: str, api_key: str | None = None,
+               cors_origins: tuple[str, ...] = ()) -> Starlette:
+    status = StageStatus(gen)
+    metrics = Metrics(gen, status.cached)
+
+    def authorized(request: Request) -> bool:
+        if api_key is None:
+            return True
+        got = request.headers.get("authorization", "")
+        scheme, _, token = got.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())
+
+    async def generate(request: Request, kind: str) -> Response:
+        if not authorized(request):
+            metrics.requests.labels("401").inc()
+            return error_body(401, "invalid API key (send it as `Authorization: Bearer KEY`)", None,
+                              "invalid_api_key")
+        try:
+            body = json.loads(await request.body() or b"null")
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            metrics.requests.labels("400").inc()
+            return error_body(400, f"the request body is not JSON: {e}")
+        if not isinstance(body, dict):
+            metrics.requests.labels("400").inc()
+            return error_body(400, "the request body must be a JSON object")
+        try:
+            req = (ChatRequest if kind == "chat" else CompletionRequest).model_validate(body)
+        except ValidationError as e:
+            metrics.requests.labels("400").inc()
+            return error_body(400, *validation_message(e))
+        if req.model != model_name:
+            metrics.requests.labels("404").inc()
+            return error_body(404, f"the model {req.model!r} does not exist; this server serves {model_name!r}",
+                              "model", "model_not_found")
+        try:
+            plan = (C.plan_chat if kind == "chat" else C.plan_completion)(req, gen, model_name)
+            streams = C.start(plan, gen)
+        except Exception as e:
+            code, message, param, ecode = error_of(e)
+            metrics.requests.labels(str(code)).inc()
+            return error_body(code, message, param, ecode)
+        metrics.prompt_tokens.inc(plan.prompt_tokens)
+        if plan.stream:
+            return EventStream(_events(plan, streams), on_end=lambda code: _finished(plan, streams, code))
+        try:
+            await until_disconnect(request.receive, _collect(plan, streams))
+        except asyncio.CancelledError:
+            _finished(plan, streams, 499)  # the client went away: cancelled (nginx's "client closed request")
+            return Response(status_code=499)
+        except Exception as e:
+            code, message, param, ecode = error_of(e)
+            _finished(plan, streams, code)
+            return error_body(code, message, param, ecode)
+        _finished(plan, streams, 200)
+        return JSONResponse(C.response_body(plan, gen))
+
+    async def _collect(plan: C.Plan, streams) -> None:
+        async for _ in C.merged(plan, streams):
+            metrics.token(None)
+
+    async def _events(plan: C.Plan, streams):
+        """The SSE frames of one streamed request, keep-alive comments between."""
+        for c in plan.choices:  # chat: the role first; completions: the echoed prompt, if any
+            if plan.kind == "chat" or c.echo:
+                yield _sse(C.chunk_body(plan, c, role=True))
+        q: asyncio.Queue = asyncio.Queue()
+        end = object()
+
+        async def pump():
+            try:
+                async for item in C.merged(plan, streams):
+                    await q.put(item)
+                await q.put(end)
+            except BaseException as e:
+                await q.put(e)
+
+        task = asyncio.ensure_future(pump())
+        try:
+            while True:
+                try:
+                    item = await asyncio.wait_for(q.get(), KEEPALIVE_S)
+                except asyncio.TimeoutError:
+                    yield ": keep-alive\n\n"
+                    continue
+                if item is end:
+                    break
+                if isinstance(item, BaseException):
+                    code, message, param, ecode = error_of(item)
+                    yield _sse(json.loads(error_body(code, message, param, ecode).body))
+                    yield "data: [DONE]\n\n"
+                    raise _StreamFailed(code)
+                choice, chunk = item
+                metrics.token(None)
+                lp = C.logprobs_body(plan, gen, [chunk], offset=len(choice.text) - len(chunk.text))
+                if chunk.text or lp is not None:
+                    yield _sse(C.chunk_body(plan, choice, text=chunk.text, logprobs=lp))
+                if chunk.finish_reason:
+                    yield _sse(C.chunk_body(plan, choice, finish=chunk.finish_reason))
+            if plan.include_usage:
+                yield _sse(C.usage_body(plan))
+            yield "data: [DONE]\n\n"
+        finally:
+            task.cancel()
+
+    def _finished(plan: C.Plan, streams, code: int) -> None:
+        for s in streams:
+            s.close()
+            if s.timing.first is not None:
+                metrics.ttft.observe(s.timing.ttft_ms / 1000)
+            for g in s.timing.gaps:
+                metrics.itl.observe(g)
+        metrics.requests.labels(str(code)).inc()
+
+    async def chat(request: Request) -> Response:
+        return await generate(request, "chat")
+
+    async def completion(request: Request) -> Response:
+        return await generate(request, "completion")
+
+    def model_entry() -> dict:
+        return {"id": model_name, "object": "model", "created": started, "owned_by": "hetpipe"}
+
+    async def models(request: Request) -> Response:
+        if not authorized(request):
+            return error_body(401, "invalid API key", None, "invalid_api_key")
+        return JSONResponse({"object": "list", "data": [model_entry()]})
+
+    async def model(request: Request) -> Response:
+        if not authorized(request):
+            return error_body(401, "invalid API key", None, "invalid_api_key")
+        if request.path_params["name"] != model_name:
+            return error_body(404, f"the model {request.path_params['name']!r} does not exist", "model",
+                              "model_not_found")
+        return JSONResponse(model_entry())
+
+    async def health(request: Request) -> Response:
+        stages = await asyncio.to_thread(status.refresh)
+        engine_error = gen.engine.error
+        ok = engine_error is None and all(s["state"] == "ok" for s in stages)
+        body = {"status": "ok" if ok else "unavailable", "model": model_name,
+                "stages": [{"stage": stage_name(s), **s} for s in stages],
+                "queue_depth": len(gen.engine.scheduler.waiting), "running": len(gen.engine.scheduler.running),
+                "tokens_per_s": metrics.tokens_per_s()}
+        if engine_error is not None:
+            body["error"] = f"the serving engine stopped: {engine_error!r}"
+        return JSONResponse(body, 200 if ok else 503)
+
+    async def metrics_page(request: Request) -> Response:
+        if not authorized(request):
+            return error_body(401, "invalid API key", None, "invalid_api_key")
+        await asyncio.to_thread(status.refresh)
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def page(request: Request) -> Response:
+        return HTMLResponse(PAGE)
+
+    async def not_found(request: Request, exc: HTTPException) -> Response:
+        if exc.status_code == 404:
+            return error_body(404, f"no such endpoint: {request.method} {request.url.path}", None, "not_found")
+        return error_body(exc.status_code, str(exc.detail))
+
+    async def crashed(request: Request, exc: Exception) -> Response:
+        code, message, param, ecode = error_of(exc)
+        return error_body(code, message, param, ecode)
+
+    started = int(time.time())
+    middleware = [Middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                             allow_headers=["authorization", "content-type"])] if cors_origins else []
+    routes = [Route("/v1/chat/completions", chat, methods=["POST"]),
+              Route("/v1/completions", completion, methods=["POST"]),
+              Route("/v1/models", models, methods=["GET"]),
+              Route("/v1/models/{name:path}", model, methods=["GET"]),
+              Route("/health", health, methods=["GET"]),
+              Route("/metrics", metrics_page, methods=["GET"]),
+              Route("/", page, methods=["GET"])]
+    app = Starlette(routes=routes, middleware=middleware,
+                    exception_handlers={HTTPException: not_found, Exception: crashed})
+    app.state.metrics, app.state.status = metrics, status
+    return app
+
+
+class _StreamFailed(Exception):
+    """A stream ended with an error event; its status code, for the metrics."""
+
+    def __init__(self, code: int):
+        self.code = code
+
+
+def _sse(body: dict) -> str:
+    return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
+
+
+PAGE = resources.files(__package__).joinpath("page.html").read_text(encoding="utf-8")

@@ -1,0 +1,281 @@
+"""OpenAI's two generation endpoints over a `Generator`: a request becomes choices (one engine
+request each), and the choices' chunks become OpenAI's response bodies and stream chunks.
+
+`n` choices of one prompt share it (prompt tokens counted once); a seeded request gives choice i
+the seed `seed + i`, so each choice differs and every run repeats.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from ...core.errors import UserError
+from ...core.sampling import SamplingParams
+from ...serving.generator import Generator
+from ...serving.output import GenerationChunk
+from .schemas import ChatRequest, CompletionRequest, ResponseFormat
+
+
+@dataclass(slots=True)
+class Choice:
+    """One engine request: a prompt, how to sample it, and what came of it."""
+
+    index: int
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    max_tokens: int
+    echo: str = ""  # /v1/completions with echo: the prompt's text, put before the output
+    chunks: list[GenerationChunk] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return self.echo + "".join(c.text for c in self.chunks)
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.chunks[-1].finish_reason if self.chunks else None
+
+
+@dataclass(slots=True)
+class Plan:
+    """A request, checked and tokenized: its choices and what they share."""
+
+    kind: str  # "chat" or "completion"
+    model: str
+    choices: list[Choice]
+    prompt_tokens: int
+    stop: list[str]
+    ignore_eos: bool
+    json_schema: dict | bool | None
+    top_logprobs: int | None  # None: no logprobs; else how many alternatives per token
+    stream: bool
+    include_usage: bool
+    id: str = field(default_factory=lambda: secrets.token_hex(12))
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def object(self) -> str:
+        return "chat.completion" if self.kind == "chat" else "text_completion"
+
+
+def plan_chat(req: ChatRequest, gen: Generator, model: str) -> Plan:
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+    ids = gen.tokenizer.apply_chat_template(messages)
+    if req.max_tokens is not None and req.max_completion_tokens is not None and \
+            req.max_tokens != req.max_completion_tokens:
+        raise ParamError("max_tokens and max_completion_tokens disagree; give one", "max_completion_tokens")
+    max_tokens = req.max_completion_tokens or req.max_tokens
+    if req.top_logprobs is not None and not req.logprobs:
+        raise ParamError("top_logprobs needs logprobs: true", "top_logprobs")
+    top = (req.top_logprobs or 0) if req.logprobs else None
+    return _plan("chat", req, gen, model, [(ids, "")], max_tokens, top, req.response_format)
+
+
+def plan_completion(req: CompletionRequest, gen: Generator, model: str) -> Plan:
+    p = req.prompt
+    if isinstance(p, str):
+        prompts = [p]
+    elif not p:
+        raise ParamError("prompt is empty", "prompt")
+    elif isinstance(p[0], int):
+        prompts = [p]
+    else:
+        prompts = list(p)
+    if req.echo and req.logprobs is not None:
+        raise ParamError("echo with logprobs is not supported (hetpipe returns no prompt log-probabilities)", "echo")
+    entries = []
+    for item in prompts:
+        if isinstance(item, str):
+            ids = gen.tokenizer.encode(item)
+            text = item
+        else:
+            ids = list(item)
+            if any(not 0 <= i < gen.cfg.vocab_size for i in ids):
+                raise ParamError(f"prompt token ids must be in 0..{gen.cfg.vocab_size - 1}", "prompt")
+            text = gen.tokenizer.decode(ids)
+        if not ids:
+            raise ParamError("prompt is empty", "prompt")
+        entries.append((ids, text if req.echo else ""))
+    return _plan("completion", req, gen, model, entries, req.max_tokens, req.logprobs, req.response_format)
+
+
+def _plan(kind, req, gen: Generator, model: str, prompts: list[tuple[list[int], str]], max_tokens: int | None,
+          top: int | None, fmt: ResponseFormat | None) -> Plan:
+    context = gen.cfg.max_position_embeddings
+    room = min(context, gen.pipeline.kv_tokens())  # what one request may hold: the default max_tokens fills it
+    for ids, _ in prompts:
+        asked = len(ids) + (max_tokens or 1)
+        if asked > context:
+            what = f"{len(ids)} in the prompt" + (f", {max_tokens} in the completion" if max_tokens else "")
+            raise ParamError(f"this model's maximum context length is {context} tokens; the request asks for "
+                             f"{asked} ({what})", "messages" if kind == "chat" else "prompt",
+                             code="context_length_exceeded")
+    bias = []
+    for key, value in (req.logit_bias or {}).items():
+        if not key.lstrip("-").isdigit():
+            raise ParamError(f"logit_bias keys are token ids, not {key!r}", "logit_bias")
+        bias.append((int(key), value))
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if any(not s for s in stop):
+        raise ParamError("stop strings must not be empty", "stop")
+    choices = []
+    for p_index, (ids, echo) in enumerate(prompts):
+        for j in range(req.n):
+            i = p_index * req.n + j
+            try:
+                sampling = SamplingParams(
+                    temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, min_p=req.min_p,
+                    repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
+                    frequency_penalty=req.frequency_penalty, logit_bias=tuple(bias),
+                    seed=None if req.seed is None else req.seed + j,
+                    # 1 means "the chosen token only" to the stages: ask one more, keep what was asked
+                    logprobs=max(top or 0, 2) if top else 1)
+            except UserError as e:
+                raise ParamError(str(e), None) from None
+            choices.append(Choice(i, ids, sampling, max_tokens or max(room - len(ids), 1), echo))
+    return Plan(kind, model, choices, sum(len(ids) for ids, _ in prompts), stop, req.ignore_eos,
+                _json_schema(fmt), top, req.stream, bool(req.stream_options and req.stream_options.include_usage))
+
+
+def _json_schema(fmt: ResponseFormat | None) -> dict | bool | None:
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return True
+    if fmt.json_schema is None:
+        raise ParamError("response_format json_schema needs its json_schema", "response_format")
+    return fmt.json_schema.schema_
+
+
+class ParamError(UserError):
+    """A 400 naming the parameter at fault."""
+
+    def __init__(self, message: str, param: str | None, code: str | None = None):
+        super().__init__(message)
+        self.param, self.code = param, code
+
+
+# -- running ------------------------------------------------------------------------------------
+
+def start(plan: Plan, gen: Generator) -> list:
+    """Submit every choice now (bad input and a full queue raise here, before any response)."""
+    streams = []
+    try:
+        for c in plan.choices:
+            streams.append(gen.astream(c.prompt_ids, max_tokens=c.max_tokens, sampling=c.sampling, stop=plan.stop,
+                                       ignore_eos=plan.ignore_eos, json_schema=plan.json_schema))
+    except BaseException:
+        for s in streams:
+            s.close()
+        raise
+    return streams
+
+
+async def merged(plan: Plan, streams: list) -> AsyncIterator[tuple[Choice, GenerationChunk]]:
+    """Every choice's chunks as they come, as (choice, chunk); each choice also keeps its own."""
+    q: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(choice: Choice, stream):
+        try:
+            async for chunk in stream:
+                await q.put((choice, chunk))
+            await q.put((choice, done))
+        except BaseException as e:
+            await q.put((choice, e))
+
+    tasks = [asyncio.ensure_future(pump(c, s)) for c, s in zip(plan.choices, streams)]
+    try:
+        left = len(tasks)
+        while left:
+            choice, item = await q.get()
+            if item is done:
+                left -= 1
+                continue
+            if isinstance(item, BaseException):
+                raise item
+            choice.chunks.append(item)
+            yield choice, item
+    finally:
+        for t, s in zip(tasks, streams):
+            t.cancel()
+            s.close()  # a choice not finished is cancelled on every stage
+
+
+def usage(plan: Plan) -> dict:
+    completion = sum(len(c.chunks) for c in plan.choices)
+    return {"prompt_tokens": plan.prompt_tokens, "completion_tokens": completion,
+            "total_tokens": plan.prompt_tokens + completion}
+
+
+# -- bodies -------------------------------------------------------------------------------------
+
+def response_body(plan: Plan, gen: Generator) -> dict:
+    choices = []
+    for c in plan.choices:
+        lp = logprobs_body(plan, gen, c.chunks)
+        if plan.kind == "chat":
+            choices.append({"index": c.index, "message": {"role": "assistant", "content": c.text},
+                            "logprobs": lp, "finish_reason": c.finish_reason})
+        else:
+            choices.append({"index": c.index, "text": c.text, "logprobs": lp, "finish_reason": c.finish_reason})
+    return {"id": _id(plan), "object": plan.object, "created": plan.created, "model": plan.model,
+            "choices": choices, "usage": usage(plan)}
+
+
+def chunk_body(plan: Plan, choice: Choice, *, role: bool = False, text: str = "", logprobs: dict | None = None,
+               finish: str | None = None) -> dict:
+    """One stream chunk for one choice: the role first (chat; with echo, the prompt's text), then
+    each token's text, then a chunk of its own with the finish reason."""
+    if plan.kind == "chat":
+        delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+        entry = {"index": choice.index, "delta": delta}
+    else:
+        entry = {"index": choice.index, "text": choice.echo if role else text}
+    entry["logprobs"] = logprobs
+    entry["finish_reason"] = finish
+    body = {"id": _id(plan), "object": _chunk_object(plan), "created": plan.created, "model": plan.model,
+            "choices": [entry]}
+    if plan.include_usage:
+        body["usage"] = None
+    return body
+
+
+def _chunk_object(plan: Plan) -> str:
+    return "chat.completion.chunk" if plan.kind == "chat" else "text_completion"
+
+
+def usage_body(plan: Plan) -> dict:
+    return {"id": _id(plan), "object": _chunk_object(plan), "created": plan.created, "model": plan.model,
+            "choices": [], "usage": usage(plan)}
+
+
+def logprobs_body(plan: Plan, gen: Generator, chunks: list[GenerationChunk], offset: int = 0) -> dict | None:
+    if plan.top_logprobs is None:
+        return None
+    tok = gen.tokenizer
+    k = plan.top_logprobs
+    if plan.kind == "chat":
+        return {"content": [_token_entry(tok, c.token_id, c.logprob)
+                            | {"top_logprobs": [_token_entry(tok, i, lp) for i, lp in c.top[:k]]} for c in chunks]}
+    tokens = [tok.token_text(c.token_id) for c in chunks]
+    offsets, at = [], offset
+    for c in chunks:
+        offsets.append(at)
+        at += len(c.text)
+    return {"tokens": tokens, "token_logprobs": [c.logprob for c in chunks],
+            "top_logprobs": [{tok.token_text(i): lp for i, lp in c.top[:k]} if k else None for c in chunks],
+            "text_offset": offsets}
+
+
+def _token_entry(tok, token_id: int, logprob: float) -> dict:
+    text = tok.token_text(token_id)
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+
+def _id(plan: Plan) -> str:
+    return ("chatcmpl-" if plan.kind == "chat" else "cmpl-") + plan.id

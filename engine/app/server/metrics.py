@@ -1,0 +1,98 @@
+"""`/metrics`: Prometheus metrics of one server, in a registry of its own (prometheus-client).
+
+Counted as requests end: requests by status, prompt and generated tokens, time to first token and
+inter-token latency. Read when scraped: queue depth, running requests, compute per stage and the
+stages' KV use.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from ...serving.generator import Generator
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+RECENT_S = 10.0  # the window of "recent tokens/s"
+
+
+class Metrics:
+    def __init__(self, gen: Generator, stage_status):
+        self.gen = gen
+        self.stage_status = stage_status  # () -> the pipeline's status entries (cached by the caller)
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("hetpipe_requests", "HTTP generation requests by status code", ["status"], registry=r)
+        self.prompt_tokens = Counter("hetpipe_prompt_tokens", "prompt tokens of requests run", registry=r)
+        self.generated_tokens = Counter("hetpipe_generated_tokens", "tokens generated", registry=r)
+        self.ttft = Histogram("hetpipe_time_to_first_token_seconds", "time to first token", registry=r,
+                              buckets=LATENCY_BUCKETS)
+        self.itl = Histogram("hetpipe_inter_token_latency_seconds", "time between consecutive tokens of a stream",
+                             registry=r, buckets=LATENCY_BUCKETS)
+        engine = gen.engine
+        Gauge("hetpipe_queue_depth", "requests waiting to be scheduled", registry=r).set_function(
+            lambda: len(engine.scheduler.waiting))
+        Gauge("hetpipe_running_requests", "requests being run", registry=r).set_function(
+            lambda: len(engine.scheduler.running))
+        Gauge("hetpipe_kv_tokens_reserved", "KV tokens the scheduler holds for running requests",
+              registry=r).set_function(lambda: engine.scheduler.reserved)
+        r.register(_StageCollector(self))
+        self._recent: collections.deque[tuple[float, int]] = collections.deque()
+        self._lock = threading.Lock()
+
+    def token(self, gap_s: float | None) -> None:
+        """A token went out (`gap_s`: since the stream's previous one)."""
+        self.generated_tokens.inc()
+        if gap_s is not None:
+            self.itl.observe(gap_s)
+        now = time.monotonic()
+        with self._lock:
+            self._recent.append((now, 1))
+            self._trim(now)
+
+    def tokens_per_s(self) -> float:
+        now = time.monotonic()
+        with self._lock:
+            self._trim(now)
+            return sum(n for _, n in self._recent) / RECENT_S
+
+    def _trim(self, now: float) -> None:
+        while self._recent and self._recent[0][0] < now - RECENT_S:
+            self._recent.popleft()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _StageCollector:
+    """Per stage, when scraped: compute time summed over the steps run, and KV tokens in use."""
+
+    def __init__(self, m: Metrics):
+        self.m = m
+
+    def describe(self):
+        return []  # collected fresh on every scrape; nothing to declare up front
+
+    def collect(self):
+        profile = self.m.gen.engine.profile
+        compute = CounterMetricFamily("hetpipe_stage_compute_ms", "compute milliseconds per stage, all steps",
+                                      labels=["stage"])
+        steps = CounterMetricFamily("hetpipe_pipeline_steps", "micro-batches run through the pipeline")
+        used = GaugeMetricFamily("hetpipe_kv_tokens_used", "KV cache tokens held per stage", labels=["stage"])
+        cap = GaugeMetricFamily("hetpipe_kv_tokens_capacity", "KV cache budget per stage, tokens", labels=["stage"])
+        status = self.m.stage_status()
+        for i, s in enumerate(status):
+            name = stage_name(s)
+            compute.add_metric([name], profile.stage_ms[i] if i < len(profile.stage_ms) else 0.0)
+            if "kv_tokens_used" in s:
+                used.add_metric([name], s["kv_tokens_used"])
+            cap.add_metric([name], s["kv_tokens"])
+        steps.add_metric([], profile.steps)
+        yield from (compute, steps, used, cap)
+
+
+def stage_name(s: dict) -> str:
+    return s.get("address") or f"{s['backend']}:{s['layers'][0]}-{s['layers'][1]}"

@@ -1,0 +1,352 @@
+"""`hetpipe serve` as a real process on loopback, driven by the official `openai` client (and plain
+HTTP where the client hides the wire): streaming, usage, logprobs, n, seeds, structured output,
+every error path, the API key, disconnects, metrics, a server over a stage daemon, and the page in
+a headless chromium."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+
+import httpx
+import jsonschema
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from engine.app.procs import start_server, start_stage, stop_stages
+
+KEY = "sk-test-hetpipe"
+CHAT = [{"role": "user", "content": "Name three colours."}]
+
+
+@pytest.fixture(scope="module")
+def server(real_model):
+    proc, url = start_server(["--model", str(real_model), "--local", "torch", "--port", "0", "--api-key", KEY])
+    yield url
+    stop_stages([proc])
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def http(server, path, body=None, key=KEY, timeout=120.0):
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    if body is None:
+        return httpx.get(server + path, headers=headers, timeout=timeout)
+    return httpx.post(server + path, headers=headers, timeout=timeout,
+                      **({"content": body} if isinstance(body, (str, bytes)) else {"json": body}))
+
+
+def wait_live(server, want: int, timeout_s: float = 10.0) -> list[dict]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stages = http(server, "/health").json()["stages"]
+        if all(s["live_sequences"] == want for s in stages) or time.monotonic() > deadline:
+            return stages
+        time.sleep(0.1)
+
+
+def test_stream_equals_non_stream_with_usage(client):
+    kw = dict(model="smollm2", messages=CHAT, max_tokens=24, temperature=0)
+    full = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    with_choices = [c for c in chunks if c.choices]
+    assert [c.choices[0].finish_reason for c in with_choices][-1] == full.choices[0].finish_reason
+    assert all(c.choices[0].finish_reason is None for c in with_choices[:-1])
+    assert chunks[-1].choices == [] and chunks[-1].usage == full.usage
+    assert all(c.usage is None for c in chunks[:-1])
+    text = "".join(c.choices[0].delta.content or "" for c in with_choices)
+    assert text == full.choices[0].message.content and text
+    assert full.usage.completion_tokens <= 24 and full.usage.prompt_tokens > 5
+
+
+def test_greedy_matches_the_python_api(client, real_model):
+    from engine.api import Generator, local_pipeline
+
+    with Generator(real_model, local_pipeline(real_model, "torch")) as gen:
+        want = gen.generate(CHAT, max_tokens=16).text
+    got = client.chat.completions.create(model="smollm2", messages=CHAT, max_tokens=16, temperature=0)
+    assert got.choices[0].message.content == want
+
+
+def test_n_seed_and_logprobs(client):
+    kw = dict(model="smollm2", messages=CHAT, max_tokens=8, temperature=1.0, n=2, seed=7, logprobs=True,
+              top_logprobs=3)
+    a, b = client.chat.completions.create(**kw), client.chat.completions.create(**kw)
+    assert [c.index for c in a.choices] == [0, 1]
+    assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]  # seeded: repeats
+    assert a.usage.completion_tokens == sum(len(c.logprobs.content) for c in a.choices)
+    for c in a.choices:
+        assert "".join(t.token for t in c.logprobs.content) == c.message.content
+        for t in c.logprobs.content:
+            tops = [x.logprob for x in t.top_logprobs]
+            assert len(tops) == 3 and tops == sorted(tops, reverse=True) and t.logprob <= tops[0] + 1e-9
+            assert t.logprob <= 0
+
+
+SCHEMAS = [
+    {"type": "object", "properties": {"name": {"type": "string", "maxLength": 16},
+                                      "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+     "required": ["name", "age"], "additionalProperties": False},
+    {"type": "object", "properties": {"colour": {"enum": ["red", "green", "blue"]},
+                                      "count": {"type": "integer", "minimum": 1, "maximum": 9}},
+     "required": ["colour", "count"], "additionalProperties": False},
+    {"type": "object", "properties": {"fruits": {"type": "array", "items": {"type": "string", "maxLength": 12},
+                                                 "minItems": 1, "maxItems": 3}},
+     "required": ["fruits"], "additionalProperties": False},
+]
+
+
+@pytest.mark.parametrize("schema", SCHEMAS, ids=["person", "enum", "array"])
+def test_json_schema_output_validates_and_repeats(client, schema):
+    kw = dict(model="smollm2", max_tokens=120, temperature=0,
+              messages=[{"role": "user", "content": "Answer in JSON: describe something."}],
+              response_format={"type": "json_schema", "json_schema": {"name": "thing", "schema": schema}})
+    first = client.chat.completions.create(**kw)
+    assert first.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(first.choices[0].message.content), schema)
+    assert client.chat.completions.create(**kw).choices[0].message.content == first.choices[0].message.content
+
+
+def test_json_object_and_streamed_schema(client):
+    out = client.chat.completions.create(
+        model="smollm2", max_tokens=150, temperature=0, response_format={"type": "json_object"},
+        messages=[{"role": "user", "content": 'Reply with a JSON object with the key "answer" holding the capital '
+                                              'of France.'}])
+    assert isinstance(json.loads(out.choices[0].message.content), dict)
+    chunks = client.chat.completions.create(
+        model="smollm2", max_tokens=120, temperature=0, stream=True, messages=CHAT,
+        response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": SCHEMAS[1]}})
+    jsonschema.validate(json.loads("".join(c.choices[0].delta.content or "" for c in chunks if c.choices)),
+                        SCHEMAS[1])
+
+
+def test_completions_prompt_forms_and_echo(client, real_model):
+    ids = client.completions.create(model="smollm2", prompt="The sky is", max_tokens=4, temperature=0, logprobs=0)
+    by_text = ids.choices[0].text
+    assert len(ids.choices[0].logprobs.tokens) == 4 and "".join(ids.choices[0].logprobs.tokens) == by_text
+    two = client.completions.create(model="smollm2", prompt=["The sky is", "Bread rises because"], max_tokens=4,
+                                    temperature=0)
+    assert [c.index for c in two.choices] == [0, 1] and two.choices[0].text == by_text
+    echo = client.completions.create(model="smollm2", prompt="The sky is", max_tokens=4, temperature=0, echo=True)
+    assert echo.choices[0].text == "The sky is" + by_text
+    from engine.serving.text import Tokenizer
+
+    toks = Tokenizer(real_model).encode("The sky is")
+    as_ids = client.completions.create(model="smollm2", prompt=toks, max_tokens=4, temperature=0)
+    assert as_ids.choices[0].text == by_text
+    streamed = client.completions.create(model="smollm2", prompt="The sky is", max_tokens=4, temperature=0,
+                                         stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == by_text
+
+
+def test_sampling_fields_are_honoured(client, real_model):
+    base = dict(model="smollm2", messages=CHAT, max_tokens=12, temperature=0)
+    plain = client.chat.completions.create(**base).choices[0].message.content
+    first = client.chat.completions.create(**base, logprobs=True).choices[0].logprobs.content[0].token
+    from engine.serving.text import Tokenizer
+
+    tok = Tokenizer(real_model)
+    banned = tok.encode(first, add_special_tokens=False)[0]
+    biased = client.chat.completions.create(**base, logit_bias={str(banned): -100}).choices[0].message.content
+    assert not biased.startswith(first) and biased != plain
+    loop = dict(model="smollm2", prompt="1, 1, 1, 1, 1, 1, 1, 1,", max_tokens=8, temperature=0)
+    repeats = client.completions.create(**loop).choices[0].text
+    assert repeats.count("1") >= 3  # greedy goes on repeating; OpenAI's penalties (output only) break it
+    penalised = client.completions.create(**loop, frequency_penalty=2.0, presence_penalty=1.0).choices[0].text
+    assert penalised.count("1") < repeats.count("1")
+    stopped = client.chat.completions.create(**{**base, "stop": [plain[3:6]]}).choices[0]
+    assert stopped.finish_reason == "stop" and stopped.message.content == plain[: plain.index(plain[3:6])]
+
+
+def error_of(r: httpx.Response) -> dict:
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert "Traceback" not in body["error"]["message"]
+    return body["error"]
+
+
+def test_error_statuses_and_shapes(server, client):
+    chat = {"model": "smollm2", "messages": CHAT, "max_tokens": 4}
+    cases = [
+        ({**chat, "temperature": 5}, 400, "temperature"),
+        ({**chat, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+        ({**chat, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+         400, None),
+        ({**chat, "top_logprobs": 30, "logprobs": True}, 400, "top_logprobs"),
+        ({**chat, "max_tokens": 9000}, 400, "messages"),
+        ({**chat, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}},
+         400, None),
+        ({**chat, "logit_bias": {"99999999": 1}}, 400, None),
+        ({**chat, "model": "gpt-4"}, 404, "model"),
+        ({"messages": CHAT}, 400, "model"),
+    ]
+    for body, status, param in cases:
+        r = http(server, "/v1/chat/completions", body)
+        assert r.status_code == status, (body, r.text)
+        e = error_of(r)
+        if param:
+            assert e["param"] == param, (body, e)
+    assert "8192" in error_of(http(server, "/v1/chat/completions", {**chat, "max_tokens": 9000}))["message"]
+    assert "tools" in error_of(http(server, "/v1/chat/completions", {**chat, "tools": []}))["message"]
+    assert http(server, "/v1/chat/completions", "{not json").status_code == 400
+    assert http(server, "/v1/completions", {"model": "smollm2", "prompt": "x", "suffix": "y"}).status_code == 400
+    assert error_of(http(server, "/nope"))["code"] == "not_found"
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="other", messages=CHAT)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="smollm2", messages=CHAT, tools=[{"type": "function",
+                                                                              "function": {"name": "f"}}])
+    assert http(server, "/health").status_code == 200  # none of that took it down
+
+
+def test_api_key_is_enforced(server):
+    for key in (None, "sk-wrong"):
+        assert http(server, "/v1/models", key=key).status_code == 401
+        r = http(server, "/v1/chat/completions", {"model": "smollm2", "messages": CHAT}, key=key)
+        assert r.status_code == 401 and error_of(r)["type"] == "authentication_error"
+        assert http(server, "/metrics", key=key).status_code == 401
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server + "/v1", api_key="sk-wrong", max_retries=0).models.list()
+    assert http(server, "/v1/models").json()["data"][0]["id"] == "smollm2"
+
+
+def test_disconnect_frees_the_kv_cache(server):
+    body = {"model": "smollm2", "messages": CHAT, "max_tokens": 3000, "ignore_eos": True}
+    with httpx.stream("POST", server + "/v1/chat/completions", json={**body, "stream": True},
+                      headers={"authorization": f"Bearer {KEY}"}, timeout=60) as r:
+        lines = r.iter_lines()
+        assert next(line for line in lines if line.startswith("data:"))
+        assert next(line for line in lines if '"content"' in line and '""' not in line)
+        assert [s["live_sequences"] for s in http(server, "/health").json()["stages"]] == [1]
+    assert [s["live_sequences"] for s in wait_live(server, 0)] == [0]
+    with pytest.raises(httpx.ReadTimeout):  # not streamed: the client gives up and hangs up
+        http(server, "/v1/chat/completions", body, timeout=2.0)
+    stages = wait_live(server, 0)
+    assert [(s["live_sequences"], s["kv_tokens_used"]) for s in stages] == [(0, 0)]
+
+
+def test_metrics_parse_with_prometheus_parser(server, client):
+    client.chat.completions.create(model="smollm2", messages=CHAT, max_tokens=4)
+    http(server, "/v1/chat/completions", {"model": "nope", "messages": CHAT})
+    families = {f.name: f for f in text_string_to_metric_families(http(server, "/metrics").text)}
+    statuses = {s.labels["status"] for s in families["hetpipe_requests"].samples if s.name.endswith("_total")}
+    assert {"200", "404"} <= statuses
+    for name in ("hetpipe_prompt_tokens", "hetpipe_generated_tokens", "hetpipe_pipeline_steps"):
+        assert families[name].samples[0].value > 0, name
+    count = {s.name: s.value for s in families["hetpipe_time_to_first_token_seconds"].samples}
+    assert count["hetpipe_time_to_first_token_seconds_count"] >= 1
+    assert any(s.value > 0 for s in families["hetpipe_inter_token_latency_seconds"].samples)
+    assert families["hetpipe_stage_compute_ms"].samples[0].labels["stage"] == "torch:0-29"
+    assert families["hetpipe_stage_compute_ms"].samples[0].value > 0
+    assert "hetpipe_queue_depth" in families and "hetpipe_kv_tokens_used" in families
+    assert families["hetpipe_kv_tokens_capacity"].samples[0].value > 0
+
+
+def test_page_chats_and_shows_the_stages(server):
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        if os.environ.get("CI"):
+            pytest.fail("chromium and chromedriver are not installed (setup.sh installs them)")
+        pytest.skip("no chromium / chromedriver")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        opts.add_argument(a)
+    b = webdriver.Chrome(service=Service(driver), options=opts)
+    try:
+        b.get(server + "/")
+        b.find_element(By.ID, "key").send_keys(KEY)
+        b.execute_script("document.getElementById('key').dispatchEvent(new Event('change'))")
+        wait = WebDriverWait(b, 60)
+        wait.until(lambda d: d.find_element(By.ID, "model").text == "smollm2")
+        b.find_element(By.ID, "max").clear()
+        b.find_element(By.ID, "max").send_keys("12")
+        b.find_element(By.ID, "prompt").send_keys("Name three colours.")
+        b.find_element(By.ID, "send").click()
+        answer = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".assistant[data-finish]"))[0]
+        assert answer.text.strip()
+        rows = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#stages tr.stage"))
+        cells = [c.text for c in rows[0].find_elements(By.TAG_NAME, "td")]
+        assert cells[:5] == ["torch:0-29", "torch", "cpu", "float32", "0-29"], cells
+        # stop mid-answer: the page stops, and the server frees the sequence
+        b.find_element(By.ID, "max").clear()
+        b.find_element(By.ID, "max").send_keys("3000")
+        b.find_element(By.ID, "prompt").send_keys("Write a very long story about a lighthouse.")
+        b.find_element(By.ID, "send").click()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".assistant")) == 2
+                   and d.find_elements(By.CSS_SELECTOR, ".assistant")[1].text.strip())
+        b.find_element(By.ID, "stop").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".assistant")[1].get_attribute("data-finish")
+                   == "stopped")
+        assert [s["live_sequences"] for s in wait_live(server, 0)] == [0]
+    finally:
+        b.quit()
+
+
+# -- a server over a stage daemon ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def staged(real_model):
+    stage, address = start_stage("torch", real_model, extra=["--layers", "0-29"])
+    env = {**os.environ, "HETPIPE_SSE_KEEPALIVE_S": "0.05"}
+    proc, url = start_server(["--model", str(real_model), "--stages", address, "--port", "0", "--max-seqs", "1",
+                              "--max-queue", "1", "--recovery-timeout", "1"], env=env)
+    yield url, proc, stage
+    stop_stages([proc, stage])
+
+
+def test_server_over_stages_imports_no_framework(staged):
+    url, proc, _ = staged
+    assert http(url, "/health", key=None).json()["stages"][0]["state"] == "ok"
+    # the masks of structured output cross the wire to the daemon, which samples under them
+    body = {"model": "smollm2", "messages": CHAT, "max_tokens": 120, "temperature": 0,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": SCHEMAS[0]}}}
+    r = http(url, "/v1/chat/completions", body)
+    assert r.status_code == 200, r.text
+    jsonschema.validate(json.loads(r.json()["choices"][0]["message"]["content"]), SCHEMAS[0])
+    maps = open(f"/proc/{proc.pid}/maps").read()
+    assert "libtorch" not in maps and "/mlx/" not in maps and "libmlx" not in maps
+
+
+def test_keepalive_comments_and_queue_full(staged):
+    url, _, _ = staged
+    body = {"model": "smollm2", "messages": CHAT, "max_tokens": 400, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as first:
+        lines = first.iter_lines()
+        head = []
+        for line in lines:
+            head.append(line)
+            if '"content"' in line and '""' not in line:
+                break
+        assert ": keep-alive" in head  # sent while the first token was being computed
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as second:  # queued
+            deadline = time.monotonic() + 10
+            while http(url, "/health").json()["queue_depth"] < 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            r = http(url, "/v1/chat/completions", {**body, "stream": False})
+            assert r.status_code == 429 and error_of(r)["type"] == "rate_limit_error"
+            assert second.status_code == 200
+    assert [s["live_sequences"] for s in wait_live(url, 0)] == [0]
+
+
+def test_lost_stage_is_503(staged):
+    url, _, stage = staged
+    os.killpg(stage.pid, signal.SIGKILL)
+    stage.wait()
+    r = http(url, "/v1/chat/completions", {"model": "smollm2", "messages": CHAT, "max_tokens": 4})
+    assert r.status_code == 503 and error_of(r)["code"] == "stage_unavailable"
+    h = http(url, "/health")
+    assert h.status_code == 503 and h.json()["stages"][0]["state"] == "lost"
