@@ -14,6 +14,7 @@ import time
 from ...core.errors import UserError
 from ...serving.generator import Generator
 from ...serving.output import Profile, percentiles
+from ...serving.text import Tokenizer
 
 # plain English to cut prompts from: each request starts at a different place
 TEXT = (
@@ -31,11 +32,11 @@ TEXT = (
 KEYS = ("aggregate_tokens_per_s", "requests_per_s", "ttft_ms_p50", "ttft_ms_p95", "itl_ms_p50", "itl_ms_p95")
 
 
-def bench_prompts(gen: Generator, n: int, length: int) -> list[list[int]]:
+def bench_prompts(tokenizer: Tokenizer, n: int, length: int) -> list[list[int]]:
     """n prompts of `length` token ids each, cut from TEXT at different places."""
     if length < 1:
         raise UserError("the prompt length must be at least 1")
-    base = gen.tokenizer.encode(TEXT)
+    base = tokenizer.encode(TEXT)
     ids = base * (length // len(base) + 2)
     return [ids[(i * 37) % len(base):][:length] for i in range(n)]
 
@@ -43,7 +44,7 @@ def bench_prompts(gen: Generator, n: int, length: int) -> list[list[int]]:
 def run_serving(gen: Generator, *, concurrency: int, requests: int, max_tokens: int, prompt_len: int) -> dict:
     if concurrency < 1 or requests < 1 or max_tokens < 1:
         raise UserError("concurrency, requests and max tokens must each be at least 1")
-    prompts = bench_prompts(gen, requests, prompt_len)
+    prompts = bench_prompts(gen.tokenizer, requests, prompt_len)
     for _ in gen.stream(prompts[0][:8], max_tokens=2):  # warm the engine thread and the sockets
         pass
     next_index = iter(range(requests))
