@@ -15,7 +15,7 @@ import pytest
 from engine.app.bench.serving import KEYS
 from engine.api import local_pipeline
 from engine.app.procs import start_stage, stop_stages
-from engine.core.errors import UserError
+from engine.core.errors import QueueFull, UserError
 from engine.api import Generator
 from engine.core.sampling import SamplingParams
 from engine.api import connect_pipeline
@@ -144,9 +144,9 @@ def test_kv_budget_admits_queues_and_refuses(real_model):
             g.stream(ps[0] + ps[3], max_tokens=41)
         want = [alone(g, p, 20) for p in ps[:2]]
         # 60 + 65 > 100: the second waits for the first; a third finds the queue full
-        streams = [g.stream(p, max_tokens=20, ignore_eos=True) for p in ps[:3]]
-        with pytest.raises(UserError, match="queue full"):
-            list(streams[2])
+        streams = [g.stream(p, max_tokens=20, ignore_eos=True) for p in ps[:2]]
+        with pytest.raises(QueueFull, match="queue full"):  # at once if the second already waits, else on reading
+            list(g.stream(ps[2], max_tokens=20, ignore_eos=True))
         assert [[c.token_id for c in st] for st in streams[:2]] == want
         assert live(g) == [([], 0)]
     finally:

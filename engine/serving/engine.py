@@ -97,7 +97,6 @@ class Engine:
         self._seqs: dict[int, Seq] = {}
         self._closing = False
         self._lock = threading.Lock()
-        self._adding = 0  # submitted, not yet taken in by the engine thread
         self.error: BaseException | None = None  # what stopped the engine thread, if anything
         self.profile = Profile()  # every batch run, for benchmarks
         self.recoveries: list[RecoveryEvent] = []
@@ -126,11 +125,11 @@ class Engine:
                 raise UserError("the engine is closed")
             if self.error is not None:
                 raise StageFailure(f"the serving engine stopped: {self.error!r}")
-            # refused here, at once, when the queue is plainly full (the engine thread has the last word)
-            waiting = len(self.scheduler.waiting) + self._adding
+            # refused here, at once, when the queue is full now; requests not yet taken in by the
+            # engine thread are not counted (they may run at once): its own check has the last word
+            waiting = len(self.scheduler.waiting)
             if waiting >= self.config.max_queue:
                 raise QueueFull(f"queue full: {waiting} requests waiting (limit {self.config.max_queue}); retry later")
-            self._adding += 1
             self._put(("add", seq))
         return req
 
@@ -219,8 +218,6 @@ class Engine:
         return any(not s.in_flight and s.pending > 0 for s in self.scheduler.running)
 
     def _add(self, seq: Seq) -> None:
-        with self._lock:
-            self._adding -= 1
         try:
             self.scheduler.add(seq)
         except UserError as e:
