@@ -246,10 +246,8 @@ def create_app(gen: Generator, *, model_name: str, api_key: str | None = None,
               Route("/health", health, methods=["GET"]),
               Route("/metrics", metrics_page, methods=["GET"]),
               Route("/", page, methods=["GET"])]
-    app = Starlette(routes=routes, middleware=middleware,
-                    exception_handlers={HTTPException: not_found, Exception: crashed})
-    app.state.metrics, app.state.status = metrics, status
-    return app
+    return Starlette(routes=routes, middleware=middleware,
+                     exception_handlers={HTTPException: not_found, Exception: crashed})
 
 
 class _StreamFailed(Exception):
