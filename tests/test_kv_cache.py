@@ -12,15 +12,15 @@ def cache():
 
 
 def slots_of(kv, seq_id, n):
-    table = kv.tables[seq_id]
+    table = kv.blocks.tables[seq_id]
     return [table[p // BLOCK] * BLOCK + p % BLOCK for p in range(n)]
 
 
 def test_a_first_prefill_writes_its_own_slots_and_attends_without_a_gather():
     kv = cache()
     plan = kv.plan([1, 2], starts=[0, 20], lengths=[20, 3], offsets=[0, 0])
-    assert len(kv.tables[1]) == 2 and len(kv.tables[2]) == 1  # blocks follow the tokens
-    assert set(kv.tables[1]).isdisjoint(kv.tables[2])
+    assert len(kv.blocks.tables[1]) == 2 and len(kv.blocks.tables[2]) == 1  # blocks follow the tokens
+    assert set(kv.blocks.tables[1]).isdisjoint(kv.blocks.tables[2])
     assert plan.write.tolist() == slots_of(kv, 1, 20) + slots_of(kv, 2, 3)
     assert [(start, n, slots, mask) for start, n, slots, mask in plan.prefill] == [(0, 20, None, None),
                                                                                  (20, 3, None, None)]
@@ -53,15 +53,15 @@ def test_a_later_chunk_gathers_its_slots_under_a_causal_mask():
 def test_released_blocks_are_reused_and_growth_keeps_what_is_cached():
     kv = cache()
     kv.plan([1], [0], [40], [0])
-    first_blocks = list(kv.tables[1])
+    first_blocks = list(kv.blocks.tables[1])
     kv.keys[0][np.array(slots_of(kv, 1, 40))] = 1.5  # something cached
-    kv.release(1)
-    assert 1 not in kv.tables
+    kv.blocks.release(1)
+    assert 1 not in kv.blocks.tables
     kv.plan([2], [0], [40], [0])
-    assert sorted(kv.tables[2]) == sorted(first_blocks)  # freed blocks come back first
-    before = kv.n_blocks
+    assert sorted(kv.blocks.tables[2]) == sorted(first_blocks)  # freed blocks come back first
+    before = kv.blocks.n_blocks
     kv.plan([3], [0], [BLOCK * (before + 1)], [0])  # more than is free: every layer grows
-    assert kv.n_blocks >= 2 * before and kv.keys[1].shape[0] == kv.n_blocks * BLOCK
+    assert kv.blocks.n_blocks >= 2 * before and kv.keys[1].shape[0] == kv.blocks.n_blocks * BLOCK
     assert torch.all(kv.keys[0][torch.tensor(slots_of(kv, 2, 40))] == 1.5)
-    used = [b for t in kv.tables.values() for b in t]
-    assert len(used) == len(set(used)) and not set(used) & set(kv.free)
+    used = [b for t in kv.blocks.tables.values() for b in t]
+    assert len(used) == len(set(used)) and not set(used) & set(kv.blocks.free)

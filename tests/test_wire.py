@@ -15,7 +15,7 @@ from transport.wire import (WireError, pack, pack_batch, pack_report, pack_resul
                             unpack_report, unpack_result)
 
 REPORT = StageReport(address="tcp://127.0.0.1:5555", heartbeat="tcp://127.0.0.1:40001", backend="torch", device="cpu",
-                     dtype="bfloat16", num_layers=30, layers=(15, 29), kv_tokens=4096, kv_tokens_used=12,
+                     dtype="bfloat16", num_layers=30, layers=(15, 29), kv_tokens=4096, kv_tokens_used=12, kv_tokens_cached=32,
                      live_sequences=[3, 9], max_seqs=None, draining=False,
                      identity={"config": "ab12", "weights": None}, ms_per_layer=0.61, head_ms=2.5,
                      layer_bytes=7_000_000, free_memory=1 << 34, resident_bytes=1 << 29, forward_ms=None)
@@ -124,4 +124,24 @@ def test_masks_and_openai_sampling_round_trip(pair):
     bad = [list(s) for s in header["seqs"]]
     bad[1][4] = 0  # a second sequence naming the first's mask
     with pytest.raises(WireError):
+        unpack_batch({**header, "seqs": bad}, arrays)
+
+
+def test_prefix_cache_hashes_round_trip(pair):
+    """A first chunk's prefix, the names of the blocks a chunk fills and the batch's evictions come
+    back as sent; a hash that is not a non-negative 63-bit int is refused."""
+    big = (1 << 63) - 1
+    sent = StageBatch([SeqChunk(1, 32, np.array([1, 2], np.int32), SamplingParams(), prefix=[big, 7]),
+                       SeqChunk(2, 15, np.array([4], np.int32), SamplingParams(), names=[12345])],
+                      evict=[3, 4, 5])
+    header, arrays = through(pair, pack_batch(sent, req=1))
+    got = unpack_batch(header, arrays)
+    assert [(list(s.prefix), list(s.names)) for s in got.seqs] == [([big, 7], []), ([], [12345])]
+    assert list(got.evict) == [3, 4, 5]
+    for bad_evict in ([-1], [1 << 63], ["x"], 5):
+        with pytest.raises(WireError, match="evict"):
+            unpack_batch({**header, "evict": bad_evict}, arrays)
+    bad = [list(s) for s in header["seqs"]]
+    bad[0][5] = [1.5]
+    with pytest.raises(WireError, match="seq entry"):
         unpack_batch({**header, "seqs": bad}, arrays)

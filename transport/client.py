@@ -227,6 +227,9 @@ class RemoteStage:
     def kv_tokens_used(self) -> int:
         return self.refresh().kv_tokens_used
 
+    def kv_tokens_cached(self) -> int:
+        return self.refresh().kv_tokens_cached
+
     def close(self) -> None:
         pass  # the daemon keeps running; the client owns the sockets
 

@@ -175,7 +175,8 @@ class StageDaemon:
             address=self.address, heartbeat=self.heartbeat_address, backend=self.backend, device=self.device,
             dtype=self.dtype, num_layers=self.cfg.num_hidden_layers,
             layers=(st.info.first, st.info.last) if st else None, kv_tokens=st.info.kv_tokens if st else 0,
-            kv_tokens_used=st.kv_tokens_used() if st else 0, live_sequences=st.live_sequences() if st else [],
+            kv_tokens_used=st.kv_tokens_used() if st else 0, kv_tokens_cached=st.kv_tokens_cached() if st else 0,
+            live_sequences=st.live_sequences() if st else [],
             max_seqs=self.max_seqs, draining=self.draining_since is not None, identity=self.identity,
             ms_per_layer=self.ms_per_layer, head_ms=self.head_ms, layer_bytes=self.layer_bytes,
             free_memory=system_available_memory(), resident_bytes=resident_bytes(), forward_ms=forward_ms)
@@ -297,7 +298,7 @@ class StageDaemon:
         timings = list(header.get("timings", [])) + [[self.address, (time.perf_counter() - t) * 1000]]
         fields = dict(req=header.get("req"), client=header.get("client"), timings=timings)
         if route and result.hidden is not None:
-            hop = StageBatch(batch.seqs, result.hidden)
+            hop = StageBatch(batch.seqs, result.hidden, batch.evict)
             sock = self._next_hop(route[0])
             frames = pack_batch(hop, route=route[1:], **fields)
             try:

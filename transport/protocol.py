@@ -1,6 +1,6 @@
 """Protocol constants: every message kind, limit and version lives here, once."""
 
-VERSION = 2  # 2: forward carries allowed-token masks; sampling has OpenAI's penalties and logit bias
+VERSION = 3  # 3: forward carries prefix-cache block hashes (link, name, evict); reports kv_tokens_cached
 
 # message kinds, client -> stage
 HELLO = "hello"  # identity check; reply: INFO
@@ -24,6 +24,8 @@ MAX_SEQS_PER_CALL = 4096
 MAX_ROUTE = 64  # stages after this one
 MAX_SEQ_ID = (1 << 63) - 1
 MAX_LOGIT_BIAS = 1024  # entries in one request's logit bias
+MAX_BLOCK_HASHES = 1 << 16  # block hashes in one seq entry's prefix or names, or in a batch's evictions
+MAX_BLOCK_HASH = (1 << 63) - 1
 
 HEARTBEAT_S = 0.4  # the coordinator pings every stage's heartbeat socket this often while serving
 DEAD_AFTER_S = 1.5  # no answer for this long: the stage is lost (killed, stopped, unreachable)

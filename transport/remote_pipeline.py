@@ -101,7 +101,8 @@ class RemotePipeline:
             else:
                 held = r.layers == (s.info.first, s.info.last)
                 out.append({**entry, "state": "ok" if held else "lost", "live_sequences": len(r.live_sequences),
-                            "kv_tokens_used": r.kv_tokens_used, "kv_tokens": r.kv_tokens})
+                            "kv_tokens_used": r.kv_tokens_used, "kv_tokens_cached": r.kv_tokens_cached,
+                            "kv_tokens": r.kv_tokens})
         return out
 
     def lost(self) -> list[int]:

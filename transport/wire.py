@@ -89,7 +89,7 @@ def pack_batch(batch: StageBatch, **fields) -> list:
     masks = [s.allowed for s in batch.seqs if s.allowed is not None]
     rows = iter(range(len(masks)))
     seqs = [[s.seq_id, s.offset, len(s.token_ids), None if s.sampling is None else _pack_sampling(s.sampling),
-             None if s.allowed is None else next(rows)] for s in batch.seqs]
+             None if s.allowed is None else next(rows), list(s.prefix), list(s.names)] for s in batch.seqs]
     ids = [s.token_ids for s in batch.seqs]
     tokens = np.asarray(ids[0] if len(ids) == 1 else np.concatenate(ids), np.int32)
     arrays = [("int32", tokens)]
@@ -97,7 +97,7 @@ def pack_batch(batch: StageBatch, **fields) -> list:
         arrays.append((batch.hidden.dtype, batch.hidden.data))
     if masks:
         arrays.append(("int32", np.stack(masks).astype(np.int32, copy=False)))
-    return pack(P.FORWARD, arrays, seqs=seqs, masks=len(masks), **fields)
+    return pack(P.FORWARD, arrays, seqs=seqs, masks=len(masks), evict=list(batch.evict), **fields)
 
 
 def _pack_sampling(p: SamplingParams) -> dict:
@@ -107,9 +107,11 @@ def _pack_sampling(p: SamplingParams) -> dict:
 
 
 def unpack_batch(header: dict, arrays) -> StageBatch:
-    seqs, n_masks = header.get("seqs"), header.get("masks", 0)
+    seqs, n_masks, evict = header.get("seqs"), header.get("masks", 0), header.get("evict", [])
     if not isinstance(seqs, list) or not 0 < len(seqs) <= P.MAX_SEQS_PER_CALL:
         raise WireError("forward needs a non-empty list of seqs")
+    if not _hashes(evict):
+        raise WireError("evict must be a list of block hashes")
     if not (_is_int(n_masks) and 0 <= n_masks <= len(seqs)):
         raise WireError("bad mask count")
     masks = None
@@ -122,9 +124,10 @@ def unpack_batch(header: dict, arrays) -> StageBatch:
     tokens = arrays[0][1]
     out, at, used = [], 0, set()
     for s in seqs:
-        if not (isinstance(s, list) and len(s) == 5 and all(_is_int(x) for x in s[:3])
+        if not (isinstance(s, list) and len(s) == 7 and all(_is_int(x) for x in s[:3])
                 and 0 <= s[0] <= P.MAX_SEQ_ID and 0 <= s[1] < 2**31 and 0 < s[2] <= len(tokens) - at
-                and (s[4] is None or (_is_int(s[4]) and 0 <= s[4] < n_masks and s[4] not in used))):
+                and (s[4] is None or (_is_int(s[4]) and 0 <= s[4] < n_masks and s[4] not in used))
+                and _hashes(s[5]) and _hashes(s[6])):
             raise WireError(f"bad seq entry {str(s)[:80]}")
         sampling = None if s[3] is None else _sampling(s[3])
         allowed = None if s[4] is None else masks[s[4]]
@@ -132,7 +135,7 @@ def unpack_batch(header: dict, arrays) -> StageBatch:
             used.add(s[4])
             if sampling is None:
                 raise WireError("a mask on a sequence that samples nothing")
-        out.append(SeqChunk(s[0], s[1], tokens[at : at + s[2]], sampling, allowed))
+        out.append(SeqChunk(s[0], s[1], tokens[at : at + s[2]], sampling, allowed, s[5], s[6]))
         at += s[2]
     if at != len(tokens):
         raise WireError(f"seqs count {at} tokens, token frame has {len(tokens)}")
@@ -144,7 +147,12 @@ def unpack_batch(header: dict, arrays) -> StageBatch:
         if dtype == "int32" or data.ndim != 2 or data.shape[0] != at:
             raise WireError("hidden frame must be (tokens, hidden_size) floats")
         hidden = TypedArray(data, dtype)
-    return StageBatch(out, hidden)
+    return StageBatch(out, hidden, evict)
+
+
+def _hashes(v) -> bool:
+    return (isinstance(v, list) and len(v) <= P.MAX_BLOCK_HASHES
+            and all(_is_int(h) and 0 <= h <= P.MAX_BLOCK_HASH for h in v))
 
 
 def _sampling(d) -> SamplingParams:
@@ -206,7 +214,7 @@ _REPORT_CHECKS = {
     "address": _str, "heartbeat": _str, "backend": _str, "device": _str, "dtype": _str,
     "num_layers": _is_int,
     "layers": _opt(lambda v: isinstance(v, list) and len(v) == 2 and all(_is_int(x) for x in v)),
-    "kv_tokens": _is_int, "kv_tokens_used": _is_int, "live_sequences": _int_list, "max_seqs": _opt(_is_int),
+    "kv_tokens": _is_int, "kv_tokens_used": _is_int, "kv_tokens_cached": _is_int, "live_sequences": _int_list, "max_seqs": _opt(_is_int),
     "draining": lambda v: isinstance(v, bool),
     "identity": lambda v: isinstance(v, dict) and all(_str(k) and (x is None or _str(x)) for k, x in v.items()),
     "ms_per_layer": _is_number, "head_ms": _is_number, "layer_bytes": _is_int, "free_memory": _is_int,

@@ -18,7 +18,7 @@ from engine.core.tensors import TypedArray
 from engine.core.weights import load_stage_tensors
 
 from . import blas
-from .cache import KVCache
+from .cache import PagedKV
 
 MLX_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
@@ -50,6 +50,8 @@ class MLXStage(BaseStage):
         self.model = model_cls(cfg, weights, first, last, freqs, **layout)
         # everything evaluated here, so the stage may run on another thread (MLX streams are per thread)
         mx.eval(self.model.parameters(), freqs)
+        self.kv = PagedKV(last - first + 1, cfg.num_key_value_heads, cfg.head_dim, self.dtype)
+        self.blocks = self.kv.blocks
 
     def free_memory(self) -> int:
         if self.info.device == "gpu":  # unified memory: what Metal recommends, less what MLX holds
@@ -82,10 +84,9 @@ class MLXStage(BaseStage):
             x = mx.array(np.concatenate([s.token_ids for s in seqs]).astype(np.int32))
         else:
             x = to_mlx(hidden, self.dtype)
-        caches = self._seq_caches(seqs, KVCache)
-        segments = list(zip(lay.starts, lay.lengths, lay.offsets))
-        out = self.model(x, segments, caches, mx.array(lay.sample_rows))
-        mx.eval(out, *[a for c in caches for kv in c for a in (kv.keys, kv.values)])
+        plan = self.kv.plan([s.seq_id for s in seqs], lay.starts, lay.lengths, lay.offsets)
+        out = self.model(x, mx.array(lay.positions.astype(np.int32)), plan, self.kv, mx.array(lay.sample_rows))
+        mx.eval(out, *self.kv.arrays())
         if self.info.is_last:
             return np.array(out)
         return to_hidden(out, self.info.dtype)

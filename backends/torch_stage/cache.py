@@ -1,21 +1,19 @@
 """The torch stage's KV cache: fixed-size blocks of token slots shared by all sequences (paged).
 
-Each layer keeps keys and values as one tensor of token slots, (slots, n_kv_heads, head_dim);
-a sequence owns a list of blocks of BLOCK slots (its block table), so memory follows the tokens
-actually held and a finished sequence's blocks go straight back to the free list. Per batch, a
-`BatchSlots` turns block tables into slot indices once; every layer then writes all new rows with one
-`index_copy_` and runs the decode steps of all sequences as one padded attention call, instead of
-one call per sequence per layer (which dominated a 16-sequence decode step).
+Each layer keeps keys and values as one tensor of token slots, (slots, n_kv_heads, head_dim); which
+blocks a sequence owns, and which are shared as a cached prefix, is `engine.core.kv_blocks`'
+bookkeeping. Per batch, a `BatchSlots` turns block tables into slot indices once; every layer then
+writes all new rows with one `index_copy_` and runs the decode steps of all sequences as one padded
+attention call, instead of one call per sequence per layer (which dominated a 16-sequence decode step).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-BLOCK = 16  # token slots per block
+from engine.core.kv_blocks import BLOCK, BlockManager, doubling, plan_slots
 
 
 @dataclass(slots=True)
@@ -35,56 +33,31 @@ class PagedKV:
         self.shape, self.dtype, self.device = (n_kv, head_dim), dtype, device
         self.keys = [torch.empty((0, n_kv, head_dim), dtype=dtype, device=device) for _ in range(n_layers)]
         self.values = [torch.empty((0, n_kv, head_dim), dtype=dtype, device=device) for _ in range(n_layers)]
-        self.n_blocks = 0
-        self.free: list[int] = []
-        self.tables: dict[int, list[int]] = {}
+        self.blocks = BlockManager(None, self._grow)
 
-    def _grow(self, blocks: int) -> None:
-        """Room for `blocks` more blocks: reallocate every layer at least twice as large."""
-        new = max(self.n_blocks + blocks, 2 * self.n_blocks, 64)
+    def _grow(self, old: int, need: int) -> int:
+        """Room for `need` more blocks: reallocate every layer at least twice as large (within the budget)."""
+        new = doubling(old, need, self.blocks.capacity)
         for store in (self.keys, self.values):
-            for i, old in enumerate(store):
+            for i, prev in enumerate(store):
                 t = torch.empty((new * BLOCK, *self.shape), dtype=self.dtype, device=self.device)
-                t[: old.shape[0]] = old
+                t[: prev.shape[0]] = prev
                 store[i] = t
-        self.free.extend(range(new - 1, self.n_blocks - 1, -1))
-        self.n_blocks = new
-
-    def _slots(self, seq_id: int, length: int) -> np.ndarray:
-        """Slot of each of the first `length` positions of a sequence, allocating blocks as needed."""
-        table = self.tables.setdefault(seq_id, [])
-        need = -(-length // BLOCK) - len(table)
-        if need > 0:
-            if need > len(self.free):
-                self._grow(need - len(self.free))
-            table.extend(self.free.pop() for _ in range(need))
-        pos = np.arange(length)
-        return np.asarray(table, dtype=np.int64)[pos // BLOCK] * BLOCK + pos % BLOCK
+        return new
 
     def plan(self, seq_ids, starts, lengths, offsets) -> BatchSlots:
-        write, drows, dslots, prefill = [], [], [], []
-        for sid, start, n, off in zip(seq_ids, starts, lengths, offsets):
-            slots = self._slots(sid, off + n)
-            write.append(slots[off:])
-            if n == 1:
-                drows.append(start)
-                dslots.append(slots)
-            elif off == 0:
+        p = plan_slots(self.blocks, seq_ids, starts, lengths, offsets)
+        to = lambda a: torch.from_numpy(a).to(self.device)  # noqa: E731
+        prefill = []
+        for start, n, off, slots in p.prefill:
+            if slots is None:
                 prefill.append((start, n, None, None))
             else:
                 rows = torch.arange(n, device=self.device)[:, None] + off
                 causal = torch.arange(off + n, device=self.device)[None, :] <= rows
-                prefill.append((start, n, torch.from_numpy(slots).to(self.device), causal))
-        to = lambda a: torch.from_numpy(a).to(self.device)  # noqa: E731
-        plan = BatchSlots(to(np.concatenate(write)), None, None, None, prefill, not prefill)
-        if drows:
-            lmax = max(len(s) for s in dslots)
-            padded = np.zeros((len(dslots), lmax), dtype=np.int64)
-            for i, s in enumerate(dslots):
-                padded[i, : len(s)] = s
-            plan.decode_rows, plan.decode_slots = to(np.asarray(drows)), to(padded)
-            plan.decode_lengths = to(np.asarray([len(s) for s in dslots], dtype=np.int64))
+                prefill.append((start, n, to(slots), causal))
+        plan = BatchSlots(to(p.write), None, None, None, prefill, p.all_decode)
+        if p.decode_rows is not None:
+            plan.decode_rows, plan.decode_slots = to(p.decode_rows), to(p.decode_slots)
+            plan.decode_lengths = to(p.decode_lengths)
         return plan
-
-    def release(self, seq_id: int) -> None:
-        self.free.extend(reversed(self.tables.pop(seq_id, [])))

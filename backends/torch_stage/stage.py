@@ -111,6 +111,7 @@ class TorchStage(BaseStage):
         self.decode_model = self.model  # what runs steps of one-token rows: compiled with --compile
         self.inv_freq = torch.from_numpy(rope_inv_freq(cfg)).to(self.device)
         self.kv = PagedKV(last - first + 1, cfg.num_key_value_heads, cfg.head_dim, self.dtype, self.device)
+        self.blocks = self.kv.blocks
 
     def compile_decode(self) -> None:
         """torch.compile the decode steps: inductor fuses the small ops within and across layers,
@@ -143,9 +144,6 @@ class TorchStage(BaseStage):
         if self.info.is_first:
             return None
         return TypedArray.from_float32(np.zeros((n, self.hidden_size), np.float32), self.info.dtype)
-
-    def _free(self, seq_id: int) -> None:
-        self.kv.release(seq_id)
 
     def free_memory(self) -> int:
         if self.device.type == "cuda":

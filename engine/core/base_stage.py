@@ -1,7 +1,9 @@
 """What every backend's stage shares: offsets, sequence lifetimes, limits, sampling, warm-up.
 
-A backend subclasses `BaseStage` and provides only the compute: `_compute(seqs, hidden)` and
-`_free(seq_id)`. Everything here is numpy.
+A backend subclasses `BaseStage` and provides only the compute, `_compute(seqs, hidden)`, and its
+paged KV cache's `BlockManager` as `self.blocks` (block tables, the prefix cache's named blocks:
+`kv_blocks.py`), which this class links, names, evicts and releases as each batch says.
+Everything here is numpy.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .config import ModelConfig
+from .kv_blocks import BLOCK, BlockManager
 from .errors import UserError
 from .sampling import SamplingParams, logsumexp, sample_token, top_logprobs
 from .stage import SampledToken, SeqChunk, StageBatch, StageInfo, StageResult
@@ -54,7 +57,7 @@ class BaseStage:
 
     A backend subclass provides `_compute(seqs, hidden)` returning either the hidden rows (as a
     `TypedArray`) or, on the last stage, float32 logits (B', vocab) for the sequences that sample,
-    and `_free(seq_id)` dropping that sequence's KV cache.
+    and sets `self.blocks` to its paged cache's block manager.
     """
 
     kernels = ""  # hetpipe's own kernels this stage runs, if any (benchmarks report it)
@@ -64,7 +67,7 @@ class BaseStage:
         self.cfg = cfg
         self.hidden_size = cfg.hidden_size
         self._seqs: dict[int, _SeqState] = {}
-        self.caches: dict[int, list] = {}  # seq_id -> the backend's KV cache object for each layer
+        self.blocks: BlockManager | None = None  # the backend's paged KV cache's bookkeeping
         self.max_seqs: int | None = None  # live sequences at once (None: no limit but the KV budget)
         self.max_call_tokens: int | None = None  # tokens in one call: bounds activation memory
         n_layers = info.last - info.first + 1
@@ -77,6 +80,8 @@ class BaseStage:
         if tokens < 1:
             raise UserError(f"a KV budget of {tokens} tokens leaves no room for any sequence")
         self.info.kv_tokens = tokens
+        if self.blocks is not None:  # beyond this, cached blocks no sequence holds are evicted for room
+            self.blocks.capacity = tokens // BLOCK
 
     def free_memory(self) -> int:
         """Bytes free on this stage's device (backends on discrete GPUs override)."""
@@ -84,6 +89,9 @@ class BaseStage:
 
     def kv_tokens_used(self) -> int:
         return sum(st.length for st in self._seqs.values())
+
+    def kv_tokens_cached(self) -> int:
+        return self.blocks.cached_blocks * BLOCK if self.blocks is not None else 0
 
     def read_bandwidth(self) -> float | None:
         """Bytes/s this stage's device streams from its memory (PROBE_BYTES read, best of a few
@@ -94,10 +102,15 @@ class BaseStage:
     def forward(self, batch: StageBatch) -> StageResult:
         # offset 0 starts a sequence afresh: a coordinator rebuilding caches after a stage was lost
         # may find stale state here (a batch from before the loss); it is dropped, never mixed in
-        self.release([s.seq_id for s in batch.seqs if s.offset == 0 and s.seq_id in self._seqs])
+        self.release([s.seq_id for s in batch.seqs if (s.offset == 0 or s.prefix) and s.seq_id in self._seqs])
+        if batch.evict and self.blocks is not None:
+            self.blocks.evict(batch.evict)
         self._check(batch)
         for s in batch.seqs:
-            self._seqs.setdefault(s.seq_id, _SeqState())
+            if s.seq_id not in self._seqs:
+                self._seqs[s.seq_id] = _SeqState(length=len(s.prefix) * BLOCK)
+                if s.prefix:
+                    self.blocks.link(s.seq_id, s.prefix)
         try:
             out = self._compute(batch.seqs, batch.hidden)
         except Exception:
@@ -107,6 +120,8 @@ class BaseStage:
         for s in batch.seqs:
             st = self._seqs[s.seq_id]
             st.length += len(s.token_ids)
+            if s.names:  # full now: named, so a later sequence with the same tokens before it can link them
+                self.blocks.name(s.seq_id, s.offset // BLOCK, s.names)
             if self.info.is_last:
                 st.seen.extend(s.token_ids.tolist())
         if not self.info.is_last:
@@ -134,11 +149,19 @@ class BaseStage:
         for s in batch.seqs:
             if s.seq_id < 0 and not WARMUP_ID <= s.seq_id < WARMUP_ID + WARMUP_IDS:
                 raise ValueError(f"sequence ids are non-negative, not {s.seq_id}")
-            have = self._seqs[s.seq_id].length if s.seq_id in self._seqs else 0
+            have = self._seqs[s.seq_id].length if s.seq_id in self._seqs else len(s.prefix) * BLOCK
             if s.offset != have:
                 raise ValueError(f"sequence {s.seq_id}: offset {s.offset} but {have} tokens cached")
             if len(s.token_ids) == 0:
                 raise ValueError(f"sequence {s.seq_id}: no new tokens")
+            if (s.prefix or s.names) and self.blocks is None:
+                raise ValueError("this stage keeps no prefix cache")
+            if s.prefix and self.blocks.match(s.prefix) != len(s.prefix):
+                raise ValueError(f"prefix cache miss: sequence {s.seq_id} starts with {len(s.prefix)} cached blocks, "
+                                 f"{self.blocks.match(s.prefix)} of them held here")
+            full = (s.offset + len(s.token_ids)) // BLOCK - s.offset // BLOCK
+            if s.names and len(s.names) != full:
+                raise ValueError(f"sequence {s.seq_id}: {len(s.names)} block names for the {full} blocks it fills")
             if s.token_ids.min() < 0 or s.token_ids.max() >= self.cfg.vocab_size:
                 raise ValueError(f"sequence {s.seq_id}: token ids must be in 0..{self.cfg.vocab_size - 1}")
             total += len(s.token_ids)
@@ -158,8 +181,9 @@ class BaseStage:
             if shape[0] != total:
                 raise ValueError(f"hidden has {shape[0]} rows for {total} tokens")
         used = self.kv_tokens_used()
-        if self.info.kv_tokens and used + total > self.info.kv_tokens:
-            raise ValueError(f"KV cache full: {used} tokens held, {total} more asked, budget {self.info.kv_tokens}")
+        more = total + sum(len(s.prefix) * BLOCK for s in batch.seqs if s.seq_id not in self._seqs)  # linked ones count
+        if self.info.kv_tokens and used + more > self.info.kv_tokens:
+            raise ValueError(f"KV cache full: {used} tokens held, {more} more asked, budget {self.info.kv_tokens}")
 
     def _sample(self, seqs: list[SeqChunk], logits: np.ndarray) -> list[SampledToken]:
         out = []
@@ -191,13 +215,8 @@ class BaseStage:
     def _compute(self, seqs: list[SeqChunk], hidden: TypedArray | None):
         raise NotImplementedError
 
-    def _seq_caches(self, seqs: list[SeqChunk], new_cache) -> list[list]:
-        """caches[seq][layer], made with `new_cache()` for sequences seen for the first time."""
-        n = self.info.last - self.info.first + 1
-        return [self.caches.setdefault(s.seq_id, [new_cache() for _ in range(n)]) for s in seqs]
-
     def _free(self, seq_id: int) -> None:
-        self.caches.pop(seq_id, None)
+        self.blocks.release(seq_id)
 
 
 _EMPTY = np.zeros(0, dtype=np.int64)

@@ -72,7 +72,8 @@ class Pipeline(Protocol):
 
     def status(self) -> list[dict]:
         """Each stage now, from any thread: its `describe()` entry with `state` ("ok" or "lost"),
-        `live_sequences` (a count) and `kv_tokens_used`. May block briefly (a ping, or a batch running)."""
+        `live_sequences` (a count), `kv_tokens_used` and `kv_tokens_cached`. May block briefly (a ping,
+        or a batch running)."""
         ...
 
     def lost(self) -> list[int]:
@@ -107,6 +108,6 @@ def run_stages(stages: Sequence[Stage], batch: StageBatch) -> tuple[list[Sampled
     result, stage_ms = None, []
     for stage in stages:
         t = time.perf_counter()
-        result = stage.forward(StageBatch(batch.seqs, result.hidden if result else None))
+        result = stage.forward(StageBatch(batch.seqs, result.hidden if result else None, batch.evict))
         stage_ms.append((time.perf_counter() - t) * 1000)
     return result.tokens, stage_ms

@@ -29,12 +29,18 @@ class SeqChunk:
     token_ids: np.ndarray  # (T,) int32: the new tokens (the last stage keeps them for penalties)
     sampling: SamplingParams | None = None  # None: no token wanted yet (a middle prefill chunk)
     allowed: np.ndarray | None = None  # structured output: the tokens the next one may be (int32 bitmask words)
+    # the prefix cache (`engine.core.kv_blocks`): on a sequence's first chunk, the hashes of the
+    # cached blocks it starts with (offset == len(prefix) * BLOCK); on any chunk, the hashes naming
+    # the blocks it fills up, from block offset // BLOCK on (empty: name none)
+    prefix: Sequence[int] = ()
+    names: Sequence[int] = ()
 
 
 @dataclass(slots=True)
 class StageBatch:
     seqs: list[SeqChunk]
     hidden: TypedArray | None = None  # (sum of T, hidden_size) rows in `seqs` order; None for the first stage
+    evict: Sequence[int] = ()  # hashes of cached blocks to forget before this batch runs (the coordinator's decision)
 
 
 @dataclass(slots=True)
@@ -91,6 +97,7 @@ class StageReport:
     layers: tuple[int, int] | None  # None: waiting to be given a layer range
     kv_tokens: int  # its KV budget (0 before it holds layers)
     kv_tokens_used: int
+    kv_tokens_cached: int  # in cached blocks no sequence holds: reclaimable
     live_sequences: list[int]
     max_seqs: int | None
     draining: bool  # after SIGTERM: serves its live sequences, takes no new ones
@@ -127,6 +134,10 @@ class Stage(Protocol):
 
     def kv_tokens_used(self) -> int:
         """Tokens held in KV caches now, all sequences together (at most `info.kv_tokens`)."""
+        ...
+
+    def kv_tokens_cached(self) -> int:
+        """Tokens in the prefix cache's blocks no sequence holds: reclaimable, not counted as used."""
         ...
 
     def close(self) -> None: ...

@@ -98,7 +98,7 @@ class LocalPipeline:
         """Each stage now, read on the compute thread between batches."""
         def read(stages):
             return [{**s.info.describe(), "state": "ok", "live_sequences": len(s.live_sequences()),
-                     "kv_tokens_used": s.kv_tokens_used()} for s in stages]
+                     "kv_tokens_used": s.kv_tokens_used(), "kv_tokens_cached": s.kv_tokens_cached()} for s in stages]
         return self.call(read)
 
     # in-process stages are never lost

@@ -1,7 +1,9 @@
 """Llama-family layers in MLX (llama, mistral, qwen2): a contiguous slice of the model.
 
 Uses only `mx.fast.*` kernels and plain array ops, so the same code runs on Metal and on the
-CPU. Rows of all sequences are flattened for the projections; attention runs per sequence.
+CPU. Rows of all sequences are flattened for the projections and the rotary embedding (each row at
+its own position); keys and values go to the paged cache (`..cache`) with one scatter per layer, the
+decode rows attend in one batched call, and each prefill chunk attends on its own.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import mlx.core as mx
 from engine.core.config import ModelConfig
 from engine.core.quant import QuantTensor, concat_rows
 
-from ..cache import KVCache
+from ..cache import BatchSlots, PagedKV
 from ..quant import QuantEmbedding, QuantLinear
 
 
@@ -78,25 +80,38 @@ class Attention:
         self.qkv = projection([w.pop(p + f"{x}_proj.weight") for x in "qkv"], dtype, bqkv, t)  # fused q/k/v
         self.o = projection([w.pop(p + "o_proj.weight")], dtype, w.get(p + "o_proj.bias"), t)
 
-    def __call__(self, x: mx.array, segments, caches: list[KVCache]) -> mx.array:
-        qd, kd = self.n_heads * self.head_dim, self.n_kv * self.head_dim
-        qkv = self.qkv(x)
-        q, k, v = mx.split(qkv, [qd, qd + kd], axis=-1)
+    def __call__(self, x: mx.array, positions: mx.array, plan: BatchSlots, keys: mx.array,
+                 values: mx.array) -> mx.array:
+        """keys/values: this layer's slots of the paged cache, (slots, n_kv, head_dim), written in place."""
+        n, qd, kd = x.shape[0], self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        q, k, v = mx.split(self.qkv(x), [qd, qd + kd], axis=-1)
+        # (N, heads, 1, head_dim): each row is its own batch entry, rotated at its own position
+        rope = lambda t, h: mx.fast.rope(t.reshape(n, h, 1, self.head_dim), self.head_dim, traditional=False,  # noqa: E731
+                                         base=None, scale=1.0, offset=positions, freqs=self.rope_freqs)
+        q, k = rope(q, self.n_heads), rope(k, self.n_kv)
+        k, v = k.reshape(n, self.n_kv, self.head_dim), v.reshape(n, self.n_kv, self.head_dim)
+        keys[plan.write] = k
+        values[plan.write] = v
         outs = []
-        for (start, length, offset), cache in zip(segments, caches):
-            # (1, heads, T, head_dim)
+        if plan.decode_rows is not None:  # every one-token row in one call, read through its slots
+            qs = q if plan.all_decode else q[plan.decode_rows]  # (B, heads, 1, head_dim)
+            ks = keys[plan.decode_slots].transpose(0, 2, 1, 3)  # (B, n_kv, Lmax, head_dim)
+            vs = values[plan.decode_slots].transpose(0, 2, 1, 3)
+            o = mx.fast.scaled_dot_product_attention(qs, ks, vs, scale=self.scale, mask=plan.decode_mask)
+            outs.append(o.reshape(-1, qd))
+        for start, length, slots in plan.prefill:
             qs = q[start : start + length].reshape(1, length, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
-            ks = k[start : start + length].reshape(1, length, self.n_kv, self.head_dim).transpose(0, 2, 1, 3)
-            vs = v[start : start + length].reshape(1, length, self.n_kv, self.head_dim).transpose(0, 2, 1, 3)
-            qs = mx.fast.rope(qs, self.head_dim, traditional=False, base=None, scale=1.0, offset=offset,
-                              freqs=self.rope_freqs)
-            ks = mx.fast.rope(ks, self.head_dim, traditional=False, base=None, scale=1.0, offset=offset,
-                              freqs=self.rope_freqs)
-            keys, values = cache.update_and_fetch(ks, vs)
-            o = mx.fast.scaled_dot_product_attention(qs, keys, values, scale=self.scale,
-                                                     mask="causal" if length > 1 else None)
+            if slots is None:  # a first chunk: its own rows
+                ks, vs = k[start : start + length], v[start : start + length]
+            else:  # a later chunk, or one after a cached prefix: everything before it too
+                ks, vs = keys[slots], values[slots]
+            ks, vs = ks[None].transpose(0, 2, 1, 3), vs[None].transpose(0, 2, 1, 3)
+            o = mx.fast.scaled_dot_product_attention(qs, ks, vs, scale=self.scale, mask="causal")
             outs.append(o.transpose(0, 2, 1, 3).reshape(length, qd))
-        return self.o(mx.concatenate(outs) if len(outs) > 1 else outs[0])
+        out = outs[0] if len(outs) == 1 else mx.concatenate(outs)
+        if plan.inverse is not None:  # decode rows first, then the chunks: back to batch order
+            out = out[plan.inverse]
+        return self.o(out)
 
 
 class Block:
@@ -116,8 +131,8 @@ class Block:
         return [self.attn_norm, self.mlp_norm] + [
             a for lin in (self.attn.qkv, self.attn.o, self.gate_up, self.down) for a in lin.parameters()]
 
-    def __call__(self, x, segments, caches):
-        x = x + self.attn(mx.fast.rms_norm(x, self.attn_norm, self.eps), segments, caches)
+    def __call__(self, x, positions, plan, keys, values):
+        x = x + self.attn(mx.fast.rms_norm(x, self.attn_norm, self.eps), positions, plan, keys, values)
         return self.mlp(x, self.mlp_norm, *self.mlp_weights)
 
 
@@ -172,12 +187,12 @@ class LlamaStage:
         elif is_last:  # tied embeddings: the head is the embedding matrix (float: a copy in the (in, out) layout)
             self.lm_head = q_emb if q_emb is not None else Dense(emb, None, t)
 
-    def __call__(self, x, segments, caches: list[list[KVCache]], sample_rows=None):
-        """x: (N,) token ids on the first stage, else (N, hidden). caches[seq][layer]."""
+    def __call__(self, x, positions: mx.array, plan: BatchSlots, kv: PagedKV, sample_rows=None):
+        """x: (N,) token ids on the first stage, else (N, hidden); positions: (N,) of every row."""
         if self.embed is not None:
             x = self.embed[x]
         for j, layer in enumerate(self.layers):
-            x = layer(x, segments, [c[j] for c in caches])
+            x = layer(x, positions, plan, kv.keys[j], kv.values[j])
         if self.lm_head is None:
             return x
         # only the rows that sample reach the head: never a (N, vocab) array
