@@ -82,7 +82,7 @@ class Attention:
 
     def __call__(self, x: mx.array, positions: mx.array, plan: BatchSlots, keys: mx.array,
                  values: mx.array) -> mx.array:
-        """keys/values: this layer's slots of the paged cache, (slots, n_kv, head_dim), written in place."""
+        """keys/values: this layer's paged cache, head-major (n_kv * slots, head_dim), written in place."""
         n, qd, kd = x.shape[0], self.n_heads * self.head_dim, self.n_kv * self.head_dim
         q, k, v = mx.split(self.qkv(x), [qd, qd + kd], axis=-1)
         # (N, heads, 1, head_dim): each row is its own batch entry, rotated at its own position
@@ -90,22 +90,21 @@ class Attention:
                                          base=None, scale=1.0, offset=positions, freqs=self.rope_freqs)
         q, k = rope(q, self.n_heads), rope(k, self.n_kv)
         k, v = k.reshape(n, self.n_kv, self.head_dim), v.reshape(n, self.n_kv, self.head_dim)
-        keys[plan.write] = k
-        values[plan.write] = v
+        keys[plan.write] = k.transpose(1, 0, 2).reshape(-1, self.head_dim)  # head-major rows (see ..cache)
+        values[plan.write] = v.transpose(1, 0, 2).reshape(-1, self.head_dim)
         outs = []
         if plan.decode_rows is not None:  # every one-token row in one call, read through its slots
             qs = q if plan.all_decode else q[plan.decode_rows]  # (B, heads, 1, head_dim)
-            ks = keys[plan.decode_slots].transpose(0, 2, 1, 3)  # (B, n_kv, Lmax, head_dim)
-            vs = values[plan.decode_slots].transpose(0, 2, 1, 3)
+            ks, vs = keys[plan.decode_index], values[plan.decode_index]  # (B, n_kv, Lmax, head_dim)
             o = mx.fast.scaled_dot_product_attention(qs, ks, vs, scale=self.scale, mask=plan.decode_mask)
             outs.append(o.reshape(-1, qd))
         for start, length, slots in plan.prefill:
             qs = q[start : start + length].reshape(1, length, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
             if slots is None:  # a first chunk: its own rows
-                ks, vs = k[start : start + length], v[start : start + length]
+                ks = k[start : start + length][None].transpose(0, 2, 1, 3)
+                vs = v[start : start + length][None].transpose(0, 2, 1, 3)
             else:  # a later chunk, or one after a cached prefix: everything before it too
-                ks, vs = keys[slots], values[slots]
-            ks, vs = ks[None].transpose(0, 2, 1, 3), vs[None].transpose(0, 2, 1, 3)
+                ks, vs = keys[slots], values[slots]  # (1, n_kv, offset + length, head_dim)
             o = mx.fast.scaled_dot_product_attention(qs, ks, vs, scale=self.scale, mask="causal")
             outs.append(o.transpose(0, 2, 1, 3).reshape(length, qd))
         out = outs[0] if len(outs) == 1 else mx.concatenate(outs)
