@@ -8,6 +8,7 @@ Everything here is numpy.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ class Layout:
 class _SeqState:
     length: int = 0  # tokens in the KV cache
     seen: list[int] = field(default_factory=list)  # token ids in order, for the penalties
+    seen_from: int = 0  # the position of seen[0]: a cached prefix's tokens are never sent
     rng: np.random.Generator | None = None
 
 
@@ -108,7 +110,7 @@ class BaseStage:
         self._check(batch)
         for s in batch.seqs:
             if s.seq_id not in self._seqs:
-                self._seqs[s.seq_id] = _SeqState(length=len(s.prefix) * BLOCK)
+                self._seqs[s.seq_id] = _SeqState(length=len(s.prefix) * BLOCK, seen_from=len(s.prefix) * BLOCK)
                 if s.prefix:
                     self.blocks.link(s.seq_id, s.prefix)
         try:
@@ -192,6 +194,11 @@ class BaseStage:
             if st.rng is None:
                 st.rng = np.random.default_rng(p.seed)
             history = np.asarray(st.seen, dtype=np.int64) if p.uses_history else _EMPTY
+            if st.seen_from and p.uses_history:  # the output penalties read only what follows the prompt
+                if p.repetition_penalty != 1.0:
+                    raise ValueError(f"sequence {s.seq_id}: a repetition penalty reads the whole prompt, and it "
+                                     "started from a cached prefix this stage never saw")
+                p = dataclasses.replace(p, output_from=max(0, p.output_from - st.seen_from))
             tok = sample_token(row, p, st.rng, history, s.allowed)
             lse = logsumexp(row)
             top = top_logprobs(row, p.logprobs, lse) if p.logprobs > 1 else []

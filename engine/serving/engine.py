@@ -31,6 +31,7 @@ from ..core.pipeline import BatchOutcome, Pipeline
 from ..core.sampling import SamplingParams
 from ..core.stage import SampledToken, SeqChunk, StageBatch
 from .output import GenerationChunk, Profile, Timing
+from .prefix_cache import PrefixCache
 from .recovery import RecoveryEvent, recover
 from .scheduler import Scheduler, Sequence as Seq, Slice
 from .structured import Constraint
@@ -49,6 +50,7 @@ class EngineConfig:
     max_batch_tokens: int = 512  # tokens in one micro-batch: the prefill chunk size
     prefill_with_decode: int = 128  # prefill tokens riding along with decode steps
     recovery_timeout_s: float = 30.0  # for a lost stage to be replaced, its load included
+    prefix_cache: bool = True  # reuse the KV blocks of prompts' shared prefixes (`prefix_cache.py`)
 
     def __post_init__(self):
         if self.inflight is not None and self.inflight < 1:
@@ -71,6 +73,7 @@ class Request:
     timing: Timing
     ignore_eos: bool = False
     constraint: Constraint | None = None  # structured output's grammar state
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache: not prefilled again
     profile: Profile = field(default_factory=Profile)
 
 
@@ -87,9 +90,11 @@ class Engine:
         self.vocab_size = vocab_size
         self.sliding_window = sliding_window
         c = self.config
+        self.prefix = PrefixCache(pipeline.kv_tokens()) if c.prefix_cache else None
         self.scheduler = Scheduler(pipeline.kv_tokens(), micro_batches=self.inflight, max_seqs=c.max_seqs,
                                    max_queue=c.max_queue, max_batch_tokens=c.max_batch_tokens,
-                                   prefill_with_decode=c.prefill_with_decode)
+                                   prefill_with_decode=c.prefill_with_decode,
+                                   on_admit=self._admitted if self.prefix else None)
         self._ids = itertools.count(secrets.randbits(40) << 20)  # unique on daemons other coordinators share
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._flying: dict[int, list[Slice]] = {}  # batch tag -> its slices
@@ -225,6 +230,10 @@ class Engine:
             return
         self._seqs[seq.seq_id] = seq
 
+    def _admitted(self, seq: Seq) -> int:
+        seq.owner.cached_tokens = n = self.prefix.admit(seq)
+        return n
+
     def _cancel(self, seq_id: int) -> None:
         seq = self._seqs.get(seq_id)
         if seq is None:
@@ -247,13 +256,15 @@ class Engine:
         for slices in batches:
             tag = next(self._tags)
             self._flying[tag] = slices
-            self.pipeline.submit(tag, StageBatch([self._seq_chunk(sl) for sl in slices]))
+            chunks = [self._seq_chunk(sl) for sl in slices]
+            self.pipeline.submit(tag, StageBatch(chunks, evict=self.prefix.end_batch() if self.prefix else ()))
 
     def _seq_chunk(self, sl: Slice) -> SeqChunk:
         constraint = sl.seq.owner.constraint
+        prefix, names = self.prefix.chunk(sl.seq, sl.start, sl.n) if self.prefix else ((), ())
         return SeqChunk(sl.seq.seq_id, sl.start, np.asarray(sl.seq.tokens(sl.start, sl.n), np.int32),
                         sl.seq.sampling if sl.sample else None,
-                        constraint.mask() if sl.sample and constraint is not None else None)
+                        constraint.mask() if sl.sample and constraint is not None else None, prefix, names)
 
     def _postprocess(self, outcomes: list[BatchOutcome]) -> list[tuple[Request, GenerationChunk]]:
         """Tokens into chunks; finished and cancelled sequences out (released on every stage)."""
@@ -293,6 +304,12 @@ class Engine:
             if lost:
                 self._recover(lost)
                 return
+        if "prefix cache miss" in str(error):  # a stage dropped a block this copy counts on (a daemon
+            self.log(f"{error}; every sequence is prefilled again")  # shared with another coordinator)
+            self._restart(self._live())
+            return
+        if self.prefix:  # the stages named none of the batch's blocks: start the cache afresh
+            self.prefix.reset()
         err = error if isinstance(error, (UserError, StageFailure)) else StageFailure(str(error))
         for sl in slices:
             self._end(sl.seq, err)
@@ -313,21 +330,32 @@ class Engine:
         ids (prompt + generated) by the next steps, so greedy outputs continue exactly and streams
         see no token twice, none missing. If none takes its place in time, every request ends with
         that error. The split is not planned again: the replacement takes the lost layer range."""
-        self._flying.clear()
-        live = list(self._seqs.values())
-        for seq in live:
-            seq.in_flight = False
-            seq.cached = 0
+        live = self._live()
         event = recover(self.pipeline, lost, self.config.recovery_timeout_s, self.log)
         self.recoveries.append(event)
-        try:
-            self.pipeline.release([s.seq_id for s in live])  # what the surviving stages still hold
-        except Exception:
-            pass  # a stage that cannot be told drops them with its connection
+        self._restart(live)  # the replacement holds no cached blocks: every prefix is prefilled again
         if not event.ok:
             err = StageFailure(event.error)
             for seq in live:
                 self._end(seq, err)
+
+    def _live(self) -> list[Seq]:
+        """Every live sequence, with every batch in flight given up on (outcomes still to come are dropped)."""
+        self._flying.clear()
+        return list(self._seqs.values())
+
+    def _restart(self, live: list[Seq]) -> None:
+        """Free every live sequence on every stage and forget the prefix cache: the next steps
+        prefill each again from its token ids (prompt + generated)."""
+        for seq in live:
+            seq.in_flight = False
+            seq.cached = 0
+        if self.prefix:
+            self.prefix.reset()
+        try:
+            self.pipeline.release([s.seq_id for s in live])  # what the stages still hold
+        except Exception:
+            pass  # a stage that cannot be told drops them with its connection
 
     def _chunk(self, seq: Seq, tok: SampledToken, now: float) -> GenerationChunk:
         """The chunk one sampled token makes for its request (`finish_reason` set if it ends it)."""
@@ -355,6 +383,8 @@ class Engine:
         started = seq.cached > 0 or seq.in_flight
         self.scheduler.finish(seq)
         self._seqs.pop(seq.seq_id, None)
+        if self.prefix:
+            self.prefix.release(seq.seq_id)
         if err is not None and not seq.cancelled:
             seq.owner.deliver(err)
         if started:

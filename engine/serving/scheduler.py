@@ -61,7 +61,9 @@ class Slice:
 
 class Scheduler:
     def __init__(self, kv_tokens: int, *, micro_batches: int = 1, max_seqs: int = 256, max_queue: int = 1024,
-                 max_batch_tokens: int = 512, prefill_with_decode: int = 128):
+                 max_batch_tokens: int = 512, prefill_with_decode: int = 128, on_admit=None):
+        """`on_admit(seq)`, if given, runs as a sequence starts running and returns how many of its
+        prompt tokens are in the caches already (a cached prefix): it starts that far in."""
         if micro_batches < 1:
             raise UserError("micro-batches in flight must be at least 1")
         self.kv_tokens = kv_tokens
@@ -70,6 +72,7 @@ class Scheduler:
         self.max_queue = max_queue
         self.max_batch_tokens = max_batch_tokens
         self.prefill_with_decode = prefill_with_decode  # prefill tokens riding along with decode steps
+        self.on_admit = on_admit
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.reserved = 0
@@ -97,6 +100,8 @@ class Scheduler:
             self.waiting.popleft()
             self.reserved += seq.reserve
             self.running.append(seq)
+            if self.on_admit is not None:
+                seq.cached = self.on_admit(seq)
 
     def next_batch(self) -> list[Slice]:
         """The next micro-batch (empty: nothing ready). Marks its sequences in flight."""

@@ -1,0 +1,104 @@
+"""The prefix cache's decisions, made on the coordinator for every stage at once.
+
+Each stage holds the KV cache of its own layers only, so every stage must keep, share and drop the
+same blocks. The coordinator runs `kv_blocks.BlockManager` over virtual blocks, as many as the
+smallest stage's budget holds, and replays on it what each batch will make every stage do:
+
+- a sequence admitted to run links the cached blocks its prompt starts with (`admit`): it starts
+  that many tokens in, and its first chunk names them (`SeqChunk.prefix`);
+- each chunk allocates the blocks its tokens need, evicting the least recently used unreferenced
+  blocks when the budget is full, and names the blocks it fills up (`SeqChunk.names`);
+- the evictions go with the batch (`StageBatch.evict`), applied by each stage before it runs it;
+- a finished sequence's named blocks stay cached, unreferenced (`release`).
+
+Stages run batches and releases in the order they were sent, so they hold what this copy holds.
+Names made by a batch count only from the next one on (a stage names blocks after computing them).
+`reset` starts afresh under a new salt (after a stage was replaced, or a batch failed), telling the
+stages to forget every name it gave.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+from ..core.kv_blocks import BLOCK, BlockManager, block_hashes
+from .scheduler import Sequence
+
+
+class PrefixCache:
+    def __init__(self, kv_tokens: int):
+        self.capacity = max(1, kv_tokens // BLOCK)
+        self._evict: list[int] = []
+        self.evictions = 0  # blocks evicted for room, all told
+        self.hit_tokens = 0  # prompt tokens not prefilled, all told
+        self._new()
+
+    def _new(self) -> None:
+        self.salt = secrets.randbits(63)  # hashes of one coordinator's blocks only: never another's
+        self.blocks = BlockManager(self.capacity, lambda old, need: old + need, keep_evicted=True)
+        self.hashes: dict[int, list[int]] = {}  # seq_id -> hashes of its full blocks so far
+        self.started: set[int] = set()  # sequences the stages have seen (their prefix was sent)
+        self.pending: list[tuple[int, int, list[int]]] = []  # names made by the batch being built
+
+    # -- the scheduler's and engine's calls ------------------------------------------------------
+
+    def admit(self, seq: Sequence) -> int:
+        """A sequence starts running: link its cached prefix; returns the tokens it skips. The last
+        prompt token is always computed (its logits sample the first token); a request whose
+        repetition penalty reads the whole prompt reuses nothing (the last stage would not see it)."""
+        if seq.sampling.repetition_penalty != 1.0:
+            return 0
+        want = self._hashes(seq, (len(seq.prompt) - 1) // BLOCK * BLOCK)
+        n = self.blocks.match(want)
+        self.blocks.link(seq.seq_id, want[:n])
+        self.hit_tokens += n * BLOCK
+        return n * BLOCK
+
+    def chunk(self, seq: Sequence, start: int, n: int) -> tuple[list[int], list[int]]:
+        """The (prefix, names) of a chunk of tokens [start, start + n) about to be sent."""
+        sid = seq.seq_id
+        if sid not in self.blocks.tables:  # admitted before a reset: it starts afresh, from no prefix
+            self.blocks.link(sid, [])
+        prefix = []
+        if sid not in self.started:
+            self.started.add(sid)
+            prefix = self._hashes(seq, len(self.blocks.table(sid)) * BLOCK)
+        self.blocks.slots(sid, start + n)
+        first, end = start // BLOCK, (start + n) // BLOCK
+        names = self._hashes(seq, end * BLOCK)[first:end]
+        if names:
+            self.pending.append((sid, first, names))
+        return prefix, names
+
+    def end_batch(self) -> list[int]:
+        """The batch is built: its names count from now on; returns the hashes it must evict."""
+        for sid, first, names in self.pending:
+            self.blocks.name(sid, first, names)
+        self.pending.clear()
+        self.evictions += len(self.blocks.evicted)
+        evict = self._evict + self.blocks.evicted
+        self._evict, self.blocks.evicted = [], []
+        return evict
+
+    def release(self, seq_id: int) -> None:
+        self.blocks.release(seq_id)
+        self.hashes.pop(seq_id, None)
+        self.started.discard(seq_id)
+
+    def reset(self) -> None:
+        """Forget everything; the next batch tells every stage to forget every name given so far."""
+        self._evict += list(self.blocks.by_hash) + self.blocks.evicted
+        self._new()
+
+    @property
+    def cached_tokens(self) -> int:
+        return self.blocks.cached_blocks * BLOCK
+
+    def _hashes(self, seq: Sequence, upto: int) -> list[int]:
+        """The hashes of the sequence's full blocks before token `upto` (computed once each)."""
+        have = self.hashes.setdefault(seq.seq_id, [])
+        blocks = upto // BLOCK
+        if len(have) < blocks:
+            parent = have[-1] if have else self.salt
+            have += block_hashes(seq.tokens(len(have) * BLOCK, (blocks - len(have)) * BLOCK), parent, 0)
+        return have[:blocks]
