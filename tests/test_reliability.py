@@ -166,6 +166,10 @@ def test_kill_9_and_restart_mid_generation_loses_nothing(real_model, cluster):
         assert event.ok and event.lost == [cluster.addresses[1]]
         assert event.detected - t_kill < 2.0, f"detected after {event.detected - t_kill:.2f} s"
         assert live(pipe) == [([], 0), ([], 0)]
+        # the second run started from the first's cached prompts; the replacement had none, and
+        # after the recovery every stage holds just the blocks the coordinator counts
+        assert gen.engine.prefix.hit_tokens > 0
+        assert [s.kv_tokens_cached() for s in pipe.stages] == [gen.engine.prefix.cached_tokens] * 2
 
 
 def test_failover_to_a_standby(real_model, cluster):

@@ -57,6 +57,32 @@ def test_remote_greedy_equals_local(real_model, daemons, pair):
     pipe.close()
 
 
+def test_prefix_cache_over_daemons_equals_no_cache(real_model, daemons):
+    """mlx and torch daemons: shared prefixes arriving together, and a second turn, give the same
+    tokens with the prefix cache as without; both daemons hold the blocks the coordinator counts
+    (and maybe more: earlier tests' coordinators left theirs, unreferenced, for eviction)."""
+    a, b = daemons[0], daemons[1]
+    spec = f"{a}=0-14,{b}=15-29"
+    outs = []
+    for cache in (True, False):
+        with Generator(real_model, connect_pipeline(str(real_model), spec), prefix_cache=cache,
+                       max_batch_tokens=48) as gen:
+            base = gen.tokenizer.encode("Minutes of the harbour board, read aloud at each meeting. " * 12)[:120]
+            first = gen.generate(base + [13], max_tokens=8, ignore_eos=True)
+            batch = gen.generate_batch([base + first.token_ids] + [base + [i + 20] for i in range(3)],
+                                       max_tokens=8, ignore_eos=True)
+            outs.append([first.token_ids] + [r.token_ids for r in batch])
+            cached = [r.cached_tokens for r in batch]
+            if cache:
+                assert all(c >= 112 for c in cached), cached
+                held = [s.kv_tokens_cached() for s in gen.pipeline.stages]
+                assert all(h >= gen.engine.prefix.cached_tokens > 0 for h in held), held
+            else:
+                assert cached == [0] * 4
+            assert [s.live_sequences() for s in gen.pipeline.stages] == [[], []]
+    assert outs[0] == outs[1]
+
+
 def test_planner_splits_by_measured_speed(real_model, daemons):
     logs = []
     pipe = connect_pipeline(str(real_model), f"{daemons[0]},{daemons[1]}", log=logs.append)

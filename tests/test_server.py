@@ -54,6 +54,7 @@ def wait_live(server, want: int, timeout_s: float = 10.0) -> list[dict]:
 
 def test_stream_equals_non_stream_with_usage(client):
     kw = dict(model="smollm2", messages=CHAT, max_tokens=24, temperature=0)
+    client.chat.completions.create(**kw)  # its prompt cached now: both below find the same prefix
     full = client.chat.completions.create(**kw)
     chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -65,6 +66,22 @@ def test_stream_equals_non_stream_with_usage(client):
     text = "".join(c.choices[0].delta.content or "" for c in with_choices)
     assert text == full.choices[0].message.content and text
     assert full.usage.completion_tokens <= 24 and full.usage.prompt_tokens > 5
+
+
+def test_cached_prompt_tokens_are_reported_and_change_nothing(client):
+    history = "Field notes from the survey of the northern lakes, written up each evening. " * 8
+    kw = dict(model="smollm2", max_tokens=12, temperature=0,
+              messages=[{"role": "system", "content": history}, {"role": "user", "content": "Which lake was deepest?"}])
+    first = client.chat.completions.create(**kw)
+    again = client.chat.completions.create(**kw)
+    streamed = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    assert first.usage.prompt_tokens > 100 and first.usage.prompt_tokens_details.cached_tokens == 0
+    # every full block of the prompt but the one holding its last token (which must be computed)
+    want = (first.usage.prompt_tokens - 1) // 16 * 16
+    assert again.usage.prompt_tokens_details.cached_tokens == want
+    assert streamed[-1].usage.prompt_tokens_details.cached_tokens == want
+    assert again.choices[0].message.content == first.choices[0].message.content
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == first.choices[0].message.content
 
 
 def test_greedy_matches_the_python_api(client, real_model):

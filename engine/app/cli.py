@@ -13,7 +13,7 @@ from ..core.partition import parse_layer_range
 from ..core.tensors import DTYPES, check_dtype
 
 EXIT_USAGE = 2
-BENCH_SUITES = ("serving", "backends", "pipeline")
+BENCH_SUITES = ("serving", "prefix", "backends", "pipeline")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -45,6 +45,8 @@ def _add_pipeline(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--device", default=None, help="with --local: torch: cuda, mps or cpu; mlx: gpu or cpu")
     p.add_argument("--compile", action="store_true",
                    help="with --local: torch.compile torch stages (faster decode; compiled once, then cached)")
+    p.add_argument("--kv-tokens", type=int, default=None,
+                   help="with --local: KV cache tokens per stage (default: half the memory free after loading)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a stage's answer")
     p.add_argument("--auth", default=None, metavar="DIR",
                    help="CURVE keys from `hetpipe keys init` (encrypted, allow-listed)")
@@ -58,6 +60,8 @@ def _add_pipeline(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--max-batch-tokens", type=int, default=512, help="tokens per micro-batch (prefill chunk size)")
     p.add_argument("--recovery-timeout", type=float, default=30.0,
                    help="seconds for a lost stage (or a standby) to come back and load before requests fail")
+    p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                   help="prefill every prompt in full (by default the KV blocks of shared prompt prefixes are reused)")
 
 
 def _add_generate(sub) -> None:
@@ -107,7 +111,8 @@ def _add_stage(sub) -> None:
 def _add_bench(sub) -> None:
     b = sub.add_parser("bench", help="serving under load, per-backend speed, or pipeline overhead",
                        description="hetpipe bench [serving] --local|--stages ...: throughput and latency with N "
-                       "concurrent clients. hetpipe bench backends: prefill/decode speed of each backend and "
+                       "concurrent clients. hetpipe bench prefix: turn-2 TTFT with and without the prefix "
+                       "cache. hetpipe bench backends: prefill/decode speed of each backend and "
                        "dtype on one layer range. hetpipe bench pipeline: one split in-process vs over ZeroMQ, "
                        "torch+torch vs mlx+torch. The last two write JSON, Markdown and PNG under --out.")
     suites = b.add_subparsers(dest="suite", required=True, parser_class=_Parser)
@@ -120,6 +125,12 @@ def _add_bench(sub) -> None:
     s.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request (EOS ignored)")
     s.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per request")
     s.add_argument("--json", action="store_true", help="print one JSON line")
+    x = suites.add_parser("prefix", help="turn 2 of a chat: time to first token with and without the prefix cache")
+    _add_pipeline(x, required=True)
+    x.add_argument("--history", type=int, default=800, help="tokens of shared history (the system message)")
+    x.add_argument("--rounds", type=int, default=4, help="chats timed with the cache, and as many without")
+    x.add_argument("--max-tokens", type=int, default=16, help="tokens of turn 1's answer")
+    x.add_argument("--json", action="store_true", help="print one JSON line")
     k = suites.add_parser("backends", help="prefill and decode speed of each backend and dtype")
     k.add_argument("--model", default=None, help="model directory (default: the fetched smollm2)")
     k.add_argument("--layers", default=None, metavar="FIRST-LAST", help="layer range (default: all)")
@@ -206,17 +217,21 @@ def _generator(args):
     """The pipeline the options ask for, in a Generator that owns it."""
     from ..api import Generator, connect_pipeline, local_pipeline
 
-    _at_least_1(args, "inflight", "max_seqs", "max_queue", "max_batch_tokens")
+    _at_least_1(args, "inflight", "max_seqs", "max_queue", "max_batch_tokens", "kv_tokens")
     if args.recovery_timeout < 0:
         raise UserError("--recovery-timeout must be >= 0")
     model_dir = _model_dir(args.model)
     if args.local:
-        pipeline = local_pipeline(model_dir, args.local, check_dtype(args.dtype), args.device, compile=args.compile)
+        pipeline = local_pipeline(model_dir, args.local, check_dtype(args.dtype), args.device, compile=args.compile,
+                                  kv_tokens=args.kv_tokens)
     else:
+        if args.kv_tokens is not None:
+            raise UserError("--kv-tokens applies to --local stages; a stage daemon takes its own (hetpipe stage --kv-tokens)")
         pipeline = connect_pipeline(model_dir, args.stages, timeout_s=args.timeout, auth_dir=args.auth,
                                     standby=args.standby, log=lambda m: print(m, file=sys.stderr))
     return Generator(model_dir, pipeline, inflight=args.inflight, max_seqs=args.max_seqs, max_queue=args.max_queue,
-                     max_batch_tokens=args.max_batch_tokens, recovery_timeout_s=args.recovery_timeout)
+                     max_batch_tokens=args.max_batch_tokens, recovery_timeout_s=args.recovery_timeout,
+                     prefix_cache=args.prefix_cache)
 
 
 def _parse_quant(text: str) -> tuple[tuple[int, int], ...]:
@@ -339,6 +354,17 @@ def cmd_bench(args) -> int:
                             max_tokens=args.max_tokens, prompt_len=args.prompt_len)
         print(json.dumps({**{k: r[k] for k in KEYS}, **{k: v for k, v in r.items() if k not in KEYS}})
               if args.json else format_serving(r))
+        return 0
+    if args.suite == "prefix":
+        from .bench.prefix import format_prefix, run_prefix
+
+        if not args.prefix_cache:
+            raise UserError("bench prefix times the prefix cache against none: --no-prefix-cache leaves nothing to time")
+        with _generator(args) as cached:
+            args.prefix_cache = False
+            with _generator(args) as uncached:
+                r = run_prefix(cached, uncached, history=args.history, rounds=args.rounds, max_tokens=args.max_tokens)
+        print(json.dumps(r) if args.json else format_prefix(r))
         return 0
     from pathlib import Path
 

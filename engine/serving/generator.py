@@ -43,6 +43,7 @@ class GenerationResult:
     token_ids: list[int]
     logprobs: list[dict]
     finish_reason: str
+    cached_tokens: int  # prompt tokens found in the prefix cache (not prefilled again)
     ttft_ms: float
     decode_tokens_per_s: float
     stages: list[dict]
@@ -212,6 +213,7 @@ class Generator:
             token_ids=[c.token_id for c in chunks],
             logprobs=logprobs,
             finish_reason=chunks[-1].finish_reason,
+            cached_tokens=req.cached_tokens,
             ttft_ms=req.timing.ttft_ms,
             decode_tokens_per_s=req.timing.decode_tokens_per_s,
             stages=(stages := self.pipeline.describe()),

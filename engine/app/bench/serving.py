@@ -64,7 +64,7 @@ def run_serving(gen: Generator, *, concurrency: int, requests: int, max_tokens: 
                 errors.append(e)
                 return
             with lock:
-                done.append((n, st.timing))
+                done.append((n, st.timing, st.request.cached_tokens))
 
     profile = gen.engine.profile = Profile()  # this run's batches only, not the warm-up
     start = time.perf_counter()
@@ -76,9 +76,9 @@ def run_serving(gen: Generator, *, concurrency: int, requests: int, max_tokens: 
     wall = time.perf_counter() - start
     if errors:
         raise errors[0]
-    tokens = sum(n for n, _ in done)
-    ttft = [t.ttft_ms for _, t in done]
-    itl = [g * 1000 for _, t in done for g in t.gaps]
+    tokens = sum(n for n, _, _ in done)
+    ttft = [t.ttft_ms for _, t, _ in done]
+    itl = [g * 1000 for _, t, _ in done for g in t.gaps]
     return {
         "aggregate_tokens_per_s": tokens / wall,
         "requests_per_s": requests / wall,
@@ -90,6 +90,8 @@ def run_serving(gen: Generator, *, concurrency: int, requests: int, max_tokens: 
         "prompt_len": prompt_len,
         "inflight": gen.engine.inflight,
         "tokens": tokens,
+        "cached_tokens": sum(c for _, _, c in done),  # prompt tokens the prefix cache served
+        "prefix_cache": gen.engine.prefix is not None,
         "wall_s": wall,
         "stages": (stages := gen.pipeline.describe()),
         "breakdown": profile.to_json(stages),  # compute per stage and wire time, summed over the run's batches

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from ...core.errors import UserError
@@ -30,6 +30,7 @@ class Choice:
     max_tokens: int
     echo: str = ""  # /v1/completions with echo: the prompt's text, put before the output
     chunks: list[GenerationChunk] = field(default_factory=list)
+    cached_tokens: Callable[[], int] = lambda: 0  # its prompt tokens the prefix cache served (known once it runs)
 
     @property
     def text(self) -> str:
@@ -168,6 +169,7 @@ def start(plan: Plan, gen: Generator) -> list:
         for c in plan.choices:
             streams.append(gen.astream(c.prompt_ids, max_tokens=c.max_tokens, sampling=c.sampling, stop=plan.stop,
                                        ignore_eos=plan.ignore_eos, json_schema=plan.json_schema))
+            c.cached_tokens = lambda req=streams[-1].request: req.cached_tokens
     except BaseException:
         for s in streams:
             s.close()
@@ -208,8 +210,12 @@ async def merged(plan: Plan, streams: list) -> AsyncIterator[tuple[Choice, Gener
 
 def usage(plan: Plan) -> dict:
     completion = sum(len(c.chunks) for c in plan.choices)
+    cached: dict[int, int] = {}  # per prompt (the n choices of one share it): what the cache served it
+    for c in plan.choices:
+        cached[id(c.prompt_ids)] = max(cached.get(id(c.prompt_ids), 0), c.cached_tokens())
     return {"prompt_tokens": plan.prompt_tokens, "completion_tokens": completion,
-            "total_tokens": plan.prompt_tokens + completion}
+            "total_tokens": plan.prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(cached.values())}}
 
 
 # -- bodies -------------------------------------------------------------------------------------

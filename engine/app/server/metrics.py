@@ -83,15 +83,23 @@ class _StageCollector:
         steps = CounterMetricFamily("hetpipe_pipeline_steps", "micro-batches run through the pipeline")
         used = GaugeMetricFamily("hetpipe_kv_tokens_used", "KV cache tokens held per stage", labels=["stage"])
         cap = GaugeMetricFamily("hetpipe_kv_tokens_capacity", "KV cache budget per stage, tokens", labels=["stage"])
+        cached = GaugeMetricFamily("hetpipe_kv_tokens_cached", "KV tokens in cached prefix blocks no request holds "
+                                   "(reclaimable)", labels=["stage"])
+        prefix = self.m.gen.engine.prefix
+        hits = CounterMetricFamily("hetpipe_prompt_tokens_cached", "prompt tokens served by the prefix cache")
+        hits.add_metric([], prefix.hit_tokens if prefix else 0)
+        evicted = CounterMetricFamily("hetpipe_prefix_cache_evicted_blocks", "cached blocks evicted for room")
+        evicted.add_metric([], prefix.evictions if prefix else 0)
         status = self.m.stage_status()
         for i, s in enumerate(status):
             name = stage_name(s)
             compute.add_metric([name], profile.stage_ms[i] if i < len(profile.stage_ms) else 0.0)
             if "kv_tokens_used" in s:
                 used.add_metric([name], s["kv_tokens_used"])
+                cached.add_metric([name], s["kv_tokens_cached"])
             cap.add_metric([name], s["kv_tokens"])
         steps.add_metric([], profile.steps)
-        yield from (compute, steps, used, cap)
+        yield from (compute, steps, used, cap, cached, hits, evicted)
 
 
 def stage_name(s: dict) -> str:
