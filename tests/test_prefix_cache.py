@@ -197,3 +197,61 @@ def test_eviction_under_a_small_kv_budget(real_model, spec):
     finally:
         on.close()
         off.close()
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_a_failed_batch_leaves_the_stages_and_the_coordinator_agreeing(tiny_dirs, backend):
+    """The coordinator's copy against a real stage, step by step: a batch refused by the stage
+    named nothing there, so its names are forgotten everywhere, and a request admitted earlier
+    with a cached prefix still finds every block it links."""
+    import numpy as np
+
+    from engine.api import load_stage
+    from engine.core.stage import SeqChunk, StageBatch
+    from engine.serving.prefix_cache import PrefixCache
+    from engine.serving.scheduler import Sequence
+
+    stage = load_stage(backend, tiny_dirs["llama"], 0, 3)
+    cache = PrefixCache(4096)
+    p = SamplingParams()
+
+    def seq(sid, ids):
+        return Sequence(sid, ids, 4, p, len(ids) + 4)
+
+    def run(chunks, ok=True):
+        batch = StageBatch([SeqChunk(s.seq_id, start, np.asarray(s.tokens(start, n), np.int32), p,
+                                     None, *cache.chunk(s, start, n)) for s, start, n in chunks])
+        batch.evict = cache.end_batch()
+        if ok:
+            stage.forward(batch)
+        else:
+            with pytest.raises(ValueError):
+                stage.forward(batch)
+            cache.forget(chunks)
+
+    def agree(linked_not_sent=0):
+        """The same names; the same cached blocks but those a request admitted and not yet sent
+        has linked (held on the coordinator's copy from admission, on a stage from its first chunk)."""
+        assert set(stage.blocks.by_hash) == set(cache.blocks.by_hash)
+        assert stage.kv_tokens_cached() == cache.cached_tokens + linked_not_sent
+
+    a = seq(1, list(range(1, 41)))
+    assert cache.admit(a) == 0
+    run([(a, 0, 40)])
+    stage.release([1])
+    cache.release(1)
+    agree()
+    b = seq(2, list(range(1, 33)) + [7, 8, 9])
+    assert cache.admit(b) == 32  # admitted, not yet sent
+    bad = seq(3, list(range(50, 90)))
+    cache.admit(bad)
+    bad.prompt[-1] = 10**6  # a token id the stage refuses: the batch fails before it names anything
+    run([(bad, 0, 40)], ok=False)
+    cache.release(3)
+    agree(linked_not_sent=32)
+    run([(b, 32, 3)])  # links the two cached blocks, prefills the rest
+    assert stage.live_sequences() == [2] and stage.kv_tokens_used() == 35
+    stage.release([2])
+    cache.release(2)
+    agree()
+    stage.close()

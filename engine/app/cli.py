@@ -412,7 +412,8 @@ def cmd_health(args) -> int:
         rows.append({"address": address, "state": "ok" if r.layers else "idle", "backend": r.backend,
                      "device": r.device, "dtype": r.dtype, "layers": list(r.layers) if r.layers else None,
                      "live_sequences": len(r.live_sequences), "kv_tokens_used": r.kv_tokens_used,
-                     "kv_tokens": r.kv_tokens, "forward_ms": r.forward_ms, "draining": r.draining})
+                     "kv_tokens_cached": r.kv_tokens_cached, "kv_tokens": r.kv_tokens, "forward_ms": r.forward_ms,
+                     "draining": r.draining})
     if args.json:
         print(json.dumps(rows))
     for r in [] if args.json else rows:
@@ -422,7 +423,8 @@ def cmd_health(args) -> int:
         layers = "none" if r["layers"] is None else f"{r['layers'][0]}-{r['layers'][1]}"
         fwd = "" if r["forward_ms"] is None else f", one-token forward {r['forward_ms']:.1f} ms"
         print(f"{r['address']}: {r['state']} {r['backend']} {r['device']} {r['dtype']} layers {layers}, "
-              f"{r['live_sequences']} live sequences, KV {r['kv_tokens_used']}/{r['kv_tokens']} tokens{fwd}")
+              f"{r['live_sequences']} live sequences, KV {r['kv_tokens_used']}/{r['kv_tokens']} tokens "
+              f"(+{r['kv_tokens_cached']} cached, reclaimable){fwd}")
     return 0 if all(r["state"] == "ok" for r in rows) else 1
 
 

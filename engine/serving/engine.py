@@ -308,8 +308,8 @@ class Engine:
             self.log(f"{error}; every sequence is prefilled again")  # shared with another coordinator)
             self._restart(self._live())
             return
-        if self.prefix:  # the stages named none of the batch's blocks: start the cache afresh
-            self.prefix.reset()
+        if self.prefix:  # the stages past the failed one named none of the batch's blocks
+            self.prefix.forget([(sl.seq, sl.start, sl.n) for sl in slices])
         err = error if isinstance(error, (UserError, StageFailure)) else StageFailure(str(error))
         for sl in slices:
             self._end(sl.seq, err)

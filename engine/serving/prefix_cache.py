@@ -12,9 +12,9 @@ smallest stage's budget holds, and replays on it what each batch will make every
 - a finished sequence's named blocks stay cached, unreferenced (`release`).
 
 Stages run batches and releases in the order they were sent, so they hold what this copy holds.
-Names made by a batch count only from the next one on (a stage names blocks after computing them).
-`reset` starts afresh under a new salt (after a stage was replaced, or a batch failed), telling the
-stages to forget every name it gave.
+Names made by a batch count only from the next one on (a stage names blocks after computing them);
+a batch that failed has its names forgotten everywhere (`forget`). `reset` starts afresh under a
+new salt (after a stage was replaced), telling the stages to forget every name it gave.
 """
 
 from __future__ import annotations
@@ -84,6 +84,14 @@ class PrefixCache:
         self.blocks.release(seq_id)
         self.hashes.pop(seq_id, None)
         self.started.discard(seq_id)
+
+    def forget(self, chunks: list[tuple[Sequence, int, int]]) -> None:
+        """A batch of these (sequence, start, n) chunks failed: stages past the one that failed never
+        named its blocks, those before it did. Every stage is told to forget those names."""
+        for seq, start, n in chunks:
+            names = self._hashes(seq, (start + n) // BLOCK * BLOCK)[start // BLOCK :]
+            self.blocks.evict(names)
+            self._evict += names
 
     def reset(self) -> None:
         """Forget everything; the next batch tells every stage to forget every name given so far."""
