@@ -79,19 +79,33 @@ class Attention:
         bqkv = mx.concatenate([w[p + f"{x}_proj.bias"] for x in "qkv"]) if cfg.attention_bias else None
         self.qkv = projection([w.pop(p + f"{x}_proj.weight") for x in "qkv"], dtype, bqkv, t)  # fused q/k/v
         self.o = projection([w.pop(p + "o_proj.weight")], dtype, w.get(p + "o_proj.bias"), t)
+        # decode steps run the projection, RoPE and the cache rows' layout as one compiled graph
+        # (a 16-row step of SmolLM2 on the CPU backend: 0.93x the time); one graph per batch size,
+        # so prefill, whose every prompt length would be another, runs it as it is
+        self._pre_decode = mx.compile(self._pre) if self.qkv.key() is not None else self._pre
 
-    def __call__(self, x: mx.array, positions: mx.array, plan: BatchSlots, keys: mx.array,
-                 values: mx.array) -> mx.array:
-        """keys/values: this layer's paged cache, head-major (n_kv * slots, head_dim), written in place."""
+    def _pre(self, x, positions, qkv_params):
+        """q (N, heads, 1, head_dim) and k, v (N, n_kv, head_dim), rotated at each row's position,
+        and k, v as head-major cache rows."""
         n, qd, kd = x.shape[0], self.n_heads * self.head_dim, self.n_kv * self.head_dim
-        q, k, v = mx.split(self.qkv(x), [qd, qd + kd], axis=-1)
-        # (N, heads, 1, head_dim): each row is its own batch entry, rotated at its own position
+        y = self.qkv.run(qkv_params, x) if self.qkv.key() is not None else self.qkv(x)
+        q, k, v = mx.split(y, [qd, qd + kd], axis=-1)
         rope = lambda t, h: mx.fast.rope(t.reshape(n, h, 1, self.head_dim), self.head_dim, traditional=False,  # noqa: E731
                                          base=None, scale=1.0, offset=positions, freqs=self.rope_freqs)
         q, k = rope(q, self.n_heads), rope(k, self.n_kv)
         k, v = k.reshape(n, self.n_kv, self.head_dim), v.reshape(n, self.n_kv, self.head_dim)
-        keys[plan.write] = k.transpose(1, 0, 2).reshape(-1, self.head_dim)  # head-major rows (see ..cache)
-        values[plan.write] = v.transpose(1, 0, 2).reshape(-1, self.head_dim)
+        krows = k.transpose(1, 0, 2).reshape(-1, self.head_dim)
+        vrows = v.transpose(1, 0, 2).reshape(-1, self.head_dim)
+        return q, k, v, krows, vrows
+
+    def __call__(self, x: mx.array, positions: mx.array, plan: BatchSlots, keys: mx.array,
+                 values: mx.array) -> mx.array:
+        """keys/values: this layer's paged cache, head-major (n_kv * slots, head_dim), written in place."""
+        qd = self.n_heads * self.head_dim
+        q, k, v, krows, vrows = (self._pre_decode if plan.all_decode else self._pre)(x, positions,
+                                                                                    self.qkv.parameters())
+        keys[plan.write] = krows  # head-major rows (see ..cache)
+        values[plan.write] = vrows
         outs = []
         if plan.decode_rows is not None:  # every one-token row in one call, read through its slots
             qs = q if plan.all_decode else q[plan.decode_rows]  # (B, heads, 1, head_dim)
