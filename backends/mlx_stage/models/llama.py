@@ -8,6 +8,8 @@ decode rows attend in one batched call, and each prefill chunk attends on its ow
 
 from __future__ import annotations
 
+import functools
+
 import mlx.core as mx
 
 from engine.core.config import ModelConfig
@@ -72,7 +74,8 @@ def projection(ws: list, dtype, bias=None, t=in_out):
 
 
 class Attention:
-    def __init__(self, cfg: ModelConfig, w: dict, p: str, rope_freqs: mx.array, dtype, t=in_out):
+    def __init__(self, cfg: ModelConfig, w: dict, p: str, rope_freqs: mx.array, dtype, compiled_graphs: dict,
+                 t=in_out):
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.scale = self.head_dim**-0.5
         self.rope_freqs = rope_freqs
@@ -82,28 +85,16 @@ class Attention:
         # decode steps run the projection, RoPE and the cache rows' layout as one compiled graph
         # (a 16-row step of SmolLM2 on the CPU backend: 0.93x the time); one graph per batch size,
         # so prefill, whose every prompt length would be another, runs it as it is
-        self._pre_decode = mx.compile(self._pre) if self.qkv.key() is not None else self._pre
-
-    def _pre(self, x, positions, qkv_params):
-        """q (N, heads, 1, head_dim) and k, v (N, n_kv, head_dim), rotated at each row's position,
-        and k, v as head-major cache rows."""
-        n, qd, kd = x.shape[0], self.n_heads * self.head_dim, self.n_kv * self.head_dim
-        y = self.qkv.run(qkv_params, x) if self.qkv.key() is not None else self.qkv(x)
-        q, k, v = mx.split(y, [qd, qd + kd], axis=-1)
-        rope = lambda t, h: mx.fast.rope(t.reshape(n, h, 1, self.head_dim), self.head_dim, traditional=False,  # noqa: E731
-                                         base=None, scale=1.0, offset=positions, freqs=self.rope_freqs)
-        q, k = rope(q, self.n_heads), rope(k, self.n_kv)
-        k, v = k.reshape(n, self.n_kv, self.head_dim), v.reshape(n, self.n_kv, self.head_dim)
-        krows = k.transpose(1, 0, 2).reshape(-1, self.head_dim)
-        vrows = v.transpose(1, 0, 2).reshape(-1, self.head_dim)
-        return q, k, v, krows, vrows
+        dims = (self.n_heads, self.n_kv, self.head_dim)
+        self._pre = functools.partial(_project_rotate, self.qkv, dims)
+        self._pre_decode = compiled(compiled_graphs, ("pre", self.qkv.key(), dims), self._pre)
 
     def __call__(self, x: mx.array, positions: mx.array, plan: BatchSlots, keys: mx.array,
                  values: mx.array) -> mx.array:
         """keys/values: this layer's paged cache, head-major (n_kv * slots, head_dim), written in place."""
         qd = self.n_heads * self.head_dim
-        q, k, v, krows, vrows = (self._pre_decode if plan.all_decode else self._pre)(x, positions,
-                                                                                    self.qkv.parameters())
+        q, k, v, krows, vrows = (self._pre_decode if plan.all_decode else self._pre)(
+            x, positions, self.qkv.parameters(), self.rope_freqs)
         keys[plan.write] = krows  # head-major rows (see ..cache)
         values[plan.write] = vrows
         outs = []
@@ -127,6 +118,31 @@ class Attention:
         return self.o(out)
 
 
+def _project_rotate(qkv, dims, x, positions, qkv_params, freqs):
+    """q (N, heads, 1, head_dim) and k, v (N, n_kv, head_dim), rotated at each row's position, and
+    k, v as head-major cache rows (see ..cache)."""
+    n_heads, n_kv, head_dim = dims
+    n, qd, kd = x.shape[0], n_heads * head_dim, n_kv * head_dim
+    y = qkv.run(qkv_params, x) if qkv.key() is not None else qkv(x)
+    q, k, v = mx.split(y, [qd, qd + kd], axis=-1)
+    rope = lambda t, h: mx.fast.rope(t.reshape(n, h, 1, head_dim), head_dim, traditional=False,  # noqa: E731
+                                     base=None, scale=1.0, offset=positions, freqs=freqs)
+    q, k = rope(q, n_heads), rope(k, n_kv)
+    k, v = k.reshape(n, n_kv, head_dim), v.reshape(n, n_kv, head_dim)
+    return q, k, v, k.transpose(1, 0, 2).reshape(-1, head_dim), v.transpose(1, 0, 2).reshape(-1, head_dim)
+
+
+def compiled(cache: dict, key, fn):
+    """`fn` compiled once per key in the stage's `cache` (None in the key: projections of mixed
+    schemes, run as they are). The graphs live in that dict, never in a layer: dropped with the
+    stage, on the thread that ran it, nothing keeps them alive to be freed at exit (see LlamaStage)."""
+    if None in key:
+        return fn
+    if key not in cache:
+        cache[key] = mx.compile(fn)
+    return cache[key]
+
+
 class Block:
     def __init__(self, cfg: ModelConfig, w: dict, i: int, rope_freqs: mx.array, mlps: dict, t=in_out):
         p = f"model.layers.{i}."
@@ -134,7 +150,7 @@ class Block:
         self.attn_norm = w[p + "input_layernorm.weight"]
         self.mlp_norm = w[p + "post_attention_layernorm.weight"]
         dtype = self.attn_norm.dtype
-        self.attn = Attention(cfg, w, p + "self_attn.", rope_freqs, dtype, t)
+        self.attn = Attention(cfg, w, p + "self_attn.", rope_freqs, dtype, mlps, t)
         self.gate_up = projection([w.pop(p + "mlp.gate_proj.weight"), w.pop(p + "mlp.up_proj.weight")], dtype, None, t)
         self.down = projection([w.pop(p + "mlp.down_proj.weight")], dtype, None, t)
         self.mlp = compiled_mlp(self.gate_up, self.down, self.eps, mlps)
