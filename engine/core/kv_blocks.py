@@ -26,11 +26,11 @@ BLOCK = 16  # token slots per block: the same on every backend (the coordinator 
 HASH_MASK = (1 << 63) - 1  # hashes are non-negative 63-bit ints (they travel as msgpack ints)
 
 
-def block_hashes(tokens: Sequence[int], parent: int, start: int = 0) -> list[int]:
-    """Hashes of the full blocks of `tokens` from block `start` on, chained from `parent` (the hash
-    of block start - 1, or the coordinator's salt for block 0)."""
+def block_hashes(tokens: Sequence[int], parent: int) -> list[int]:
+    """Hashes of the full blocks of `tokens`, chained from `parent` (the hash of the block before
+    them, or the coordinator's salt for a sequence's first block)."""
     out = []
-    for b in range(start, len(tokens) // BLOCK):
+    for b in range(len(tokens) // BLOCK):
         data = parent.to_bytes(8, "little") + np.asarray(tokens[b * BLOCK : (b + 1) * BLOCK], "<i4").tobytes()
         parent = int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") & HASH_MASK
         out.append(parent)
@@ -91,13 +91,18 @@ class BlockManager:
             self._ref(b)
         self.tables[seq_id] = table
 
-    def slots(self, seq_id: int, length: int) -> np.ndarray:
-        """Slot of each of the first `length` positions of a sequence, allocating blocks as needed."""
+    def allocate(self, seq_id: int, length: int) -> list[int]:
+        """The sequence's table, with blocks for its first `length` positions (taken as needed)."""
         table = self.tables.setdefault(seq_id, [])
         for _ in range(-(-length // BLOCK) - len(table)):
             b = self._take()
             self.refs[b] = 1
             table.append(b)
+        return table
+
+    def slots(self, seq_id: int, length: int) -> np.ndarray:
+        """Slot of each of the first `length` positions of a sequence, allocating blocks as needed."""
+        table = self.allocate(seq_id, length)
         pos = np.arange(length)
         return np.asarray(table, dtype=np.int64)[pos // BLOCK] * BLOCK + pos % BLOCK
 

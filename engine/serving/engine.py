@@ -306,7 +306,7 @@ class Engine:
                 return
         if "prefix cache miss" in str(error):  # a stage dropped a block this copy counts on (a daemon
             self.log(f"{error}; every sequence is prefilled again")  # shared with another coordinator)
-            self._restart(self._live())
+            self._restart(self._give_up_in_flight())
             return
         if self.prefix:  # the stages past the failed one named none of the batch's blocks
             self.prefix.forget([(sl.seq, sl.start, sl.n) for sl in slices])
@@ -330,7 +330,7 @@ class Engine:
         ids (prompt + generated) by the next steps, so greedy outputs continue exactly and streams
         see no token twice, none missing. If none takes its place in time, every request ends with
         that error. The split is not planned again: the replacement takes the lost layer range."""
-        live = self._live()
+        live = self._give_up_in_flight()
         event = recover(self.pipeline, lost, self.config.recovery_timeout_s, self.log)
         self.recoveries.append(event)
         self._restart(live)  # the replacement holds no cached blocks: every prefix is prefilled again
@@ -339,8 +339,8 @@ class Engine:
             for seq in live:
                 self._end(seq, err)
 
-    def _live(self) -> list[Seq]:
-        """Every live sequence, with every batch in flight given up on (outcomes still to come are dropped)."""
+    def _give_up_in_flight(self) -> list[Seq]:
+        """Forget every batch in flight (outcomes still to come are dropped); returns every live sequence."""
         self._flying.clear()
         return list(self._seqs.values())
 

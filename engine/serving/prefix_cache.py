@@ -63,9 +63,9 @@ class PrefixCache:
         if sid not in self.started:
             self.started.add(sid)
             prefix = self._hashes(seq, len(self.blocks.table(sid)) * BLOCK)
-        self.blocks.slots(sid, start + n)
+        self.blocks.allocate(sid, start + n)
         first, end = start // BLOCK, (start + n) // BLOCK
-        names = self._hashes(seq, end * BLOCK)[first:end]
+        names = self._hashes(seq, end * BLOCK)[first:end] if end > first else []  # most decode steps fill none
         if names:
             self.pending.append((sid, first, names))
         return prefix, names
@@ -108,5 +108,5 @@ class PrefixCache:
         blocks = upto // BLOCK
         if len(have) < blocks:
             parent = have[-1] if have else self.salt
-            have += block_hashes(seq.tokens(len(have) * BLOCK, (blocks - len(have)) * BLOCK), parent, 0)
+            have += block_hashes(seq.tokens(len(have) * BLOCK, (blocks - len(have)) * BLOCK), parent)
         return have[:blocks]

@@ -172,12 +172,11 @@ def compiled_mlp(gate_up, down, eps: float, cache: dict):
     key = (gate_up.key(), down.key(), eps)
     if None in key[:2]:  # projections of mixed schemes: run as they are
         return lambda x, norm, gu, dn: x + down(_swiglu(gate_up(mx.fast.rms_norm(x, norm, eps))))
-    if key not in cache:
-        def mlp(x, norm, gu, dn):
-            return x + down.run(dn, _swiglu(gate_up.run(gu, mx.fast.rms_norm(x, norm, eps))))
 
-        cache[key] = mx.compile(mlp)
-    return cache[key]
+    def mlp(x, norm, gu, dn):
+        return x + down.run(dn, _swiglu(gate_up.run(gu, mx.fast.rms_norm(x, norm, eps))))
+
+    return compiled(cache, ("mlp", *key), mlp)
 
 
 def _swiglu(gate_up: mx.array) -> mx.array:
