@@ -119,8 +119,14 @@ def test_astream_runs_concurrently_and_cancels(gen):
         return [c.token_id async for c in gen.astream(p, max_tokens=10, ignore_eos=True)]
 
     async def cancel_midway(p):
-        task = asyncio.ensure_future(collect(p))
-        await asyncio.sleep(0.3)
+        started = asyncio.Event()
+
+        async def long_stream():
+            async for _ in gen.astream(p, max_tokens=200, ignore_eos=True):
+                started.set()
+
+        task = asyncio.ensure_future(long_stream())
+        await started.wait()  # cancelled mid-generation, however fast the steps are
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
