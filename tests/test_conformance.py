@@ -95,6 +95,26 @@ def test_split_pipeline_matches_reference(tiny_dirs, refs, spec):
     assert all(s.live_sequences() == [] for s in stages)
 
 
+FAMILIES = ["mistral-window", "qwen3", "gemma2", "gemma3", "phi3", "mixtral", "qwen3_moe"]
+
+
+@pytest.mark.parametrize("model", FAMILIES)
+def test_each_family_split_across_both_backends_matches_reference(tiny_dirs, refs, model):
+    """MLX layers 0-1, torch layers 2-3: a prefill, decode steps past the windows, and a ragged batch."""
+    stages = [load_stage("mlx", tiny_dirs[model], 0, 1), load_stage("torch", tiny_dirs[model], 2, 3)]
+    ref_a, ref_b = hf_logprobs(refs[model], IDS_A), hf_logprobs(refs[model], IDS_B)
+    (tok,), _ = run_stages(stages, StageBatch([SeqChunk(0, 0, np.array(IDS_A[:3], np.int32), P5)]))
+    check_token(tok, ref_a[2])
+    for pos in range(3, len(IDS_A) - 1):
+        (tok,), _ = run_stages(stages, StageBatch([SeqChunk(0, pos, np.array([IDS_A[pos]], np.int32), P5)]))
+        check_token(tok, ref_a[pos])
+    # the last step of one sequence beside the whole prompt of another
+    out, _ = run_stages(stages, StageBatch([SeqChunk(0, len(IDS_A) - 1, np.array(IDS_A[-1:], np.int32), P5),
+                                            SeqChunk(1, 0, np.array(IDS_B, np.int32), P5)]))
+    check_token(out[0], ref_a[-1])
+    check_token(out[1], ref_b[-1])
+
+
 @pytest.mark.parametrize("first,second", [("mlx", "torch"), ("torch", "mlx")])
 def test_bfloat16_hidden_travels_as_bf16(tiny_dirs, refs, first, second):
     d = tiny_dirs["llama"]

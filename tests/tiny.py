@@ -15,6 +15,22 @@ VARIANTS = {
                         high_freq_factor=4.0, original_max_position_embeddings=32), rope_theta=500000.0),
     "mistral": dict(model_type="mistral", sliding_window=None),
     "qwen2": dict(model_type="qwen2", tie_word_embeddings=True),
+    # the other families, with windows shorter than the tests' prompts (11 tokens)
+    "llama-mlp-bias": dict(model_type="llama", mlp_bias=True),
+    "mistral-window": dict(model_type="mistral", sliding_window=4),
+    "qwen3": dict(model_type="qwen3", head_dim=16),
+    "gemma2": dict(model_type="gemma2", head_dim=16, query_pre_attn_scalar=16, sliding_window=4,
+                   attn_logit_softcapping=5.0, final_logit_softcapping=3.0),
+    "gemma3": dict(model_type="gemma3_text", head_dim=16, query_pre_attn_scalar=12, sliding_window=4,
+                   layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"],
+                   rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                    "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6}}),
+    "phi3": dict(model_type="phi3", pad_token_id=0, max_position_embeddings=256, original_max_position_embeddings=64,
+                 rope_scaling=dict(rope_type="longrope", short_factor=[1.0 + i / 8 for i in range(8)],
+                                   long_factor=[2.0 + i for i in range(8)])),
+    "mixtral": dict(model_type="mixtral", num_local_experts=4, num_experts_per_tok=2),
+    "qwen3_moe": dict(model_type="qwen3_moe", head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                      moe_intermediate_size=32, norm_topk_prob=True, mlp_only_layers=[1]),
 }
 
 

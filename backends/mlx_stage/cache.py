@@ -6,7 +6,9 @@ laid out (B, n_kv_heads, L, head_dim) for `mx.fast.scaled_dot_product_attention`
 backend a transposed view there costs 3-4x the attention itself). Which blocks a sequence owns, and
 which are shared as a cached prefix, is `engine.core.kv_blocks`' bookkeeping. Per batch,
 `BatchSlots` holds the row indices once for every layer: all new rows are written with one
-scatter, and the decode rows of all sequences attend in one masked call.
+scatter, and the decode rows of all sequences attend in one masked call. A layer with a sliding
+window reads the same batch through its own `BatchSlots` (each decode row's last `window` slots,
+windowed masks on the prefill chunks); every key stays cached.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from engine.core.kv_blocks import BLOCK, BlockManager, doubling, plan_slots
+from engine.core.kv_blocks import BLOCK, BlockManager, SlotPlan, doubling, plan_slots, window_mask, windowed
 
 
 @dataclass(slots=True)
@@ -25,7 +27,8 @@ class BatchSlots:
     decode_rows: mx.array | None  # (B,) rows of one-token sequences, attended together
     decode_index: mx.array | None  # (B, n_kv, Lmax) cache rows of their keys and values, padded
     decode_mask: mx.array | None  # (B, 1, 1, Lmax) bool: which of those are real (None: no padding)
-    prefill: list[tuple[int, int, mx.array | None]]  # (start, length, (1, n_kv, offset + length) rows, or None at offset 0)
+    # (start, length, (1, n_kv, offset + length) rows or None at offset 0, mask: "causal" or (1, 1, length, offset + length) bool)
+    prefill: list[tuple[int, int, mx.array | None, object]]
     all_decode: bool
     inverse: mx.array | None = None  # attention's rows (decode rows, then each chunk) back to batch order
 
@@ -48,13 +51,21 @@ class PagedKV:
         mx.eval(self.keys, self.values)
         return new
 
-    def plan(self, seq_ids, starts, lengths, offsets) -> BatchSlots:
+    def plan(self, seq_ids, starts, lengths, offsets, windows=(None,)) -> dict[int | None, BatchSlots]:
+        """The batch's slots as a layer of each of `windows` (None: no window) reads them."""
         p = plan_slots(self.blocks, seq_ids, starts, lengths, offsets)
+        return {w: self._slots(windowed(p, w), w) for w in windows}
+
+    def _slots(self, p: SlotPlan, window: int | None) -> BatchSlots:
         head = np.arange(self.n_kv, dtype=np.int64)[:, None] * (self.blocks.n_blocks * BLOCK)  # (n_kv, 1)
         rows = lambda slots: mx.array((head + slots[None, :]).astype(np.int32))  # noqa: E731  (n_kv, len)
-        plan = BatchSlots(rows(p.write).reshape(-1), None, None, None,
-                          [(start, n, None if slots is None else rows(slots)[None]) for start, n, _, slots in p.prefill],
-                          p.all_decode)
+        prefill = []
+        for start, n, off, slots in p.prefill:
+            mask = "causal"
+            if window is not None and off + n > window:
+                mask = mx.array(window_mask(off, n, window))[None, None]
+            prefill.append((start, n, None if slots is None else rows(slots)[None], mask))
+        plan = BatchSlots(rows(p.write).reshape(-1), None, None, None, prefill, p.all_decode)
         order = np.concatenate(([] if p.decode_rows is None else [p.decode_rows])
                                + [np.arange(start, start + n) for start, n, _, _ in p.prefill])
         if (order != np.arange(len(order))).any():

@@ -43,13 +43,15 @@ class MLXStage(BaseStage):
         raw = load_stage_tensors(model_dir, cfg, first, last)
         # quantized weights stay QuantTensors: the model loads their codes as they are (quant.py)
         weights = {name: t if isinstance(t, QuantTensor) else to_mlx(t, self.dtype) for name, t in raw.items()}
-        # mx.fast.rope takes periods (1 / inverse frequency)
-        freqs = mx.array(1.0 / rope_inv_freq(cfg))
+        # mx.fast.rope takes periods (1 / inverse frequency); gemma3's windowed layers have their own
+        freqs = {local: mx.array(1.0 / rope_inv_freq(cfg, local)) for local in (False, True)
+                 if local is False or cfg.local_rope_theta is not None}
         model_cls = importlib.import_module(f"{__package__}.models.{cfg.family}").StageModel
         layout = {"t": lambda w: w.T} if device == "gpu" else {}  # see LlamaStage
         self.model = model_cls(cfg, weights, first, last, freqs, **layout)
         # everything evaluated here, so the stage may run on another thread (MLX streams are per thread)
-        mx.eval(self.model.parameters(), freqs)
+        mx.eval(self.model.parameters(), list(freqs.values()))
+        self.windows = sorted(set(cfg.layer_windows[first : last + 1]), key=lambda w: w or 0)
         self.kv = PagedKV(last - first + 1, cfg.num_key_value_heads, cfg.head_dim, self.dtype)
         self.blocks = self.kv.blocks
 
@@ -84,8 +86,8 @@ class MLXStage(BaseStage):
             x = mx.array(np.concatenate([s.token_ids for s in seqs]).astype(np.int32))
         else:
             x = to_mlx(hidden, self.dtype)
-        plan = self.kv.plan([s.seq_id for s in seqs], lay.starts, lay.lengths, lay.offsets)
-        out = self.model(x, mx.array(lay.positions.astype(np.int32)), plan, self.kv, mx.array(lay.sample_rows))
+        plans = self.kv.plan([s.seq_id for s in seqs], lay.starts, lay.lengths, lay.offsets, self.windows)
+        out = self.model(x, mx.array(lay.positions.astype(np.int32)), plans, self.kv, mx.array(lay.sample_rows))
         mx.eval(out, *self.kv.arrays())
         if self.info.is_last:
             return np.array(out)

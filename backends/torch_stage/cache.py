@@ -5,6 +5,8 @@ blocks a sequence owns, and which are shared as a cached prefix, is `engine.core
 bookkeeping. Per batch, a `BatchSlots` turns block tables into slot indices once; every layer then
 writes all new rows with one `index_copy_` and runs the decode steps of all sequences as one padded
 attention call, instead of one call per sequence per layer (which dominated a 16-sequence decode step).
+A layer with a sliding window reads the same batch through its own `BatchSlots` (each decode row's
+last `window` slots, windowed masks on the prefill chunks); every key stays cached.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.core.kv_blocks import BLOCK, BlockManager, doubling, plan_slots
+from engine.core.kv_blocks import BLOCK, BlockManager, SlotPlan, doubling, plan_slots, window_mask, windowed
 
 
 @dataclass(slots=True)
@@ -22,8 +24,8 @@ class BatchSlots:
     decode_rows: torch.Tensor | None  # (B,) rows of one-token sequences, attended together
     decode_slots: torch.Tensor | None  # (B, Lmax) their cached slots, padded
     decode_lengths: torch.Tensor | None  # (B,) cached tokens of each: its slots past that are padding
-    # (start, length, slots, causal mask); slots and mask are None for a sequence's first chunk,
-    # which attends to its own new rows only (the causal kernel, no gather, no explicit mask)
+    # (start, length, slots, mask); slots are None for a sequence's first chunk, which attends to its
+    # own new rows only, and so is its mask where it is plain causal (the causal kernel, no explicit mask)
     prefill: list[tuple[int, int, torch.Tensor | None, torch.Tensor | None]]
     all_decode: bool
 
@@ -45,17 +47,18 @@ class PagedKV:
                 store[i] = t
         return new
 
-    def plan(self, seq_ids, starts, lengths, offsets) -> BatchSlots:
+    def plan(self, seq_ids, starts, lengths, offsets, windows=(None,)) -> dict[int | None, BatchSlots]:
+        """The batch's slots as a layer of each of `windows` (None: no window) reads them."""
         p = plan_slots(self.blocks, seq_ids, starts, lengths, offsets)
+        return {w: self._slots(windowed(p, w), w) for w in windows}
+
+    def _slots(self, p: SlotPlan, window: int | None) -> BatchSlots:
         to = lambda a: torch.from_numpy(a).to(self.device)  # noqa: E731
         prefill = []
         for start, n, off, slots in p.prefill:
-            if slots is None:
-                prefill.append((start, n, None, None))
-            else:
-                rows = torch.arange(n, device=self.device)[:, None] + off
-                causal = torch.arange(off + n, device=self.device)[None, :] <= rows
-                prefill.append((start, n, to(slots), causal))
+            plain = slots is None and (window is None or n <= window)
+            mask = None if plain else to(window_mask(off, n, window))
+            prefill.append((start, n, None if slots is None else to(slots), mask))
         plan = BatchSlots(to(p.write), None, None, None, prefill, p.all_decode)
         if p.decode_rows is not None:
             plan.decode_rows, plan.decode_slots = to(p.decode_rows), to(p.decode_slots)

@@ -109,7 +109,10 @@ class TorchStage(BaseStage):
             if native.load() is None:  # our CPU kernels, where this CPU runs them (else torch's)
                 self.kernels = native.running()
         self.decode_model = self.model  # what runs steps of one-token rows: compiled with --compile
-        self.inv_freq = torch.from_numpy(rope_inv_freq(cfg)).to(self.device)
+        # gemma3's windowed layers have a RoPE base of their own
+        self.inv_freq = {local: torch.from_numpy(rope_inv_freq(cfg, local)).to(self.device) for local in (False, True)
+                         if local is False or cfg.local_rope_theta is not None}
+        self.windows = sorted(set(cfg.layer_windows[first : last + 1]), key=lambda w: w or 0)
         self.kv = PagedKV(last - first + 1, cfg.num_key_value_heads, cfg.head_dim, self.dtype, self.device)
         self.blocks = self.kv.blocks
 
@@ -170,16 +173,22 @@ class TorchStage(BaseStage):
         else:
             x = to_torch(hidden, self.dtype, self.device)
         pos = torch.from_numpy(lay.positions).to(self.device)
-        freqs = pos[:, None].float() * self.inv_freq[None, :]
-        emb = torch.cat([freqs, freqs], dim=-1)[:, None, :]  # (N, 1, head_dim)
-        cos, sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
-        plan = self.kv.plan([s.seq_id for s in seqs], lay.starts, lay.lengths, lay.offsets)
+        rope = {local: self._cos_sin(pos, inv) for local, inv in self.inv_freq.items()}
+        plans = self.kv.plan([s.seq_id for s in seqs], lay.starts, lay.lengths, lay.offsets, self.windows)
         rows = torch.from_numpy(lay.sample_rows).to(self.device)
-        model = self.decode_model if plan.all_decode else self.model
-        out = model(x, cos, sin, plan, self.kv, rows)
+        model = self.decode_model if plans[None if None in plans else self.windows[0]].all_decode else self.model
+        out = model(x, rope, plans, self.kv, rows)
         if self.info.is_last:
             return out.cpu().numpy()
         return to_hidden(out, self.info.dtype)
+
+
+    def _cos_sin(self, pos: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, 1, head_dim) cos and sin of every row's position (times LongRoPE's attention factor)."""
+        freqs = pos[:, None].float() * inv_freq[None, :]
+        emb = torch.cat([freqs, freqs], dim=-1)[:, None, :]
+        f = self.cfg.rope_attention_factor
+        return (emb.cos() * f).to(self.dtype), (emb.sin() * f).to(self.dtype)
 
 
 def create_stage(model_dir, cfg: ModelConfig, first: int, last: int, *, device=None, dtype="float32",

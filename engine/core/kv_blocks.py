@@ -197,6 +197,29 @@ def plan_slots(blocks: BlockManager, seq_ids, starts, lengths, offsets) -> SlotP
     return plan
 
 
+def windowed(p: SlotPlan, window: int | None) -> SlotPlan:
+    """The batch `p` as a layer attending within its last `window` positions reads it: each decode row
+    its last `window` slots (left-aligned, padded past the new lengths). Prefill chunks keep all their
+    slots; their masks hold the window (each backend's `cache.py`)."""
+    if window is None or p.decode_rows is None or p.decode_lengths.max() <= window:
+        return p
+    keep = np.minimum(p.decode_lengths, window)
+    cols = (p.decode_lengths - keep)[:, None] + np.arange(keep.max())[None, :]
+    cols = np.minimum(cols, p.decode_slots.shape[1] - 1)
+    return SlotPlan(p.write, p.decode_rows, np.take_along_axis(p.decode_slots, cols, axis=1), keep, p.prefill)
+
+
+def window_mask(offset: int, length: int, window: int | None) -> np.ndarray:
+    """(length, offset + length) bool: which positions each of a chunk's rows attends to, causal and
+    within `window` (transformers' sliding window: key j for query i when i - window < j <= i)."""
+    rows = np.arange(length)[:, None] + offset
+    cols = np.arange(offset + length)[None, :]
+    ok = cols <= rows
+    if window is not None:
+        ok &= cols > rows - window
+    return ok
+
+
 def doubling(old: int, need: int, capacity: int | None, least: int = 64) -> int:
     """A pool's next size: at least twice as large (and `least`), within `capacity` unless more is needed."""
     new = max(2 * old, least)

@@ -20,6 +20,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import UserError
+from .experts import moe_prefix, stack_experts
 from .quant import QuantScheme, QuantTensor
 from .tensors import TypedArray, itemsize
 
@@ -83,7 +84,22 @@ def load_stage_tensors(model_dir: str | Path, cfg: ModelConfig, first: int, last
     missing = [n for n in _required_names(cfg, first, last) if n not in out]
     if missing:
         raise UserError(f"checkpoint in {model_dir} lacks {missing[0]} (and {len(missing) - 1} more)")
+    if cfg.norm_offset:
+        fold_norm_offset(out, cfg.norm_offset)
+    for i in range(first, last + 1):  # each MoE layer's experts as two stacked tensors
+        if cfg.moe is not None and cfg.moe.routed(i):
+            p = moe_prefix(cfg, i)
+            out[p + "gate.weight"], out[p + "experts.gate_up_proj"], out[p + "experts.down_proj"] = \
+                stack_experts(out, cfg, i)
     return out
+
+
+def fold_norm_offset(w: dict, offset: float) -> None:
+    """Norms that multiply by (offset + weight) (gemma) as plain norm weights: float32, the offset added
+    as transformers adds it, in float32 (a backend casts them to its dtype like every weight)."""
+    for name, t in w.items():
+        if name.endswith("norm.weight"):
+            w[name] = TypedArray(t.to_float32() + np.float32(offset), "float32")
 
 
 def layer_bytes(model_dir: str | Path, cfg: ModelConfig, dtype: str) -> int:
@@ -134,12 +150,20 @@ def _quant_tensor(raw: dict[str, TypedArray], module: str, scheme: QuantScheme, 
 
 
 def _required_names(cfg: ModelConfig, first: int, last: int) -> list[str]:
+    """What every layer of any family holds (fused q/k/v and gate/up count as q and gate; a MoE layer's
+    experts are checked as they are stacked, `experts.py`)."""
     req = []
     for i in range(first, last + 1):
         p = f"model.layers.{i}."
-        req += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
-        req += [p + f"self_attn.{x}_proj.weight" for x in "qkvo"]
-        req += [p + f"mlp.{x}_proj.weight" for x in ("gate", "up", "down")]
+        req += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight", p + "self_attn.o_proj.weight"]
+        if cfg.sandwich_norms:
+            req += [p + "pre_feedforward_layernorm.weight", p + "post_feedforward_layernorm.weight"]
+        if cfg.qk_norm:
+            req += [p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"]
+        req += [p + f"self_attn.{x}_proj.weight" for x in (("qkv",) if cfg.model_type == "phi3" else "qkv")]
+        if cfg.moe is None or not cfg.moe.routed(i):
+            req += [p + f"mlp.{x}_proj.weight" for x in (("gate_up", "down") if cfg.model_type == "phi3"
+                                                         else ("gate", "up", "down"))]
     if first == 0:
         req.append("model.embed_tokens.weight")
     if last == cfg.num_hidden_layers - 1:

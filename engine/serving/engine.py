@@ -79,7 +79,7 @@ class Request:
 
 class Engine:
     def __init__(self, pipeline: Pipeline, tokenizer: Tokenizer, *, eos_ids: set[int], context: int,
-                 vocab_size: int, sliding_window: int | None = None, config: EngineConfig | None = None, log=None):
+                 vocab_size: int, position_limit: tuple[int, str] | None = None, config: EngineConfig | None = None, log=None):
         self.config = config or EngineConfig()
         # default: one micro-batch per stage, so each stage has its own to work on
         self.inflight = min(self.config.inflight or len(pipeline.stages), pipeline.max_inflight)
@@ -88,7 +88,8 @@ class Engine:
         self.eos_ids = eos_ids
         self.context = context
         self.vocab_size = vocab_size
-        self.sliding_window = sliding_window
+        # (positions, why): requests reaching past them are refused, never run wrong
+        self.position_limit = position_limit
         c = self.config
         self.prefix = PrefixCache(pipeline.kv_tokens()) if c.prefix_cache else None
         self.scheduler = Scheduler(pipeline.kv_tokens(), micro_batches=self.inflight, max_seqs=c.max_seqs,
@@ -170,9 +171,9 @@ class Engine:
         if min(ids) < 0 or max(ids) >= self.vocab_size:
             raise UserError(f"prompt token ids must be in 0..{self.vocab_size - 1}")
         reach = min(len(ids) + max_tokens, self.context)
-        if self.sliding_window is not None and reach > self.sliding_window:
-            raise UserError(f"prompt ({len(ids)} tokens) + max tokens ({max_tokens}) reach past the model's "
-                            f"sliding_window of {self.sliding_window}, which hetpipe does not implement yet")
+        if self.position_limit is not None and reach > self.position_limit[0]:
+            raise UserError(f"prompt ({len(ids)} tokens) + max tokens ({max_tokens}) reach past position "
+                            f"{self.position_limit[0]}: {self.position_limit[1]}")
         if sampling is not None and not isinstance(sampling, SamplingParams):
             raise UserError("sampling must be a SamplingParams")
         for t, _ in sampling.logit_bias if sampling is not None else ():

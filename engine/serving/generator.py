@@ -73,7 +73,7 @@ class Generator:
             if pipeline is not None:
                 self.engine = Engine(pipeline, self.tokenizer, eos_ids=self.eos_ids,
                                      context=self.cfg.max_position_embeddings, vocab_size=self.cfg.vocab_size,
-                                     sliding_window=self.cfg.sliding_window, config=EngineConfig(**engine_opts))
+                                     position_limit=self._position_limit(), config=EngineConfig(**engine_opts))
         except BaseException:
             if pipeline is not None:
                 pipeline.close()  # it was given to us: nobody else will close it
@@ -83,6 +83,12 @@ class Generator:
             self._finalizer = weakref.finalize(self, _close, self.engine, pipeline)
             self._finalizer.atexit = False
         self.last_timing: Timing | None = None  # of the latest request submitted
+
+    def _position_limit(self) -> tuple[int, str] | None:
+        if self.cfg.context_limit is None:
+            return None
+        return (self.cfg.context_limit, "the model's LongRoPE switches to its long factors there, which hetpipe "
+                                         "does not implement yet")
 
     def prompt_ids(self, prompt: str | list[dict] | Sequence[int], chat: bool = False) -> list[int]:
         """Text, a chat message list, or token ids. With `chat`, text becomes one user turn."""

@@ -1,4 +1,7 @@
-"""Llama-family layers in MLX (llama, mistral, qwen2): a contiguous slice of the model.
+"""Llama-family layers in MLX (llama, mistral, qwen2, qwen3, phi3): a contiguous slice of the model.
+
+The other families' files (`gemma.py`, `moe.py`) build on these layers: attention with per-layer
+windows, q/k norms, soft-capping and RoPE bases, and a gated MLP with either activation.
 
 Uses only `mx.fast.*` kernels and plain array ops, so the same code runs on Metal and on the
 CPU. Rows of all sequences are flattened for the projections and the rotary embedding (each row at
@@ -74,60 +77,91 @@ def projection(ws: list, dtype, bias=None, t=in_out):
 
 
 class Attention:
-    def __init__(self, cfg: ModelConfig, w: dict, p: str, rope_freqs: mx.array, dtype, compiled_graphs: dict,
-                 t=in_out):
+    def __init__(self, cfg: ModelConfig, w: dict, p: str, layer: int, rope_freqs: mx.array, dtype,
+                 compiled_graphs: dict, t=in_out):
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.scale = self.head_dim**-0.5
+        self.scale, self.softcap = cfg.attn_scale, cfg.attn_softcap
+        self.window = cfg.layer_windows[layer]
         self.rope_freqs = rope_freqs
         bqkv = mx.concatenate([w[p + f"{x}_proj.bias"] for x in "qkv"]) if cfg.attention_bias else None
-        self.qkv = projection([w.pop(p + f"{x}_proj.weight") for x in "qkv"], dtype, bqkv, t)  # fused q/k/v
+        fused = [w.pop(p + "qkv_proj.weight")] if p + "qkv_proj.weight" in w else \
+            [w.pop(p + f"{x}_proj.weight") for x in "qkv"]  # phi3 ships q/k/v fused
+        self.qkv = projection(fused, dtype, bqkv, t)  # fused q/k/v
         self.o = projection([w.pop(p + "o_proj.weight")], dtype, w.get(p + "o_proj.bias"), t)
+        self.norms = [w[p + "q_norm.weight"], w[p + "k_norm.weight"]] if cfg.qk_norm else []
         # decode steps run the projection, RoPE and the cache rows' layout as one compiled graph
         # (a 16-row step of SmolLM2 on the CPU backend: 0.93x the time); one graph per batch size,
         # so prefill, whose every prompt length would be another, runs it as it is
-        dims = (self.n_heads, self.n_kv, self.head_dim)
-        self._pre = functools.partial(_project_rotate, self.qkv, dims)
-        self._pre_decode = compiled(compiled_graphs, ("pre", self.qkv.key(), dims), self._pre)
+        spec = (self.n_heads, self.n_kv, self.head_dim, cfg.rms_norm_eps if cfg.qk_norm else None,
+                cfg.rope_attention_factor)
+        self._pre = functools.partial(_project_rotate, self.qkv, spec)
+        self._pre_decode = compiled(compiled_graphs, ("pre", self.qkv.key(), spec), self._pre)
 
-    def __call__(self, x: mx.array, positions: mx.array, plan: BatchSlots, keys: mx.array,
+    def parameters(self) -> list[mx.array]:
+        return self.qkv.parameters() + self.o.parameters() + self.norms
+
+    def __call__(self, x: mx.array, positions: mx.array, plans: dict[int | None, BatchSlots], keys: mx.array,
                  values: mx.array) -> mx.array:
-        """keys/values: this layer's paged cache, head-major (n_kv * slots, head_dim), written in place."""
+        """keys/values: this layer's paged cache, head-major (n_kv * slots, head_dim), written in place;
+        `plans`: the batch's slots as each window reads them (`PagedKV.plan`)."""
+        plan = plans[self.window]
         qd = self.n_heads * self.head_dim
         q, k, v, krows, vrows = (self._pre_decode if plan.all_decode else self._pre)(
-            x, positions, self.qkv.parameters(), self.rope_freqs)
+            x, positions, self.qkv.parameters(), self.rope_freqs, self.norms)
         keys[plan.write] = krows  # head-major rows (see ..cache)
         values[plan.write] = vrows
         outs = []
         if plan.decode_rows is not None:  # every one-token row in one call, read through its slots
             qs = q if plan.all_decode else q[plan.decode_rows]  # (B, heads, 1, head_dim)
             ks, vs = keys[plan.decode_index], values[plan.decode_index]  # (B, n_kv, Lmax, head_dim)
-            o = mx.fast.scaled_dot_product_attention(qs, ks, vs, scale=self.scale, mask=plan.decode_mask)
-            outs.append(o.reshape(-1, qd))
-        for start, length, slots in plan.prefill:
+            outs.append(self.attend(qs, ks, vs, plan.decode_mask).reshape(-1, qd))
+        for start, length, slots, mask in plan.prefill:
             qs = q[start : start + length].reshape(1, length, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
             if slots is None:  # a first chunk: its own rows
                 ks = k[start : start + length][None].transpose(0, 2, 1, 3)
                 vs = v[start : start + length][None].transpose(0, 2, 1, 3)
             else:  # a later chunk, or one after a cached prefix: everything before it too
                 ks, vs = keys[slots], values[slots]  # (1, n_kv, offset + length, head_dim)
-            o = mx.fast.scaled_dot_product_attention(qs, ks, vs, scale=self.scale, mask="causal")
+            o = self.attend(qs, ks, vs, mask)
             outs.append(o.transpose(0, 2, 1, 3).reshape(length, qd))
         out = outs[0] if len(outs) == 1 else mx.concatenate(outs)
         if plan.inverse is not None:  # decode rows first, then the chunks: back to batch order
             out = out[plan.inverse]
         return self.o(out)
 
+    def attend(self, q, k, v, mask):
+        """q (B, heads, T, head_dim) against k, v (B, n_kv, L, head_dim); mask: None, "causal" or bool
+        (B or 1, 1, T, L). Soft-capped scores (gemma2) have no fused kernel: computed as transformers does."""
+        if self.softcap is None:
+            return mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        b, h, n, d = q.shape
+        rep = h // self.n_kv
+        s = (q.reshape(b, self.n_kv, rep, n, d) @ k[:, :, None].swapaxes(-1, -2)) * self.scale
+        s = mx.tanh(s / self.softcap) * self.softcap  # (B, n_kv, rep, T, L)
+        if isinstance(mask, str):
+            mask = mx.arange(k.shape[2])[None, :] <= mx.arange(n)[:, None] + (k.shape[2] - n)
+        if mask is not None:
+            s = mx.where(mask.reshape(mask.shape[0], 1, 1, *mask.shape[-2:]) if mask.ndim == 4 else mask,
+                         s, mx.array(-mx.inf, s.dtype))
+        probs = mx.softmax(s.astype(mx.float32), axis=-1).astype(v.dtype)
+        return (probs @ v[:, :, None]).reshape(b, h, n, d)
 
-def _project_rotate(qkv, dims, x, positions, qkv_params, freqs):
-    """q (N, heads, 1, head_dim) and k, v (N, n_kv, head_dim), rotated at each row's position, and
-    k, v as head-major cache rows (see ..cache)."""
-    n_heads, n_kv, head_dim = dims
+
+def _project_rotate(qkv, spec, x, positions, qkv_params, freqs, norms):
+    """q (N, heads, 1, head_dim) and k, v (N, n_kv, head_dim), q and k normed per head (qwen3, gemma3)
+    and rotated at each row's position, and k, v as head-major cache rows (see ..cache)."""
+    n_heads, n_kv, head_dim, norm_eps, factor = spec
     n, qd, kd = x.shape[0], n_heads * head_dim, n_kv * head_dim
     y = qkv.run(qkv_params, x) if qkv.key() is not None else qkv(x)
     q, k, v = mx.split(y, [qd, qd + kd], axis=-1)
-    rope = lambda t, h: mx.fast.rope(t.reshape(n, h, 1, head_dim), head_dim, traditional=False,  # noqa: E731
-                                     base=None, scale=1.0, offset=positions, freqs=freqs)
-    q, k = rope(q, n_heads), rope(k, n_kv)
+    q, k = q.reshape(n, n_heads, 1, head_dim), k.reshape(n, n_kv, 1, head_dim)
+    if norm_eps is not None:
+        q, k = mx.fast.rms_norm(q, norms[0], norm_eps), mx.fast.rms_norm(k, norms[1], norm_eps)
+    rope = lambda t: mx.fast.rope(t, head_dim, traditional=False, base=None, scale=1.0,  # noqa: E731
+                                  offset=positions, freqs=freqs)
+    q, k = rope(q), rope(k)
+    if factor != 1.0:  # LongRoPE's attention factor: cos and sin scaled, as transformers does
+        q, k = q * factor, k * factor
     k, v = k.reshape(n, n_kv, head_dim), v.reshape(n, n_kv, head_dim)
     return q, k, v, k.transpose(1, 0, 2).reshape(-1, head_dim), v.transpose(1, 0, 2).reshape(-1, head_dim)
 
@@ -144,37 +178,48 @@ def compiled(cache: dict, key, fn):
 
 
 class Block:
-    def __init__(self, cfg: ModelConfig, w: dict, i: int, rope_freqs: mx.array, mlps: dict, t=in_out):
+    def __init__(self, cfg: ModelConfig, w: dict, i: int, rope_freqs: mx.array, graphs: dict, t=in_out):
         p = f"model.layers.{i}."
         self.eps = cfg.rms_norm_eps
         self.attn_norm = w[p + "input_layernorm.weight"]
         self.mlp_norm = w[p + "post_attention_layernorm.weight"]
         dtype = self.attn_norm.dtype
-        self.attn = Attention(cfg, w, p + "self_attn.", rope_freqs, dtype, mlps, t)
-        self.gate_up = projection([w.pop(p + "mlp.gate_proj.weight"), w.pop(p + "mlp.up_proj.weight")], dtype, None, t)
-        self.down = projection([w.pop(p + "mlp.down_proj.weight")], dtype, None, t)
-        self.mlp = compiled_mlp(self.gate_up, self.down, self.eps, mlps)
+        self.attn = Attention(cfg, w, p + "self_attn.", i, rope_freqs, dtype, graphs, t)
+        self.init_mlp(cfg, w, p + "mlp.", dtype, graphs, t)
+
+    def init_mlp(self, cfg: ModelConfig, w: dict, p: str, dtype, graphs: dict, t, post_norm: bool = False) -> None:
+        bias = lambda *xs: mx.concatenate([w[p + f"{x}_proj.bias"] for x in xs]) if cfg.mlp_bias else None  # noqa: E731
+        fused = [w.pop(p + "gate_up_proj.weight")] if p + "gate_up_proj.weight" in w else \
+            [w.pop(p + "gate_proj.weight"), w.pop(p + "up_proj.weight")]  # phi3 ships gate/up fused
+        self.gate_up = projection(fused, dtype, bias("gate", "up"), t)
+        self.down = projection([w.pop(p + "down_proj.weight")], dtype, bias("down"), t)
+        self.mlp = compiled_mlp(self.gate_up, self.down, self.eps, cfg.hidden_act, graphs, post_norm)
         self.mlp_weights = (self.gate_up.parameters(), self.down.parameters())  # the compiled graph's inputs
 
     def parameters(self) -> list[mx.array]:
-        return [self.attn_norm, self.mlp_norm] + [
-            a for lin in (self.attn.qkv, self.attn.o, self.gate_up, self.down) for a in lin.parameters()]
+        return [self.attn_norm, self.mlp_norm] + self.attn.parameters() + [a for ws in self.mlp_weights for a in ws]
 
-    def __call__(self, x, positions, plan, keys, values):
-        x = x + self.attn(mx.fast.rms_norm(x, self.attn_norm, self.eps), positions, plan, keys, values)
+    def __call__(self, x, positions, plans, keys, values):
+        x = x + self.attn(mx.fast.rms_norm(x, self.attn_norm, self.eps), positions, plans, keys, values)
         return self.mlp(x, self.mlp_norm, *self.mlp_weights)
 
 
-def compiled_mlp(gate_up, down, eps: float, cache: dict):
-    """Norm, gate/up, SiLU-gate, down and the residual as one compiled graph (fewer kernels and
-    dispatches), taking the weights as inputs: one graph per kind of layers (float, or quantized at
-    given bits and group size), shared by every layer of that kind in the stage."""
-    key = (gate_up.key(), down.key(), eps)
+def compiled_mlp(gate_up, down, eps: float, act: str, cache: dict, post_norm: bool = False):
+    """Norm, gate/up, the gated activation, down (and with `post_norm` a norm after it, gemma) and the
+    residual as one compiled graph (fewer kernels and dispatches), taking the weights as inputs: one
+    graph per kind of layers (float, or quantized at given bits and group size), shared by every layer
+    of that kind in the stage. Called (x, norm, gate_up weights, down weights[, post norm])."""
+    key = (gate_up.key(), down.key(), eps, act, post_norm)
+    gated = GATED[act]
     if None in key[:2]:  # projections of mixed schemes: run as they are
-        return lambda x, norm, gu, dn: x + down(_swiglu(gate_up(mx.fast.rms_norm(x, norm, eps))))
+        def mlp(x, norm, gu, dn, post=None):
+            y = down(gated(gate_up(mx.fast.rms_norm(x, norm, eps))))
+            return x + (y if post is None else mx.fast.rms_norm(y, post, eps))
+        return mlp
 
-    def mlp(x, norm, gu, dn):
-        return x + down.run(dn, _swiglu(gate_up.run(gu, mx.fast.rms_norm(x, norm, eps))))
+    def mlp(x, norm, gu, dn, post=None):
+        y = down.run(dn, gated(gate_up.run(gu, mx.fast.rms_norm(x, norm, eps))))
+        return x + (y if post is None else mx.fast.rms_norm(y, post, eps))
 
     return compiled(cache, ("mlp", *key), mlp)
 
@@ -184,15 +229,27 @@ def _swiglu(gate_up: mx.array) -> mx.array:
     return gate * mx.sigmoid(gate) * up
 
 
+def _geglu(gate_up: mx.array) -> mx.array:
+    """GELU's tanh approximation (transformers' gelu_pytorch_tanh) times up."""
+    gate, up = mx.split(gate_up, 2, axis=-1)
+    return 0.5 * gate * (1 + mx.tanh(0.7978845608028654 * (gate + 0.044715 * gate * gate * gate))) * up
+
+
+GATED = {"silu": _swiglu, "gelu_tanh": _geglu}
+
+
 class LlamaStage:
     """Layers [first, last]; the embedding on the first stage, norm and head on the last."""
 
-    def __init__(self, cfg: ModelConfig, w: dict[str, mx.array], first: int, last: int, rope_freqs: mx.array,
-                 t=in_out):
-        """`t` turns an (out, in) weight into the right operand of `x @ w`: `in_out` (a contiguous copy)
-        on the CPU; on Metal the stage passes a plain transposed view, the layout mlx-lm uses and
-        MLX's GPU kernels are tuned for (not measured here: no Mac)."""
-        self.eps = cfg.rms_norm_eps
+    block = Block  # what each layer is (another family's file swaps it)
+
+    def __init__(self, cfg: ModelConfig, w: dict[str, mx.array], first: int, last: int,
+                 rope_freqs: dict[bool, mx.array], t=in_out):
+        """`rope_freqs`: RoPE periods by `cfg.local_rope(layer)`. `t` turns an (out, in) weight into the
+        right operand of `x @ w`: `in_out` (a contiguous copy) on the CPU; on Metal the stage passes a
+        plain transposed view, the layout mlx-lm uses and MLX's GPU kernels are tuned for (not
+        measured here: no Mac)."""
+        self.cfg, self.eps = cfg, cfg.rms_norm_eps
         is_last = last == cfg.num_hidden_layers - 1
         # compiled per stage, not at import: MLX keeps compiled graphs per thread, and a thread that
         # ends holding one while Python finalizes aborts the process in its destructor (which takes
@@ -206,7 +263,7 @@ class LlamaStage:
         # originals popped from `w`, so loading never holds two copies of more than one layer
         self.layers = []
         for i in range(first, last + 1):
-            self.layers.append(Block(cfg, w, i, rope_freqs, self.compiled_mlps, t))
+            self.layers.append(self.block(cfg, w, i, rope_freqs[cfg.local_rope(i)], self.compiled_mlps, t))
             mx.eval(self.layers[-1].parameters())
         self.norm = w["model.norm.weight"] if is_last else None
         self.lm_head = None
@@ -215,16 +272,22 @@ class LlamaStage:
         elif is_last:  # tied embeddings: the head is the embedding matrix (float: a copy in the (in, out) layout)
             self.lm_head = q_emb if q_emb is not None else Dense(emb, None, t)
 
-    def __call__(self, x, positions: mx.array, plan: BatchSlots, kv: PagedKV, sample_rows=None):
-        """x: (N,) token ids on the first stage, else (N, hidden); positions: (N,) of every row."""
+    def __call__(self, x, positions: mx.array, plans: dict, kv: PagedKV, sample_rows=None):
+        """x: (N,) token ids on the first stage, else (N, hidden); positions: (N,) of every row; plans:
+        the batch's cache slots by attention window."""
         if self.embed is not None:
             x = self.embed[x]
+            if self.cfg.embed_scale is not None:  # gemma: scaled in the activation dtype, as transformers
+                x = x * mx.array(self.cfg.embed_scale, x.dtype)
         for j, layer in enumerate(self.layers):
-            x = layer(x, positions, plan, kv.keys[j], kv.values[j])
+            x = layer(x, positions, plans, kv.keys[j], kv.values[j])
         if self.lm_head is None:
             return x
         # only the rows that sample reach the head: never a (N, vocab) array
-        return self.lm_head(mx.fast.rms_norm(x[sample_rows], self.norm, self.eps)).astype(mx.float32)
+        logits = self.lm_head(mx.fast.rms_norm(x[sample_rows], self.norm, self.eps)).astype(mx.float32)
+        if self.cfg.final_softcap is not None:
+            logits = mx.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap
+        return logits
 
     def parameters(self) -> list[mx.array]:
         ends = [a for a in (self.embed, self.lm_head) if a is not None]

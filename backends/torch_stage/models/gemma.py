@@ -1,0 +1,32 @@
+"""Gemma 2 and Gemma 3 (text) layers in PyTorch: the Llama layers with a norm after attention and
+after the MLP too ("sandwich" norms) and GELU-gated MLPs.
+
+What else sets them apart is config, applied by the shared layers (`llama.py`): norms that multiply
+by (1 + weight), folded into the weights at load (`engine.core.weights`); the embedding scaled by
+sqrt(hidden_size); the softmax scale from `query_pre_attn_scalar`; sliding-window layers between
+global ones; gemma2's soft-capped attention scores and logits; gemma3's q/k norms and its windowed
+layers' own RoPE base.
+"""
+
+from __future__ import annotations
+
+from .llama import Block, LlamaStage, RMSNorm
+
+
+class GemmaBlock(Block):
+    def __init__(self, cfg, w, i):
+        super().__init__(cfg, w, i)  # post_attention_layernorm: on attention's output, here
+        p = f"model.layers.{i}."
+        self.pre_feedforward_layernorm = RMSNorm(w[p + "pre_feedforward_layernorm.weight"], cfg.rms_norm_eps)
+        self.post_feedforward_layernorm = RMSNorm(w[p + "post_feedforward_layernorm.weight"], cfg.rms_norm_eps)
+
+    def forward(self, x, rope, plans, keys, values):
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), rope, plans, keys, values))
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+
+
+class GemmaStage(LlamaStage):
+    block = GemmaBlock
+
+
+StageModel = GemmaStage
