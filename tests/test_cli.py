@@ -93,3 +93,36 @@ def test_specs_and_even_split():
         parse_local_spec("mlx:0-14,torch", 30)
     with pytest.raises(UserError, match="not assigned"):
         parse_local_spec("mlx:0-14", 30)
+
+
+def test_prompt_ids_and_ignore_eos_on_a_moe_model(tiny_dirs, tmp_path):
+    """Raw token ids in, split across both backends; EOS (here the first greedy token) ends the request
+    unless --ignore-eos, which runs it to --max-tokens: tokens equal transformers' either way."""
+    import shutil
+
+    from reference import hf_greedy, hf_model
+
+    d = tmp_path / "moe"
+    shutil.copytree(tiny_dirs["qwen3_moe"], d)
+    ids = [5, 17, 33, 9, 100, 7]
+    want, _ = hf_greedy(hf_model(d), ids, 10)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "eos_token_id": want[0]}))
+    base = ["generate", "--model", str(d), "--local", "mlx:0-1,torch:2-3", "--max-tokens", "10", "--json",
+            "--prompt-ids", ",".join(map(str, ids))]
+    stopped, ignored = (json.loads(run(*base, *extra).stdout) for extra in ([], ["--ignore-eos"]))
+    assert stopped["prompt_token_ids"] == ids and stopped["finish_reason"] == "stop"
+    assert stopped["token_ids"] == want[:1]  # the EOS token is reported, its text is not
+    assert ignored["token_ids"] == want and ignored["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["hello", "--prompt-ids", "1,2"], "one of the two"),
+    ([], "one of the two"),
+    (["--prompt-ids", "1,x"], "integers"),
+    (["--prompt-ids", "1,2", "--chat"], "--chat"),
+    (["--prompt-ids", "1,999999"], "token ids must be in"),
+])
+def test_bad_prompt_ids_are_one_line_and_exit_2(real_model, args, message):
+    r = run("generate", "--model", str(real_model), "--local", "torch", *args)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr

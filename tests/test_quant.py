@@ -131,6 +131,31 @@ def test_mixed_split_of_a_quantized_checkpoint(quantized_dirs):
     _check_stage_against(ref, qdir, None, spec=[("mlx", 0, 1), ("torch", 2, 3)])
 
 
+@pytest.fixture(scope="module")
+def quantized_moes(tmp_path_factory):
+    """family -> (4-bit checkpoint, its dequantized float32 reference)."""
+    base = tmp_path_factory.mktemp("qmoe")
+    out = {}
+    for family in ("mixtral", "qwen3_moe"):
+        q = quantize_dir(make_tiny(base / family, family), base / f"{family}-q4", 4, 32, progress=False)
+        out[family] = (q, dequantize_dir(q, base / f"{family}-ref"))
+    return out
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("spec", [[("mlx", 0, 3)], [("torch", 0, 3)], [("mlx", 0, 1), ("torch", 2, 3)]],
+                         ids=["mlx", "torch", "mixed"])
+def test_a_4_bit_moe_matches_its_dequantized_reference(quantized_moes, family, spec):
+    """Quantized experts (and router) through gather_qmm on MLX and the quantized kernels on torch."""
+    from engine.core.config import ModelConfig
+    from engine.core.weights import load_stage_tensors
+
+    qdir, ref = quantized_moes[family]
+    w = load_stage_tensors(qdir, ModelConfig.load(qdir), 0, 0)
+    assert isinstance(w[next(k for k in w if k.endswith("experts.gate_up_proj"))], QuantTensor)
+    _check_stage_against(ref, qdir, None, spec=spec)
+
+
 def test_per_module_overrides_and_unquantized_modules(quantized_dirs, tmp_path):
     """A `false` entry and an 8-bit override inside a 4-bit checkpoint, as mlx-community writes them."""
     from safetensors.numpy import load_file, save_file

@@ -1,4 +1,5 @@
-"""Tiny Llama GGUFs written with gguf-py's writer, one block type for every 2-D weight.
+"""Tiny Llama GGUFs written with gguf-py's writer, one block type for every 2-D weight (and, as
+llama.cpp writes them, a SentencePiece vocabulary or Llama 3's rope_freqs where asked).
 
 Types gguf-py quantizes (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) are quantized from a transformers-saved
 tiny checkpoint by gguf-py's own quantizer. K-quant types have no numpy quantizer in gguf-py, so
@@ -35,9 +36,51 @@ def _random_blocks(kind: str, rows: int, cols: int, rng) -> np.ndarray:
     return b.reshape(rows, -1)
 
 
-def write_gguf(hf_dir: Path, out: Path, kind: str, embed_kind: str | None = None, seed: int = 0) -> Path:
+def llama3_rope_factors(cfg: dict) -> np.ndarray:
+    """`rope_freqs.weight` as llama.cpp's converter computes it from a llama3 rope scaling."""
+    import math
+
+    sc = cfg.get("rope_scaling") or cfg["rope_parameters"]
+    dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+    base = sc.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    freqs = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    factor, lo, hi, old = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"], \
+        sc["original_max_position_embeddings"]
+    out = []
+    for f in freqs:
+        wavelen = 2 * math.pi / f
+        if wavelen < old / hi:
+            out.append(1.0)
+        elif wavelen > old / lo:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - lo) / (hi - lo)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, np.float32)
+
+
+def write_spm_vocab(wr, spm_model: Path) -> None:
+    """A SentencePiece model's vocabulary as llama.cpp writes it (tokenizer.ggml.model = llama)."""
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(spm_model))
+    n = sp.vocab_size()
+    kind = lambda i: 2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1  # noqa: E731
+    wr.add_tokenizer_model("llama")
+    wr.add_token_list([sp.id_to_piece(i) for i in range(n)])
+    wr.add_token_scores([sp.get_score(i) for i in range(n)])
+    wr.add_token_types([kind(i) for i in range(n)])
+    wr.add_bos_token_id(sp.bos_id())
+    wr.add_eos_token_id(sp.eos_id())
+    wr.add_unk_token_id(sp.unk_id())
+    wr.add_add_bos_token(True)
+
+
+def write_gguf(hf_dir: Path, out: Path, kind: str, embed_kind: str | None = None, seed: int = 0,
+               spm_model: Path | None = None, rope_freqs: bool = False) -> Path:
     """A GGUF of the tiny checkpoint in `hf_dir` with every 2-D weight as block type `kind`
-    (the embedding as `embed_kind`, default the same)."""
+    (the embedding as `embed_kind`, default the same); the vocabulary of `spm_model` if given (else
+    the 256 bytes, byte-level BPE); with `rope_freqs`, its llama3 RoPE scaling as llama.cpp writes it."""
     import json
 
     import gguf
@@ -58,14 +101,19 @@ def write_gguf(hf_dir: Path, out: Path, kind: str, embed_kind: str | None = None
     wr.add_head_count_kv(kv)
     wr.add_rope_dimension_count(cfg["hidden_size"] // heads)
     wr.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
-    wr.add_rope_freq_base(cfg.get("rope_theta", 10000.0))
-    wr.add_tokenizer_model("gpt2")
-    wr.add_tokenizer_pre("default")
-    wr.add_token_list(sorted(pre_tokenizers.ByteLevel.alphabet()))
-    wr.add_token_types([1] * 256)
-    wr.add_token_merges([])
-    wr.add_bos_token_id(1)
-    wr.add_eos_token_id(2)
+    wr.add_rope_freq_base(cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+    if spm_model is not None:
+        write_spm_vocab(wr, spm_model)
+    else:
+        wr.add_tokenizer_model("gpt2")
+        wr.add_tokenizer_pre("default")
+        wr.add_token_list(sorted(pre_tokenizers.ByteLevel.alphabet()))
+        wr.add_token_types([1] * 256)
+        wr.add_token_merges([])
+        wr.add_bos_token_id(1)
+        wr.add_eos_token_id(2)
+    if rope_freqs:
+        wr.add_tensor("rope_freqs.weight", llama3_rope_factors(cfg))
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
              "lm_head.weight": "output.weight"}
     block = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",

@@ -66,7 +66,10 @@ def _add_pipeline(p: argparse.ArgumentParser, required: bool) -> None:
 
 def _add_generate(sub) -> None:
     gen = sub.add_parser("generate", help="generate text through a pipeline of stages")
-    gen.add_argument("prompt")
+    gen.add_argument("prompt", nargs="?", default=None)
+    gen.add_argument("--prompt-ids", default=None, metavar="ID,ID,...",
+                     help="raw token ids in place of PROMPT (no tokenizer, no chat template)")
+    gen.add_argument("--ignore-eos", action="store_true", help="generate --max-tokens tokens whatever is sampled")
     _add_pipeline(gen, required=True)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the chat template")
     gen.add_argument("--json", action="store_true", help="print one JSON line instead of streaming text")
@@ -268,17 +271,36 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def _prompt(args) -> str | list[int]:
+    """PROMPT, or the token ids of --prompt-ids (one of the two)."""
+    if (args.prompt is None) == (args.prompt_ids is None):
+        raise UserError("generate: give PROMPT or --prompt-ids, one of the two")
+    if args.prompt_ids is None:
+        return args.prompt
+    if args.chat:
+        raise UserError("generate: --chat applies a template to text; --prompt-ids are already tokens")
+    try:
+        ids = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--prompt-ids: expected integers separated by commas, got {args.prompt_ids[:40]!r}") from None
+    if not ids:
+        raise UserError("--prompt-ids: no token ids given")
+    return ids
+
+
 def cmd_generate(args) -> int:
     from ..core.sampling import SamplingParams
 
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                               repetition_penalty=args.repetition_penalty, seed=args.seed, logprobs=args.logprobs)
-    opts = dict(chat=args.chat, max_tokens=args.max_tokens, sampling=sampling, stop=args.stop)
+    prompt = _prompt(args)
+    opts = dict(chat=args.chat, max_tokens=args.max_tokens, sampling=sampling, stop=args.stop,
+                ignore_eos=args.ignore_eos)
     with _generator(args) as gen:
         if args.json:
-            print(json.dumps(gen.generate(args.prompt, **opts).to_json()))
+            print(json.dumps(gen.generate(prompt, **opts).to_json()))
             return 0
-        stream = gen.stream(args.prompt, **opts)
+        stream = gen.stream(prompt, **opts)
         for piece in stream:
             sys.stdout.write(piece.text)
             sys.stdout.flush()

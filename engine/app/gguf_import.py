@@ -81,12 +81,15 @@ def read_config(reader) -> dict:
     hidden = int(a("embedding_length"))
     tokens = _field(reader, "tokenizer.ggml.tokens")
     names = {t.name for t in reader.tensors}
-    if "rope_freqs.weight" in names:
-        raise UserError("GGUFs with per-frequency RoPE factors (rope_freqs.weight) are not supported yet")
     theta = _f32(a("rope.freq_base", 10000.0))
     rope = {"rope_theta": theta, "rope_type": "default"}
     if a("rope.scaling.type") == "linear":
         rope = {"rope_theta": theta, "rope_type": "linear", "factor": float(a("rope.scaling.factor"))}
+    if "rope_freqs.weight" in names:  # Llama 3.1's per-frequency factors
+        factors = next(t for t in reader.tensors if t.name == "rope_freqs.weight").data
+        head_dim = int(a("rope.dimension_count", hidden // heads))
+        rope = {"rope_theta": theta, **llama3_scaling(np.asarray(factors, np.float64), theta, head_dim,
+                                                      int(a("rope.scaling.original_context_length", 8192) or 8192))}
     cfg = {
         "architectures": [class_name],
         "model_type": model_type,
@@ -114,6 +117,44 @@ def read_config(reader) -> dict:
     return cfg
 
 
+def llama3_scaling(factors: np.ndarray, theta: float, head_dim: int, original: int) -> dict:
+    """The llama3 `rope_scaling` whose frequencies are llama.cpp's `rope_freqs` (each default frequency
+    divided by its factor), so transformers and mlx-lm read the imported config alike.
+
+    llama.cpp's converter computes the factors from that scaling: `factor` for long wavelengths, 1 for
+    short ones, and between them 1 / ((1 - s) / factor + s) with s linear in original / wavelength. The
+    line through those middle entries gives the low and high frequency factors (for a given original
+    context, which only scales them); anything the fit does not reproduce is refused."""
+    inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    if factors.shape != inv.shape:
+        raise UserError(f"rope_freqs.weight has {factors.size} factors; RoPE of head_dim {head_dim} needs {inv.size}")
+    factor = float(factors.max())
+    if np.allclose(factors, 1.0):
+        return {"rope_type": "default"}
+    wavelen = 2 * np.pi / inv
+    middle = (factors > 1 + 1e-6) & (factors < factor * (1 - 1e-6))
+    if middle.sum() >= 2:
+        smooth = (1 / factors[middle] - 1 / factor) / (1 - 1 / factor)
+        slope, intercept = np.polyfit(original / wavelen[middle], smooth, 1)  # s = (x - lo) / (hi - lo)
+        lo, hi = -intercept / slope, -intercept / slope + 1 / slope
+    elif middle.sum() == 0 and (factors <= 1 + 1e-6).any():  # no smoothed band: a narrow one between the two
+        g = np.sqrt(wavelen[factors <= 1 + 1e-6].max() * wavelen[factors > 1 + 1e-6].min())
+        lo, hi = original / (g * 1.0001), original / (g / 1.0001)
+    else:
+        raise UserError("rope_freqs.weight is not Llama 3's RoPE scaling (one smoothed frequency cannot fix it)")
+    scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": float(f"{lo:.9g}"),
+               "high_freq_factor": float(f"{hi:.9g}"), "original_max_position_embeddings": original}
+    from ..core.config import ModelConfig, rope_inv_freq
+
+    cfg = ModelConfig(model_type="llama", hidden_size=head_dim, intermediate_size=1, num_hidden_layers=1,
+                      num_attention_heads=1, num_key_value_heads=1, head_dim=head_dim, vocab_size=1, rms_norm_eps=1e-6,
+                      max_position_embeddings=original, rope_theta=theta, rope_scaling=scaling)
+    if not np.allclose(rope_inv_freq(cfg), inv / factors, rtol=1e-4):
+        raise UserError("rope_freqs.weight is not Llama 3's RoPE scaling, the only per-frequency factors hetpipe "
+                        "implements")
+    return scaling
+
+
 def hf_name(gguf_name: str) -> str | None:
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
@@ -134,6 +175,8 @@ def read_tensors(reader, cfg: dict, progress: bool = True, dequantize: bool = Tr
 
     unpermute = cfg["model_type"] == "llama"
     for t in tqdm(reader.tensors, desc="importing", unit="tensor", disable=not progress):
+        if t.name == "rope_freqs.weight":  # become the config's rope scaling (`read_config`)
+            continue
         name = hf_name(t.name)
         if name is None:
             raise UserError(f"unexpected tensor {t.name!r} in GGUF")
@@ -154,15 +197,39 @@ def read_tensors(reader, cfg: dict, progress: bool = True, dequantize: bool = Tr
         yield name, w
 
 
-def build_tokenizer(reader):
-    """A `tokenizers.Tokenizer` from the GGUF's byte-level BPE metadata, plus its config dict."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+def spm_merges(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[str, str]]:
+    """BPE merges that reproduce a SentencePiece BPE model from its pieces and scores, as transformers
+    derives them (`generate_merges`): every split of a piece into two pieces, by the piece's score."""
+    merges = []
+    for piece, score in scores.items():
+        local = [(piece[:i], piece[i:], score) for i in range(1, len(piece))
+                 if piece[:i] in vocab and piece[i:] in vocab]
+        merges += sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]]))
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(a, b) for a, b, _ in merges]
 
-    kind = _field(reader, "tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise UserError(f"GGUF tokenizer model {kind!r} is not supported yet (only byte-level BPE, 'gpt2')")
-    tokens = list(_field(reader, "tokenizer.ggml.tokens"))
-    types = list(_field(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
+
+def _spm_tokenizer(reader, tokens: list[str]):
+    """A SentencePiece (llama) vocabulary as the `tokenizers` BPE transformers' LlamaTokenizer builds:
+    byte fallback, "▁" for spaces, one prepended at the start."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    scores = list(_field(reader, "tokenizer.ggml.scores", [0.0] * len(tokens)))
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = spm_merges(vocab, dict(zip(tokens, scores)))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True, dropout=None))
+    prefix = bool(_field(reader, "tokenizer.ggml.add_space_prefix", True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first" if prefix else "never",
+                                                 split=False)
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tok.decoder = decoders.Sequence(steps + ([decoders.Strip(content=" ", left=1)] if prefix else []))
+    return tok
+
+
+def _bpe_tokenizer(reader, tokens: list[str]):
+    """A byte-level BPE (gpt2) vocabulary, split as its pre-tokenizer name says."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
     merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges", [])]
     tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False))
     pre = _field(reader, "tokenizer.ggml.pre", "default")
@@ -180,9 +247,24 @@ def build_tokenizer(reader):
         raise UserError(f"GGUF pre-tokenizer {pre!r} is not supported yet")
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    # 3 = CONTROL (special, never split), 4 = USER_DEFINED (added, not special)
+    return tok
+
+
+def build_tokenizer(reader):
+    """A `tokenizers.Tokenizer` from the GGUF's vocabulary metadata (byte-level BPE, 'gpt2', or
+    SentencePiece, 'llama'), plus its config dict."""
+    from tokenizers import AddedToken
+
+    kind = _field(reader, "tokenizer.ggml.model")
+    if kind not in ("gpt2", "llama"):
+        raise UserError(f"GGUF tokenizer model {kind!r} is not supported yet (byte-level BPE 'gpt2' or "
+                        "SentencePiece 'llama')")
+    tokens = list(_field(reader, "tokenizer.ggml.tokens"))
+    types = list(_field(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
+    tok = _spm_tokenizer(reader, tokens) if kind == "llama" else _bpe_tokenizer(reader, tokens)
+    # 2 = UNKNOWN and 3 = CONTROL (special, never split), 4 = USER_DEFINED (added, not special)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t, ty in zip(tokens, types) if ty == 3])
+                            for t, ty in zip(tokens, types) if ty == 3 or (ty == 2 and kind == "llama")])
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == 4])
 
     def special(key):
@@ -195,7 +277,7 @@ def build_tokenizer(reader):
         "eos_token": special("eos_token_id"),
         "unk_token": special("unknown_token_id"),
         "pad_token": special("padding_token_id"),
-        "add_bos_token": bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
+        "add_bos_token": bool(_field(reader, "tokenizer.ggml.add_bos_token", kind == "llama")),
         "add_eos_token": bool(_field(reader, "tokenizer.ggml.add_eos_token", False)),
         "chat_template": _field(reader, "tokenizer.chat_template"),
         "model_max_length": None,
