@@ -51,7 +51,7 @@ class MLXStage(BaseStage):
         self.model = model_cls(cfg, weights, first, last, freqs, **layout)
         # everything evaluated here, so the stage may run on another thread (MLX streams are per thread)
         mx.eval(self.model.parameters(), list(freqs.values()))
-        self.windows = sorted(set(cfg.layer_windows[first : last + 1]), key=lambda w: w or 0)
+        self.windows = cfg.windows(first, last)
         self.kv = PagedKV(last - first + 1, cfg.num_key_value_heads, cfg.head_dim, self.dtype)
         self.blocks = self.kv.blocks
 

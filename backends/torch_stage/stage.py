@@ -112,7 +112,7 @@ class TorchStage(BaseStage):
         # gemma3's windowed layers have a RoPE base of their own
         self.inv_freq = {local: torch.from_numpy(rope_inv_freq(cfg, local)).to(self.device) for local in (False, True)
                          if local is False or cfg.local_rope_theta is not None}
-        self.windows = sorted(set(cfg.layer_windows[first : last + 1]), key=lambda w: w or 0)
+        self.windows = cfg.windows(first, last)
         self.kv = PagedKV(last - first + 1, cfg.num_key_value_heads, cfg.head_dim, self.dtype, self.device)
         self.blocks = self.kv.blocks
 

@@ -35,7 +35,6 @@ class MoE:
 
     n_experts: int
     top_k: int
-    intermediate_size: int  # of one expert
     norm_topk: bool  # the top-k weights renormalized to sum to 1 (mixtral always; qwen3_moe when asked)
     dense_layers: tuple[int, ...] = ()  # layers with a plain MLP instead (qwen3_moe's mlp_only_layers)
 
@@ -91,6 +90,10 @@ class ModelConfig:
             self.layer_windows = (self.sliding_window,) * self.num_hidden_layers
         if not self.attn_scale:
             self.attn_scale = self.head_dim**-0.5
+
+    def windows(self, first: int, last: int) -> list[int | None]:
+        """The distinct attention windows of layers [first, last] (None: attends to all)."""
+        return sorted(set(self.layer_windows[first : last + 1]), key=lambda w: w or 0)
 
     def local_rope(self, layer: int) -> bool:
         """Whether `layer` rotates with the windowed layers' own RoPE base (gemma3)."""
@@ -242,7 +245,6 @@ def _moe(d: dict, model_type: str) -> MoE | None:
     dense = set(d.get("mlp_only_layers") or [])
     dense |= {i for i in range(d["num_hidden_layers"]) if (i + 1) % step}
     return MoE(n_experts=int(n), top_k=int(d["num_experts_per_tok"]),
-               intermediate_size=int(d.get("moe_intermediate_size") or d["intermediate_size"]),
                norm_topk=model_type == "mixtral" or bool(d.get("norm_topk_prob")), dense_layers=tuple(sorted(dense)))
 
 

@@ -1,11 +1,6 @@
 """Gemma 2 and Gemma 3 (text) layers in PyTorch: the Llama layers with a norm after attention and
-after the MLP too ("sandwich" norms) and GELU-gated MLPs.
-
-What else sets them apart is config, applied by the shared layers (`llama.py`): norms that multiply
-by (1 + weight), folded into the weights at load (`engine.core.weights`); the embedding scaled by
-sqrt(hidden_size); the softmax scale from `query_pre_attn_scalar`; sliding-window layers between
-global ones; gemma2's soft-capped attention scores and logits; gemma3's q/k norms and its windowed
-layers' own RoPE base.
+after the MLP too ("sandwich" norms). The rest is config the shared layers apply; the MLX file
+(`backends/mlx_stage/models/gemma.py`) lists it.
 """
 
 from __future__ import annotations
