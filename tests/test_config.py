@@ -2,7 +2,6 @@
 
 import json
 
-import numpy as np
 import pytest
 
 from engine.api import Generator, local_pipeline

@@ -91,7 +91,7 @@ def test_rope_freqs_become_the_llama3_scaling_transformers_runs(tmp_path, scalin
 
 
 def test_rope_freqs_of_another_shape_are_refused(tmp_path):
-    from engine.app.gguf_import import llama3_scaling
+    from engine.app.gguf_config import llama3_scaling
     from engine.core.errors import UserError
 
     inv = 1 / 10000.0 ** (np.arange(0, 16, 2) / 16)

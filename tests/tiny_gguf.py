@@ -1,5 +1,7 @@
-"""Tiny Llama GGUFs written with gguf-py's writer, one block type for every 2-D weight (and, as
-llama.cpp writes them, a SentencePiece vocabulary or Llama 3's rope_freqs where asked).
+"""Tiny GGUFs of each family written with gguf-py's writer as llama.cpp's `convert_hf_to_gguf.py`
+writes them (its keys, its tensor names from gguf-py's map, its permutes, +1 norms and stacked
+experts), one block type for every weight matrix (and a SentencePiece vocabulary or Llama 3's
+rope_freqs where asked).
 
 Types gguf-py quantizes (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) are quantized from a transformers-saved
 tiny checkpoint by gguf-py's own quantizer. K-quant types have no numpy quantizer in gguf-py, so
@@ -9,6 +11,7 @@ compares two readings of the same file.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -76,11 +79,92 @@ def write_spm_vocab(wr, spm_model: Path) -> None:
     wr.add_add_bos_token(True)
 
 
+# model_type -> the GGUF architecture llama.cpp's converter writes it as
+ARCH = {"llama": "llama", "mistral": "llama", "mixtral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
+        "qwen3_moe": "qwen3moe", "gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3"}
+
+
+def _write_keys(wr, cfg: dict, arch: str) -> None:
+    """The hyperparameters, as convert_hf_to_gguf.py's TextModel and each family's class write them."""
+    from gguf.constants import RopeScalingType
+
+    heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    rope = cfg.get("rope_parameters") or {}
+    global_rope = rope.get("full_attention", rope)
+    wr.add_block_count(cfg["num_hidden_layers"])
+    wr.add_context_length(cfg["max_position_embeddings"])
+    wr.add_embedding_length(cfg["hidden_size"])
+    wr.add_feed_forward_length(cfg["intermediate_size"])
+    wr.add_head_count(heads)
+    wr.add_head_count_kv(kv)
+    wr.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    wr.add_rope_freq_base(cfg.get("rope_theta") or global_rope.get("rope_theta", 10000.0))
+    if arch in ("qwen3", "qwen3moe", "gemma2", "gemma3") or "head_dim" in cfg and arch != "phi3":
+        wr.add_key_length(head_dim)
+        wr.add_value_length(head_dim)
+    wr.add_rope_dimension_count(head_dim)
+    if global_rope.get("rope_type") == "linear":
+        wr.add_rope_scaling_type(RopeScalingType.LINEAR)
+        wr.add_rope_scaling_factor(global_rope["factor"])
+    if arch.startswith("gemma"):
+        if cfg.get("attn_logit_softcapping"):
+            wr.add_attn_logit_softcapping(cfg["attn_logit_softcapping"])
+        if cfg.get("final_logit_softcapping"):
+            wr.add_final_logit_softcapping(cfg["final_logit_softcapping"])
+        wr.add_sliding_window(cfg["sliding_window"])
+        if arch == "gemma3":  # the tiny one is not llama.cpp's default pattern (5 local, 1 global): say it per layer
+            wr.add_sliding_window_pattern([t == "sliding_attention" for t in cfg["layer_types"]])
+    if arch == "phi3":
+        original = cfg["original_max_position_embeddings"]
+        wr.add_rope_scaling_orig_ctx_len(original)
+        wr.add_sliding_window(cfg.get("sliding_window") or 0)
+        scale = cfg["max_position_embeddings"] / original
+        wr.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original)))
+    experts = cfg.get("num_local_experts") or cfg.get("num_experts")
+    if experts:
+        wr.add_expert_count(experts)
+        wr.add_expert_used_count(cfg["num_experts_per_tok"])
+        if cfg.get("moe_intermediate_size"):
+            wr.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+
+
+def _converted(w: dict, cfg: dict, arch: str):
+    """(GGUF name, float32 array) as the converter changes them: q/k permuted (llama), gemma's norms
+    +1, each layer's experts stacked, named by gguf-py's own tensor map."""
+    import re
+
+    import gguf
+
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg["num_hidden_layers"])
+    heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    experts: dict[str, dict[int, np.ndarray]] = {}
+    for name, t in w.items():
+        t = t.astype(np.float32)
+        m = re.match(r"(model\.layers\.\d+\.(?:block_sparse_moe|mlp)\.experts)\.(\d+)\.(\w+)\.weight$", name)
+        if m:  # stacked below, as the converter merges them
+            experts.setdefault(f"{m[1]}.{m[3]}", {})[int(m[2])] = t
+            continue
+        if arch == "llama" and name.endswith("q_proj.weight"):
+            t = _permute(t, heads)
+        elif arch == "llama" and name.endswith("k_proj.weight"):
+            t = _permute(t, kv)
+        if arch.startswith("gemma") and name.endswith("norm.weight"):
+            t = t + 1
+        if arch == "gemma2" and name == "lm_head.weight":
+            continue
+        yield tmap.get_name(name, try_suffixes=(".weight", ".bias")), t
+    for merged, per in experts.items():
+        yield tmap.get_name(merged + ".weight", try_suffixes=(".weight",)), np.stack([per[e] for e in sorted(per)])
+
+
 def write_gguf(hf_dir: Path, out: Path, kind: str, embed_kind: str | None = None, seed: int = 0,
-               spm_model: Path | None = None, rope_freqs: bool = False) -> Path:
-    """A GGUF of the tiny checkpoint in `hf_dir` with every 2-D weight as block type `kind`
-    (the embedding as `embed_kind`, default the same); the vocabulary of `spm_model` if given (else
-    the 256 bytes, byte-level BPE); with `rope_freqs`, its llama3 RoPE scaling as llama.cpp writes it."""
+               spm_model: Path | None = None, rope_freqs: bool = False, extra_keys: dict | None = None) -> Path:
+    """A GGUF of the tiny checkpoint in `hf_dir`, as llama.cpp's converter writes its family (plus
+    `extra_keys`, {name after the architecture: uint32}), with
+    every 2-D (and stacked 3-D) weight as block type `kind` (the embedding as `embed_kind`, default the
+    same); the vocabulary of `spm_model` if given (else the 256 bytes, byte-level BPE); with
+    `rope_freqs`, its llama3 RoPE scaling as llama.cpp writes it."""
     import json
 
     import gguf
@@ -89,19 +173,13 @@ def write_gguf(hf_dir: Path, out: Path, kind: str, embed_kind: str | None = None
     from tokenizers import pre_tokenizers
 
     cfg = json.loads((hf_dir / "config.json").read_text())
+    arch = ARCH[cfg["model_type"]]
     w = load_file(str(hf_dir / "model.safetensors"))
     rng = np.random.default_rng(seed)
-    wr = gguf.GGUFWriter(str(out), "llama")
-    heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    wr.add_block_count(cfg["num_hidden_layers"])
-    wr.add_context_length(cfg["max_position_embeddings"])
-    wr.add_embedding_length(cfg["hidden_size"])
-    wr.add_feed_forward_length(cfg["intermediate_size"])
-    wr.add_head_count(heads)
-    wr.add_head_count_kv(kv)
-    wr.add_rope_dimension_count(cfg["hidden_size"] // heads)
-    wr.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
-    wr.add_rope_freq_base(cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+    wr = gguf.GGUFWriter(str(out), arch)
+    _write_keys(wr, cfg, arch)
+    for key, value in (extra_keys or {}).items():
+        wr.add_uint32(f"{arch}.{key}", value)
     if spm_model is not None:
         write_spm_vocab(wr, spm_model)
     else:
@@ -114,27 +192,17 @@ def write_gguf(hf_dir: Path, out: Path, kind: str, embed_kind: str | None = None
         wr.add_eos_token_id(2)
     if rope_freqs:
         wr.add_tensor("rope_freqs.weight", llama3_rope_factors(cfg))
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
-    block = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
-             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
-    for name, t in w.items():
-        if name in names:
-            gname = names[name]
-        else:
-            i, rest = name[len("model.layers."):].split(".", 1)
-            gname = f"blk.{i}.{block[rest.rsplit('.', 1)[0]]}.weight"
-        t = t.astype(np.float32)
-        if name.endswith("q_proj.weight"):
-            t = _permute(t, heads)
-        elif name.endswith("k_proj.weight"):
-            t = _permute(t, kv)
+    rope = cfg.get("rope_parameters") or {}
+    if rope.get("rope_type") == "longrope":
+        wr.add_tensor("rope_factors_long.weight", np.array(rope["long_factor"], np.float32))
+        wr.add_tensor("rope_factors_short.weight", np.array(rope["short_factor"], np.float32))
+    for gname, t in _converted(w, cfg, arch):
         k = (embed_kind or kind) if gname == "token_embd.weight" else kind
-        if t.ndim == 1:
+        if t.ndim == 1 or k == "F32":
             wr.add_tensor(gname, t)
         elif k in ("Q4_K", "Q5_K", "Q6_K"):
-            wr.add_tensor(gname, _random_blocks(k, *t.shape, rng), raw_dtype=T[k])
+            wr.add_tensor(gname, _random_blocks(k, int(np.prod(t.shape[:-1])), t.shape[-1], rng)
+                          .reshape(*t.shape[:-1], -1), raw_dtype=T[k])
         else:
             wr.add_tensor(gname, gguf.quants.quantize(t, T[k]), raw_dtype=T[k])
     wr.write_header_to_file()

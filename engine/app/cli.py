@@ -160,8 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fetch", help="download and import a known model (default: smollm2)")
     f.add_argument("name", nargs="?", default="smollm2")
     f.add_argument("--out", default=None, help="directory (default: ~/.cache/hetpipe/models/NAME)")
-    g = sub.add_parser("import-gguf", help="import a Llama-family GGUF into a Hugging Face layout directory "
-                                           "(its quantization kept, in MLX's layout)")
+    g = sub.add_parser("import-gguf", help="import a GGUF (llama, mixtral, qwen2/3, qwen3moe, gemma2/3, phi3) into "
+                                           "a Hugging Face layout directory (its quantization kept, in MLX's layout)")
     g.add_argument("file")
     g.add_argument("--out", required=True)
     g.add_argument("--dequantize", action="store_true", help="write every tensor as float32 instead")

@@ -17,7 +17,7 @@ from engine.core.config import ModelConfig
 from engine.core.quant import QuantTensor, concat_rows
 
 from .. import native
-from ..cache import BatchSlots, PagedKV
+from ..cache import PagedKV
 from ..ops import decode_attention, rms_norm, small_matmul
 from ..quant import QuantEmbedding, QuantLinear
 
