@@ -29,6 +29,7 @@ from .app.stages import import_backends, load_stage
 from .core.config import ModelConfig
 from .core.errors import StageFailure, UserError
 from .core.identity import config_hash, weights_hash
+from .core.layer_cost import relative_costs
 from .core.partition import check_coverage
 from .core.sampling import SamplingParams
 from .core.tensors import check_dtype
@@ -61,7 +62,8 @@ def connect_pipeline(model_dir: str | Path, spec: str, *, timeout_s: float = REP
     (the model's identity checked), given its layers, and watched by heartbeat. `standby`: spare
     daemons that may take a lost stage's place."""
     model_dir = str(model_dir)
-    num_layers = ModelConfig.load(model_dir).num_hidden_layers
+    cfg = ModelConfig.load(model_dir)
+    num_layers = cfg.num_hidden_layers
     entries = parse_stages_spec(spec)
     standby = [check_address(a) for a in standby]
     identity = {"config": config_hash(model_dir), "weights": weights_hash(model_dir)}
@@ -73,7 +75,7 @@ def connect_pipeline(model_dir: str | Path, spec: str, *, timeout_s: float = REP
             check_coverage(ranges, num_layers)
         else:
             caps = [StageCapacity.of(s.report) for s in stages]
-            plan = plan_layers(caps, num_layers)
+            plan = plan_layers(caps, num_layers, costs=relative_costs(cfg, stages[0].report.dtype))
             log(plan.describe(caps))
             ranges = plan.ranges
         for s, (first, last) in zip(stages, ranges):

@@ -21,6 +21,7 @@ from engine.core.base_stage import BaseStage, system_available_memory
 from engine.core.config import ModelConfig
 from engine.core.errors import UserError
 from engine.core.identity import config_hash, weights_hash
+from engine.core.layer_cost import calibration_layer, relative_costs
 from engine.core.partition import check_range
 from engine.core.sampling import SamplingParams
 from engine.core.stage import SeqChunk, StageBatch, StageReport
@@ -128,17 +129,21 @@ class StageDaemon:
     # -- start-up ------------------------------------------------------------------------------
 
     def _layer_bytes(self) -> int:
-        return layer_bytes(self.model_dir, self.cfg, self.dtype)
+        return layer_bytes(self.model_dir, self.cfg, self.dtype, calibration_layer(self.cfg))
 
     def _calibrate(self, probe: StageLoader) -> tuple[float, float]:
         """(ms per layer, ms of the final norm + head) per decoded token on this device.
 
-        Medians over one-layer stages: layer 0 alone, then the last layer with the head.
+        Medians over one-layer stages: the calibration layer alone (the first of the model's most common
+        kind: a routed layer of a MoE), then the last layer with the head, less what that layer reads.
         """
         last = self.cfg.num_hidden_layers - 1
-        layer_ms = self._time_stage(probe(0, 0))
-        head_ms = max(0.0, self._time_stage(probe(last, last)) - layer_ms) if last > 0 else 0.0
-        return layer_ms, head_ms
+        first = calibration_layer(self.cfg)
+        layer_ms = self._time_stage(probe(first, first))
+        if last == first:
+            return layer_ms, 0.0
+        last_ms = layer_ms * relative_costs(self.cfg, self.dtype)[last].read
+        return layer_ms, max(0.0, self._time_stage(probe(last, last)) - last_ms)
 
     def _time_stage(self, stage: BaseStage) -> float:
         toks = np.arange(16, dtype=np.int32)

@@ -2,7 +2,9 @@
 
 Splitting by memory alone is what made exo's clusters slower than one node: a slow machine
 with much memory got most of the layers. Here each stage gets layers in proportion to its
-speed (1 / ms per layer), capped by what fits in its memory.
+speed (1 / ms per layer), capped by what fits in its memory. Layers need not cost alike: a MoE
+layer holds all its experts but a token reads only its top-k, so time follows the bytes read and
+memory the bytes held (`core/layer_cost.py`).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..core.errors import UserError
+from ..core.layer_cost import LayerCost
 from ..core.stage import StageReport
 
 
@@ -19,8 +22,8 @@ MEMORY_FRACTION = 0.8  # of a stage's free memory its layers may fill (the rest:
 @dataclass(slots=True)
 class StageCapacity:
     address: str
-    ms_per_layer: float  # measured decode time of one layer, one token
-    max_layers: int  # how many layers fit in its free memory
+    ms_per_layer: float  # measured decode time of one layer (the calibration layer), one token
+    max_layers: int  # how many such layers fit in its free memory
     head_ms: float = 0.0  # final norm + head, paid by whichever stage is last
 
     @classmethod
@@ -42,25 +45,54 @@ class LayerPlan:
         return "plan: " + ", ".join(parts) + f"; predicted {self.predicted_ms_per_token:.1f} ms/token"
 
 
-def plan_layers(caps: list[StageCapacity], num_layers: int, hop_ms: float = 0.1) -> LayerPlan:
-    """Layer counts proportional to speed, each at least 1 and at most its memory allows."""
-    if sum(min(c.max_layers, num_layers) for c in caps) < num_layers:
-        raise UserError(f"the stages' memory holds {sum(c.max_layers for c in caps)} layers; "
-                        f"the model has {num_layers}")
+def plan_layers(caps: list[StageCapacity], num_layers: int, hop_ms: float = 0.1,
+                costs: list[LayerCost] | None = None) -> LayerPlan:
+    """Contiguous ranges, in stage order, that minimize the slowest stage's time per token (then the
+    total), each stage at least one layer and within its memory.
+
+    `costs`: each layer's held and read bytes relative to the layer the daemons timed and weighed
+    (`core.layer_cost.relative_costs`); without them every layer costs the same. A stage's time is its
+    ms per layer times the read bytes of its layers, plus the head on the last; its memory holds
+    `max_layers` times the weighed layer's bytes."""
+    costs = costs or [LayerCost(1.0, 1.0)] * num_layers
+    if len(costs) != num_layers:
+        raise ValueError(f"{len(costs)} layer costs for {num_layers} layers")
     if len(caps) > num_layers:
         raise UserError(f"{len(caps)} stages for a model of {num_layers} layers")
+    held, read = [0.0], [0.0]  # prefix sums
+    for c in costs:
+        held.append(held[-1] + c.held)
+        read.append(read[-1] + c.read)
+    if sum(c.max_layers for c in caps) + 1e-9 < held[-1]:
+        raise UserError(f"the stages' memory holds {sum(c.max_layers for c in caps)} layers; "
+                        f"the model has {num_layers}")
     last = len(caps) - 1
-    cost = lambda i, n: n * caps[i].ms_per_layer + (caps[i].head_ms if i == last else 0.0)  # noqa: E731
-    counts = [1] * len(caps)
-    # hand out the rest one layer at a time to the stage whose time per token stays lowest:
-    # balanced stages mean layers in proportion to speed, and no idle stage in a full pipeline
-    for _ in range(num_layers - len(caps)):
-        open_ = [i for i, c in enumerate(caps) if counts[i] < c.max_layers]
-        i = min(open_, key=lambda i: cost(i, counts[i] + 1))
-        counts[i] += 1
-    ranges, first = [], 0
-    for n in counts:
-        ranges.append((first, first + n - 1))
-        first += n
-    predicted = sum(cost(i, n) for i, n in enumerate(counts)) + hop_ms * len(caps)
-    return LayerPlan(ranges, predicted)
+
+    def cost(s: int, a: int, b: int) -> float:  # stage s serving layers [a, b)
+        return caps[s].ms_per_layer * (read[b] - read[a]) + (caps[s].head_ms if s == last else 0.0)
+
+    # best[s][b]: (slowest stage, total) of stages 0..s serving layers [0, b); cut[s][b]: where stage s starts
+    inf = (float("inf"), float("inf"))
+    best = [[inf] * (num_layers + 1) for _ in caps]
+    cut = [[0] * (num_layers + 1) for _ in caps]
+    for s, cap in enumerate(caps):
+        for b in range(s + 1, num_layers - (last - s) + 1):
+            for a in range(s, b):
+                if held[b] - held[a] > cap.max_layers + 1e-9:
+                    continue
+                prev = (0.0, 0.0) if s == 0 else best[s - 1][a]
+                if s == 0 and a > 0 or prev == inf:
+                    continue
+                t = cost(s, a, b)
+                cand = (max(prev[0], t), prev[1] + t)
+                if cand < best[s][b]:
+                    best[s][b], cut[s][b] = cand, a
+    if best[last][num_layers] == inf:
+        raise UserError(f"no split of the model's {num_layers} layers fits the stages' memory in this order")
+    ranges, b = [], num_layers
+    for s in range(last, -1, -1):
+        a = cut[s][b]
+        ranges.append((a, b - 1))
+        b = a
+    ranges.reverse()
+    return LayerPlan(ranges, best[last][num_layers][1] + hop_ms * len(caps))

@@ -36,6 +36,7 @@ class MoE:
     n_experts: int
     top_k: int
     norm_topk: bool  # the top-k weights renormalized to sum to 1 (mixtral always; qwen3_moe when asked)
+    intermediate_size: int  # each expert's (qwen3_moe: moe_intermediate_size; dense layers keep the model's)
     dense_layers: tuple[int, ...] = ()  # layers with a plain MLP instead (qwen3_moe's mlp_only_layers)
 
     def routed(self, layer: int) -> bool:
@@ -245,7 +246,9 @@ def _moe(d: dict, model_type: str) -> MoE | None:
     dense = set(d.get("mlp_only_layers") or [])
     dense |= {i for i in range(d["num_hidden_layers"]) if (i + 1) % step}
     return MoE(n_experts=int(n), top_k=int(d["num_experts_per_tok"]),
-               norm_topk=model_type == "mixtral" or bool(d.get("norm_topk_prob")), dense_layers=tuple(sorted(dense)))
+               norm_topk=model_type == "mixtral" or bool(d.get("norm_topk_prob")),
+               intermediate_size=int(d.get("moe_intermediate_size") or d["intermediate_size"]),
+               dense_layers=tuple(sorted(dense)))
 
 
 def _rope_type(d: dict) -> str:

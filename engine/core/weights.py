@@ -102,11 +102,11 @@ def fold_norm_offset(w: dict, offset: float) -> None:
             w[name] = TypedArray(t.to_float32() + np.float32(offset), "float32")
 
 
-def layer_bytes(model_dir: str | Path, cfg: ModelConfig, dtype: str) -> int:
-    """Bytes one decoder layer holds once loaded in activation dtype `dtype` (from the headers only):
+def layer_bytes(model_dir: str | Path, cfg: ModelConfig, dtype: str, layer: int = 0) -> int:
+    """Bytes decoder layer `layer` holds once loaded in activation dtype `dtype` (from the headers only):
     float tensors in `dtype`, packed codes as packed, so a 4-bit layer counts about a quarter."""
     files = checkpoint_files(model_dir)
-    names = [n for n in stage_tensor_names(cfg, files, 0, 0) if n.startswith("model.layers.0.")]
+    names = [n for n in stage_tensor_names(cfg, files, layer, layer) if n.startswith(f"model.layers.{layer}.")]
     headers = {path: read_header(path)[0] for path in {files[n] for n in names}}
     total = 0
     for n in names:

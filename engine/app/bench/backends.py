@@ -19,40 +19,20 @@ from pathlib import Path
 import numpy as np
 
 from ...core.config import ModelConfig
+from ...core.layer_cost import head_read_bytes, layer_cost
 from ...core.partition import check_range
-from ...core.tensors import itemsize
 from .. import allocator
 from ..stages import available_backends
 from .report import pyplot
 
 
-def _per_weight(cfg: ModelConfig, module: str, dtype: str) -> float:
-    """Bytes per weight of `module` as a stage holds it: the dtype, or packed codes plus a scale
-    and a bias (in the activation dtype) per group."""
-    spec = cfg.quantization.for_module(module) if cfg.quantization else None
-    if spec is None:
-        return itemsize(dtype)
-    bits, group = spec
-    return bits / 8 + 2 * itemsize(dtype) / group
-
-
 def decode_weight_bytes(cfg: ModelConfig, first: int, last: int, dtype: str) -> int:
-    """Weight bytes one decode step reads on layers [first, last]: every projection and norm, and
-    the head on the last stage (the embedding is a lookup of one row: not counted)."""
-    h, hd = cfg.hidden_size, cfg.head_dim
-    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
-    total = 0.0
-    for i in range(first, last + 1):
-        p = f"model.layers.{i}."
-        for module, n in ((f"self_attn.{x}_proj", h * (q if x == "q" else kv)) for x in "qkv"):
-            total += n * _per_weight(cfg, p + module, dtype)
-        total += q * h * _per_weight(cfg, p + "self_attn.o_proj", dtype)
-        for x in ("gate", "up", "down"):
-            total += h * cfg.intermediate_size * _per_weight(cfg, p + f"mlp.{x}_proj", dtype)
-        total += (2 * h + (q + 2 * kv if cfg.attention_bias else 0)) * itemsize(dtype)
+    """Weight bytes one decode step reads on layers [first, last]: every projection and norm (of a MoE
+    layer, the router and top-k experts only), and the head on the last stage (the embedding is a
+    lookup of one row: not counted)."""
+    total = sum(layer_cost(cfg, i, dtype).read for i in range(first, last + 1))
     if last == cfg.num_hidden_layers - 1:
-        head = "model.embed_tokens" if cfg.tie_word_embeddings else "lm_head"
-        total += cfg.vocab_size * h * _per_weight(cfg, head, dtype) + h * itemsize(dtype)
+        total += head_read_bytes(cfg, dtype)
     return int(total)
 
 
