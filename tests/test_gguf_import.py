@@ -11,11 +11,9 @@ from engine.serving.text import Tokenizer
 from reference import hf_greedy, hf_model
 from test_tokenizer import TEXTS
 from tiny import make_tiny
-from tiny_gguf import write_gguf
+from tiny_gguf import SPM_TEXTS, train_spm, write_gguf
 
-TRAIN = ["The quick brown fox jumps over the lazy dog.", "Hello, world! 123 456 7890", "naïve café résumé façade",
-         "日本語のテキスト 中文字符", "  leading spaces and\ttabs\nnewlines", "emoji 🙂 test", "def f(x): return x * 2",
-         "the other thing is that the theory there then"]
+TRAIN = SPM_TEXTS
 MORE = ["ünïcödé the unseen: ЖЗИЙ ΑΒΓ", "tokens the model never saw: qwxz vbnm", "  two  spaces  ", "\n\nnewlines\n",
         "the theory of the other", "🙂🙂 and 🎉"]
 
@@ -23,15 +21,11 @@ MORE = ["ünïcödé the unseen: ЖЗИЙ ΑΒΓ", "tokens the model never saw: 
 @pytest.fixture(scope="module")
 def spm_dirs(tmp_path_factory):
     """(a SentencePiece BPE model with byte fallback, the directory import-gguf makes of a GGUF holding it)."""
-    import sentencepiece
-
     base = tmp_path_factory.mktemp("spm")
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(TRAIN * 20), model_prefix=str(base / "sp"), vocab_size=360, model_type="bpe",
-        byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    spm = train_spm(base)
     hf = make_tiny(base / "hf", "llama", vocab_size=360)
-    gguf = write_gguf(hf, base / "m.gguf", "F32", spm_model=base / "sp.model")
-    return base / "sp.model", import_gguf(gguf, base / "imported", progress=False)
+    gguf = write_gguf(hf, base / "m.gguf", "F32", spm_model=spm)
+    return spm, import_gguf(gguf, base / "imported", progress=False)
 
 
 @pytest.fixture(scope="module")

@@ -62,6 +62,23 @@ def llama3_rope_factors(cfg: dict) -> np.ndarray:
     return np.array(out, np.float32)
 
 
+SPM_TEXTS = ["The quick brown fox jumps over the lazy dog.", "Hello, world! 123 456 7890", "naïve café résumé façade",
+             "日本語のテキスト 中文字符", "  leading spaces and\ttabs\nnewlines", "emoji 🙂 test", "def f(x): return x * 2",
+             "the other thing is that the theory there then"]
+
+
+def train_spm(out_dir: Path, vocab_size: int = 360) -> Path:
+    """A tiny SentencePiece BPE model with byte fallback (<unk> 0, <s> 1, </s> 2), as Llama's and
+    Gemma's tokenizer.model files are."""
+    import sentencepiece
+
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(SPM_TEXTS * 20), model_prefix=str(out_dir / "sp"), vocab_size=vocab_size,
+        model_type="bpe", byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        minloglevel=2)
+    return out_dir / "sp.model"
+
+
 def write_spm_vocab(wr, spm_model: Path) -> None:
     """A SentencePiece model's vocabulary as llama.cpp writes it (tokenizer.ggml.model = llama)."""
     import sentencepiece
