@@ -107,3 +107,29 @@ def test_what_a_gguf_asks_for_and_hetpipe_lacks_is_refused_by_key(tmp_path, fami
     path = write_gguf(hf, tmp_path / "m.gguf", "F32", extra_keys={key: 2})
     with pytest.raises(UserError, match=match):
         import_gguf(path, tmp_path / "imp", progress=False)
+
+
+@pytest.mark.parametrize("family, tokenizer_class", [("gemma2", "GemmaTokenizer"), ("phi3", "LlamaTokenizer")])
+def test_a_sentencepiece_vocabulary_llama_cpp_wrote_tokenizes_as_transformers(converted, tmp_path, family,
+                                                                              tokenizer_class):
+    """Gemma's has no space prefix (`tokenizer.ggml.add_space_prefix` false); transformers' own tokenizer
+    class reads the same tokenizer.model."""
+    from transformers import AutoTokenizer
+
+    from engine.serving.text import Tokenizer
+    from test_tokenizer import TEXTS
+    from tiny_gguf import SPM_TEXTS
+
+    hf, ggufs = converted[family]
+    ours = Tokenizer(import_gguf(ggufs["f32"], tmp_path / "imp", progress=False))
+    d = tmp_path / "hf-tok"
+    d.mkdir()
+    shutil.copy(hf / "tokenizer.model", d / "tokenizer.model")
+    (d / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": tokenizer_class, "bos_token": "<s>",
+                                                         "eos_token": "</s>", "unk_token": "<unk>"}))
+    theirs = AutoTokenizer.from_pretrained(d)
+    bos = theirs.bos_token_id
+    for text in TEXTS + SPM_TEXTS:
+        ids = ours.encode(text)
+        assert ids[1:] == [i for i in theirs(text).input_ids if i != bos], text
+        assert ours.decode(ids[1:]) == theirs.decode(ids[1:]), text

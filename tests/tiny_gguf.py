@@ -62,9 +62,9 @@ def llama3_rope_factors(cfg: dict) -> np.ndarray:
     return np.array(out, np.float32)
 
 
-SPM_TEXTS = ["The quick brown fox jumps over the lazy dog.", "Hello, world! 123 456 7890", "naïve café résumé façade",
-             "日本語のテキスト 中文字符", "  leading spaces and\ttabs\nnewlines", "emoji 🙂 test", "def f(x): return x * 2",
-             "the other thing is that the theory there then"]
+SPM_TEXTS = ["The quick brown fox jumps over the lazy dog.", "Hello, world! 123 456 7890",
+             "naïve café résumé façade", "日本語のテキスト 中文字符", "  leading spaces and\ttabs\nnewlines",
+             "emoji 🙂 test", "def f(x): return x * 2", "the other thing is that the theory there then"]
 
 
 def train_spm(out_dir: Path, vocab_size: int = 360) -> Path:
