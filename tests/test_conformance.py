@@ -115,6 +115,22 @@ def test_each_family_split_across_both_backends_matches_reference(tiny_dirs, ref
     check_token(out[1], ref_b[-1])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("model", FAMILIES)
+def test_each_family_runs_in_bfloat16_near_its_float32_reference(tiny_dirs, refs, backend, model):
+    """A 40-token prompt (a MoE's rows sorted by expert) and decode steps, in bfloat16: each token the
+    stage picks is one transformers' float32 model rates within 0.1 of its best, at a log-probability
+    within 0.1 of its own."""
+    ids = [(7 * i + 3) % 256 for i in range(40)] + IDS_A
+    ref = hf_logprobs(refs[model], ids)
+    stage = load_stage(backend, tiny_dirs[model], 0, 3, dtype="bfloat16")
+    (tok,) = stage.forward(StageBatch([SeqChunk(0, 0, np.array(ids[:40], np.int32), P5)])).tokens
+    for pos in range(40, len(ids)):
+        assert ref[pos - 1].max() - ref[pos - 1][tok.token_id] < 0.1
+        assert abs(tok.logprob - ref[pos - 1][tok.token_id]) < 0.1
+        (tok,) = stage.forward(StageBatch([SeqChunk(0, pos, np.array(ids[pos:pos + 1], np.int32), P5)])).tokens
+
+
 @pytest.mark.parametrize("first,second", [("mlx", "torch"), ("torch", "mlx")])
 def test_bfloat16_hidden_travels_as_bf16(tiny_dirs, refs, first, second):
     d = tiny_dirs["llama"]

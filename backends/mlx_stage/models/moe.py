@@ -32,9 +32,17 @@ class SwitchLinear:
             self.w = w.swapaxes(-1, -2)
             self.w = mx.contiguous(self.w) if t is in_out else self.w
             self.scales = None
+            # MLX's CPU GatherMM (0.32) multiplies float32 only: there, experts held in another dtype are
+            # kept in float32 and the rows upcast around the call (twice the memory, on the CPU only)
+            self.upcast = t is in_out and self.w.dtype != mx.float32
+            if self.upcast:
+                self.w = self.w.astype(mx.float32)
 
     def __call__(self, x: mx.array, experts: mx.array, sorted_rows: bool) -> mx.array:
         if self.scales is None:
+            if self.upcast:
+                return mx.gather_mm(x.astype(mx.float32), self.w, rhs_indices=experts,
+                                    sorted_indices=sorted_rows).astype(x.dtype)
             return mx.gather_mm(x, self.w, rhs_indices=experts, sorted_indices=sorted_rows)
         return mx.gather_qmm(x, self.w, self.scales, self.biases, rhs_indices=experts, transpose=True,
                              group_size=self.group_size, bits=self.bits, sorted_indices=sorted_rows)
