@@ -1,7 +1,8 @@
 """Mixtral and Qwen3-MoE layers in PyTorch: Llama attention, and an MLP of routed experts.
 
 Each token's router picks its top-k experts (softmax over all, then the k largest, renormalized
-where the family does). The rows are then grouped by expert (one sort) and each expert hit runs
+where the family does). A single decode row runs its k experts in turn; more rows are grouped by
+expert (one sort) and each expert hit runs
 its gated MLP once over all its rows: a grouped matmul, through the same dense or quantized linear
 layers as every other projection (`llama.projection`), so quantized experts use the quantized
 kernels. The experts come stacked (`engine.core.experts`); each is a view of its stack.
@@ -43,7 +44,15 @@ class SwitchMLP(nn.Module):
         weights, experts = probs.topk(self.top_k, dim=-1)  # (N, k)
         if self.norm_topk:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        weights = weights.to(x.dtype).flatten()
+        weights = weights.to(x.dtype)
+        if x.shape[0] == 1:  # one decode row: its k experts in turn, no grouping
+            out = None
+            for j, e in enumerate(experts[0].tolist()):
+                gate, up = self.gate_up[e](x).chunk(2, dim=-1)
+                y = self.down[e](self.act(gate) * up) * weights[:, j:j + 1]
+                out = y if out is None else out + y
+            return out
+        weights = weights.flatten()
         flat = experts.flatten()
         order = flat.argsort(stable=True)  # (row, choice) pairs grouped by expert
         counts = torch.bincount(flat, minlength=len(self.gate_up)).tolist()
