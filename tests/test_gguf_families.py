@@ -98,13 +98,15 @@ def test_4_bit_gguf_experts_stay_quantized_and_match_their_dequantized_import(tm
             assert gen.generate(IDS, max_tokens=6, ignore_eos=True).token_ids == want, spec
 
 
-@pytest.mark.parametrize("family, key, match", [
-    ("qwen3_moe", "expert_shared_count", "shared experts"),
-    ("mistral-window", "attention.sliding_window", "sliding_window"),
+@pytest.mark.parametrize("family, key, value, match", [
+    ("qwen3_moe", "expert_shared_count", 2, "shared experts"),
+    ("qwen3_moe", "expert_gating_func", 2, "gating_func 2"),
+    ("mistral-window", "attention.sliding_window", 4, "sliding_window"),
+    ("qwen3", "rope.scaling.type", "yarn", "'yarn'"),
 ])
-def test_what_a_gguf_asks_for_and_hetpipe_lacks_is_refused_by_key(tmp_path, family, key, match):
+def test_what_a_gguf_asks_for_and_hetpipe_lacks_is_refused_by_key(tmp_path, family, key, value, match):
     hf = make_tiny(tmp_path / "hf", family, **AS_LLAMA_CPP.get(family, {}))
-    path = write_gguf(hf, tmp_path / "m.gguf", "F32", extra_keys={key: 2})
+    path = write_gguf(hf, tmp_path / "m.gguf", "F32", extra_keys={key: value})
     with pytest.raises(UserError, match=match):
         import_gguf(path, tmp_path / "imp", progress=False)
 

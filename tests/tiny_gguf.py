@@ -178,7 +178,7 @@ def _converted(w: dict, cfg: dict, arch: str):
 def write_gguf(hf_dir: Path, out: Path, kind: str, embed_kind: str | None = None, seed: int = 0,
                spm_model: Path | None = None, rope_freqs: bool = False, extra_keys: dict | None = None) -> Path:
     """A GGUF of the tiny checkpoint in `hf_dir`, as llama.cpp's converter writes its family (plus
-    `extra_keys`, {name after the architecture: uint32}), with
+    `extra_keys`, {name after the architecture: uint32 or string}), with
     every 2-D (and stacked 3-D) weight as block type `kind` (the embedding as `embed_kind`, default the
     same); the vocabulary of `spm_model` if given (else the 256 bytes, byte-level BPE); with
     `rope_freqs`, its llama3 RoPE scaling as llama.cpp writes it."""
@@ -196,7 +196,7 @@ def write_gguf(hf_dir: Path, out: Path, kind: str, embed_kind: str | None = None
     wr = gguf.GGUFWriter(str(out), arch)
     _write_keys(wr, cfg, arch)
     for key, value in (extra_keys or {}).items():
-        wr.add_uint32(f"{arch}.{key}", value)
+        (wr.add_uint32 if isinstance(value, int) else wr.add_string)(f"{arch}.{key}", value)
     if spm_model is not None:
         write_spm_vocab(wr, spm_model)
     else:

@@ -63,8 +63,8 @@ def read_config(reader) -> dict:
     if int(a("attention.value_length", head_dim)) != head_dim:
         raise UserError(f"GGUF sets {arch}.attention.value_length != key_length, which hetpipe does not implement")
     if rotary != head_dim:
-        raise UserError(f"GGUF sets {arch}.rope.dimension_count {a('rope.dimension_count')} < head_dim {head_dim} "
-                        "(partial rotary), which hetpipe does not implement")
+        raise UserError(f"GGUF sets {arch}.rope.dimension_count {rotary}, not head_dim {head_dim} (partial rotary), "
+                        "which hetpipe does not implement")
     embd = tensor(reader, "token_embd.weight")
     theta = _f32(a("rope.freq_base", 10000.0))
     cfg = {
@@ -113,7 +113,7 @@ def _rope(reader, a, names: set, theta: float, head_dim: int) -> dict:
     kind = a("rope.scaling.type")
     if kind == "linear":
         rope = {"rope_theta": theta, "rope_type": "linear", "factor": _f32(a("rope.scaling.factor"))}
-    elif kind not in (None, "none"):
+    elif kind not in (None, "none") and not (kind == "longrope" and "rope_factors_long.weight" in names):
         raise UserError(f"GGUF sets rope.scaling.type {kind!r}, which hetpipe does not implement (supported: linear, "
                         "Llama 3's rope_freqs, Phi-3's LongRoPE factors)")
     original = int(a("rope.scaling.original_context_length", 0) or 0)
