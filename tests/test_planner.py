@@ -41,7 +41,9 @@ def test_layers_are_planned_by_the_bytes_a_token_reads_and_held_by_the_bytes_hel
     dense_first = [LayerCost(held=0.5, read=2.5)] + [LayerCost(1.0, 1.0)] * 3  # a MoE with a dense layer 0
     even = [StageCapacity("a", 1.0, 100), StageCapacity("b", 1.0, 100)]
     assert plan_layers(even, 4).ranges == [(0, 1), (2, 3)]
-    assert plan_layers(even, 4, costs=dense_first).ranges == [(0, 0), (1, 3)]  # 2.5 | 3 ms, not 3.5 | 2
+    plan = plan_layers(even, 4, costs=dense_first)
+    assert plan.ranges == [(0, 0), (1, 3)] and plan.stage_ms == [2.5, 3.0]  # not 3.5 | 2 ms
+    assert "0-0 (1 layer, 1.00 ms a timed layer: 2.5 ms)" in plan.describe(even)
     # a fast stage with room for two routed layers holds two dense ones and a routed one
     small_fast = [StageCapacity("a", 0.1, 2), StageCapacity("b", 1.0, 100)]
     two_dense = [LayerCost(0.5, 1.0)] * 2 + [LayerCost(1.0, 1.0)] * 4

@@ -36,12 +36,15 @@ class StageCapacity:
 class LayerPlan:
     ranges: list[tuple[int, int]]
     predicted_ms_per_token: float
+    stage_ms: list[float]  # each stage's predicted time per token (the head included on the last)
 
     def describe(self, caps: list[StageCapacity]) -> str:
-        parts = [f"{c.address}={a}-{b} ({b - a + 1} layers x {c.ms_per_layer:.2f} ms)"
-                 for c, (a, b) in zip(caps, self.ranges)]
-        if caps[-1].head_ms:
-            parts[-1] += f" + head {caps[-1].head_ms:.1f} ms"
+        parts = []
+        for i, (c, (a, b), ms) in enumerate(zip(caps, self.ranges, self.stage_ms)):
+            head = f" and the head's {c.head_ms:.1f} ms" if i == len(caps) - 1 and c.head_ms else ""
+            n = b - a + 1
+            parts.append(f"{c.address}={a}-{b} ({n} layer{'s' * (n > 1)}, {c.ms_per_layer:.2f} ms a timed layer"
+                         f"{head}: {ms:.1f} ms)")
         return "plan: " + ", ".join(parts) + f"; predicted {self.predicted_ms_per_token:.1f} ms/token"
 
 
@@ -95,4 +98,5 @@ def plan_layers(caps: list[StageCapacity], num_layers: int, hop_ms: float = 0.1,
         ranges.append((a, b - 1))
         b = a
     ranges.reverse()
-    return LayerPlan(ranges, best[last][num_layers][1] + hop_ms * len(caps))
+    stage_ms = [cost(s, a, b + 1) for s, (a, b) in enumerate(ranges)]
+    return LayerPlan(ranges, best[last][num_layers][1] + hop_ms * len(caps), stage_ms)
