@@ -146,7 +146,7 @@ def _write_keys(wr, cfg: dict, arch: str) -> None:
             wr.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
 
 
-def _converted(w: dict, cfg: dict, arch: str):
+def _converted(w: dict, cfg: dict, arch: str, per_expert: bool = False):
     """(GGUF name, float32 array) as the converter changes them: q/k permuted (llama), gemma's norms
     +1, each layer's experts stacked, named by gguf-py's own tensor map."""
     import re
@@ -172,16 +172,23 @@ def _converted(w: dict, cfg: dict, arch: str):
             continue
         yield tmap.get_name(name, try_suffixes=(".weight", ".bias")), t
     for merged, per in experts.items():
-        yield tmap.get_name(merged + ".weight", try_suffixes=(".weight",)), np.stack([per[e] for e in sorted(per)])
+        name = tmap.get_name(merged + ".weight", try_suffixes=(".weight",))
+        if per_expert:  # llama.cpp's first Mixtral files: blk.L.ffn_gate.E.weight
+            for e in sorted(per):
+                yield name.replace("_exps.weight", f".{e}.weight"), per[e]
+        else:
+            yield name, np.stack([per[e] for e in sorted(per)])
 
 
 def write_gguf(hf_dir: Path, out: Path, kind: str, embed_kind: str | None = None, seed: int = 0,
-               spm_model: Path | None = None, rope_freqs: bool = False, extra_keys: dict | None = None) -> Path:
+               spm_model: Path | None = None, rope_freqs: bool = False, extra_keys: dict | None = None,
+               per_expert: bool = False) -> Path:
     """A GGUF of the tiny checkpoint in `hf_dir`, as llama.cpp's converter writes its family (plus
     `extra_keys`, {name after the architecture: uint32 or string}), with
     every 2-D (and stacked 3-D) weight as block type `kind` (the embedding as `embed_kind`, default the
     same); the vocabulary of `spm_model` if given (else the 256 bytes, byte-level BPE); with
-    `rope_freqs`, its llama3 RoPE scaling as llama.cpp writes it."""
+    `rope_freqs`, its llama3 RoPE scaling as llama.cpp writes it; with `per_expert`, one tensor per
+    expert as llama.cpp's first Mixtral files had."""
     import json
 
     import gguf
@@ -213,7 +220,7 @@ def write_gguf(hf_dir: Path, out: Path, kind: str, embed_kind: str | None = None
     if rope.get("rope_type") == "longrope":
         wr.add_tensor("rope_factors_long.weight", np.array(rope["long_factor"], np.float32))
         wr.add_tensor("rope_factors_short.weight", np.array(rope["short_factor"], np.float32))
-    for gname, t in _converted(w, cfg, arch):
+    for gname, t in _converted(w, cfg, arch, per_expert):
         k = (embed_kind or kind) if gname == "token_embd.weight" else kind
         if t.ndim == 1 or k == "F32":
             wr.add_tensor(gname, t)

@@ -8,7 +8,8 @@ llama.cpp's converter changed is undone here:
 - llama (and Mixtral) q and k rows were permuted for its RoPE layout;
 - gemma's norms were stored with the +1 of Gemma's RMSNorm added;
 - MoE experts were stacked into one `ffn_{gate,up,down}_exps` tensor per layer: split back into
-  each expert's projections, the names transformers' checkpoints use.
+  each expert's projections, the names transformers' checkpoints use (its first Mixtral files held
+  one `ffn_gate.E` tensor per expert, read as well).
 """
 
 from __future__ import annotations
@@ -60,10 +61,18 @@ def hf_names(gguf_name: str, cfg: dict) -> list[str] | None:
     if gguf_name in _GLOBAL_NAMES:
         return [_GLOBAL_NAMES[gguf_name]]
     parts = gguf_name.split(".")
+    mt = cfg["model_type"]
+    if len(parts) == 5 and parts[0] == "blk" and mt in EXPERT_NAMES and parts[3].isdigit():
+        # llama.cpp's first Mixtral files: one tensor per expert, blk.L.ffn_gate.E.weight
+        layer, kind, e, suffix = parts[1:]
+        legacy = {"ffn_gate": 0, "ffn_up": 1, "ffn_down": 2}
+        if kind not in legacy:
+            return None
+        module, proj = EXPERT_NAMES[mt]
+        return [f"model.layers.{layer}.{module}.experts.{e}.{proj[legacy[kind]]}.{suffix}"]
     if len(parts) != 4 or parts[0] != "blk":
         return None
     layer, kind, suffix = parts[1], parts[2], parts[3]
-    mt = cfg["model_type"]
     if mt in EXPERT_NAMES:
         module, proj = EXPERT_NAMES[mt]
         if kind == "ffn_gate_inp":
