@@ -25,6 +25,7 @@ from ..core.config import ModelConfig
 from ..core.errors import StageFailure, UserError
 from ..core.pipeline import Pipeline
 from ..core.sampling import SamplingParams
+from .aio import get_within
 from .engine import Engine, EngineConfig, Request
 from .output import GenerationChunk, Timing, percentiles
 from .structured import Constraint, Grammars
@@ -284,7 +285,7 @@ class AsyncStream(Stream):
             raise StopAsyncIteration
         while True:
             try:
-                item = await asyncio.wait_for(self._q.get(), CONSUMER_CHECK_S)
+                item = await get_within(self._q, CONSUMER_CHECK_S)
                 break
             except asyncio.TimeoutError:
                 self._check_engine()

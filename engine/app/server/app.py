@@ -28,6 +28,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from ...core.errors import QueueFull, StageFailure, UserError
+from ...serving.aio import get_within
 from ...serving.generator import Generator
 from . import completions as C
 from .events import EventStream, until_disconnect
@@ -151,7 +152,7 @@ def create_app(gen: Generator, *, model_name: str, api_key: str | None = None,
         try:
             while True:
                 try:
-                    item = await asyncio.wait_for(q.get(), KEEPALIVE_S)
+                    item = await get_within(q, KEEPALIVE_S)
                 except asyncio.TimeoutError:
                     yield ": keep-alive\n\n"
                     continue

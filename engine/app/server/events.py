@@ -65,8 +65,10 @@ async def until_disconnect(receive, work: Awaitable) -> object:
     finally:
         listener.cancel()
     if not task.done():
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        while not task.done():  # again until it ends: a cancellation swallowed inside must not hang us
+            task.cancel()
+            await asyncio.wait({task}, timeout=1.0)
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            task.result()
         raise asyncio.CancelledError("the client disconnected")
     return task.result()
