@@ -1,6 +1,7 @@
 """The planner: layers in proportion to speed, within memory, the head counted on the last stage; a
 layer's time by the weight bytes a token reads from it, its memory by the bytes it holds."""
 
+import json
 import math
 
 import pytest
@@ -74,6 +75,10 @@ def test_layer_costs_are_the_checkpoints_tensors(tmp_path, family):
     if cfg.moe:  # qwen3_moe's layer 1 is dense: the routed layers are the ones timed
         assert cfg.moe.routed(calibration_layer(cfg))
         assert relative_costs(cfg)[calibration_layer(cfg)] == LayerCost(1.0, 1.0)
+        # a two-layer model whose one routed layer is the last: layer 0 is timed, not the head's stage
+        two = ModelConfig.from_dict({**json.loads((model / "config.json").read_text()), "num_hidden_layers": 2,
+                                     "mlp_only_layers": [0], "decoder_sparse_step": 1})
+        assert calibration_layer(two) == 0
 
 
 def test_daemons_calibrate_a_moe_on_a_routed_layer_and_the_split_generates_as_transformers(tmp_path):

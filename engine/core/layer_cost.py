@@ -61,12 +61,14 @@ def head_read_bytes(cfg: ModelConfig, dtype: str) -> float:
 
 def calibration_layer(cfg: ModelConfig) -> int:
     """The layer a daemon times and weighs for the planner: the first of the most common kind
-    (routed, for a MoE model with a few dense layers), so most layers cost what it measured."""
+    (routed, for a MoE model with a few dense layers), so most layers cost what it measured; never
+    the last of several (timed alone, it would carry the head)."""
     if cfg.moe is None:
         return 0
     routed = [i for i in range(cfg.num_hidden_layers) if cfg.moe.routed(i)]
     dense = [i for i in range(cfg.num_hidden_layers) if not cfg.moe.routed(i)]
-    return (routed if len(routed) >= len(dense) else dense)[0]
+    pick = (routed if len(routed) >= len(dense) else dense)[0]
+    return 0 if pick == cfg.num_hidden_layers - 1 else pick
 
 
 def relative_costs(cfg: ModelConfig, dtype: str = "bfloat16") -> list[LayerCost]:
