@@ -80,11 +80,9 @@ def plan_layers(caps: list[StageCapacity], num_layers: int, hop_ms: float = 0.1,
     cut = [[0] * (num_layers + 1) for _ in caps]
     for s, cap in enumerate(caps):
         for b in range(s + 1, num_layers - (last - s) + 1):
-            for a in range(s, b):
-                if held[b] - held[a] > cap.max_layers + 1e-9:
-                    continue
+            for a in [0] if s == 0 else range(s, b):
                 prev = (0.0, 0.0) if s == 0 else best[s - 1][a]
-                if s == 0 and a > 0 or prev == inf:
+                if held[b] - held[a] > cap.max_layers + 1e-9 or prev == inf:
                     continue
                 t = cost(s, a, b)
                 cand = (max(prev[0], t), prev[1] + t)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .config import ModelConfig
+from .experts import moe_prefix
 from .tensors import itemsize
 
 
@@ -44,8 +45,6 @@ def layer_cost(cfg: ModelConfig, layer: int, dtype: str) -> LayerCost:
         mlp = 3 * h * cfg.intermediate_size * per_weight(cfg, p + "mlp.gate_proj", dtype)
         bias = (2 * cfg.intermediate_size + h) * itemsize(dtype) if cfg.mlp_bias else 0
         return LayerCost(attn + small + mlp + bias, attn + small + mlp + bias)
-    from .experts import moe_prefix
-
     m = moe_prefix(cfg, layer)
     router = cfg.moe.n_experts * h * per_weight(cfg, m + "gate", dtype)
     expert = 3 * h * cfg.moe.intermediate_size * per_weight(cfg, m + "experts.gate_up_proj", dtype)
