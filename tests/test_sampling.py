@@ -112,3 +112,37 @@ def test_openai_penalties_bias_and_mask_as_defined():
     assert draws <= {4, 33 % LOGITS.size}
     with pytest.raises(ValueError, match="allows no token"):
         sample_token(LOGITS, p, np.random.default_rng(), history, np.zeros_like(allowed))
+
+
+@pytest.mark.parametrize("kw", [dict(top_k=2**64), dict(top_k=2**31), dict(top_k=-1), dict(seed=2**63), dict(seed=-1),
+                                dict(temperature=float("nan")), dict(temperature=float("inf")),
+                                dict(top_p=float("nan")),
+                                dict(repetition_penalty=1e-320), dict(repetition_penalty=1e300),
+                                dict(logit_bias=((1, float("nan")),)), dict(logit_bias=((2**40, 1.0),)),
+                                dict(logit_bias=((True, 1.0),)), dict(logit_bias=((1, 2, 3),)),
+                                dict(logit_bias=tuple((i, 1.0) for i in range(1025))), dict(logprobs=21)])
+def test_out_of_bounds_params_are_refused(kw):
+    """Every bound the wire and the sampler need, checked where any path builds the params."""
+    with pytest.raises(UserError):
+        SamplingParams(**kw)
+
+
+def test_underflowing_temperature_is_greedy():
+    """logits / 1e-320 are inf: such a temperature samples as greedy, as vLLM treats one below 1e-5."""
+    p = SamplingParams(temperature=1e-320, seed=1)
+    assert p.greedy and sample_token(LOGITS, p, np.random.default_rng(), np.zeros(0, int)) == int(LOGITS.argmax())
+    assert not SamplingParams(temperature=1e-4).greedy
+
+
+def test_copy_with_shares_the_checked_bias_and_checks_what_changes():
+    bias = tuple((i, 0.5) for i in range(1024))
+    p = SamplingParams(temperature=1.0, logit_bias=bias, seed=3)
+    q = p.copy_with(seed=4, output_from=9)
+    assert (q.seed, q.output_from, p.seed, p.output_from) == (4, 9, 3, 0)
+    assert q.logit_bias is p.logit_bias
+    with pytest.raises(UserError):
+        p.copy_with(seed=2**64)
+    # the bias arrays add as the tuple says
+    row = np.zeros(2048, np.float32)
+    got = sample_token(row, SamplingParams(logit_bias=((5, 3.0), (7, 4.0))), np.random.default_rng(), np.zeros(0, int))
+    assert got == 7

@@ -8,16 +8,28 @@ logits), as vLLM and llama.cpp report them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+import math
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from .errors import UserError
 
 
+# Bounds every path checks (the server, the Python API, a daemon reading the wire): each value fits
+# what msgpack and numpy carry and keeps the sampler's arithmetic finite
+MAX_TOKEN_ID = 2**31 - 1  # token ids and top-k travel as int32 rows
+MAX_SEED = 2**63 - 1
+MAX_LOGIT_BIAS = 1024  # entries in one request's logit bias (OpenAI's own limit is 300)
+MIN_TEMPERATURE = 1e-5  # below it a temperature is greedy (vLLM's rule): logits / 1e-320 are inf
+PENALTY_RANGE = (0.01, 100.0)  # a repetition penalty outside it overflows or zeroes the logits it touches
+MAX_LOGPROBS = 20
+
+
 @dataclass(slots=True)
 class SamplingParams:
-    temperature: float = 0.0  # 0: greedy
+    temperature: float = 0.0  # 0: greedy (so is anything below MIN_TEMPERATURE)
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1: off
     min_p: float = 0.0  # 0: off
@@ -28,29 +40,56 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int = 1  # how many top log-probabilities to report (1: the chosen token only)
     output_from: int = 0  # where the output starts in the sequence (the prompt's length): the penalties' window
+    # the logit bias as (ids, values) arrays, made once: added to every sampled row
+    _bias: tuple[np.ndarray, np.ndarray] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+            if not _is_real(getattr(self, name)) or not math.isfinite(getattr(self, name)):
+                raise UserError(f"{name.replace('_', ' ')} must be a finite number")
+        for name, top in (("top_k", MAX_TOKEN_ID), ("logprobs", MAX_LOGPROBS), ("output_from", MAX_TOKEN_ID)):
+            if not _is_int(getattr(self, name)) or not 0 <= getattr(self, name) <= top:
+                raise UserError(f"{name.replace('_', '-')} must be an integer in [0, {top}]")
         if self.temperature < 0:
             raise UserError("temperature must be >= 0")
-        if self.top_k < 0:
-            raise UserError("top-k must be >= 0")
+        if self.temperature < MIN_TEMPERATURE:
+            self.temperature = 0.0
         if not 0 < self.top_p <= 1:
             raise UserError("top-p must be in (0, 1]")
         if not 0 <= self.min_p <= 1:
             raise UserError("min-p must be in [0, 1]")
-        if self.repetition_penalty <= 0:
-            raise UserError("repetition penalty must be > 0")
-        if not 0 <= self.logprobs <= 20:
-            raise UserError("logprobs must be between 0 and 20")
+        if not PENALTY_RANGE[0] <= self.repetition_penalty <= PENALTY_RANGE[1]:
+            raise UserError(f"repetition penalty must be in [{PENALTY_RANGE[0]}, {PENALTY_RANGE[1]:g}]")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise UserError(f"{name.replace('_', ' ')} must be in [-2, 2]")
-        self.logit_bias = tuple((int(t), float(b)) for t, b in self.logit_bias)
-        for t, b in self.logit_bias:
-            if t < 0 or not -100.0 <= b <= 100.0:
-                raise UserError(f"logit bias {{{t}: {b}}}: token ids are >= 0 and biases in [-100, 100]")
-        if self.output_from < 0:
-            raise UserError("output_from must be >= 0")
+        if self.seed is not None and not (_is_int(self.seed) and 0 <= self.seed <= MAX_SEED):
+            raise UserError("seed must be an integer in [0, 2**63 - 1]")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise UserError(f"logit bias has {len(self.logit_bias)} entries; at most {MAX_LOGIT_BIAS}")
+        bias = []
+        for entry in self.logit_bias:
+            t, b = entry if isinstance(entry, (tuple, list)) and len(entry) == 2 else (None, None)
+            if not (_is_int(t) and 0 <= t <= MAX_TOKEN_ID and _is_real(b) and -100.0 <= b <= 100.0):
+                raise UserError(f"logit bias {str(entry)[:40]}: token ids are integers >= 0 and biases in [-100, 100]")
+            bias.append((int(t), float(b)))
+        self.logit_bias = tuple(bias)
+        if bias:
+            self._bias = (np.array([t for t, _ in bias], np.int64), np.array([b for _, b in bias], np.float64))
+
+    def copy_with(self, *, seed: int | None | object = ..., output_from: int | object = ...) -> SamplingParams:
+        """A copy with another seed or penalties' window, the rest not checked again (a
+        thousand-entry logit bias costs half a millisecond to check) and shared, not copied."""
+        p = copy.copy(self)
+        if seed is not ...:
+            if seed is not None and not (_is_int(seed) and 0 <= seed <= MAX_SEED):
+                raise UserError("seed must be an integer in [0, 2**63 - 1]")
+            p.seed = seed
+        if output_from is not ...:
+            if not _is_int(output_from) or not 0 <= output_from <= MAX_TOKEN_ID:
+                raise UserError(f"output_from must be an integer in [0, {MAX_TOKEN_ID}]")
+            p.output_from = output_from
+        return p
 
     @property
     def uses_history(self) -> bool:
@@ -60,6 +99,14 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -95,13 +142,14 @@ def apply_output_penalties(logits: np.ndarray, output: np.ndarray, p: SamplingPa
     return out
 
 
-def apply_logit_bias(logits: np.ndarray, bias: tuple[tuple[int, float], ...]) -> np.ndarray:
-    if not bias:
+def apply_logit_bias(logits: np.ndarray, p: SamplingParams) -> np.ndarray:
+    """The logits with `p.logit_bias` added (ids past the row's end are ignored; each id once)."""
+    if p._bias is None:
         return logits
+    ids, values = p._bias
+    keep = ids < logits.size
     out = logits.copy()
-    for t, b in bias:
-        if t < out.size:
-            out[t] += b
+    np.add.at(out, ids[keep], values[keep].astype(out.dtype))
     return out
 
 
@@ -143,7 +191,7 @@ def sample_token(logits: np.ndarray, p: SamplingParams, rng: np.random.Generator
     if p.repetition_penalty != 1.0:
         logits = apply_repetition_penalty(logits, np.unique(history), p.repetition_penalty)
     logits = apply_output_penalties(logits, history[p.output_from:], p)
-    logits = apply_logit_bias(logits, p.logit_bias)
+    logits = apply_logit_bias(logits, p)
     if allowed is not None:
         logits = apply_allowed(logits, allowed)
         if not np.isfinite(logits).any():
