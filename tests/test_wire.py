@@ -145,3 +145,58 @@ def test_prefix_cache_hashes_round_trip(pair):
     bad[0][5] = [1.5]
     with pytest.raises(WireError, match="seq entry"):
         unpack_batch({**header, "seqs": bad}, arrays)
+
+
+def test_sampling_goes_once_per_sequence(pair):
+    """A sequence's params go in full with its first sampling chunk, then as SAME_SAMPLING; the
+    stage resolves them from what it kept, and a sequence starting afresh is sent them again."""
+    from transport.wire import SAME_SAMPLING, SamplingMemo
+
+    bias = tuple((i, 1.0) for i in range(1000))
+    p = SamplingParams(temperature=0.5, logit_bias=bias, seed=1)
+    sender, stage = SamplingMemo(), SamplingMemo()
+    first = StageBatch([SeqChunk(5, 0, np.array([1, 2], np.int32), p)])
+    later = StageBatch([SeqChunk(5, 2, np.array([3], np.int32), p)])
+    h1, a1 = through(pair, pack_batch(first, sender, req=1))
+    h2, a2 = through(pair, pack_batch(later, sender, req=2))
+    assert isinstance(h1["seqs"][0][3], dict) and h2["seqs"][0][3] == SAME_SAMPLING
+    assert len(pack_batch(later, sender, req=3)[0]) < 200 < len(h1.get("seqs").__repr__())
+    assert unpack_batch(h1, a1, stage).seqs[0].sampling == p
+    assert unpack_batch(h2, a2, stage).seqs[0].sampling == p
+    with pytest.raises(WireError, match="never sent"):
+        unpack_batch(h2, a2, SamplingMemo())  # a stage that never saw the sequence refuses, never guesses
+    sender.forget([5])  # released: the next life of the sequence is sent in full again
+    assert isinstance(through(pair, pack_batch(later, sender, req=4))[0]["seqs"][0][3], dict)
+
+
+def test_a_batch_over_the_header_limit_raises_and_sends_nothing():
+    from engine.core.errors import BatchTooLarge
+    from transport.wire import SamplingMemo
+
+    p = SamplingParams(logit_bias=tuple((i, 1.0) for i in range(1024)))
+    seqs = [SeqChunk(i, 0, np.array([1], np.int32), p.copy_with(seed=i)) for i in range(120)]
+    memo = SamplingMemo()
+    with pytest.raises(BatchTooLarge):
+        pack_batch(StageBatch(seqs), memo, req=1)
+    assert memo.params == {}  # nothing counts as sent
+    pack_batch(StageBatch(seqs[:40]), memo, req=2)
+    assert len(memo.params) == 40
+
+
+def test_peek_envelope_names_the_request_of_a_header_too_large():
+    from transport.wire import peek_envelope
+
+    frames = pack(P.FORWARD, req=77, client="c-9", seqs=[[1] * 10] * 120_000)
+    assert len(frames[0]) > P.MAX_HEADER_BYTES
+    with pytest.raises(WireError, match="too large"):
+        unpack(frames)
+    assert peek_envelope(frames[0]) == (77, "c-9")
+    assert peek_envelope(b"\x93garbage") == (None, None)
+
+
+def test_result_tokens_carry_a_per_sequence_error(pair):
+    tokens = [SampledToken(1, 4, -0.5, []), SampledToken(2, -1, 0.0, [], error="ValueError: no token allowed")]
+    got = unpack_result(*through(pair, pack_result(StageResult(tokens=tokens), req=1)))
+    assert got.tokens == tokens
+    with pytest.raises(WireError):
+        unpack_result({"tokens": [[1, 2, 3]]}, [])

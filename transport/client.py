@@ -20,7 +20,7 @@ from engine.core.stage import StageBatch, StageReport, StageResult
 
 from . import protocol as P
 from .auth import Auth
-from .wire import WireError, pack, pack_batch, unpack, unpack_report, unpack_result
+from .wire import WireError, pack, pack_batch, peek_envelope, unpack, unpack_report, unpack_result
 
 
 class StageError(StageFailure):
@@ -129,8 +129,9 @@ class Client:
                     break
                 try:
                     header, arrays = unpack(frames)
-                except WireError:
-                    continue  # not a reply we can read: the request it answers times out
+                except WireError as e:  # a reply we cannot read fails its request now, not at its timeout
+                    req, _ = peek_envelope(frames[0]) if frames else (None, None)
+                    header, arrays = {"kind": P.ERROR, "req": req, "message": f"unreadable reply: {e}"}, []
                 req = header.get("req")
                 if req in self._expected:
                     self._mail[req] = (header, arrays)
@@ -235,15 +236,16 @@ class RemoteStage:
 
 
 def health_reports(addresses: Sequence[str], auth: Auth | None = None, timeout_s: float = 5.0,
-                   kind: str = P.HEALTH) -> list[StageReport | StageError]:
+                   kind: str = P.HEALTH, **fields) -> list[StageReport | StageError]:
     """Each stage's report after a real one-token forward through its layers (`kind` PING: without
-    one), or why it gave none. On sockets of its own: safe beside a pipeline serving on another thread."""
+    one; to a heartbeat socket, with `report=True`: at once, even from a stage busy computing), or
+    why it gave none. On sockets of its own: safe beside a pipeline serving on another thread."""
     client = Client(timeout_s, auth)
     out: list[StageReport | StageError] = []
     try:
         for address in addresses:
             try:
-                out.append(unpack_report(client.call(address, kind, timeout_s=timeout_s).get("info")))
+                out.append(unpack_report(client.call(address, kind, timeout_s=timeout_s, **fields).get("info")))
             except StageError as e:
                 out.append(e)
             except WireError as e:

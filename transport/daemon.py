@@ -30,7 +30,8 @@ from engine.core.weights import layer_bytes
 
 from . import protocol as P
 from .auth import Auth, is_loopback
-from .wire import WireError, pack, pack_batch, pack_report, pack_result, unpack, unpack_batch
+from .wire import (SamplingMemo, WireError, forward_frames, pack, pack_report, pack_result, peek_envelope, unpack,
+                   unpack_batch)
 
 StageLoader = Callable[[int, int], BaseStage]  # (first, last) -> a loaded, warmed-up stage
 
@@ -93,6 +94,7 @@ class StageDaemon:
         self.heartbeat = self._router()
         self.heartbeat_address = bind_address(self.heartbeat, heartbeat_address(self.address))
         self.next_hops: dict[str, zmq.Socket] = {}
+        self.memo = SamplingMemo()  # each live sequence's sampling parameters, as its coordinator sent them
         self.running = True
         threading.Thread(target=self._answer_heartbeats, name="heartbeat", daemon=True).start()
 
@@ -108,7 +110,9 @@ class StageDaemon:
     def _answer_heartbeats(self) -> None:
         """Its own thread and socket: a daemon busy with a long batch still answers within ms.
 
-        A stopped (SIGSTOP) or dead process answers nothing, which is what the coordinator watches.
+        A PING with `report` gets the daemon's full report (what `/health` shows: it must not wait
+        behind a long prefill on the compute socket); any other message an OK. A stopped
+        (SIGSTOP) or dead process answers nothing, which is what the coordinator watches.
         """
         while self.running:
             try:
@@ -119,9 +123,12 @@ class StageDaemon:
                     header, _ = unpack(frames)
                 except WireError:
                     continue
-                stage = self.stage
-                self.heartbeat.send_multipart([sender, *pack(P.OK, req=header.get("req"),
-                                                             seqs=len(stage.live_sequences()) if stage else 0)])
+                if header.get("kind") == P.PING and header.get("report"):
+                    reply = self._info(header)
+                else:
+                    stage = self.stage
+                    reply = pack(P.OK, req=header.get("req"), seqs=len(stage.live_sequences()) if stage else 0)
+                self.heartbeat.send_multipart([sender, *reply])
             except zmq.ZMQError:
                 if self.running:
                     time.sleep(0.05)
@@ -229,10 +236,12 @@ class StageDaemon:
             if handler is None:
                 raise WireError(f"a stage does not take {header['kind']!r} messages")
             handler(sender, header, arrays)
-        except (WireError, UserError, ValueError) as e:
-            self._error(sender, header, str(e))
-        except Exception as e:  # a bug or a backend failure: report it, keep serving
-            self._error(sender, header, f"{type(e).__name__}: {e}")
+        except Exception as e:  # bad input, a bug or a backend failure: report it, keep serving
+            if not header and frames:  # not even read: still name the request it refuses
+                req, client = peek_envelope(frames[0])
+                header = {"req": req, "client": client}
+            known = isinstance(e, (WireError, UserError, ValueError))
+            self._error(sender, header, str(e) if known else f"{type(e).__name__}: {e}")
 
     def _reply_to(self, sender: bytes, header: dict) -> bytes:
         client = header.get("client")
@@ -284,6 +293,7 @@ class StageDaemon:
             raise WireError("release needs a list of seq_ids")
         if self.stage is not None:
             self.stage.release(ids)
+        self.memo.forget(ids)
         self._send(sender, pack(P.OK, req=header.get("req")))
 
     def handle_forward(self, sender, header, arrays) -> None:
@@ -293,7 +303,7 @@ class StageDaemon:
         if not (isinstance(route, list) and len(route) <= P.MAX_ROUTE
                 and all(isinstance(a, str) and a.startswith(("tcp://", "ipc://")) and len(a) < 256 for a in route)):
             raise WireError("route must be a list of tcp:// or ipc:// addresses")
-        batch = unpack_batch(header, arrays)
+        batch = unpack_batch(header, arrays, self.memo)
         if self.draining_since is not None:
             live = set(self.stage.live_sequences())
             if any(s.seq_id not in live for s in batch.seqs):
@@ -302,10 +312,11 @@ class StageDaemon:
         result = self.stage.forward(batch)
         timings = list(header.get("timings", [])) + [[self.address, (time.perf_counter() - t) * 1000]]
         fields = dict(req=header.get("req"), client=header.get("client"), timings=timings)
+        if len(self.memo.params) > 2 * len(self.stage.live_sequences()) + 64:
+            self.memo.keep_only(self.stage.live_sequences())
         if route and result.hidden is not None:
-            hop = StageBatch(batch.seqs, result.hidden, batch.evict)
             sock = self._next_hop(route[0])
-            frames = pack_batch(hop, route=route[1:], **fields)
+            frames = forward_frames(header, arrays, result.hidden, route=route[1:], **fields)
             try:
                 try:
                     sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)

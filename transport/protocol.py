@@ -1,6 +1,6 @@
 """Protocol constants: every message kind, limit and version lives here, once."""
 
-VERSION = 3  # 3: forward carries prefix-cache block hashes (link, name, evict); reports kv_tokens_cached
+VERSION = 4  # 4: sampling parameters sent once per sequence (SAME_SAMPLING after); sampled tokens carry an error
 
 # message kinds, client -> stage
 HELLO = "hello"  # identity check; reply: INFO
@@ -19,11 +19,11 @@ KINDS = {HELLO, LOAD, FORWARD, RELEASE, PING, HEALTH, INFO, RESULT, OK, ERROR}
 ARRAY_DTYPES = {"int32", "float32", "float16", "bfloat16"}  # bfloat16 travels as uint16 words
 
 MAX_HEADER_BYTES = 1 << 20
+HEADER_MARGIN = 1 << 14  # a coordinator's batch header stays this far under the limit: each stage adds its timing
 MAX_FRAME_BYTES = 1 << 28  # also the socket's ZMQ_MAXMSGSIZE: a larger message drops the sender
 MAX_SEQS_PER_CALL = 4096
 MAX_ROUTE = 64  # stages after this one
 MAX_SEQ_ID = (1 << 63) - 1
-MAX_LOGIT_BIAS = 1024  # entries in one request's logit bias
 MAX_BLOCK_HASHES = 1 << 16  # block hashes in one seq entry's prefix or names, or in a batch's evictions
 MAX_BLOCK_HASH = (1 << 63) - 1
 

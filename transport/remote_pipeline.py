@@ -20,10 +20,10 @@ from engine.core.stage import StageBatch
 from . import protocol as P
 from .client import RemoteStage, StageError, health_reports, raise_if_error
 from .heartbeat import Heartbeat
-from .wire import pack, pack_batch, unpack_result
+from .wire import SamplingMemo, pack, pack_batch, unpack_result
 
 
-STATUS_TIMEOUT_S = 2.0  # a stage that does not answer a status ping this fast is reported lost
+STATUS_TIMEOUT_S = 2.0  # a stage whose heartbeat socket does not answer a status ping this fast is reported lost
 
 
 class RemotePipeline:
@@ -34,6 +34,7 @@ class RemotePipeline:
         self.identity = identity
         self.standby = list(standby)  # addresses of spare daemons that may take a lost stage's place
         self._flying: dict[int, tuple[int, float]] = {}  # req -> (tag, sent)
+        self.memo = SamplingMemo()  # what each live sequence's sampling parameters were sent as
         self.heartbeat = Heartbeat(self.client.ctx, self.client.auth)
         for s in stages:
             self.heartbeat.watch(s.address, s.report.heartbeat)
@@ -47,9 +48,17 @@ class RemotePipeline:
         return [s.address for s in self.stages[1:]]
 
     def submit(self, tag: int, batch: StageBatch) -> None:
+        """Send a batch along the route; a batch too large for one message raises `BatchTooLarge`,
+        sending nothing."""
         req = self.client.next_req()
+        frames = pack_batch(batch, self.memo, req=req, client=self.client.id, route=self.route)
         self.client.expect(req)
-        self.client.send(self.stages[0].address, pack_batch(batch, req=req, client=self.client.id, route=self.route))
+        try:
+            self.client.send(self.stages[0].address, frames)
+        except Exception:
+            self.client.forget(req)
+            self.memo.forget(s.seq_id for s in batch.seqs)  # what it marked as sent was not
+            raise
         self._flying[req] = (tag, time.monotonic())
 
     def poll(self, timeout_s: float) -> list[BatchOutcome]:
@@ -81,6 +90,7 @@ class RemotePipeline:
 
     def release(self, seq_ids: Sequence[int]) -> None:
         """Tell every stage to free these sequences; no reply awaited (a later message sees it done)."""
+        self.memo.forget(seq_ids)
         for s in self.stages:
             self.client.send(s.address, pack(P.RELEASE, req=self.client.next_req(), seq_ids=list(seq_ids)))
 
@@ -91,8 +101,10 @@ class RemotePipeline:
         return [{**s.info.describe(), "address": s.address} for s in self.stages]
 
     def status(self) -> list[dict]:
-        """Each stage as it answers a ping now, on sockets of its own (any thread may ask)."""
-        reports = health_reports([s.address for s in self.stages], self.client.auth, STATUS_TIMEOUT_S, P.PING)
+        """Each stage as its heartbeat socket reports it now, on sockets of its own (any thread may
+        ask): a stage busy with a long batch still answers; a stopped or dead one is "lost"."""
+        reports = health_reports([s.report.heartbeat for s in self.stages], self.client.auth, STATUS_TIMEOUT_S,
+                                 P.PING, report=True)
         out = []
         for s, r in zip(self.stages, reports):
             entry = {**s.info.describe(), "address": s.address}
@@ -125,6 +137,7 @@ class RemotePipeline:
         for req in self._flying:
             self.client.forget(req)
         self._flying.clear()
+        self.memo = SamplingMemo()  # a replaced stage was sent nothing: every sequence starts afresh
 
     def replace(self, index: int, timeout_s: float) -> str | None:
         """One try, within `timeout_s`: the lost stage's own address (restarted), then each unused

@@ -1,8 +1,15 @@
 """Wire format: a msgpack header, then raw array frames. Zero-copy on receive, never pickle.
 
-    frames = [header, *arrays]     header = {"v": VERSION, "kind": ..., "arrays": [[dtype, shape], ...], ...}
+    frames = [header, *arrays]     header = {"v": VERSION, "kind": ..., "req": ..., "client": ...,
+                                             ..., "arrays": [[dtype, shape], ...]}
 
+The envelope (`v`, `kind`, `req`, `client`) comes first, so a stage can name the request it
+refuses even when the rest of the header is too large or broken (`peek_envelope`).
 bfloat16 arrays travel as their 2-byte words with the dtype named in the header: never upcast.
+
+A sequence's sampling parameters (a logit bias may hold a thousand entries) travel in full once:
+later chunks of the same sequence send SAME_SAMPLING, and each stage keeps what it was sent
+(`SamplingMemo`) until the sequence is released or starts afresh.
 """
 
 from __future__ import annotations
@@ -13,7 +20,9 @@ import math
 import msgpack
 import numpy as np
 
-from engine.core.sampling import SamplingParams
+from engine.core.errors import BatchTooLarge
+from engine.core.sampling import MAX_LOGIT_BIAS, SamplingParams
+from engine.core.kv_blocks import BLOCK
 from engine.core.stage import SampledToken, SeqChunk, StageBatch, StageReport, StageResult
 from engine.core.tensors import STORAGE, TypedArray
 
@@ -29,11 +38,32 @@ class WireError(ValueError):
     """A message that breaks the protocol; the daemon answers it with an error and carries on."""
 
 
+ENVELOPE = ("req", "client")  # packed right after v and kind
+
+
 def pack(kind: str, arrays: list[tuple[str, np.ndarray]] = (), **fields) -> list:
     """Header + frames. `arrays` are (logical dtype, array) pairs."""
-    header = {"v": P.VERSION, "kind": kind, **fields,
+    header = {"v": P.VERSION, "kind": kind, **{k: fields.pop(k) for k in ENVELOPE if k in fields}, **fields,
               "arrays": [[dt, list(a.shape)] for dt, a in arrays]}
     return [msgpack.packb(header)] + [np.ascontiguousarray(a) for _, a in arrays]
+
+
+def peek_envelope(frame) -> tuple[object, object]:
+    """(req, client) of a header that may be too large or broken past its envelope: read without
+    decoding the rest, so a refusal still reaches the right request. (None, None) if unreadable."""
+    found = {}
+    try:
+        u = msgpack.Unpacker(max_buffer_size=len(_bytes(frame)) + 1, strict_map_key=True)
+        u.feed(_bytes(frame))
+        for _ in range(min(u.read_map_header(), 4)):
+            key = u.unpack()
+            if key not in ("v", "kind", *ENVELOPE):
+                break
+            found[key] = u.unpack()
+    except Exception:
+        pass
+    req, client = found.get("req"), found.get("client")
+    return (req if _is_int(req) else None), (client if isinstance(client, str) and len(client) < 256 else None)
 
 
 def unpack(frames) -> tuple[dict, list[tuple[str, np.ndarray]]]:
@@ -83,12 +113,35 @@ def _buffer(frame):
 
 # -- batches and results -------------------------------------------------------------------------
 
-def pack_batch(batch: StageBatch, **fields) -> list:
+SAME_SAMPLING = 1  # a seq entry's sampling field: "as sent for this sequence before"
+
+
+class SamplingMemo:
+    """The sampling parameters each live sequence was last sent with, on either end of a link: the
+    sender to know what it may send as SAME_SAMPLING, a stage to resolve it."""
+
+    def __init__(self):
+        self.params: dict[int, SamplingParams] = {}
+
+    def forget(self, seq_ids) -> None:
+        for sid in seq_ids:
+            self.params.pop(sid, None)
+
+    def keep_only(self, seq_ids) -> None:
+        """Drop every sequence not in `seq_ids` (the stage's live ones): bounds what a stage keeps
+        for coordinators that went away without releasing."""
+        live = set(seq_ids)
+        self.params = {k: v for k, v in self.params.items() if k in live}
+
+
+def pack_batch(batch: StageBatch, memo: SamplingMemo | None = None, **fields) -> list:
     """Frames: the token ids, the hidden rows (past the first stage), and the allowed-token masks of
-    the sequences that have one (structured output), one row each; a seq entry names its mask row."""
+    the sequences that have one (structured output), one row each; a seq entry names its mask row.
+    With `memo`, sampling parameters already sent for a sequence go as SAME_SAMPLING. A header past
+    the stages' limit raises `BatchTooLarge` (nothing is sent: the caller splits the batch)."""
     masks = [s.allowed for s in batch.seqs if s.allowed is not None]
     rows = iter(range(len(masks)))
-    seqs = [[s.seq_id, s.offset, len(s.token_ids), None if s.sampling is None else _pack_sampling(s.sampling),
+    seqs = [[s.seq_id, s.offset, len(s.token_ids), _sampling_entry(s, memo),
              None if s.allowed is None else next(rows), list(s.prefix), list(s.names)] for s in batch.seqs]
     ids = [s.token_ids for s in batch.seqs]
     tokens = np.asarray(ids[0] if len(ids) == 1 else np.concatenate(ids), np.int32)
@@ -97,16 +150,40 @@ def pack_batch(batch: StageBatch, **fields) -> list:
         arrays.append((batch.hidden.dtype, batch.hidden.data))
     if masks:
         arrays.append(("int32", np.stack(masks).astype(np.int32, copy=False)))
-    return pack(P.FORWARD, arrays, seqs=seqs, masks=len(masks), evict=list(batch.evict), **fields)
+    frames = pack(P.FORWARD, arrays, seqs=seqs, masks=len(masks), evict=list(batch.evict), **fields)
+    if len(frames[0]) > P.MAX_HEADER_BYTES - P.HEADER_MARGIN:
+        if memo is not None:  # nothing was sent: what this call marked as sent was not
+            memo.forget(s.seq_id for s, entry in zip(batch.seqs, seqs) if isinstance(entry[3], dict))
+        raise BatchTooLarge(f"a batch of {len(seqs)} sequences has a {len(frames[0])}-byte header "
+                            f"(limit {P.MAX_HEADER_BYTES - P.HEADER_MARGIN})")
+    return frames
+
+
+def _sampling_entry(s, memo: SamplingMemo | None):
+    if s.sampling is None:
+        return None
+    if memo is not None:
+        if s.offset != len(s.prefix) * BLOCK and memo.params.get(s.seq_id) is s.sampling:
+            return SAME_SAMPLING  # (a sequence's first chunk starts it afresh on every stage: sent in full)
+        memo.params[s.seq_id] = s.sampling
+    return _pack_sampling(s.sampling)
+
+
+def forward_frames(header: dict, arrays, hidden: TypedArray, **fields) -> list:
+    """The frames that pass a batch on to the next stage: its seq entries, masks and evictions as
+    they came (SAME_SAMPLING stays SAME_SAMPLING), the token frame, and this stage's hidden rows."""
+    keep = {k: header[k] for k in ("seqs", "masks", "evict")}
+    out = [arrays[0], (hidden.dtype, hidden.data)]
+    if header.get("masks"):
+        out.append(arrays[-1])
+    return pack(P.FORWARD, out, **keep, **fields)
 
 
 def _pack_sampling(p: SamplingParams) -> dict:
-    d = {f: getattr(p, f) for f in _SAMPLING_FIELDS}
-    d["logit_bias"] = [list(x) for x in p.logit_bias]
-    return d
+    return {f: getattr(p, f) for f in _SAMPLING_FIELDS}  # the logit bias's tuples pack as arrays, uncopied
 
 
-def unpack_batch(header: dict, arrays) -> StageBatch:
+def unpack_batch(header: dict, arrays, memo: SamplingMemo | None = None) -> StageBatch:
     seqs, n_masks, evict = header.get("seqs"), header.get("masks", 0), header.get("evict", [])
     if not isinstance(seqs, list) or not 0 < len(seqs) <= P.MAX_SEQS_PER_CALL:
         raise WireError("forward needs a non-empty list of seqs")
@@ -122,14 +199,22 @@ def unpack_batch(header: dict, arrays) -> StageBatch:
     if not 1 <= len(arrays) <= 2 or arrays[0][0] != "int32" or arrays[0][1].ndim != 1:
         raise WireError("forward needs an int32 token frame and at most one hidden frame")
     tokens = arrays[0][1]
-    out, at, used = [], 0, set()
+    out, at, used, params, fresh = [], 0, set(), {}, []
     for s in seqs:
         if not (isinstance(s, list) and len(s) == 7 and all(_is_int(x) for x in s[:3])
                 and 0 <= s[0] <= P.MAX_SEQ_ID and 0 <= s[1] < 2**31 and 0 < s[2] <= len(tokens) - at
                 and (s[4] is None or (_is_int(s[4]) and 0 <= s[4] < n_masks and s[4] not in used))
                 and _hashes(s[5]) and _hashes(s[6])):
             raise WireError(f"bad seq entry {str(s)[:80]}")
-        sampling = None if s[3] is None else _sampling(s[3])
+        sampling = None
+        if s[3] == SAME_SAMPLING and not isinstance(s[3], bool):
+            sampling = params.get(s[0]) or (memo.params.get(s[0]) if memo is not None else None)
+            if sampling is None:
+                raise WireError(f"sequence {s[0]}: its sampling parameters were never sent")
+        elif s[3] is not None:
+            params[s[0]] = sampling = _sampling(s[3])
+        elif s[1] == len(s[5]) * BLOCK:
+            fresh.append(s[0])  # a sequence starting afresh: what it was sent in an earlier life is stale
         allowed = None if s[4] is None else masks[s[4]]
         if allowed is not None:
             used.add(s[4])
@@ -147,6 +232,9 @@ def unpack_batch(header: dict, arrays) -> StageBatch:
         if dtype == "int32" or data.ndim != 2 or data.shape[0] != at:
             raise WireError("hidden frame must be (tokens, hidden_size) floats")
         hidden = TypedArray(data, dtype)
+    if memo is not None:  # only a batch read whole changes what the stage keeps
+        memo.forget(fresh)
+        memo.params.update(params)
     return StageBatch(out, hidden, evict)
 
 
@@ -162,7 +250,7 @@ def _sampling(d) -> SamplingParams:
         if k in ("top_k", "logprobs", "output_from"):
             ok = _is_int(v)
         elif k == "logit_bias":
-            ok = (isinstance(v, list) and len(v) <= P.MAX_LOGIT_BIAS
+            ok = (isinstance(v, list) and len(v) <= MAX_LOGIT_BIAS
                   and all(isinstance(x, list) and len(x) == 2 and _is_int(x[0]) and _is_number(x[1]) for x in v))
         elif k == "seed":
             ok = v is None or (_is_int(v) and 0 <= v < 2**63)
@@ -185,15 +273,22 @@ def _is_number(x) -> bool:
 
 
 def pack_result(result: StageResult, **fields) -> list:
-    tokens = [[t.seq_id, t.token_id, t.logprob, [list(p) for p in t.top]] for t in result.tokens]
+    tokens = [[t.seq_id, t.token_id, t.logprob, [list(p) for p in t.top], t.error] for t in result.tokens]
     arrays = [] if result.hidden is None else [(result.hidden.dtype, result.hidden.data)]
     return pack(P.RESULT, arrays, tokens=tokens, **fields)
 
 
 def unpack_result(header: dict, arrays) -> StageResult:
-    tokens = [SampledToken(s, t, lp, [(int(a), float(b)) for a, b in top]) for s, t, lp, top in header["tokens"]]
+    tokens = header.get("tokens", [])
+    if not (isinstance(tokens, list) and all(isinstance(t, list) and len(t) == 5 for t in tokens)):
+        raise WireError("a result's tokens must be [seq_id, token_id, logprob, top, error] entries")
+    try:
+        out = [SampledToken(int(s), int(t), float(lp), [(int(a), float(b)) for a, b in top],
+                            None if err is None else str(err)[:500]) for s, t, lp, top, err in tokens]
+    except (TypeError, ValueError):
+        raise WireError("a result's token entry is malformed") from None
     hidden = TypedArray(arrays[0][1], arrays[0][0]) if arrays else None
-    return StageResult(hidden, tokens)
+    return StageResult(hidden, out)
 
 
 # -- what a stage says about itself ---------------------------------------------------------------

@@ -8,7 +8,6 @@ Everything here is numpy.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -188,22 +187,30 @@ class BaseStage:
             raise ValueError(f"KV cache full: {used} tokens held, {more} more asked, budget {self.info.kv_tokens}")
 
     def _sample(self, seqs: list[SeqChunk], logits: np.ndarray) -> list[SampledToken]:
+        """One token per sampling sequence. A sequence whose sampling fails gets an error entry
+        instead (its request ends alone; the others in the batch are served)."""
         out = []
         for s, row in zip([s for s in seqs if s.sampling is not None], logits):
-            p, st = s.sampling, self._seqs[s.seq_id]
-            if st.rng is None:
-                st.rng = np.random.default_rng(p.seed)
-            history = np.asarray(st.seen, dtype=np.int64) if p.uses_history else _EMPTY
-            if st.seen_from and p.uses_history:  # the output penalties read only what follows the prompt
-                if p.repetition_penalty != 1.0:
-                    raise ValueError(f"sequence {s.seq_id}: a repetition penalty reads the whole prompt, and it "
-                                     "started from a cached prefix this stage never saw")
-                p = dataclasses.replace(p, output_from=max(0, p.output_from - st.seen_from))
-            tok = sample_token(row, p, st.rng, history, s.allowed)
-            lse = logsumexp(row)
-            top = top_logprobs(row, p.logprobs, lse) if p.logprobs > 1 else []
-            out.append(SampledToken(s.seq_id, tok, float(row[tok]) - lse, top))
+            try:
+                out.append(self._sample_one(s, row))
+            except Exception as e:
+                out.append(SampledToken(s.seq_id, -1, 0.0, [], error=f"{type(e).__name__}: {e}"[:500]))
         return out
+
+    def _sample_one(self, s: SeqChunk, row: np.ndarray) -> SampledToken:
+        p, st = s.sampling, self._seqs[s.seq_id]
+        if st.rng is None:
+            st.rng = np.random.default_rng(p.seed)
+        history = np.asarray(st.seen, dtype=np.int64) if p.uses_history else _EMPTY
+        if st.seen_from and p.uses_history:  # the output penalties read only what follows the prompt
+            if p.repetition_penalty != 1.0:
+                raise ValueError(f"sequence {s.seq_id}: a repetition penalty reads the whole prompt, and it "
+                                 "started from a cached prefix this stage never saw")
+            p = p.copy_with(output_from=max(0, p.output_from - st.seen_from))
+        tok = sample_token(row, p, st.rng, history, s.allowed)
+        lse = logsumexp(row)
+        top = top_logprobs(row, p.logprobs, lse) if p.logprobs > 1 else []
+        return SampledToken(s.seq_id, tok, float(row[tok]) - lse, top)
 
     def warmup(self, decode_only: bool = False) -> None:
         """Run a short prefill and one decode step so the first request pays no one-time cost.

@@ -49,6 +49,7 @@ class SampledToken:
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob), best first
+    error: str | None = None  # sampling this sequence failed (token_id is then -1): it alone ends
 
 
 @dataclass(slots=True)
