@@ -10,23 +10,29 @@ Postprocessing turns returned tokens into chunks (detokenized, stop strings appl
 finished sequences out, releasing them on every stage before their last chunk is delivered; the
 next micro-batches are submitted before the chunks are delivered, so the callers' work overlaps
 the stages' compute. A lost stage starts a recovery (`recovery.py`).
+
+One request cannot stop the engine: whatever fails while its data is packed, sent or sampled ends
+that request alone (a batch that cannot be sent is split until the part that fails is one
+request). Only a stage lost beyond recovery stops serving: requests are then refused at once, the
+engine tries every RETRY_LOST_S to put a stage in its place, and serving resumes by itself.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import queue
 import secrets
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..core.errors import QueueFull, StageFailure, UserError
+from ..core.errors import GrammarFailed, QueueFull, RequestFailed, StageFailure, UserError
+from ..core.kv_blocks import BLOCK
 from ..core.pipeline import BatchOutcome, Pipeline
 from ..core.sampling import SamplingParams
 from ..core.stage import SampledToken, SeqChunk, StageBatch
@@ -38,6 +44,7 @@ from .structured import Constraint
 from .text import IncrementalDetokenizer, StopMatcher, Tokenizer
 
 RESULT_WAIT_S = 0.05  # the longest wait for results while batches are in flight (lost stages are checked between)
+RETRY_LOST_S = 1.0  # how often a stage lost beyond recovery is tried again
 
 
 @dataclass(slots=True)
@@ -101,9 +108,14 @@ class Engine:
         self._flying: dict[int, list[Slice]] = {}  # batch tag -> its slices
         self._tags = itertools.count()
         self._seqs: dict[int, Seq] = {}
+        self._outbox: list[tuple[Request, GenerationChunk | BaseException]] = []  # for `_deliver`, in order
         self._closing = False
         self._lock = threading.Lock()
         self.error: BaseException | None = None  # what stopped the engine thread, if anything
+        self.on_fatal: Callable[[BaseException], None] | None = None  # told if the engine thread dies (a bug)
+        self.lost_stages: list[int] = []  # lost beyond recovery: requests refused until a stage takes each place
+        self.lost_error = ""
+        self._retry_at = 0.0
         self.profile = Profile()  # every batch run, for benchmarks
         self.recoveries: list[RecoveryEvent] = []
         self.log = log or (lambda m: print(f"hetpipe: {m}", file=sys.stderr, flush=True))
@@ -123,7 +135,7 @@ class Engine:
         req = Request(next(self._ids), deliver, IncrementalDetokenizer(self.tokenizer), StopMatcher(stop),
                       Timing(time.perf_counter()), ignore_eos, constraint)
         # the presence and frequency penalties count the output only: it starts past the prompt
-        sampling = dataclasses.replace(sampling or SamplingParams(), output_from=len(ids))
+        sampling = (sampling or SamplingParams()).copy_with(output_from=len(ids))
         seq = Seq(req.seq_id, ids, max_tokens, sampling, min(len(ids) + max_tokens, self.context), owner=req)
         self.scheduler.check(seq)
         with self._lock:
@@ -131,6 +143,8 @@ class Engine:
                 raise UserError("the engine is closed")
             if self.error is not None:
                 raise StageFailure(f"the serving engine stopped: {self.error!r}")
+            if self.lost_stages:
+                raise StageFailure(f"{self.lost_error}; serving resumes once a stage takes its place")
             # refused here, at once, when the queue is full now; requests not yet taken in by the
             # engine thread are not counted (they may run at once): its own check has the last word
             waiting = len(self.scheduler.waiting)
@@ -186,25 +200,36 @@ class Engine:
     def _main(self) -> None:
         try:
             while self._take_requests():
+                if self.lost_stages:
+                    self._retry_lost()
                 self._submit(self._schedule())                     # schedule -> run
-                chunks = self._postprocess(self.pipeline.poll(RESULT_WAIT_S) if self._flying else [])
+                self._postprocess(self.pipeline.poll(RESULT_WAIT_S) if self._flying else [])
                 self._submit(self._schedule())                     # the next step leaves before callers hear
-                self._deliver(chunks)                              # of this one: their work overlaps it
+                self._deliver()                                    # of this one: their work overlaps it
                 self._watch_stages()
+            self._deliver()
         except BaseException as e:  # a bug, or the pipeline itself gone: no request may hang on it
             self.error = e
             err = e if isinstance(e, (UserError, StageFailure)) else StageFailure(f"engine stopped: {e!r}")
             for seq in list(self._seqs.values()):
                 self._end(seq, err)
+            self._deliver()
+            if self.on_fatal is not None and not self._closing:
+                self.on_fatal(e)
             raise
 
     def _take_requests(self) -> bool:
         """Take in new requests, cancellations and `close`, waiting for one while there is nothing
-        to do. False once closed with no batch left in flight: the thread ends."""
+        to do (with a stage lost beyond recovery, at most RETRY_LOST_S). False once closed with no
+        batch left in flight: the thread ends."""
+        self._deliver()  # what the previous step's end (a recovery, say) left: before any wait
         idle = not self._flying and not self._closing and not self._ready()
         while True:
             try:
-                kind, arg = self._inbox.get() if idle else self._inbox.get_nowait()
+                if not idle:
+                    kind, arg = self._inbox.get_nowait()
+                else:
+                    kind, arg = self._inbox.get(timeout=RETRY_LOST_S) if self.lost_stages else self._inbox.get()
             except queue.Empty:
                 break
             idle = False
@@ -255,21 +280,53 @@ class Engine:
 
     def _submit(self, batches: list[list[Slice]]) -> None:
         for slices in batches:
-            tag = next(self._tags)
-            self._flying[tag] = slices
-            chunks = [self._seq_chunk(sl) for sl in slices]
-            self.pipeline.submit(tag, StageBatch(chunks, evict=self.prefix.end_batch() if self.prefix else ()))
+            masks = self._masks(slices)
+            slices = [sl for sl in slices if sl.seq.seq_id in self._seqs]  # a grammar that failed ended its request
+            if slices:
+                self._send(slices, masks)
 
-    def _seq_chunk(self, sl: Slice) -> SeqChunk:
-        constraint = sl.seq.owner.constraint
+    def _masks(self, slices: list[Slice]) -> dict[int, np.ndarray]:
+        """Structured output's masks for the slices that sample; a grammar that fails ends its request."""
+        out = {}
+        for sl in slices:
+            constraint = sl.seq.owner.constraint
+            if sl.sample and constraint is not None:
+                try:
+                    out[sl.seq.seq_id] = constraint.mask()
+                except GrammarFailed as e:
+                    self._end(sl.seq, e)
+        return out
+
+    def _send(self, slices: list[Slice], masks: dict[int, np.ndarray]) -> None:
+        """Start one micro-batch. One that cannot be sent (over the wire's limits, or a request's data
+        the wire cannot carry) is split and sent in parts, undoing what building it told the prefix
+        cache; the part that still fails is one request, which ends with the error."""
+        tag = next(self._tags)
+        chunks = [self._seq_chunk(sl, masks.get(sl.seq.seq_id)) for sl in slices]
+        evict = self.prefix.end_batch() if self.prefix else ()
+        try:
+            self.pipeline.submit(tag, StageBatch(chunks, evict=evict))
+        except Exception as e:
+            if self.prefix:
+                self.prefix.unsent([(sl.seq, sl.start, sl.n, c.offset == len(c.prefix) * BLOCK)
+                                    for sl, c in zip(slices, chunks)], list(evict))
+            if len(slices) > 1:
+                half = len(slices) // 2
+                self._send(slices[:half], masks)
+                self._send(slices[half:], masks)
+                return
+            self.log(f"request {slices[0].seq.seq_id} could not be sent to the stages: {e!r}")
+            self._end(slices[0].seq, RequestFailed(f"the request could not be sent to the stages: {e}"))
+            return
+        self._flying[tag] = slices
+
+    def _seq_chunk(self, sl: Slice, allowed: np.ndarray | None) -> SeqChunk:
         prefix, names = self.prefix.chunk(sl.seq, sl.start, sl.n) if self.prefix else ((), ())
         return SeqChunk(sl.seq.seq_id, sl.start, np.asarray(sl.seq.tokens(sl.start, sl.n), np.int32),
-                        sl.seq.sampling if sl.sample else None,
-                        constraint.mask() if sl.sample and constraint is not None else None, prefix, names)
+                        sl.seq.sampling if sl.sample else None, allowed, prefix, names)
 
-    def _postprocess(self, outcomes: list[BatchOutcome]) -> list[tuple[Request, GenerationChunk]]:
-        """Tokens into chunks; finished and cancelled sequences out (released on every stage)."""
-        chunks = []
+    def _postprocess(self, outcomes: list[BatchOutcome]) -> None:
+        """Tokens into chunks (to the outbox); finished and cancelled sequences out (released on every stage)."""
         for o in outcomes:
             slices = self._flying.pop(o.tag, None)
             if slices is None:
@@ -288,14 +345,17 @@ class Engine:
                     self._end(seq)
                 elif sl.sample:
                     try:
-                        chunk = self._chunk(seq, tokens[seq.seq_id], now)
-                    except RuntimeError as e:  # the grammar refused a token: this request ends, not the engine
-                        self._end(seq, StageFailure(str(e)))
+                        chunk = self._chunk(seq, tokens.get(seq.seq_id), now)
+                    except (GrammarFailed, RequestFailed) as e:  # this request ends, not the engine
+                        self._end(seq, e)
                         continue
+                    except Exception as e:  # a bug met with one request's data: it alone ends
+                        self.log(f"request {seq.seq_id} failed: {e!r}\n{traceback.format_exc()}")
+                        self._end(seq, RequestFailed(f"internal error: {type(e).__name__}"))
+                        continue
+                    self._outbox.append((seq.owner, chunk))
                     if chunk.finish_reason:
                         self._end(seq)  # caches freed before the caller hears it is done
-                    chunks.append((seq.owner, chunk))
-        return chunks
 
     def _failed(self, slices: list[Slice], error: Exception) -> None:
         """A batch failed: a stage restarted or unreachable is recovered (nothing lost); any other
@@ -315,9 +375,17 @@ class Engine:
         for sl in slices:
             self._end(sl.seq, err)
 
-    def _deliver(self, chunks: list[tuple[Request, GenerationChunk]]) -> None:
-        for req, chunk in chunks:
-            req.deliver(chunk)
+    def _deliver(self) -> None:
+        """Hand each request what the outbox holds for it, in order: a request's error never
+        overtakes its last chunk."""
+        out, self._outbox = self._outbox, []
+        for req, item in out:
+            try:
+                req.deliver(item)
+            except Exception as e:  # a caller's delivery function failing is that caller's loss alone
+                self.log(f"request {req.seq_id}: delivery failed: {e!r}")
+                if not isinstance(item, BaseException):
+                    self._cancel(req.seq_id)
 
     def _watch_stages(self) -> None:
         if self._flying:  # heartbeats are watched while serving
@@ -339,6 +407,23 @@ class Engine:
             err = StageFailure(event.error)
             for seq in live:
                 self._end(seq, err)
+            self.lost_stages, self.lost_error = list(event.unreplaced or lost), event.error
+            self._retry_at = time.monotonic() + RETRY_LOST_S
+
+    def _retry_lost(self) -> None:
+        """Every RETRY_LOST_S, try again to put a stage (the lost one restarted, or a standby) in
+        each lost place; once every place is filled, serving resumes."""
+        if time.monotonic() < self._retry_at:
+            return
+        for i in list(self.lost_stages):
+            where = self.pipeline.replace(i, max(self.config.recovery_timeout_s, RETRY_LOST_S))
+            if where is not None:
+                self.lost_stages.remove(i)
+                self.log(f"stage {i} is back on {where}")
+        self._retry_at = time.monotonic() + RETRY_LOST_S
+        if not self.lost_stages:
+            self.log("every stage is back: serving again")
+            self._restart([])
 
     def _give_up_in_flight(self) -> list[Seq]:
         """Forget every batch in flight (outcomes still to come are dropped); returns every live sequence."""
@@ -358,8 +443,11 @@ class Engine:
         except Exception:
             pass  # a stage that cannot be told drops them with its connection
 
-    def _chunk(self, seq: Seq, tok: SampledToken, now: float) -> GenerationChunk:
+    def _chunk(self, seq: Seq, tok: SampledToken | None, now: float) -> GenerationChunk:
         """The chunk one sampled token makes for its request (`finish_reason` set if it ends it)."""
+        if tok is None or tok.error is not None:
+            why = "the last stage returned no token for it" if tok is None else tok.error
+            raise RequestFailed(f"sampling failed on the last stage: {why}")
         req: Request = seq.owner
         seq.generated.append(tok.token_id)
         req.timing.token(now)
@@ -387,7 +475,7 @@ class Engine:
         if self.prefix:
             self.prefix.release(seq.seq_id)
         if err is not None and not seq.cancelled:
-            seq.owner.deliver(err)
+            self._outbox.append((seq.owner, err))
         if started:
             try:
                 self.pipeline.release([seq.seq_id])

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import queue
+import threading
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from ..core.sampling import SamplingParams
 from .aio import get_within
 from .engine import Engine, EngineConfig, Request
 from .output import GenerationChunk, Timing, percentiles
-from .structured import Constraint, Grammars
+from .structured import Constraint, Grammars, check_schema
 from .text import Tokenizer
 
 __all__ = ["AsyncStream", "GenerationChunk", "GenerationResult", "Generator", "Stream", "Timing"]
@@ -70,7 +71,8 @@ class Generator:
             self.tokenizer = Tokenizer(model_dir)
             self.eos_ids = self.tokenizer.eos_ids | set(self.cfg.eos_token_ids)
             self.grammars = Grammars(self.tokenizer, self.cfg.vocab_size, self.eos_ids)
-            self._grammar_cache: dict[str, str] = {}
+            self._grammar_cache: dict[str, str | UserError] = {}  # by schema: its grammar, or why it was refused
+            self._grammar_lock = threading.Lock()  # requests are prepared on several threads
             if pipeline is not None:
                 self.engine = Engine(pipeline, self.tokenizer, eos_ids=self.eos_ids,
                                      context=self.cfg.max_position_embeddings, vocab_size=self.cfg.vocab_size,
@@ -108,21 +110,25 @@ class Generator:
         return self.tokenizer.encode(prompt)
 
     def stream(self, prompt, *, chat: bool = False, max_tokens: int = 128, sampling: SamplingParams | None = None,
-               stop: Sequence[str] = (), ignore_eos: bool = False, json_schema: dict | bool | None = None) -> Stream:
+               stop: Sequence[str] = (), ignore_eos: bool = False, json_schema: dict | bool | None = None,
+               constraint: Constraint | None = None) -> Stream:
         """Submit now; iterate for one `GenerationChunk` per token, the last with `finish_reason`.
 
         `json_schema`: structured output, enforced while decoding: True for any JSON object, or a
         JSON schema the output will follow. The request ends ("stop") when the JSON is complete.
+        `constraint`: the same, made ahead by `constraint()` (on another thread, say).
 
         Closing the stream early (`close()`, leaving a for loop over it, or dropping it) cancels
         the request. `Stream.timing` holds its clock readings.
         """
         q: queue.SimpleQueue = queue.SimpleQueue()
-        return Stream(self, self._submit(prompt, chat, max_tokens, sampling, stop, ignore_eos, json_schema, q.put), q)
+        return Stream(self, self._submit(prompt, chat, max_tokens, sampling, stop, ignore_eos, json_schema, constraint,
+                                         q.put), q)
 
     def astream(self, prompt, *, chat: bool = False, max_tokens: int = 128,
                 sampling: SamplingParams | None = None, stop: Sequence[str] = (),
-                ignore_eos: bool = False, json_schema: dict | bool | None = None) -> AsyncStream:
+                ignore_eos: bool = False, json_schema: dict | bool | None = None,
+                constraint: Constraint | None = None) -> AsyncStream:
         """`stream` for asyncio, called on the event loop: submitted at once (bad input raises
         here, before any chunk), then `async for` the chunks the engine thread hands this loop.
 
@@ -138,7 +144,7 @@ class Generator:
                 pass  # the loop has closed: nobody is listening any more
 
         return AsyncStream(self, self._submit(prompt, chat, max_tokens, sampling, stop, ignore_eos, json_schema,
-                                              deliver), aq)
+                                              constraint, deliver), aq)
 
     def generate(self, prompt, *, chat: bool = False, **kw) -> GenerationResult:
         """Run `stream()` to the end and collect the result (same arguments)."""
@@ -180,23 +186,39 @@ class Generator:
         self.close()
 
     def constraint(self, json_schema: dict | bool) -> Constraint:
-        """A fresh grammar state for structured output (the grammar compiled once per schema)."""
+        """A fresh grammar state for structured output (the grammar compiled once per schema; its
+        first step computed now). A schema over the limits or too hard to enforce is a `UserError`.
+        Takes up to seconds for a hard schema, without the GIL: call it off an event loop."""
         if json_schema is not True and not isinstance(json_schema, dict):
             raise UserError("json_schema is True (any JSON object) or a JSON schema (a dict)")
+        if json_schema is not True:
+            check_schema(json_schema)  # before json.dumps walks it
         key = "" if json_schema is True else json.dumps(json_schema, sort_keys=True)
-        grammar = self._grammar_cache.get(key)
-        if grammar is None:
-            grammar = self.grammars.grammar(None if json_schema is True else json_schema)
-            if len(self._grammar_cache) >= GRAMMAR_CACHE:
-                self._grammar_cache.pop(next(iter(self._grammar_cache)))
-            self._grammar_cache[key] = grammar
-        return self.grammars.constraint(grammar)
+        with self._grammar_lock:
+            grammar = self._grammar_cache.get(key)
+        if isinstance(grammar, UserError):  # refused before: refused again at once, not after seconds
+            raise grammar
+        try:
+            if grammar is None:
+                grammar = self.grammars.grammar(None if json_schema is True else json_schema)
+            return self.grammars.constraint(grammar)
+        except UserError as e:
+            grammar = UserError(str(e))  # without its traceback, whose frames hold the matcher (and its memory)
+            raise
+        finally:
+            with self._grammar_lock:
+                if grammar is not None and key not in self._grammar_cache:
+                    if len(self._grammar_cache) >= GRAMMAR_CACHE:
+                        self._grammar_cache.pop(next(iter(self._grammar_cache)))
+                    self._grammar_cache[key] = grammar
 
-    def _submit(self, prompt, chat, max_tokens, sampling, stop, ignore_eos, json_schema, deliver) -> Request:
+    def _submit(self, prompt, chat, max_tokens, sampling, stop, ignore_eos, json_schema, constraint,
+                deliver) -> Request:
         if self.engine is None:
             raise UserError("this Generator has no pipeline to generate with")
         ids = self.prompt_ids(prompt, chat)
-        constraint = None if json_schema in (None, False) else self.constraint(json_schema)
+        if constraint is None and json_schema not in (None, False):
+            constraint = self.constraint(json_schema)
         req = self.engine.submit(ids, max_tokens=max_tokens, sampling=sampling, stop=stop, ignore_eos=ignore_eos,
                                  constraint=constraint, deliver=deliver)
         self.last_timing = req.timing

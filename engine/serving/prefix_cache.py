@@ -93,6 +93,16 @@ class PrefixCache:
             self.blocks.evict(names)
             self._evict += names
 
+    def unsent(self, chunks: list[tuple[Sequence, int, int, bool]], evict: list[int]) -> None:
+        """A built batch of these (sequence, start, n, first chunk) was never sent: a first chunk's
+        prefix goes with the sequence's next chunk again, the names it made are forgotten (made
+        again when resent), and its evictions go with the next batch."""
+        self._evict = evict + self._evict
+        self.forget([(seq, start, n) for seq, start, n, _ in chunks])
+        for seq, _, _, first in chunks:
+            if first:
+                self.started.discard(seq.seq_id)
+
     def reset(self) -> None:
         """Forget everything; the next batch tells every stage to forget every name given so far."""
         self._evict += list(self.blocks.by_hash) + self.blocks.evicted

@@ -26,6 +26,7 @@ class RecoveryEvent:
     seconds: float = 0.0
     replaced_by: list[str] | None = None
     error: str = ""
+    unreplaced: list[int] | None = None  # indices of the stages no one took the place of (not ok)
 
 
 def recover(pipeline: Pipeline, lost: list[int], timeout_s: float, log=print) -> RecoveryEvent:
@@ -50,7 +51,7 @@ def recover(pipeline: Pipeline, lost: list[int], timeout_s: float, log=print) ->
         if todo and left <= 0:
             gone = ", ".join(f"{names[lost.index(i)]} (layers {_layers(pipeline.describe()[i])})" for i in todo)
             event.error = f"lost {gone}; no stage took its place within {timeout_s:.0f} s"
-            event.seconds = time.monotonic() - t0
+            event.seconds, event.unreplaced = time.monotonic() - t0, todo
             return event
         if todo:
             time.sleep(min(RETRY_S, left))

@@ -23,6 +23,10 @@ class Tokenizer:
         if not path.is_file():
             raise UserError(f"no tokenizer in {model_dir}: tokenizer.json not found")
         self._tok = HFTokenizer.from_file(str(path))
+        # encode_batch_fast (tokenizers >= 0.20) tokenizes without the GIL and without offsets: a
+        # long prompt tokenized on a worker thread does not stall the server's event loop
+        self._batch = getattr(self._tok, "encode_batch_fast", None) or self._tok.encode_batch
+        self.max_token_bytes = _max_token_bytes(path)
         cfg_path = model_dir / "tokenizer_config.json"
         self.config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
         self.chat_template = self.config.get("chat_template")
@@ -43,10 +47,21 @@ class Tokenizer:
         return ids
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = self._tok.encode(text, add_special_tokens=False).ids
+        ids = self._encode(text)
         if add_special_tokens and self.add_bos and (not ids or ids[0] != self.bos_id):
             ids = [self.bos_id] + ids
         return ids
+
+    def _encode(self, text: str) -> list[int]:
+        return self._batch([text], add_special_tokens=False)[0].ids
+
+    def at_least_tokens(self, text: str) -> int:
+        """A lower bound on the tokens `text` makes, from its length alone (no token covers more than
+        `max_token_bytes` bytes): a prompt far past the context is refused without tokenizing it.
+        0 where a normalizer may shorten text first."""
+        if not self.max_token_bytes:
+            return 0
+        return len(text.encode("utf-8", "surrogatepass")) // self.max_token_bytes
 
     def to_json(self) -> str:
         """The tokenizer as `tokenizer.json` holds it (llguidance builds its vocabulary from it)."""
@@ -67,7 +82,28 @@ class Tokenizer:
             messages=messages, add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "", eos_token=self.eos_token or "",
         )
-        return self._tok.encode(text, add_special_tokens=False).ids
+        return self._encode(text)
+
+
+def _max_token_bytes(path: Path) -> int:
+    """The most bytes of text one token stands for (0: unknown, because a normalizer may shorten
+    text). Byte-level vocabularies spell one byte per character; others are bounded by their
+    UTF-8 length (SentencePiece's '▁' is 3 bytes for one space, '<0x41>' 6 for one byte)."""
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    normalizer = spec.get("normalizer")
+    steps = (normalizer.get("normalizers") or [normalizer]) if isinstance(normalizer, dict) else []
+    for n in steps:
+        pattern = str((n.get("pattern") or {}).get("String", "?"))
+        grows = n.get("type") == "Prepend" or (n.get("type") == "Replace"
+                                               and len(str(n.get("content", ""))) >= len(pattern))
+        if not grows:
+            return 0
+    model = spec.get("model") or {}
+    vocab = model.get("vocab") or {}
+    words = list(vocab) if isinstance(vocab, dict) else [w[0] for w in vocab if isinstance(w, list) and w]
+    words += [t.get("content", "") for t in spec.get("added_tokens") or []]
+    byte_level = "ByteLevel" in json.dumps(spec.get("pre_tokenizer")) + json.dumps(spec.get("decoder"))
+    return max((len(w) if byte_level else len(w.encode("utf-8")) for w in words), default=0)
 
 
 def _content(tok) -> str | None:
@@ -139,11 +175,16 @@ class StopMatcher:
         if final:
             out, self.pending = self.pending, ""
             return out, False
-        hold = max(len(s) - 1 for s in self.stops)
+        # hold back the longest tail that may begin a stop string (found from each stop's first
+        # character: a few places, not every length)
+        tail = self.pending[-max(len(s) - 1 for s in self.stops):] if max(len(s) for s in self.stops) > 1 else ""
         keep = 0
-        for k in range(min(hold, len(self.pending)), 0, -1):
-            if any(s.startswith(self.pending[-k:]) for s in self.stops):
-                keep = k
-                break
+        for s in self.stops:
+            i = tail.find(s[0])
+            while 0 <= i and len(tail) - i > keep:
+                if s.startswith(tail[i:]):
+                    keep = len(tail) - i
+                    break
+                i = tail.find(s[0], i + 1)
         out, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep :]
         return out, False
