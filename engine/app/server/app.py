@@ -1,10 +1,15 @@
 """The ASGI app of `hetpipe serve` (Starlette): OpenAI's endpoints, `/health`, `/metrics`, the page.
 
 Every error a client can cause or meet is answered in OpenAI's shape,
-`{"error": {"message", "type", "param", "code"}}`, with its status (400 bad values or a prompt past
-the context, 401 bad key, 404 unknown model or path, 429 queue full, 503 a stage lost beyond
-recovery); anything else is a 500 with one line, its traceback logged here, never sent. A client
-that disconnects, streaming or not, has its requests cancelled on every stage at once.
+`{"error": {"message", "type", "param", "code"}}`, with its status (400 bad values, malformed JSON
+or a prompt past the context, 401 bad key, 404 unknown model or path, 408 a body too slow, 413 a
+body too large, 429 queue full, 503 a stage lost beyond recovery); anything else is a 500 with one
+line, its traceback logged here, never sent. A client that disconnects, streaming or not, has its
+requests cancelled on every stage at once.
+
+A request's own work (parsing, validation, the chat template, tokenizing, compiling its grammar)
+runs on a small pool of worker threads (`PREPARE_WORKERS`); the event loop only reads bodies,
+submits and writes responses (`guard.py` bounds what a body may be).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import os
 import sys
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 
 from pydantic import ValidationError
@@ -27,17 +33,25 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from ...core.errors import QueueFull, StageFailure, UserError
+from ...core.errors import GrammarFailed, QueueFull, RequestFailed, StageFailure, UserError
 from ...serving.aio import get_within
 from ...serving.generator import Generator
+from ..allocator import release_free_memory
 from . import completions as C
 from .events import EventStream, until_disconnect
+from .guard import BodyGuard, ModelNotFound, ParamError, ServerLimits, parse_json
 from .metrics import Metrics, stage_name
 from .schemas import ChatRequest, CompletionRequest
 from .status import StageStatus
 
 # an SSE comment this often while a stream waits (a long prefill); the environment may shorten it
 KEEPALIVE_S = float(os.environ.get("HETPIPE_SSE_KEEPALIVE_S", "2.0"))
+PREPARE_WORKERS = 4  # threads preparing requests (the tokenizer and llguidance run there without the GIL)
+RELEASE_AFTER_BYTES = 1 << 20  # a body this large, or a request prepared this slowly (a grammar's
+RELEASE_AFTER_S = 0.1  # lexer, built and dropped), has the memory it took handed back to the OS after it
+# the names pydantic puts in an error's location for a union's alternatives: not parameters
+TYPE_TAGS = {"str", "int", "float", "bool"}
+TAG_PREFIXES = ("dict[", "list[", "function-", "constrained-", "Annotated", "tagged-union[")
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
@@ -48,22 +62,28 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
 
 def error_of(e: BaseException) -> tuple[int, str, str | None, str | None]:
     """(status, message, param, code) for an exception met while serving a request."""
-    if isinstance(e, C.ParamError):
-        return 400, str(e), e.param, e.code
+    if isinstance(e, ParamError):
+        return e.status, str(e), e.param, e.code
     if isinstance(e, QueueFull):
         return 429, str(e), None, "queue_full"
+    if isinstance(e, GrammarFailed):
+        return 400, str(e), "response_format", "structured_output_failed"
     if isinstance(e, UserError):
         return 400, str(e), None, None
     if isinstance(e, StageFailure):
         return 503, f"the pipeline cannot serve this request: {e}", None, "stage_unavailable"
+    if isinstance(e, RequestFailed):  # logged where it happened
+        return 500, f"this request failed: {e}", None, "request_failed"
     print(f"hetpipe serve: internal error: {e!r}\n{traceback.format_exc()}", file=sys.stderr, flush=True)
     return 500, f"internal error: {type(e).__name__}", None, None
 
 
 def validation_message(e: ValidationError) -> tuple[str, str | None]:
-    """pydantic's first error as one line, and the parameter it names."""
-    err = e.errors()[0]
-    loc = [str(x) for x in err["loc"] if not str(x).startswith(("function-", "list[", "str", "int", "Annotated"))]
+    """pydantic's most telling error as one line, and the parameter it names: of a union's
+    alternatives, a bad value (out of range) before a wrong type."""
+    errors = e.errors()
+    err = max(errors, key=lambda x: (not x["type"].endswith("_type"), len(x["loc"])))
+    loc = [str(x) for x in err["loc"] if not (isinstance(x, str) and (x in TYPE_TAGS or x.startswith(TAG_PREFIXES)))]
     param = ".".join(loc) or None
     if err["type"] == "extra_forbidden":
         return f"unsupported field {param!r}: hetpipe does not implement it", param
@@ -73,9 +93,24 @@ def validation_message(e: ValidationError) -> tuple[str, str | None]:
 
 
 def create_app(gen: Generator, *, model_name: str, api_key: str | None = None,
-               cors_origins: tuple[str, ...] = ()) -> Starlette:
+               cors_origins: tuple[str, ...] = (), limits: ServerLimits | None = None) -> Starlette:
     status = StageStatus(gen)
     metrics = Metrics(gen, status.cached)
+    limits = limits or ServerLimits()
+    pool = ThreadPoolExecutor(PREPARE_WORKERS, thread_name_prefix="hetpipe-prepare")
+    pool.submit(gen.grammars.warm)  # llguidance's view of the vocabulary, built now rather than by a first request
+
+    def prepare(raw: bytes, kind: str) -> C.Plan:
+        """On a worker thread: the body parsed, validated, tokenized, its grammar compiled."""
+        body = parse_json(raw)
+        try:
+            req = (ChatRequest if kind == "chat" else CompletionRequest).model_validate(body)
+        except ValidationError as e:
+            raise ParamError(*validation_message(e)) from None
+        if req.model != model_name:
+            raise ModelNotFound(f"the model {req.model!r} does not exist; this server serves {model_name!r}",
+                                "model", "model_not_found")
+        return (C.plan_chat if kind == "chat" else C.plan_completion)(req, gen, model_name)
 
     def authorized(request: Request) -> bool:
         if api_key is None:
@@ -85,34 +120,26 @@ def create_app(gen: Generator, *, model_name: str, api_key: str | None = None,
         return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())
 
     async def generate(request: Request, kind: str) -> Response:
+        metrics.watch_loop()
         if not authorized(request):
             metrics.requests.labels("401").inc()
             return error_body(401, "invalid API key (send it as `Authorization: Bearer KEY`)", None,
                               "invalid_api_key")
+        loop, refused, size, began = asyncio.get_running_loop(), None, 0, time.perf_counter()
         try:
-            body = json.loads(await request.body() or b"null")
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            metrics.requests.labels("400").inc()
-            return error_body(400, f"the request body is not JSON: {e}")
-        if not isinstance(body, dict):
-            metrics.requests.labels("400").inc()
-            return error_body(400, "the request body must be a JSON object")
-        try:
-            req = (ChatRequest if kind == "chat" else CompletionRequest).model_validate(body)
-        except ValidationError as e:
-            metrics.requests.labels("400").inc()
-            return error_body(400, *validation_message(e))
-        if req.model != model_name:
-            metrics.requests.labels("404").inc()
-            return error_body(404, f"the model {req.model!r} does not exist; this server serves {model_name!r}",
-                              "model", "model_not_found")
-        try:
-            plan = (C.plan_chat if kind == "chat" else C.plan_completion)(req, gen, model_name)
+            raw = (await request.receive())["body"]  # the whole body, in one message (BodyGuard read it)
+            size = len(raw)
+            plan = await loop.run_in_executor(pool, prepare, raw, kind)
+            del raw  # a large body is freed now, not when the response ends
             streams = C.start(plan, gen)
         except Exception as e:
             code, message, param, ecode = error_of(e)
             metrics.requests.labels(str(code)).inc()
-            return error_body(code, message, param, ecode)
+            refused = error_body(code, message, param, ecode)
+        if size >= RELEASE_AFTER_BYTES or time.perf_counter() - began >= RELEASE_AFTER_S:
+            loop.run_in_executor(pool, release_free_memory)  # what a heavy request took goes back to the OS
+        if refused is not None:
+            return refused
         metrics.prompt_tokens.inc(plan.prompt_tokens)
         if plan.stream:
             return EventStream(_events(plan, streams), on_end=lambda code: _finished(plan, streams, code))
@@ -208,15 +235,18 @@ def create_app(gen: Generator, *, model_name: str, api_key: str | None = None,
         return JSONResponse(model_entry())
 
     async def health(request: Request) -> Response:
+        metrics.watch_loop()
         stages = await asyncio.to_thread(status.refresh)
         engine_error = gen.engine.error
-        ok = engine_error is None and all(s["state"] == "ok" for s in stages)
+        ok = engine_error is None and not gen.engine.lost_stages and all(s["state"] == "ok" for s in stages)
         body = {"status": "ok" if ok else "unavailable", "model": model_name,
                 "stages": [{"stage": stage_name(s), **s} for s in stages],
                 "queue_depth": len(gen.engine.scheduler.waiting), "running": len(gen.engine.scheduler.running),
                 "tokens_per_s": metrics.tokens_per_s()}
         if engine_error is not None:
             body["error"] = f"the serving engine stopped: {engine_error!r}"
+        elif gen.engine.lost_stages:
+            body["error"] = f"{gen.engine.lost_error}; serving resumes once a stage takes its place"
         return JSONResponse(body, 200 if ok else 503)
 
     async def metrics_page(request: Request) -> Response:
@@ -247,6 +277,7 @@ def create_app(gen: Generator, *, model_name: str, api_key: str | None = None,
               Route("/health", health, methods=["GET"]),
               Route("/metrics", metrics_page, methods=["GET"]),
               Route("/", page, methods=["GET"])]
+    middleware.append(Middleware(BodyGuard, limits=limits))  # innermost: CORS preflights never wait on a body
     return Starlette(routes=routes, middleware=middleware,
                      exception_handlers={HTTPException: not_found, Exception: crashed})
 

@@ -3,6 +3,10 @@ request each), and the choices' chunks become OpenAI's response bodies and strea
 
 `n` choices of one prompt share it (prompt tokens counted once); a seeded request gives choice i
 the seed `seed + i`, so each choice differs and every run repeats.
+
+`plan_chat` and `plan_completion` do the request's own work (template, tokenizer, grammar) and run
+on a worker thread; a prompt is checked against the context from its length before it is
+tokenized. `start` only submits, on the event loop.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ from ...core.errors import UserError
 from ...core.sampling import SamplingParams
 from ...serving.generator import Generator
 from ...serving.output import GenerationChunk
-from .schemas import ChatRequest, CompletionRequest, ResponseFormat
+from ...serving.structured import Constraint
+from .guard import ParamError
+from .schemas import MAX_CHOICES, ChatRequest, CompletionRequest, ResponseFormat
 
 
 @dataclass(slots=True)
@@ -31,6 +37,7 @@ class Choice:
     echo: str = ""  # /v1/completions with echo: the prompt's text, put before the output
     chunks: list[GenerationChunk] = field(default_factory=list)
     cached_tokens: Callable[[], int] = lambda: 0  # its prompt tokens the prefix cache served (known once it runs)
+    constraint: Constraint | None = None  # structured output's grammar state, made ahead
 
     @property
     def text(self) -> str:
@@ -51,7 +58,6 @@ class Plan:
     prompt_tokens: int
     stop: list[str]
     ignore_eos: bool
-    json_schema: dict | bool | None
     top_logprobs: int | None  # None: no logprobs; else how many alternatives per token
     stream: bool
     include_usage: bool
@@ -65,6 +71,7 @@ class Plan:
 
 def plan_chat(req: ChatRequest, gen: Generator, model: str) -> Plan:
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+    _fits(gen, sum(gen.tokenizer.at_least_tokens(m["content"]) for m in messages), "messages")
     ids = gen.tokenizer.apply_chat_template(messages)
     if req.max_tokens is not None and req.max_completion_tokens is not None and \
             req.max_tokens != req.max_completion_tokens:
@@ -88,13 +95,18 @@ def plan_completion(req: CompletionRequest, gen: Generator, model: str) -> Plan:
         prompts = list(p)
     if req.echo and req.logprobs is not None:
         raise ParamError("echo with logprobs is not supported (hetpipe returns no prompt log-probabilities)", "echo")
+    if len(prompts) * req.n > MAX_CHOICES:
+        raise ParamError(f"{len(prompts)} prompts x n={req.n} make {len(prompts) * req.n} choices; at most "
+                         f"{MAX_CHOICES} in one request", "prompt")
     entries = []
     for item in prompts:
         if isinstance(item, str):
+            _fits(gen, gen.tokenizer.at_least_tokens(item), "prompt")
             ids = gen.tokenizer.encode(item)
             text = item
         else:
             ids = list(item)
+            _fits(gen, len(ids), "prompt")
             if any(not 0 <= i < gen.cfg.vocab_size for i in ids):
                 raise ParamError(f"prompt token ids must be in 0..{gen.cfg.vocab_size - 1}", "prompt")
             text = gen.tokenizer.decode(ids)
@@ -102,6 +114,14 @@ def plan_completion(req: CompletionRequest, gen: Generator, model: str) -> Plan:
             raise ParamError("prompt is empty", "prompt")
         entries.append((ids, text if req.echo else ""))
     return _plan("completion", req, gen, model, entries, req.max_tokens, req.logprobs, req.response_format)
+
+
+def _fits(gen: Generator, at_least: int, param: str) -> None:
+    """Refuse a prompt of at least `at_least` tokens past the context, before tokenizing it."""
+    context = gen.cfg.max_position_embeddings
+    if at_least >= context:
+        raise ParamError(f"this model's maximum context length is {context} tokens; the prompt is at least "
+                         f"{at_least} tokens", param, code="context_length_exceeded")
 
 
 def _plan(kind, req, gen: Generator, model: str, prompts: list[tuple[list[int], str]], max_tokens: int | None,
@@ -116,30 +136,36 @@ def _plan(kind, req, gen: Generator, model: str, prompts: list[tuple[list[int], 
                              f"{asked} ({what})", "messages" if kind == "chat" else "prompt",
                              code="context_length_exceeded")
     bias = []
-    for key, value in (req.logit_bias or {}).items():
-        if not key.lstrip("-").isdigit():
-            raise ParamError(f"logit_bias keys are token ids, not {key!r}", "logit_bias")
+    for key, value in (req.logit_bias or {}).items():  # keys are decimal token ids (the schema checks)
+        if int(key) >= gen.cfg.vocab_size:
+            raise ParamError(f"logit_bias names token {key}; token ids are in 0..{gen.cfg.vocab_size - 1}",
+                             "logit_bias")
         bias.append((int(key), value))
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    if any(not s for s in stop):
-        raise ParamError("stop strings must not be empty", "stop")
+    schema = _json_schema(fmt)
+    try:
+        first = None if schema is None else gen.constraint(schema)
+    except UserError as e:
+        raise ParamError(str(e), "response_format") from None
+    try:
+        sampling = SamplingParams(
+            temperature=req.temperature, top_k=max(req.top_k, 0), top_p=req.top_p, min_p=req.min_p,
+            repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty, logit_bias=tuple(bias), seed=req.seed,
+            # 1 means "the chosen token only" to the stages: ask one more, keep what was asked
+            logprobs=max(top or 0, 2) if top else 1)
+    except UserError as e:
+        raise ParamError(str(e), None) from None
     choices = []
     for p_index, (ids, echo) in enumerate(prompts):
         for j in range(req.n):
             i = p_index * req.n + j
-            try:
-                sampling = SamplingParams(
-                    temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, min_p=req.min_p,
-                    repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
-                    frequency_penalty=req.frequency_penalty, logit_bias=tuple(bias),
-                    seed=None if req.seed is None else req.seed + j,
-                    # 1 means "the chosen token only" to the stages: ask one more, keep what was asked
-                    logprobs=max(top or 0, 2) if top else 1)
-            except UserError as e:
-                raise ParamError(str(e), None) from None
-            choices.append(Choice(i, ids, sampling, max_tokens or max(room - len(ids), 1), echo))
+            choice_sampling = sampling if req.seed is None else sampling.copy_with(seed=req.seed + j)
+            constraint = None if first is None else first if i == 0 else first.copy()
+            choices.append(Choice(i, ids, choice_sampling, max_tokens or max(room - len(ids), 1), echo,
+                                  constraint=constraint))
     return Plan(kind, model, choices, sum(len(ids) for ids, _ in prompts), stop, req.ignore_eos,
-                _json_schema(fmt), top, req.stream, bool(req.stream_options and req.stream_options.include_usage))
+                top, req.stream, bool(req.stream_options and req.stream_options.include_usage))
 
 
 def _json_schema(fmt: ResponseFormat | None) -> dict | bool | None:
@@ -152,14 +178,6 @@ def _json_schema(fmt: ResponseFormat | None) -> dict | bool | None:
     return fmt.json_schema.schema_
 
 
-class ParamError(UserError):
-    """A 400 naming the parameter at fault."""
-
-    def __init__(self, message: str, param: str | None, code: str | None = None):
-        super().__init__(message)
-        self.param, self.code = param, code
-
-
 # -- running ------------------------------------------------------------------------------------
 
 def start(plan: Plan, gen: Generator) -> list:
@@ -168,7 +186,7 @@ def start(plan: Plan, gen: Generator) -> list:
     try:
         for c in plan.choices:
             streams.append(gen.astream(c.prompt_ids, max_tokens=c.max_tokens, sampling=c.sampling, stop=plan.stop,
-                                       ignore_eos=plan.ignore_eos, json_schema=plan.json_schema))
+                                       ignore_eos=plan.ignore_eos, constraint=c.constraint))
             c.cached_tokens = lambda req=streams[-1].request: req.cached_tokens
     except BaseException:
         for s in streams:

@@ -2,11 +2,13 @@
 
 Counted as requests end: requests by status, prompt and generated tokens, time to first token and
 inter-token latency. Read when scraped: queue depth, running requests, compute per stage and the
-stages' KV use.
+stages' KV use. Watched all along: how late the event loop runs a timer (`watch_loop`), which is
+how long one request's work held it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import threading
 import time
@@ -18,6 +20,7 @@ from ...serving.generator import Generator
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 RECENT_S = 10.0  # the window of "recent tokens/s"
+LAG_TICK_S = 0.05  # the event loop's lag is sampled this often
 
 
 class Metrics:
@@ -39,9 +42,31 @@ class Metrics:
             lambda: len(engine.scheduler.running))
         Gauge("hetpipe_kv_tokens_reserved", "KV tokens the scheduler holds for running requests",
               registry=r).set_function(lambda: engine.scheduler.reserved)
+        self.loop_lag = Histogram("hetpipe_event_loop_lag_seconds", "how late the event loop ran a timer due now",
+                                  registry=r, buckets=LATENCY_BUCKETS)
+        self.max_loop_lag_s = 0.0
+        Gauge("hetpipe_event_loop_lag_max_seconds", "the longest the event loop was held, since start",
+              registry=r).set_function(lambda: self.max_loop_lag_s)
+        self._watching = False
         r.register(_StageCollector(self))
         self._recent: collections.deque[tuple[float, int]] = collections.deque()
         self._lock = threading.Lock()
+
+    def watch_loop(self) -> None:
+        """Sample, from now on, how late the running event loop runs a timer (idempotent)."""
+        if self._watching:
+            return
+        self._watching = True
+        loop = asyncio.get_running_loop()
+
+        def tick(due: float) -> None:
+            now = loop.time()
+            lag = max(0.0, now - due)
+            self.loop_lag.observe(lag)
+            self.max_loop_lag_s = max(self.max_loop_lag_s, lag)
+            loop.call_at(now + LAG_TICK_S, tick, now + LAG_TICK_S)
+
+        loop.call_at(loop.time() + LAG_TICK_S, tick, loop.time() + LAG_TICK_S)
 
     def token(self, gap_s: float | None) -> None:
         """A token went out (`gap_s`: since the stream's previous one)."""

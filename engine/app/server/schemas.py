@@ -1,14 +1,28 @@
 """The request bodies `hetpipe serve` accepts, as pydantic models of OpenAI's API.
 
 Every model forbids fields it does not name: a request that asks for something hetpipe does not do
-(`tools`, `suffix`, image parts, ...) gets a 400 naming the field, never a silent default.
+(`tools`, `suffix`, image parts, ...) gets a 400 naming the field, never a silent default. Every
+field is bounded (the README's table of limits): a value out of bounds is a 400 naming it.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ...core.sampling import MAX_LOGIT_BIAS, MAX_SEED, MAX_TOKEN_ID, PENALTY_RANGE
+
+MAX_MESSAGES = 4096
+MAX_PARTS = 256  # content parts of one message
+MAX_STOPS = 16
+MAX_STOP_CHARS = 256
+MAX_PROMPTS = 64  # prompts of one /v1/completions request
+MAX_CHOICES = 128  # prompts x n
+MAX_N = 16
+MAX_NAME = 256  # model names, user ids
+TOKEN_ID_KEY = re.compile(r"[0-9]{1,10}")
 
 
 class _Strict(BaseModel):
@@ -22,7 +36,7 @@ class TextPart(_Strict):
 
 class Message(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    content: str | Annotated[list[TextPart], Field(max_length=MAX_PARTS)]
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -44,41 +58,54 @@ class ResponseFormat(_Strict):
     json_schema: JsonSchemaSpec | None = None
 
 
-Stop = str | Annotated[list[str], Field(max_length=16)] | None
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+Stop = StopString | Annotated[list[StopString], Field(max_length=MAX_STOPS)] | None
+TokenCount = Annotated[int, Field(ge=1, le=MAX_TOKEN_ID)]
+TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
 
 
 class _Sampling(_Strict):
     """What both endpoints share."""
 
-    model: str
-    max_tokens: int | None = Field(default=None, ge=1)
-    n: int = Field(default=1, ge=1, le=16)
+    model: str = Field(max_length=MAX_NAME)
+    max_tokens: TokenCount | None = None
+    n: int = Field(default=1, ge=1, le=MAX_N)
     stop: Stop = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)  # below 1e-5: greedy
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0)  # beyond OpenAI, as vLLM takes them
+    top_k: int = Field(default=0, ge=-1, le=MAX_TOKEN_ID)  # beyond OpenAI, as vLLM takes it (0 or -1: off)
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
-    repetition_penalty: float = Field(default=1.0, gt=0.0)
+    repetition_penalty: float = Field(default=1.0, ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1])
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    seed: int | None = Field(default=None, ge=0, lt=2**63 - 16)
-    logit_bias: dict[str, float] | None = Field(default=None, max_length=1024)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED - MAX_N)  # choice i samples with seed + i
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(default=None,
+                                                                                       max_length=MAX_LOGIT_BIAS)
     ignore_eos: bool = False  # beyond OpenAI (vLLM's name): benchmarks decode a fixed length
-    user: str | None = None  # an end-user id for the caller's own records; it changes no output
+    user: str | None = Field(default=None, max_length=MAX_NAME)  # an end-user id for the caller's records
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_id_keys(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        for key in bias or {}:
+            if not TOKEN_ID_KEY.fullmatch(key):
+                raise ValueError(f"keys are token ids (decimal digits), not {key[:20]!r}")
+        return bias
 
 
 class ChatRequest(_Sampling):
-    messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_completion_tokens: TokenCount | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     response_format: ResponseFormat | None = None
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: (str | Annotated[list[str], Field(max_length=MAX_PROMPTS)] | list[TokenId]
+             | Annotated[list[list[TokenId]], Field(max_length=MAX_PROMPTS)])
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=20)
     response_format: ResponseFormat | None = None  # beyond OpenAI's completions, as vLLM takes it
