@@ -13,7 +13,7 @@ from ..core.partition import parse_layer_range
 from ..core.tensors import DTYPES, check_dtype
 
 EXIT_USAGE = 2
-BENCH_SUITES = ("serving", "prefix", "backends", "pipeline")
+BENCH_SUITES = ("serving", "prefix", "backends", "pipeline", "hostile")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -89,6 +89,10 @@ def _add_serve(sub) -> None:
     sv.add_argument("--cors-origin", action="append", default=[], metavar="O",
                     help="an origin whose pages may call the API (repeatable)")
     sv.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without an API key")
+    sv.add_argument("--max-request-bytes", type=int, default=8 << 20, metavar="N",
+                    help="the largest request body (a larger one is refused with 413 before it is read)")
+    sv.add_argument("--read-timeout", type=float, default=30.0, metavar="S",
+                    help="seconds for a request's headers, and then its body, to arrive (slower: closed, or 408)")
 
 
 def _add_stage(sub) -> None:
@@ -117,7 +121,8 @@ def _add_bench(sub) -> None:
                        "concurrent clients. hetpipe bench prefix: turn-2 TTFT with and without the prefix "
                        "cache. hetpipe bench backends: prefill/decode speed of each backend and "
                        "dtype on one layer range. hetpipe bench pipeline: one split in-process vs over ZeroMQ, "
-                       "torch+torch vs mlx+torch. The last two write JSON, Markdown and PNG under --out.")
+                       "torch+torch vs mlx+torch. The last two write JSON, Markdown and PNG under --out. hetpipe bench "
+                       "hostile --url URL: malformed, extreme and slow requests against a running server.")
     suites = b.add_subparsers(dest="suite", required=True, parser_class=_Parser)
     s = suites.add_parser("serving", help="throughput and latency with concurrent clients (the default)")
     _add_pipeline(s, required=False)
@@ -152,6 +157,16 @@ def _add_bench(sub) -> None:
     pl.add_argument("--max-tokens", type=int, default=64, help="tokens decoded per run")
     pl.add_argument("--out", default="bench-results", help="where pipeline.json, .md and .png go")
     pl.add_argument("--json", action="store_true", help="print the result as JSON")
+    ho = suites.add_parser("hostile", help="malformed, extreme and slow requests against a running server")
+    ho.add_argument("--url", required=True, help="the running `hetpipe serve`")
+    ho.add_argument("--api-key", default=None, help="the server's API key")
+    ho.add_argument("--pid", type=int, default=None, help="the server's process id: report its RSS before and after")
+    ho.add_argument("--mutated", type=int, default=2000, help="mutated request bodies to send")
+    ho.add_argument("--no-framing", dest="framing", action="store_false",
+                    help="skip the raw-socket cases (two of them wait out the server's read timeout)")
+    ho.add_argument("--skip", action="append", default=[], metavar="TEXT",
+                    help="leave out the named cases whose names contain TEXT (repeatable)")
+    ho.add_argument("--json", action="store_true", help="print one JSON line")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -313,16 +328,18 @@ def cmd_generate(args) -> int:
 def cmd_serve(args) -> int:
     from pathlib import Path
 
+    from .server.guard import ServerLimits
     from .server.run import check_exposure, read_api_key, serve
 
     if not 0 <= args.port < 65536:
         raise UserError("--port must be in 0..65535")
     api_key = read_api_key(args.api_key, args.api_key_file)
     check_exposure(args.host, api_key, args.insecure)
+    limits = ServerLimits(args.max_request_bytes, args.read_timeout)
     name = args.served_model_name or Path(_model_dir(args.model)).resolve().name
     with _generator(args) as gen:
         serve(gen, host=args.host, port=args.port, model_name=name, api_key=api_key,
-              cors_origins=tuple(args.cors_origin))
+              cors_origins=tuple(args.cors_origin), limits=limits)
     return 0
 
 
@@ -356,6 +373,14 @@ def cmd_stage(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.suite == "hostile":
+        from .bench.hostile import format_hostile, run_hostile
+
+        r = run_hostile(args.url, api_key=args.api_key, pid=args.pid, mutated=args.mutated, framing=args.framing,
+                        skip=tuple(args.skip),
+                        log=(lambda m: print(m, file=sys.stderr)))
+        print(json.dumps(r) if args.json else format_hostile(r))
+        return 0
     model_dir = _model_dir(args.model)
     if args.suite == "serving":
         from .bench.serving import KEYS, format_serving, run_serving
