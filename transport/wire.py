@@ -139,6 +139,11 @@ def pack_batch(batch: StageBatch, memo: SamplingMemo | None = None, **fields) ->
     the sequences that have one (structured output), one row each; a seq entry names its mask row.
     With `memo`, sampling parameters already sent for a sequence go as SAME_SAMPLING. A header past
     the stages' limit raises `BatchTooLarge` (nothing is sent: the caller splits the batch)."""
+    limit = P.MAX_HEADER_BYTES - P.HEADER_MARGIN
+    estimate = _header_estimate(batch, memo)
+    if estimate > limit:  # refused before anything is packed: a split retries at once
+        raise BatchTooLarge(f"a batch of {len(batch.seqs)} sequences needs about {estimate} header bytes "
+                            f"(limit {limit})")
     masks = [s.allowed for s in batch.seqs if s.allowed is not None]
     rows = iter(range(len(masks)))
     seqs = [[s.seq_id, s.offset, len(s.token_ids), _sampling_entry(s, memo),
@@ -151,22 +156,38 @@ def pack_batch(batch: StageBatch, memo: SamplingMemo | None = None, **fields) ->
     if masks:
         arrays.append(("int32", np.stack(masks).astype(np.int32, copy=False)))
     frames = pack(P.FORWARD, arrays, seqs=seqs, masks=len(masks), evict=list(batch.evict), **fields)
-    if len(frames[0]) > P.MAX_HEADER_BYTES - P.HEADER_MARGIN:
+    if len(frames[0]) > limit:
         if memo is not None:  # nothing was sent: what this call marked as sent was not
             memo.forget(s.seq_id for s, entry in zip(batch.seqs, seqs) if isinstance(entry[3], dict))
-        raise BatchTooLarge(f"a batch of {len(seqs)} sequences has a {len(frames[0])}-byte header "
-                            f"(limit {P.MAX_HEADER_BYTES - P.HEADER_MARGIN})")
+        raise BatchTooLarge(f"a batch of {len(seqs)} sequences has a {len(frames[0])}-byte header (limit {limit})")
     return frames
+
+
+def _sent_before(s, memo: SamplingMemo | None) -> bool:
+    """Whether `s`'s sampling parameters may go as SAME_SAMPLING (a sequence's first chunk starts it
+    afresh on every stage: sent in full)."""
+    return memo is not None and s.offset != len(s.prefix) * BLOCK and memo.params.get(s.seq_id) is s.sampling
 
 
 def _sampling_entry(s, memo: SamplingMemo | None):
     if s.sampling is None:
         return None
+    if _sent_before(s, memo):
+        return SAME_SAMPLING
     if memo is not None:
-        if s.offset != len(s.prefix) * BLOCK and memo.params.get(s.seq_id) is s.sampling:
-            return SAME_SAMPLING  # (a sequence's first chunk starts it afresh on every stage: sent in full)
         memo.params[s.seq_id] = s.sampling
     return _pack_sampling(s.sampling)
+
+
+def _header_estimate(batch: StageBatch, memo: SamplingMemo | None) -> int:
+    """An upper estimate of a batch's header bytes, without packing it: ~48 per entry, 9 per block
+    hash, and ~200 plus 15 per logit-bias entry for parameters sent in full."""
+    n = 9 * len(batch.evict)
+    for s in batch.seqs:
+        n += 48 + 9 * (len(s.prefix) + len(s.names))
+        if s.sampling is not None and not _sent_before(s, memo):
+            n += 200 + 15 * len(s.sampling.logit_bias)
+    return n
 
 
 def forward_frames(header: dict, arrays, hidden: TypedArray, **fields) -> list:
@@ -249,9 +270,8 @@ def _sampling(d) -> SamplingParams:
     for k, v in d.items():
         if k in ("top_k", "logprobs", "output_from"):
             ok = _is_int(v)
-        elif k == "logit_bias":
-            ok = (isinstance(v, list) and len(v) <= MAX_LOGIT_BIAS
-                  and all(isinstance(x, list) and len(x) == 2 and _is_int(x[0]) and _is_number(x[1]) for x in v))
+        elif k == "logit_bias":  # its entries are checked by SamplingParams, once
+            ok = isinstance(v, list) and len(v) <= MAX_LOGIT_BIAS
         elif k == "seed":
             ok = v is None or (_is_int(v) and 0 <= v < 2**63)
         else:

@@ -371,6 +371,7 @@ class Report:
     rss_before_mib: float | None = None
     rss_after_mib: float | None = None
     loop_lag_max_ms: float | None = None  # the server's own measure (its /metrics), if it has one
+    rss_by_phase: dict[str, float] = field(default_factory=dict)  # with a pid: RSS after each phase, MiB
 
     def to_json(self) -> dict:
         statuses = Counter("none" if o.status is None else str(o.status) for o in self.outcomes)
@@ -389,6 +390,7 @@ class Report:
             "rss_before_mib": self.rss_before_mib,
             "rss_after_mib": self.rss_after_mib,
             "event_loop_lag_max_ms": self.loop_lag_max_ms,
+            "rss_by_phase_mib": {k: round(v, 1) for k, v in self.rss_by_phase.items()},
             "slowest_s": round(max((o.seconds for o in self.outcomes), default=0.0), 2),
         }
 
@@ -405,29 +407,38 @@ def run_hostile(url: str, *, api_key: str | None = None, pid: int | None = None,
         if pid:
             client.send(Case("warm-up", chat(model), "200"))
             report.rss_before_mib = rss_mib(pid)
+        def phase_done(name: str) -> None:
+            if pid:
+                report.rss_by_phase[name] = rss_mib(pid)
+
         with Bystander(url, api_key, model) as bystander:
             for case in [c for c in named_cases(model) if not any(x in c.name for x in skip)]:
                 bystander.phase = case.name
                 report.outcomes.append(o := client.send(case))
                 log(f"{case.name}: {o.status} in {o.seconds:.2f} s")
+            phase_done("named cases")
             cases = mutated_cases(model, mutated)
             for i, case in enumerate(cases):
                 bystander.phase = case.name
                 report.outcomes.append(client.send(case))
                 if (i + 1) % 500 == 0:
                     log(f"{i + 1} mutated bodies sent")
+            phase_done("mutated bodies")
             bystander.phase = "16 x n=16 with biases"
             report.outcomes += many_choices(client, model)
+            phase_done("16 x n=16 with biases")
             log("16 requests x n=16 with 1,024-entry biases: "
                 + ", ".join(str(o.status) for o in report.outcomes[-16:]))
             bystander.phase = "8 long prompts"
             outcomes, _ = long_prompts_with_health(client, model, polls=report.health_polls)
             report.outcomes += outcomes
+            phase_done("8 long prompts")
             health = Counter(s for s, _ in report.health_polls)
             log(f"8 long prompts: {[o.status for o in outcomes]}; /health: {health}")
             if framing:
                 bystander.phase = "raw framing"
                 report.outcomes += framing_cases(url, api_key, model)
+                phase_done("raw framing")
             report.outcomes.append(client.send(Case("a normal request after it all", chat(model), "200")))
         report.bystander_worst_s, report.bystander_errors = bystander.worst_s, bystander.errors
         report.bystander_worst_during = bystander.worst_during
