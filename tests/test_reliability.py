@@ -467,3 +467,42 @@ def test_health_reports_every_stage(real_model):
         assert "did not answer" in report[2]["error"]
     finally:
         stop_stages([p for p, _ in procs])
+
+
+def test_a_daemon_connects_only_where_it_was_told(tiny_dirs):
+    """A route naming an address the coordinator did not assign with the layers (nor --peers lists)
+    is refused with an error, and no connection is opened to it (a listening socket sees none)."""
+    traps = []
+    for _ in range(3):
+        t = socket.socket()
+        t.bind(("127.0.0.1", 0))
+        t.listen()
+        t.settimeout(3)
+        traps.append((t, f"tcp://127.0.0.1:{t.getsockname()[1]}"))
+    (stray, stray_at), (assigned, assigned_at), (peer, peer_at) = traps
+    proc, address = start_stage("torch", tiny_dirs["llama"], extra=["--layers", "0-1", "--peers", peer_at])
+    client = Client(10)
+    try:
+        def forward(route):
+            req = client.next_req()
+            batch = StageBatch([SeqChunk(7, 0, np.arange(1, 4, dtype=np.int32), None)])
+            client.send(address, pack_batch(batch, req=req, client=client.id, route=route))
+            return client.wait(address, req)
+
+        client.call(address, P.LOAD, layers=[0, 1], next_hop=assigned_at)
+        with pytest.raises(StageError, match="does not connect"):
+            forward([stray_at])
+        with pytest.raises(socket.timeout):
+            stray.accept()  # not even a TCP connection was attempted
+        for trap, at in ((assigned, assigned_at), (peer, peer_at)):  # allowed: the daemon connects
+            with pytest.raises(StageError, match="cannot reach"):  # (a trap speaks no ZeroMQ)
+                forward([at])
+            trap.accept()[0].close()
+        client.call(address, P.LOAD, layers=[0, 1], next_hop=None)  # now the last hop it knows is gone
+        with pytest.raises(StageError, match="does not connect"):
+            forward([assigned_at])
+    finally:
+        client.close()
+        stop_stages([proc])
+        for t, _ in traps:
+            t.close()

@@ -204,9 +204,10 @@ class RemoteStage:
         except WireError as e:
             raise StageError(f"stage {self.address} sent a bad report: {e}") from None
 
-    def load(self, first: int, last: int, timeout_s: float = P.LOAD_TIMEOUT_S) -> None:
-        """Give the daemon layers [first, last]; it loads and warms them up before it answers."""
-        self.report = self._call(P.LOAD, timeout_s, layers=[first, last])
+    def load(self, first: int, last: int, next_hop: str | None = None, timeout_s: float = P.LOAD_TIMEOUT_S) -> None:
+        """Give the daemon layers [first, last] and the address of the stage after it (None: it is
+        the last), the only one it will pass hidden rows to; it loads and warms them up before it answers."""
+        self.report = self._call(P.LOAD, timeout_s, layers=[first, last], next_hop=next_hop)
         self.info = self.report.info
 
     def refresh(self) -> StageReport:

@@ -4,6 +4,10 @@ A FORWARD carries its `route` (the addresses of the stages still to run) and the
 came from. After computing, the daemon passes its hidden rows straight to the next stage on the
 route; the stage that ends the route answers the client directly. Activations never detour
 through the coordinator. Any error is answered to the client; the daemon serves on.
+
+A daemon connects out only where it was told: to the next stage its coordinator named when it
+assigned the layers (LOAD's `next_hop`), or to an address `--peers` lists. A route naming anything
+else is refused, and no socket is opened for it; it holds one socket per allowed address at most.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from engine.core.base_stage import BaseStage, system_available_memory
 from engine.core.config import ModelConfig
 from engine.core.errors import UserError
 from engine.core.identity import config_hash, weights_hash
-from engine.core.layer_cost import calibration_layer, relative_costs
+from engine.core.layer_cost import calibration_layer, layer_cost, relative_costs
 from engine.core.partition import check_range
 from engine.core.sampling import SamplingParams
 from engine.core.stage import SeqChunk, StageBatch, StageReport
@@ -71,7 +75,7 @@ class StageDaemon:
     def __init__(self, backend: str, dtype: str, model_dir: str, listen: str, load: StageLoader, *,
                  probe: StageLoader | None = None, layers: tuple[int, int] | None = None,
                  max_seqs: int | None = None, auth_dir: str | None = None, insecure: bool = False,
-                 drain_s: float = P.DRAIN_TIMEOUT_S):
+                 drain_s: float = P.DRAIN_TIMEOUT_S, peers: tuple[str, ...] = ()):
         self.auth = Auth.load(auth_dir, "stage")
         if self.auth is None and not insecure and not is_loopback(listen):
             raise UserError(f"refusing to listen on {listen} without authentication: anyone who reaches it could "
@@ -93,7 +97,9 @@ class StageDaemon:
         self.address = bind_address(self.sock, listen)
         self.heartbeat = self._router()
         self.heartbeat_address = bind_address(self.heartbeat, heartbeat_address(self.address))
-        self.next_hops: dict[str, zmq.Socket] = {}
+        self.next_hops: dict[str, zmq.Socket] = {}  # one per allowed address at most
+        self.peers = frozenset(peers)  # next hops allowed whatever the coordinator says (--peers)
+        self.next_hop: str | None = None  # the next stage, as the coordinator that assigned the layers named it
         self.memo = SamplingMemo()  # each live sequence's sampling parameters, as its coordinator sent them
         self.running = True
         threading.Thread(target=self._answer_heartbeats, name="heartbeat", daemon=True).start()
@@ -136,7 +142,13 @@ class StageDaemon:
     # -- start-up ------------------------------------------------------------------------------
 
     def _layer_bytes(self) -> int:
-        return layer_bytes(self.model_dir, self.cfg, self.dtype, calibration_layer(self.cfg))
+        """The calibration layer's bytes, from its tensors' headers, or from the config's arithmetic
+        where its weight file is not here (a Hub snapshot that fetches a stage's files on LOAD)."""
+        layer = calibration_layer(self.cfg)
+        try:
+            return layer_bytes(self.model_dir, self.cfg, self.dtype, layer)
+        except (OSError, UserError):
+            return int(layer_cost(self.cfg, layer, self.dtype).held)
 
     def _calibrate(self, probe: StageLoader) -> tuple[float, float]:
         """(ms per layer, ms of the final norm + head) per decoded token on this device.
@@ -280,12 +292,20 @@ class StageDaemon:
         self._send(sender, self._info(header, forward_ms=ms))
 
     def handle_load(self, sender, header, arrays) -> None:
-        layers = header.get("layers")
+        layers, next_hop = header.get("layers"), header.get("next_hop")
         if not (isinstance(layers, list) and len(layers) == 2
                 and all(isinstance(x, int) and not isinstance(x, bool) for x in layers)):
             raise WireError("load needs layers [first, last]")
+        if not (next_hop is None or _is_address(next_hop)):
+            raise WireError("next_hop must be a tcp:// or ipc:// address, or null for the last stage")
         self._load(*layers)
+        self.next_hop = next_hop
+        for address in [a for a in self.next_hops if not self._allowed(a)]:  # a stage replaced elsewhere
+            self.next_hops.pop(address).close(0)
         self._send(sender, self._info(header))
+
+    def _allowed(self, address: str) -> bool:
+        return address == self.next_hop or address in self.peers
 
     def handle_release(self, sender, header, arrays) -> None:
         ids = header.get("seq_ids")
@@ -300,9 +320,11 @@ class StageDaemon:
         if self.stage is None:
             raise UserError("it has no layers assigned yet")
         route = header.get("route", [])
-        if not (isinstance(route, list) and len(route) <= P.MAX_ROUTE
-                and all(isinstance(a, str) and a.startswith(("tcp://", "ipc://")) and len(a) < 256 for a in route)):
+        if not (isinstance(route, list) and len(route) <= P.MAX_ROUTE and all(_is_address(a) for a in route)):
             raise WireError("route must be a list of tcp:// or ipc:// addresses")
+        if route and not self._allowed(route[0]):
+            raise UserError(f"it does not connect to {route[0][:80]}: not the next stage its coordinator assigned "
+                            "with the layers, nor one of its --peers")
         batch = unpack_batch(header, arrays, self.memo)
         if self.draining_since is not None:
             live = set(self.stage.live_sequences())
@@ -353,3 +375,7 @@ class StageDaemon:
             self.authenticator.stop()
         if self.stage is not None:
             self.stage.close()
+
+
+def _is_address(a) -> bool:
+    return isinstance(a, str) and a.startswith(("tcp://", "ipc://")) and len(a) < 256

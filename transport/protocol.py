@@ -1,10 +1,11 @@
 """Protocol constants: every message kind, limit and version lives here, once."""
 
-VERSION = 4  # 4: sampling parameters sent once per sequence (SAME_SAMPLING after); sampled tokens carry an error
+VERSION = 5  # 5: LOAD names the next hop (the only address a daemon connects to, with --peers); 4: sampling
+# parameters sent once per sequence (SAME_SAMPLING after); sampled tokens carry an error
 
 # message kinds, client -> stage
 HELLO = "hello"  # identity check; reply: INFO
-LOAD = "load"  # assign a layer range; reply: INFO
+LOAD = "load"  # assign a layer range and the next hop; reply: INFO
 FORWARD = "forward"  # run a batch; reply (or pass on along `route`): RESULT
 RELEASE = "release"  # free sequences; reply: OK
 PING = "ping"  # reply: INFO

@@ -153,7 +153,12 @@ class RemotePipeline:
                 break
             try:
                 new = RemoteStage(self.client, address, self.identity, timeout_s=min(left, 1.0))
-                new.load(old.info.first, old.info.last, timeout_s=max(deadline - time.monotonic(), 0.01))
+                new.load(old.info.first, old.info.last, self._next_hop(index),
+                         timeout_s=max(deadline - time.monotonic(), 0.01))
+                if index > 0 and address != old.address:  # the stage before passes its rows here now
+                    before = self.stages[index - 1]
+                    before.load(before.info.first, before.info.last, address,
+                                timeout_s=max(deadline - time.monotonic(), 0.01))
             except (UserError, StageError):
                 self.client.reset(address)
                 continue
@@ -161,6 +166,9 @@ class RemotePipeline:
             self.heartbeat.watch(new.address, new.report.heartbeat)
             return address
         return None
+
+    def _next_hop(self, index: int) -> str | None:
+        return self.stages[index + 1].address if index + 1 < len(self.stages) else None
 
     def close(self) -> None:
         self.heartbeat.close()
