@@ -41,11 +41,12 @@ __all__ = ["EngineConfig", "GenerationResult", "Generator", "LocalPipeline", "Re
            "StageFailure", "Stream", "UserError", "connect_pipeline", "load_stage", "local_pipeline"]
 
 
-def local_pipeline(model_dir: str | Path, spec: str, dtype: str = "float32", device: str | None = None, *,
+def local_pipeline(model_dir: str | Path, spec: str, dtype: str = "auto", device: str | None = None, *,
                    compile: bool = False, threads: int | None = None, kv_tokens: int | None = None) -> LocalPipeline:
     """In-process stages: `spec` is `mlx:0-14,torch:15-29`, or backends alone (`torch`, `mlx,torch`)
-    for an even split. Every stage is loaded, warmed up and run on the pipeline's compute thread."""
-    check_dtype(dtype)
+    for an even split. Every stage is loaded, warmed up and run on the pipeline's compute thread.
+    `dtype` "auto": each backend's choice for its device and the checkpoint (`stages.resolve_dtype`)."""
+    check_dtype(dtype, allow_auto=True)
     specs = parse_local_spec(spec, ModelConfig.load(model_dir).num_hidden_layers)
     backends = {s.backend for s in specs}
     if device and len(backends) > 1:
@@ -78,8 +79,8 @@ def connect_pipeline(model_dir: str | Path, spec: str, *, timeout_s: float = REP
             plan = plan_layers(caps, num_layers, costs=relative_costs(cfg, stages[0].report.dtype))
             log(plan.describe(caps))
             ranges = plan.ranges
-        for s, (first, last) in zip(stages, ranges):
-            s.load(first, last)
+        for i, (s, (first, last)) in enumerate(zip(stages, ranges)):
+            s.load(first, last, stages[i + 1].address if i + 1 < len(stages) else None)
         return RemotePipeline(stages, identity, standby)
     except StageError as e:  # setting up: a stage that refuses or does not answer is the user's to fix
         client.close()

@@ -94,6 +94,13 @@ class MLXStage(BaseStage):
         return to_hidden(out, self.info.dtype)
 
 
+def auto_dtype(device: str | None, checkpoint: str) -> str:
+    """`--dtype auto` on MLX: the checkpoint's own dtype on Metal (which computes bf16 and fp16
+    natively), float32 on the CPU backend (its half-precision matmuls are slower than float32's)."""
+    device = device or ("gpu" if mx.metal.is_available() else "cpu")
+    return checkpoint if device == "gpu" else "float32"
+
+
 def create_stage(model_dir, cfg: ModelConfig, first: int, last: int, *, device=None, dtype="float32",
                  threads=None, compile: bool = False) -> MLXStage:
     """`compile` is accepted for symmetry: the MLX model compiles its MLP always (`mx.compile`)."""

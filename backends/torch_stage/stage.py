@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import mmap
+import platform
 import time
 
 import numpy as np
@@ -189,6 +190,20 @@ class TorchStage(BaseStage):
         emb = torch.cat([freqs, freqs], dim=-1)[:, None, :]
         f = self.cfg.rope_attention_factor
         return (emb.cos() * f).to(self.dtype), (emb.sin() * f).to(self.dtype)
+
+
+def auto_dtype(device: str | None, checkpoint: str) -> str:
+    """`--dtype auto` on torch: the checkpoint's own dtype where the device computes it natively (a
+    CUDA GPU: bf16 where it has bf16, else fp16 for a half checkpoint; Apple's MPS: fp16), bf16 on a
+    CPU with bf16 arithmetic (AVX512-BF16 or AMX), float32 on other CPUs (their half GEMMs are slow)."""
+    device = device or default_device()
+    if checkpoint == "float32":
+        return "float32"
+    if device.startswith("cuda"):
+        return "bfloat16" if checkpoint == "bfloat16" and torch.cuda.is_bf16_supported() else "float16"
+    if device.startswith("mps"):
+        return "float16"
+    return "float32" if native.lacks_half_gemm() or platform.machine() != "x86_64" else "bfloat16"
 
 
 def create_stage(model_dir, cfg: ModelConfig, first: int, last: int, *, device=None, dtype="float32",

@@ -10,7 +10,7 @@ import sys
 
 from ..core.errors import StageFailure, UserError
 from ..core.partition import parse_layer_range
-from ..core.tensors import DTYPES, check_dtype
+from ..core.tensors import AUTO, DTYPES, check_dtype
 
 EXIT_USAGE = 2
 BENCH_SUITES = ("serving", "prefix", "backends", "pipeline", "hostile")
@@ -41,7 +41,8 @@ def _add_pipeline(p: argparse.ArgumentParser, required: bool) -> None:
                        help="in-process stages: mlx:0-14,torch:15-29, or backends alone (torch, mlx,torch)")
     where.add_argument("--stages", metavar="ADDR[=FIRST-LAST],...",
                        help="stage daemons in pipeline order; without ranges a planner splits by measured speed")
-    p.add_argument("--dtype", default="float32", help=f"with --local: one of {', '.join(DTYPES)}")
+    p.add_argument("--dtype", default=AUTO, help=f"with --local: auto (the default: the checkpoint's own dtype where "
+                   f"the device computes it natively, else float32) or one of {', '.join(DTYPES)}")
     p.add_argument("--device", default=None, help="with --local: torch: cuda, mps or cpu; mlx: gpu or cpu")
     p.add_argument("--compile", action="store_true",
                    help="with --local: torch.compile torch stages (faster decode; compiled once, then cached)")
@@ -101,7 +102,8 @@ def _add_stage(sub) -> None:
     st.add_argument("--model", default=None, help="this machine's copy of the model directory")
     st.add_argument("--listen", default="tcp://127.0.0.1:5555", help="address to bind (port 0: any free port)")
     st.add_argument("--device", default=None)
-    st.add_argument("--dtype", default="float32", help=f"one of {', '.join(DTYPES)}")
+    st.add_argument("--dtype", default=AUTO, help=f"auto (the default: the checkpoint's own dtype where the device "
+                    f"computes it natively, else float32) or one of {', '.join(DTYPES)}")
     st.add_argument("--threads", type=int, default=None, help="CPU threads for the backend")
     st.add_argument("--layers", default=None, metavar="FIRST-LAST", help="load these layers at start")
     st.add_argument("--kv-tokens", type=int, default=None,
@@ -109,6 +111,9 @@ def _add_stage(sub) -> None:
     st.add_argument("--max-seqs", type=int, default=None, help="live sequences at once (default: no limit)")
     st.add_argument("--max-call-tokens", type=int, default=8192, help="tokens in one forward call")
     st.add_argument("--auth", default=None, metavar="DIR", help="accept only clients whose keys DIR/allowed holds")
+    st.add_argument("--peers", default=None, metavar="ADDR,...",
+                    help="next-stage addresses this daemon may pass hidden rows to besides the one its coordinator "
+                         "assigns with the layers")
     st.add_argument("--insecure", action="store_true",
                     help="allow listening on a non-loopback address without --auth")
     st.add_argument("--compile", action="store_true",
@@ -152,7 +157,7 @@ def _add_bench(sub) -> None:
     pl = suites.add_parser("pipeline", help="one split in-process and over ZeroMQ, torch+torch and mlx+torch")
     pl.add_argument("--model", default=None, help="model directory (default: the fetched smollm2)")
     pl.add_argument("--split", type=int, default=None, help="last layer of the first stage (default: half)")
-    pl.add_argument("--dtype", default="float32", help=f"one of {', '.join(DTYPES)}")
+    pl.add_argument("--dtype", default=AUTO, help=f"auto or one of {', '.join(DTYPES)}")
     pl.add_argument("--rounds", type=int, default=3, help="alternating rounds")
     pl.add_argument("--max-tokens", type=int, default=64, help="tokens decoded per run")
     pl.add_argument("--out", default="bench-results", help="where pipeline.json, .md and .png go")
@@ -172,9 +177,11 @@ def _add_bench(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="hetpipe", description="Run one LLM split across MLX and PyTorch stages.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    f = sub.add_parser("fetch", help="download and import a known model (default: smollm2)")
-    f.add_argument("name", nargs="?", default="smollm2")
+    f = sub.add_parser("fetch", help="download and import a known model (default: smollm2), or a Hub id's files")
+    f.add_argument("name", nargs="?", default="smollm2", help="smollm2, smollm2-q4, or ORG/NAME[@REVISION]")
     f.add_argument("--out", default=None, help="directory (default: ~/.cache/hetpipe/models/NAME)")
+    f.add_argument("--layers", default=None, metavar="FIRST-LAST",
+                   help="with a Hub id: only the weight files these layers need (default: all)")
     g = sub.add_parser("import-gguf", help="import a GGUF (llama, mixtral, qwen2/3, qwen3moe, gemma2/3, phi3) into "
                                            "a Hugging Face layout directory (its quantization kept, in MLX's layout)")
     g.add_argument("file")
@@ -202,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="fetch SmolLM2, start an MLX and a torch stage daemon, chat through them")
     demo.add_argument("prompt", nargs="?", default="Explain in two sentences why the sky is blue.")
     demo.add_argument("--max-tokens", type=int, default=96)
-    demo.add_argument("--dtype", default="float32")
+    demo.add_argument("--dtype", default=AUTO)
     return p
 
 
@@ -214,10 +221,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def _model_dir(arg: str | None) -> str:
-    from .fetch import default_model_dir
+    """The directory `--model` names (a directory, a .gguf file imported once, or a Hub id's snapshot:
+    `fetch.resolve_model`); without it, the fetched smollm2."""
+    from .fetch import default_model_dir, resolve_model
 
     if arg:
-        return arg
+        return str(resolve_model(arg))
     d = default_model_dir()
     if not d.is_dir():
         raise UserError("no --model given and the default model is not fetched (run `hetpipe fetch smollm2`)")
@@ -240,8 +249,8 @@ def _generator(args):
         raise UserError("--recovery-timeout must be >= 0")
     model_dir = _model_dir(args.model)
     if args.local:
-        pipeline = local_pipeline(model_dir, args.local, check_dtype(args.dtype), args.device, compile=args.compile,
-                                  kv_tokens=args.kv_tokens)
+        pipeline = local_pipeline(model_dir, args.local, check_dtype(args.dtype, allow_auto=True), args.device,
+                                  compile=args.compile, kv_tokens=args.kv_tokens)
     else:
         if args.kv_tokens is not None:
             raise UserError("--kv-tokens applies to --local stages; a stage daemon takes its own (hetpipe stage --kv-tokens)")
@@ -266,9 +275,23 @@ def _parse_quant(text: str) -> tuple[tuple[int, int], ...]:
 
 
 def cmd_fetch(args) -> int:
-    from .fetch import fetch
+    from .fetch import KNOWN_MODELS, fetch
+    from .hub import ensure_layers, fetch_meta, parse_hub_id
 
-    print(fetch(args.name, args.out, progress=sys.stderr.isatty()))
+    hub_id = None if args.name in KNOWN_MODELS else parse_hub_id(args.name)
+    if hub_id is None:
+        if args.layers:
+            raise UserError("--layers applies to a Hub id")
+        print(fetch(args.name, args.out, progress=sys.stderr.isatty()))
+        return 0
+    if args.out:
+        raise UserError("a Hub id is fetched into huggingface_hub's cache (HF_HOME); --out applies to known models")
+    from ..core.config import ModelConfig
+
+    model_dir = fetch_meta(*hub_id)
+    first, last = parse_layer_range(args.layers) if args.layers else (0, ModelConfig.load(model_dir).num_hidden_layers - 1)
+    ensure_layers(model_dir, first, last)
+    print(model_dir)
     return 0
 
 
@@ -336,8 +359,14 @@ def cmd_serve(args) -> int:
     api_key = read_api_key(args.api_key, args.api_key_file)
     check_exposure(args.host, api_key, args.insecure)
     limits = ServerLimits(args.max_request_bytes, args.read_timeout)
-    name = args.served_model_name or Path(_model_dir(args.model)).resolve().name
+    from .hub import parse_hub_id
+
+    hub_id = parse_hub_id(args.model) if args.model else None
+    name = args.served_model_name or (hub_id[0] if hub_id else Path(_model_dir(args.model)).resolve().name)
     with _generator(args) as gen:
+        print("stages: " + ", ".join(f"{d.get('address', d['backend'])}={d['layers'][0]}-{d['layers'][1]} "
+                                     f"({d['backend']} on {d['device']} in {d['dtype']})"
+                                     for d in gen.pipeline.describe()), file=sys.stderr, flush=True)
         serve(gen, host=args.host, port=args.port, model_name=name, api_key=api_key,
               cors_origins=tuple(args.cors_origin), limits=limits)
     return 0
@@ -348,20 +377,24 @@ def cmd_stage(args) -> int:
 
     from transport.daemon import StageDaemon
 
-    from .stages import check_backend, load_stage
+    from .specs import check_address
+    from .stages import check_backend, load_stage, resolve_dtype
 
     check_backend(args.backend)
-    check_dtype(args.dtype)
+    check_dtype(args.dtype, allow_auto=True)
     _at_least_1(args, "kv_tokens", "max_seqs", "max_call_tokens", "threads")
     layers = parse_layer_range(args.layers) if args.layers else None
     model_dir = _model_dir(args.model)
-    common = dict(device=args.device, dtype=args.dtype, threads=args.threads)
+    dtype = resolve_dtype(args.backend, model_dir, args.dtype, args.device)  # said in the ready line and reports
+    common = dict(device=args.device, dtype=dtype, threads=args.threads)
     load = functools.partial(load_stage, args.backend, model_dir, **common, kv_tokens=args.kv_tokens,
                              compile=args.compile, max_seqs=args.max_seqs, max_call_tokens=args.max_call_tokens)
-    # calibration times eager layers even with --compile: a conservative plan, and no compile at start-up
-    probe = functools.partial(load_stage, args.backend, model_dir, **common)
-    daemon = StageDaemon(args.backend, args.dtype, model_dir, args.listen, load, probe=probe, layers=layers,
-                         max_seqs=args.max_seqs, auth_dir=args.auth, insecure=args.insecure)
+    # calibration times eager layers even with --compile: a conservative plan, and no compile at start-up;
+    # a Hub snapshot without the timed layers' files is not made to fetch them (the planner assumes the mean)
+    probe = functools.partial(load_stage, args.backend, model_dir, **common) if _can_calibrate(model_dir) else None
+    peers = tuple(check_address(a) for a in filter(None, (x.strip() for x in (args.peers or "").split(","))))
+    daemon = StageDaemon(args.backend, dtype, model_dir, args.listen, load, probe=probe, layers=layers,
+                         max_seqs=args.max_seqs, auth_dir=args.auth, insecure=args.insecure, peers=peers)
 
     def stop(signum, frame):  # finish what is live, take nothing new; a second signal exits at once
         daemon.drain()
@@ -370,6 +403,18 @@ def cmd_stage(args) -> int:
     signal.signal(signal.SIGINT, stop)
     daemon.serve()
     return 0
+
+
+def _can_calibrate(model_dir: str) -> bool:
+    from ..core.config import ModelConfig
+    from ..core.layer_cost import calibration_layer
+    from .hub import has_layers, source_of
+
+    if source_of(model_dir) is None:
+        return True
+    cfg = ModelConfig.load(model_dir)
+    layer, last = calibration_layer(cfg), cfg.num_hidden_layers - 1
+    return has_layers(model_dir, layer, layer) and has_layers(model_dir, last, last)
 
 
 def cmd_bench(args) -> int:
@@ -433,7 +478,8 @@ def cmd_bench(args) -> int:
 
         _at_least_1(args, "rounds", "max_tokens")
         n = ModelConfig.load(model_dir).num_hidden_layers
-        data = PL.run_pipeline(model_dir, (n // 2 - 1) if args.split is None else args.split, check_dtype(args.dtype),
+        data = PL.run_pipeline(model_dir, (n // 2 - 1) if args.split is None else args.split,
+                               check_dtype(args.dtype, allow_auto=True),
                                args.rounds, args.max_tokens, log)
         paths = report.write_outputs(Path(args.out), "pipeline", data, PL.pipeline_table(data), PL.pipeline_plot)
     if args.json:
@@ -491,7 +537,7 @@ def cmd_keys(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    return run_demo(args.prompt, args.max_tokens, check_dtype(args.dtype))
+    return run_demo(args.prompt, args.max_tokens, check_dtype(args.dtype, allow_auto=True))
 
 
 COMMANDS = {"fetch": cmd_fetch, "import-gguf": cmd_import_gguf, "quantize": cmd_quantize, "generate": cmd_generate,

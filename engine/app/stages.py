@@ -13,8 +13,9 @@ from ..core.base_stage import BaseStage
 from ..core.config import ModelConfig
 from ..core.errors import UserError
 from ..core.partition import check_range
-from ..core.tensors import check_dtype
-from . import allocator
+from ..core.tensors import AUTO, check_dtype
+from ..core.weights import checkpoint_dtype
+from . import allocator, hub
 
 BACKENDS = {"mlx": "backends.mlx_stage", "torch": "backends.torch_stage"}
 # torch must load before MLX's OpenBLAS preload (backends/mlx_stage/blas.py): loaded after it,
@@ -40,17 +41,17 @@ def import_backends(names) -> None:
 
 
 def load_stage(backend: str, model_dir: str | Path, first: int, last: int, *, device: str | None = None,
-               dtype: str = "float32", threads: int | None = None, kv_tokens: int | None = None,
+               dtype: str = "auto", threads: int | None = None, kv_tokens: int | None = None,
                compile: bool = False, max_seqs: int | None = None, max_call_tokens: int | None = None) -> BaseStage:
     """Build, warm up and budget an in-process stage of `backend` holding layers [first, last].
 
     torch runs fastest on the thread that loads it: load a stage on the thread that will run it.
     """
     check_backend(backend)
-    check_dtype(dtype)
     cfg = ModelConfig.load(model_dir)
     check_range(first, last, cfg.num_hidden_layers)
-    import_backends({backend})
+    hub.ensure_layers(model_dir, first, last)  # a Hub snapshot fetches the weight files it lacks
+    dtype = resolve_dtype(backend, model_dir, dtype, device)
     module = importlib.import_module(BACKENDS[backend])
     stage = module.create_stage(str(model_dir), cfg, first, last, device=device, dtype=dtype, threads=threads,
                                 compile=compile)
@@ -58,6 +59,16 @@ def load_stage(backend: str, model_dir: str | Path, first: int, last: int, *, de
     stage.set_kv_budget(kv_tokens)
     stage.max_seqs, stage.max_call_tokens = max_seqs, max_call_tokens
     return stage
+
+
+def resolve_dtype(backend: str, model_dir: str | Path, dtype: str, device: str | None) -> str:
+    """The dtype a stage of `backend` computes in: `dtype`, or for "auto" the backend's choice for
+    this device and the checkpoint's own dtype (each backend's `auto_dtype` states its rule)."""
+    check_dtype(dtype, allow_auto=True)
+    import_backends({backend})
+    if dtype != AUTO:
+        return dtype
+    return importlib.import_module(BACKENDS[backend]).auto_dtype(device, checkpoint_dtype(model_dir))
 
 
 def available_backends() -> list[str]:

@@ -25,10 +25,13 @@ def config_hash(model_dir: str | Path) -> str:
 
 
 def weights_hash(model_dir: str | Path) -> str | None:
-    """Hash of (name, dtype, shape, byte size) of every tensor, or None when no weights are here."""
+    """Hash of (name, dtype, shape, byte size) of every tensor, or None when the weights are not all
+    here (a coordinator holding config and tokenizer only, a stage fetching its own files)."""
     try:
         files = checkpoint_files(model_dir)
     except UserError:
+        return None
+    if not all(p.is_file() for p in set(files.values())):
         return None
     index = {}
     for path in sorted(set(files.values())):

@@ -15,12 +15,14 @@ from .errors import UserError
 # activation dtypes a stage computes in -> numpy storage dtype
 STORAGE = {"float32": np.float32, "bfloat16": np.uint16, "float16": np.float16}
 DTYPES = tuple(STORAGE)
+AUTO = "auto"  # asked for, never computed in: each stage's backend picks (`engine.app.stages.resolve_dtype`)
 
 
-def check_dtype(dtype: str) -> str:
-    """`dtype` if hetpipe computes in it, else a UserError naming the choices."""
-    if dtype not in STORAGE:
-        raise UserError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+def check_dtype(dtype: str, allow_auto: bool = False) -> str:
+    """`dtype` if hetpipe computes in it (or, with `allow_auto`, "auto"), else a UserError naming the choices."""
+    if dtype not in STORAGE and not (allow_auto and dtype == AUTO):
+        choices = (AUTO,) * allow_auto + DTYPES
+        raise UserError(f"unknown dtype {dtype!r}; choose from {', '.join(choices)}")
     return dtype
 
 

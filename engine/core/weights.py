@@ -49,6 +49,22 @@ def checkpoint_files(model_dir: str | Path) -> dict[str, Path]:
     return {name: single for name in read_header(single)[0]}
 
 
+def checkpoint_dtype(model_dir: str | Path) -> str:
+    """The float dtype the checkpoint was saved in: config.json's `torch_dtype` (or `dtype`), else
+    that of its embedding (or first float tensor) in the safetensors headers; float32 if neither says."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    for key in ("torch_dtype", "dtype"):
+        if config.get(key) in ("float32", "bfloat16", "float16"):
+            return config[key]
+    files = checkpoint_files(model_dir)
+    names = sorted((n for n in files if files[n].is_file()), key=lambda n: not n.startswith("model.embed_tokens"))
+    for name in names[:64]:  # (a Hub snapshot may hold some of the files only)
+        meta = read_header(files[name])[0].get(name, {})
+        if meta.get("dtype") in ("F32", "BF16", "F16"):
+            return _DTYPES[meta["dtype"]][1]
+    return "float32"
+
+
 def stage_tensor_names(cfg: ModelConfig, names, first: int, last: int) -> list[str]:
     """The names a stage holding layers [first, last] needs from `names`."""
     is_first, is_last = first == 0, last == cfg.num_hidden_layers - 1
