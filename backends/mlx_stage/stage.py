@@ -61,6 +61,11 @@ class MLXStage(BaseStage):
             return max(0, int(info.get("max_recommended_working_set_size", 0)) - mx.get_active_memory())
         return super().free_memory()
 
+    def total_memory(self) -> int:
+        if self.info.device == "gpu":
+            return int(mx.device_info().get("max_recommended_working_set_size", 0)) or super().total_memory()
+        return super().total_memory()
+
     def read_bandwidth(self) -> float:
         """Timed as one row times a 256 MiB matrix (what decode does), not as a sum: MLX's CPU
         reductions run on one thread, while BLAS spreads a matrix-vector product over the cores."""

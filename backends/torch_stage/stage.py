@@ -154,6 +154,11 @@ class TorchStage(BaseStage):
             return torch.cuda.mem_get_info(self.device)[0]
         return super().free_memory()
 
+    def total_memory(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.mem_get_info(self.device)[1]
+        return super().total_memory()
+
     @torch.inference_mode()
     def read_bandwidth(self) -> float:
         a = torch.ones(PROBE_BYTES // 4, dtype=torch.float32, device=self.device)

@@ -47,7 +47,8 @@ def _add_pipeline(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--compile", action="store_true",
                    help="with --local: torch.compile torch stages (faster decode; compiled once, then cached)")
     p.add_argument("--kv-tokens", type=int, default=None,
-                   help="with --local: KV cache tokens per stage (default: half the memory free after loading)")
+                   help="with --local: KV cache tokens per stage (default: the memory left after the weights, "
+                        "less 10%% of the device's)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a stage's answer")
     p.add_argument("--auth", default=None, metavar="DIR",
                    help="CURVE keys from `hetpipe keys init` (encrypted, allow-listed)")
@@ -107,7 +108,8 @@ def _add_stage(sub) -> None:
     st.add_argument("--threads", type=int, default=None, help="CPU threads for the backend")
     st.add_argument("--layers", default=None, metavar="FIRST-LAST", help="load these layers at start")
     st.add_argument("--kv-tokens", type=int, default=None,
-                    help="KV cache budget in tokens, all sequences together (default: half the free memory)")
+                    help="KV cache budget in tokens, all sequences together (default: the memory left after the "
+                         "weights, less 10%% of the device's)")
     st.add_argument("--max-seqs", type=int, default=None, help="live sequences at once (default: no limit)")
     st.add_argument("--max-call-tokens", type=int, default=8192, help="tokens in one forward call")
     st.add_argument("--auth", default=None, metavar="DIR", help="accept only clients whose keys DIR/allowed holds")
@@ -196,6 +198,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stage(sub)
     _add_serve(sub)
     _add_bench(sub)
+    pn = sub.add_parser("plan", help="what fits where: each stage's layers, weights, KV and memory left; tokens/s")
+    pn.add_argument("--model", default=None, help="model directory, .gguf file or Hub id (only its config is read)")
+    on = pn.add_mutually_exclusive_group(required=True)
+    on.add_argument("--devices", metavar="NAME=BACKEND:DEVICE:MEMORY,...",
+                    help="machines in pipeline order, like mac=mlx:m2-max:64GB,linux=torch:rtx4090:24GB (DEVICE: "
+                         "a named device, whose read bandwidth is known, or gpu, cuda, cpu)")
+    on.add_argument("--stages", metavar="ADDR,...", help="live daemons: their free memory and measured speed")
+    pn.add_argument("--auth", default=None, metavar="DIR", help="with --stages: CURVE keys")
+    pn.add_argument("--bits", type=int, default=None, choices=(4, 8, 16),
+                    help="plan the weights at this width (default: the checkpoint's own)")
+    pn.add_argument("--context", type=int, default=None, help="tokens per sequence (default: the model's context)")
+    pn.add_argument("--concurrency", type=int, default=1, help="sequences at once")
+    pn.add_argument("--json", action="store_true", help="print one JSON line")
     h = sub.add_parser("health", help="check each stage daemon with a real one-token forward")
     h.add_argument("--stages", required=True, metavar="ADDR,...")
     h.add_argument("--auth", default=None, metavar="DIR")
@@ -490,6 +505,40 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    """Exit 0 when the plan fits; 2, with the shortfall and the bit width that would fit, when not."""
+    from ..core.config import ModelConfig
+    from .memory_plan import Device, format_plan, plan_memory
+
+    _at_least_1(args, "context", "concurrency")
+    cfg = ModelConfig.load(_model_dir(args.model))
+    measured, kv_dtype = None, "bfloat16"
+    if args.devices:
+        devices = [Device.parse(x) for x in args.devices.split(",") if x.strip()]
+    else:
+        from transport.auth import Auth
+        from transport.client import health_reports
+
+        from .specs import parse_stages_spec
+
+        addresses = [a for a, _ in parse_stages_spec(args.stages)]
+        reports = health_reports(addresses, Auth.load(args.auth, "coordinator"), 10.0, kind="ping")
+        for r in reports:
+            if isinstance(r, Exception):
+                raise UserError(str(r))
+        devices = [Device(r.address, r.backend, r.device, r.free_memory, None) for r in reports]
+        measured = [r.ms_per_layer for r in reports] if all(r.ms_per_layer for r in reports) else None
+        kv_dtype = reports[0].dtype
+    p = plan_memory(cfg, devices, bits=args.bits, context=args.context, concurrency=args.concurrency,
+                    measured_ms=measured, kv_dtype=kv_dtype)
+    print(json.dumps(p.to_json()) if args.json else format_plan(p))
+    if not p.fits:
+        short = max(p.stages, key=lambda s: -s.free_bytes)
+        at = f"; at {p.fits_at} bits it fits" if p.fits_at else "; no bit width fits these devices"
+        raise UserError(f"does not fit: {short.name} is short by {-short.free_bytes / 1e9:.2f} GB{at}")
+    return 0
+
+
 def cmd_health(args) -> int:
     from transport.auth import Auth
     from transport.client import health_reports
@@ -541,7 +590,8 @@ def cmd_demo(args) -> int:
 
 
 COMMANDS = {"fetch": cmd_fetch, "import-gguf": cmd_import_gguf, "quantize": cmd_quantize, "generate": cmd_generate,
-            "stage": cmd_stage, "serve": cmd_serve, "bench": cmd_bench, "health": cmd_health, "keys": cmd_keys, "demo": cmd_demo}
+            "stage": cmd_stage, "serve": cmd_serve, "bench": cmd_bench, "plan": cmd_plan, "health": cmd_health,
+            "keys": cmd_keys, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

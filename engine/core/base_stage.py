@@ -75,9 +75,10 @@ class BaseStage:
         self.kv_token_bytes = n_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * itemsize(info.dtype)
 
     def set_kv_budget(self, tokens: int | None = None) -> None:
-        """Cap the KV cache at `tokens`; by default at KV_MEMORY_FRACTION of the memory free now."""
+        """Cap the KV cache at `tokens`; by default at the memory left after the weights (free now),
+        less MEMORY_RESERVE of the device's whole memory: the rule `hetpipe plan` plans by."""
         if tokens is None:
-            tokens = int(KV_MEMORY_FRACTION * self.free_memory()) // self.kv_token_bytes
+            tokens = int(self.free_memory() - MEMORY_RESERVE * self.total_memory()) // self.kv_token_bytes
         if tokens < 1:
             raise UserError(f"a KV budget of {tokens} tokens leaves no room for any sequence")
         self.info.kv_tokens = tokens
@@ -87,6 +88,10 @@ class BaseStage:
     def free_memory(self) -> int:
         """Bytes free on this stage's device (backends on discrete GPUs override)."""
         return system_available_memory()
+
+    def total_memory(self) -> int:
+        """Bytes this stage's device has in all (backends on discrete GPUs override)."""
+        return system_total_memory()
 
     def kv_tokens_used(self) -> int:
         return sum(st.length for st in self._seqs.values())
@@ -236,7 +241,23 @@ class BaseStage:
 _EMPTY = np.zeros(0, dtype=np.int64)
 WARMUP_ID = -(2**62)  # warm-up's sequence ids start here: clients' ids are refused below zero
 WARMUP_IDS = 16  # how many: a warm-up may run a batch of several
-KV_MEMORY_FRACTION = 0.5  # of the memory free after loading, by default, for KV caches
+MEMORY_RESERVE = 0.10  # of a device's memory, kept for activations, the runtime and the OS (KV takes the rest)
+
+
+def system_total_memory() -> int:
+    """Bytes of physical memory (MemTotal on Linux)."""
+    return _meminfo("MemTotal:") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _meminfo(key: str) -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def system_available_memory() -> int:
