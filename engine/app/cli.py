@@ -211,6 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     pn.add_argument("--context", type=int, default=None, help="tokens per sequence (default: the model's context)")
     pn.add_argument("--concurrency", type=int, default=1, help="sequences at once")
     pn.add_argument("--json", action="store_true", help="print one JSON line")
+    st = sub.add_parser("selftest", help="does this machine compute what transformers computes? (every backend "
+                                         "and device here)")
+    st.add_argument("--backend", default=None, choices=("mlx", "torch"), help="only this backend")
+    st.add_argument("--device", default=None, help="only this device (torch: cpu, cuda, mps; mlx: cpu, gpu)")
     h = sub.add_parser("health", help="check each stage daemon with a real one-token forward")
     h.add_argument("--stages", required=True, metavar="ADDR,...")
     h.add_argument("--auth", default=None, metavar="DIR")
@@ -539,6 +543,14 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_selftest(args) -> int:
+    """Exit 1 if any check fails."""
+    from .selftest import run_selftest
+
+    checks = run_selftest([args.backend] if args.backend else None, args.device, log=lambda m: print(m, flush=True))
+    return 0 if all(c.ok for c in checks) else 1
+
+
 def cmd_health(args) -> int:
     from transport.auth import Auth
     from transport.client import health_reports
@@ -590,7 +602,7 @@ def cmd_demo(args) -> int:
 
 
 COMMANDS = {"fetch": cmd_fetch, "import-gguf": cmd_import_gguf, "quantize": cmd_quantize, "generate": cmd_generate,
-            "stage": cmd_stage, "serve": cmd_serve, "bench": cmd_bench, "plan": cmd_plan, "health": cmd_health,
+            "stage": cmd_stage, "serve": cmd_serve, "bench": cmd_bench, "plan": cmd_plan, "selftest": cmd_selftest, "health": cmd_health,
             "keys": cmd_keys, "demo": cmd_demo}
 
 
