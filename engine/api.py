@@ -20,6 +20,7 @@ from pathlib import Path
 
 from transport.auth import Auth
 from transport.client import Client, RemoteStage, StageError
+from transport.delivery import deliver
 from transport.protocol import REPLY_TIMEOUT_S
 from transport.remote_pipeline import RemotePipeline
 
@@ -29,10 +30,10 @@ from .app.stages import import_backends, load_stage
 from .core.config import ModelConfig
 from .core.errors import StageFailure, UserError
 from .core.identity import config_hash, weights_hash
-from .core.layer_cost import relative_costs
+from .core.layer_cost import calibration_layer, layer_cost, relative_costs
 from .core.partition import check_coverage
 from .core.sampling import SamplingParams
-from .core.tensors import check_dtype
+from .core.tensors import DTYPES, check_dtype
 from .serving.engine import EngineConfig
 from .serving.generator import GenerationResult, Generator, Stream
 from .serving.local_pipeline import LocalPipeline
@@ -61,7 +62,9 @@ def connect_pipeline(model_dir: str | Path, spec: str, *, timeout_s: float = REP
     """Stage daemons in pipeline order: `tcp://a:5555=0-14,tcp://b:5555=15-29`, or addresses alone
     for the planner to split by the speed and memory each daemon measured. Every stage is greeted
     (the model's identity checked), given its layers, and watched by heartbeat. `standby`: spare
-    daemons that may take a lost stage's place."""
+    daemons that may take a lost stage's place. A daemon started without `--model` gets its layers'
+    weights from this coordinator (`transport.delivery`), which then needs the weight files (not a
+    framework)."""
     model_dir = str(model_dir)
     cfg = ModelConfig.load(model_dir)
     num_layers = cfg.num_hidden_layers
@@ -75,13 +78,21 @@ def connect_pipeline(model_dir: str | Path, spec: str, *, timeout_s: float = REP
             ranges = [layers for _, layers in entries]
             check_coverage(ranges, num_layers)
         else:
-            caps = [StageCapacity.of(s.report) for s in stages]
-            plan = plan_layers(caps, num_layers, costs=relative_costs(cfg, stages[0].report.dtype))
+            dtype = next((s.report.dtype for s in stages if s.report.dtype in DTYPES), "bfloat16")
+            # a daemon without the model has weighed no layer: the config's arithmetic stands in
+            weight = int(layer_cost(cfg, calibration_layer(cfg), dtype).held)
+            caps = [StageCapacity.of(s.report, layer_bytes=weight) for s in stages]
+            plan = plan_layers(caps, num_layers, costs=relative_costs(cfg, dtype))
             log(plan.describe(caps))
             ranges = plan.ranges
         for i, (s, (first, last)) in enumerate(zip(stages, ranges)):
+            if s.report.identity.get("source") == "delivered":
+                if identity["weights"] is None:
+                    raise UserError(f"stage {s.address} was started without a model, and this coordinator holds no "
+                                    f"weights to send it (give it the directory, or start the daemon with --model)")
+                deliver(client, s.address, model_dir, first, last, identity, log)
             s.load(first, last, stages[i + 1].address if i + 1 < len(stages) else None)
-        return RemotePipeline(stages, identity, standby)
+        return RemotePipeline(stages, identity, standby, model_dir=model_dir)
     except StageError as e:  # setting up: a stage that refuses or does not answer is the user's to fix
         client.close()
         raise UserError(str(e)) from None

@@ -30,6 +30,7 @@ from engine.core.partition import check_range
 from engine.core.sampling import SamplingParams
 from engine.core.stage import SeqChunk, StageBatch, StageReport
 from engine.core.tensors import TypedArray
+from engine.core.weight_store import TensorEntry, WeightStore
 from engine.core.weights import layer_bytes
 
 from . import protocol as P
@@ -37,7 +38,7 @@ from .auth import Auth, is_loopback
 from .wire import (SamplingMemo, WireError, forward_frames, pack, pack_report, pack_result, peek_envelope, unpack,
                    unpack_batch)
 
-StageLoader = Callable[[int, int], BaseStage]  # (first, last) -> a loaded, warmed-up stage
+StageLoader = Callable[[str, int, int], BaseStage]  # (model dir, first, last) -> a loaded, warmed-up stage
 
 
 def resident_bytes() -> int:
@@ -67,12 +68,16 @@ def heartbeat_address(address: str) -> str:
 
 
 class StageDaemon:
-    """Serves one stage over ZeroMQ. `load(first, last)` builds the served stage; `probe` (same
-    signature) builds the one-layer stages timed at start-up for the planner. The daemon loads,
+    """Serves one stage over ZeroMQ. `load(model_dir, first, last)` builds the served stage; `probe`
+    (same signature) builds the one-layer stages timed at start-up for the planner. The daemon loads,
     warms up and runs its stage on the thread that calls `serve` (torch is fastest on the thread
-    that loaded it); heartbeats are answered from a thread of their own."""
+    that loaded it); heartbeats are answered from a thread of their own.
 
-    def __init__(self, backend: str, dtype: str, model_dir: str, listen: str, load: StageLoader, *,
+    Started without a model (`model_dir` None), it takes its layers' weights from the coordinator
+    (MODEL, then CHUNKs: `engine.core.weight_store`) into $HETPIPE_HOME/weights/, and loads them
+    from there; its identity says `source: delivered` so a coordinator knows to send them."""
+
+    def __init__(self, backend: str, dtype: str, model_dir: str | None, listen: str, load: StageLoader, *,
                  probe: StageLoader | None = None, layers: tuple[int, int] | None = None,
                  max_seqs: int | None = None, auth_dir: str | None = None, insecure: bool = False,
                  drain_s: float = P.DRAIN_TIMEOUT_S, peers: tuple[str, ...] = ()):
@@ -84,11 +89,15 @@ class StageDaemon:
         self.device = "?"  # known once a stage is built
         self._load_stage, self.max_seqs, self.drain_s = load, max_seqs, drain_s
         self.draining_since: float | None = None
-        self.cfg = ModelConfig.load(model_dir)
-        self.identity = {"config": config_hash(model_dir), "weights": weights_hash(model_dir)}
+        self.delivered = model_dir is None  # its weights come from its coordinator
+        self.store: WeightStore | None = None
+        self.tensors: dict[str, TensorEntry] = {}  # what the last MODEL said it would send
+        self.cfg = None if self.delivered else ModelConfig.load(model_dir)
+        self.identity = {"source": "delivered"} if self.delivered else {"config": config_hash(model_dir),
+                                                                        "weights": weights_hash(model_dir)}
         self.stage: BaseStage | None = None
-        self.layer_bytes = self._layer_bytes()
-        self.ms_per_layer, self.head_ms = self._calibrate(probe) if probe else (0.0, 0.0)
+        self.layer_bytes = 0 if self.delivered else self._layer_bytes()
+        self.ms_per_layer, self.head_ms = self._calibrate(probe) if probe and not self.delivered else (0.0, 0.0)
         if layers:
             self._load(*layers)
         self.ctx = zmq.Context.instance()
@@ -158,11 +167,11 @@ class StageDaemon:
         """
         last = self.cfg.num_hidden_layers - 1
         first = calibration_layer(self.cfg)
-        layer_ms = self._time_stage(probe(first, first))
+        layer_ms = self._time_stage(probe(self.model_dir, first, first))
         if last == first:
             return layer_ms, 0.0
         last_ms = layer_ms * relative_costs(self.cfg, self.dtype)[last].read
-        return layer_ms, max(0.0, self._time_stage(probe(last, last)) - last_ms)
+        return layer_ms, max(0.0, self._time_stage(probe(self.model_dir, last, last)) - last_ms)
 
     def _time_stage(self, stage: BaseStage) -> float:
         toks = np.arange(16, dtype=np.int32)
@@ -181,6 +190,8 @@ class StageDaemon:
         return float(np.median(times) * 1000)
 
     def _load(self, first: int, last: int) -> None:
+        if self.cfg is None:
+            raise UserError("it has no model yet: its coordinator sends the weights first (MODEL)")
         check_range(first, last, self.cfg.num_hidden_layers)
         if self.stage is not None:
             if (self.stage.info.first, self.stage.info.last) == (first, last):
@@ -190,14 +201,16 @@ class StageDaemon:
                                 "with live sequences; cannot reassign")
             self.stage.close()
             self.stage = None
-        self.stage = self._load_stage(first, last)
-        self.device = self.stage.info.device
+        if self.store is not None:
+            self.store.index()  # what was delivered, as a checkpoint
+        self.stage = self._load_stage(self.model_dir, first, last)
+        self.device, self.dtype = self.stage.info.device, self.stage.info.dtype
 
     def report(self, forward_ms: float | None = None) -> StageReport:
         st = self.stage
         return StageReport(
             address=self.address, heartbeat=self.heartbeat_address, backend=self.backend, device=self.device,
-            dtype=self.dtype, num_layers=self.cfg.num_hidden_layers,
+            dtype=self.dtype, num_layers=self.cfg.num_hidden_layers if self.cfg else 0,
             layers=(st.info.first, st.info.last) if st else None, kv_tokens=st.info.kv_tokens if st else 0,
             kv_tokens_used=st.kv_tokens_used() if st else 0, kv_tokens_cached=st.kv_tokens_cached() if st else 0,
             live_sequences=st.live_sequences() if st else [],
@@ -272,6 +285,9 @@ class StageDaemon:
 
     def handle_hello(self, sender, header, arrays) -> None:
         theirs = header.get("identity") or {}
+        if self.delivered:  # any model: its coordinator sends what it lacks
+            self._send(sender, self._info(header))
+            return
         if theirs.get("config") != self.identity["config"]:
             raise UserError(f"it serves a different model (config {self.identity['config']}, "
                             f"coordinator has {theirs.get('config')})")
@@ -306,6 +322,47 @@ class StageDaemon:
 
     def _allowed(self, address: str) -> bool:
         return address == self.next_hop or address in self.peers
+
+    def handle_model(self, sender, header, arrays) -> None:
+        """The model a coordinator will send this daemon's layers of: its identity, config.json and
+        the tensors' manifest; replies how many bytes of each it holds already."""
+        if not self.delivered:
+            raise UserError(f"it loads its own weights from {self.model_dir} (started with --model)")
+        identity, config, tensors = header.get("identity"), header.get("config"), header.get("tensors")
+        if not (isinstance(identity, dict) and isinstance(config, str) and len(config) < (1 << 20)
+                and isinstance(tensors, list) and len(tensors) < 100_000):
+            raise WireError("model needs identity, config and tensors")
+        entries = [TensorEntry.from_wire(t) for t in tensors]
+        theirs = {"config": identity.get("config"), "weights": identity.get("weights"), "source": "delivered"}
+        if theirs != self.identity:
+            if self.stage is not None and self.stage.live_sequences():
+                raise UserError("it serves another model with live sequences; cannot switch")
+            if self.stage is not None:
+                self.stage.close()
+                self.stage = None
+            if self.store is not None:
+                self.store.close()
+            self.store = WeightStore(theirs)
+            self.store.set_config(config)
+            self.model_dir, self.cfg, self.identity = str(self.store.dir), ModelConfig.load(self.store.dir), theirs
+        self.tensors = {t.name: t for t in entries}
+        self._send(sender, pack(P.OK, req=header.get("req"), have=[self.store.have(t) for t in entries]))
+
+    def handle_chunk(self, sender, header, arrays) -> None:
+        """Bytes of one tensor at an offset, kept once they match their hash: `held` says what it
+        holds after (`error` why a chunk was not kept)."""
+        t = self.tensors.get(header.get("name"))
+        offset = header.get("offset")
+        if t is None or not isinstance(offset, int) or len(arrays) != 1 or arrays[0][0] != "uint8" \
+                or arrays[0][1].ndim != 1:
+            raise WireError("chunk needs the name of a tensor MODEL listed, an offset and one uint8 frame")
+        fields = {"req": header.get("req"), "name": t.name}
+        try:
+            held = self.store.write(t, offset, arrays[0][1])
+        except ValueError as e:
+            self._send(sender, pack(P.OK, **fields, held=self.store.have(t), error=str(e)))
+            return
+        self._send(sender, pack(P.OK, **fields, held=held))
 
     def handle_release(self, sender, header, arrays) -> None:
         ids = header.get("seq_ids")

@@ -1,13 +1,14 @@
 """Protocol constants: every message kind, limit and version lives here, once."""
 
-VERSION = 5  # 5: LOAD names the next hop (the only address a daemon connects to, with --peers); 4: sampling
-# parameters sent once per sequence (SAME_SAMPLING after); sampled tokens carry an error
+VERSION = 6  # a daemon and a coordinator of other versions refuse each other's messages
 
 # message kinds, client -> stage
 HELLO = "hello"  # identity check; reply: INFO
 LOAD = "load"  # assign a layer range and the next hop; reply: INFO
 FORWARD = "forward"  # run a batch; reply (or pass on along `route`): RESULT
 RELEASE = "release"  # free sequences; reply: OK
+MODEL = "model"  # a daemon without --model: the model's identity, config and a stage's tensors; reply: OK `have`
+CHUNK = "chunk"  # bytes of one of those tensors at an offset (one uint8 frame); reply: OK `held` (and `error`)
 PING = "ping"  # reply: INFO
 HEALTH = "health"  # a real one-token forward; reply: INFO with forward_ms
 # stage -> client
@@ -16,8 +17,9 @@ RESULT = "result"
 OK = "ok"
 ERROR = "error"
 
-KINDS = {HELLO, LOAD, FORWARD, RELEASE, PING, HEALTH, INFO, RESULT, OK, ERROR}
-ARRAY_DTYPES = {"int32", "float32", "float16", "bfloat16"}  # bfloat16 travels as uint16 words
+KINDS = {HELLO, LOAD, FORWARD, RELEASE, MODEL, CHUNK, PING, HEALTH, INFO, RESULT, OK, ERROR}
+# bfloat16 travels as uint16 words; uint8 frames are weight bytes (CHUNK)
+ARRAY_DTYPES = {"int32", "float32", "float16", "bfloat16", "uint8"}
 
 MAX_HEADER_BYTES = 1 << 20
 HEADER_MARGIN = 1 << 14  # a coordinator's batch header stays this far under the limit: each stage adds its timing
@@ -35,3 +37,5 @@ DRAIN_TIMEOUT_S = 30.0  # after SIGTERM, how long live sequences may keep a daem
 REPLY_TIMEOUT_S = 120.0  # a forward of a long prefill on a slow stage stays well under this
 HELLO_TIMEOUT_S = 30.0
 LOAD_TIMEOUT_S = 600.0  # a cold torch.compile of many layers on a small CPU
+DELIVERY_WINDOW = 8  # weight chunks in flight to one daemon
+DELIVERY_TRIES = 3  # times a tensor whose bytes failed their hash is sent again

@@ -19,6 +19,7 @@ from engine.core.stage import StageBatch
 
 from . import protocol as P
 from .client import RemoteStage, StageError, health_reports, raise_if_error
+from .delivery import deliver
 from .heartbeat import Heartbeat
 from .wire import SamplingMemo, pack, pack_batch, unpack_result
 
@@ -27,12 +28,14 @@ STATUS_TIMEOUT_S = 2.0  # a stage whose heartbeat socket does not answer a statu
 
 
 class RemotePipeline:
-    def __init__(self, stages: list[RemoteStage], identity: dict, standby: Sequence[str] = ()):
+    def __init__(self, stages: list[RemoteStage], identity: dict, standby: Sequence[str] = (),
+                 model_dir: str | None = None):
         check_coverage([(s.info.first, s.info.last) for s in stages], stages[0].info.num_layers)
         self.stages = stages
         self.client = stages[0].client
         self.identity = identity
         self.standby = list(standby)  # addresses of spare daemons that may take a lost stage's place
+        self.model_dir = model_dir  # the weights a daemon started without a model is sent (None: none here)
         self._flying: dict[int, tuple[int, float]] = {}  # req -> (tag, sent)
         self.memo = SamplingMemo()  # what each live sequence's sampling parameters were sent as
         self.heartbeat = Heartbeat(self.client.ctx, self.client.auth)
@@ -153,6 +156,8 @@ class RemotePipeline:
                 break
             try:
                 new = RemoteStage(self.client, address, self.identity, timeout_s=min(left, 1.0))
+                if new.report.identity.get("source") == "delivered" and self.model_dir and self.identity["weights"]:
+                    deliver(self.client, address, self.model_dir, old.info.first, old.info.last, self.identity)
                 new.load(old.info.first, old.info.last, self._next_hop(index),
                          timeout_s=max(deadline - time.monotonic(), 0.01))
                 if index > 0 and address != old.address:  # the stage before passes its rows here now

@@ -28,7 +28,7 @@ from engine.core.tensors import STORAGE, TypedArray
 
 from . import protocol as P
 
-_NP = {**STORAGE, "int32": np.int32}
+_NP = {**STORAGE, "int32": np.int32, "uint8": np.uint8}
 _ITEMSIZE = {k: np.dtype(v).itemsize for k, v in _NP.items()}
 _SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                     "frequency_penalty", "logit_bias", "seed", "logprobs", "output_from")
@@ -250,7 +250,7 @@ def unpack_batch(header: dict, arrays, memo: SamplingMemo | None = None) -> Stag
     hidden = None
     if len(arrays) == 2:
         dtype, data = arrays[1]
-        if dtype == "int32" or data.ndim != 2 or data.shape[0] != at:
+        if dtype in ("int32", "uint8") or data.ndim != 2 or data.shape[0] != at:
             raise WireError("hidden frame must be (tokens, hidden_size) floats")
         hidden = TypedArray(data, dtype)
     if memo is not None:  # only a batch read whole changes what the stage keeps

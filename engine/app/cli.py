@@ -13,7 +13,7 @@ from ..core.partition import parse_layer_range
 from ..core.tensors import AUTO, DTYPES, check_dtype
 
 EXIT_USAGE = 2
-BENCH_SUITES = ("serving", "prefix", "backends", "pipeline", "hostile")
+BENCH_SUITES = ("serving", "prefix", "backends", "pipeline", "delivery", "hostile")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -100,7 +100,8 @@ def _add_serve(sub) -> None:
 def _add_stage(sub) -> None:
     st = sub.add_parser("stage", help="serve a stage daemon over ZeroMQ")
     st.add_argument("--backend", required=True, help="mlx or torch")
-    st.add_argument("--model", default=None, help="this machine's copy of the model directory")
+    st.add_argument("--model", default=None, help="this machine's copy of the model (a directory, a .gguf file or a "
+                    "Hub id); without it, the coordinator sends its layers' weights")
     st.add_argument("--listen", default="tcp://127.0.0.1:5555", help="address to bind (port 0: any free port)")
     st.add_argument("--device", default=None)
     st.add_argument("--dtype", default=AUTO, help=f"auto (the default: the checkpoint's own dtype where the device "
@@ -129,7 +130,8 @@ def _add_bench(sub) -> None:
                        "cache. hetpipe bench backends: prefill/decode speed of each backend and "
                        "dtype on one layer range. hetpipe bench pipeline: one split in-process vs over ZeroMQ, "
                        "torch+torch vs mlx+torch. The last two write JSON, Markdown and PNG under --out. hetpipe bench "
-                       "hostile --url URL: malformed, extreme and slow requests against a running server.")
+                       "delivery: weights sent to a daemon without --model against a raw ZeroMQ transfer. hetpipe "
+                       "bench hostile --url URL: malformed, extreme and slow requests against a running server.")
     suites = b.add_subparsers(dest="suite", required=True, parser_class=_Parser)
     s = suites.add_parser("serving", help="throughput and latency with concurrent clients (the default)")
     _add_pipeline(s, required=False)
@@ -164,6 +166,12 @@ def _add_bench(sub) -> None:
     pl.add_argument("--max-tokens", type=int, default=64, help="tokens decoded per run")
     pl.add_argument("--out", default="bench-results", help="where pipeline.json, .md and .png go")
     pl.add_argument("--json", action="store_true", help="print the result as JSON")
+    dl = suites.add_parser("delivery", help="weights over the LAN to a daemon without --model, against raw ZeroMQ")
+    dl.add_argument("--model", default=None, help="model directory (default: the fetched smollm2)")
+    dl.add_argument("--layers", default=None, metavar="FIRST-LAST", help="layer range delivered (default: all)")
+    dl.add_argument("--backend", default="torch", choices=("torch", "mlx"), help="the receiving daemon's backend")
+    dl.add_argument("--rounds", type=int, default=3, help="rounds, each a fresh daemon and a raw transfer")
+    dl.add_argument("--json", action="store_true", help="print one JSON line")
     ho = suites.add_parser("hostile", help="malformed, extreme and slow requests against a running server")
     ho.add_argument("--url", required=True, help="the running `hetpipe serve`")
     ho.add_argument("--api-key", default=None, help="the server's API key")
@@ -403,14 +411,18 @@ def cmd_stage(args) -> int:
     check_dtype(args.dtype, allow_auto=True)
     _at_least_1(args, "kv_tokens", "max_seqs", "max_call_tokens", "threads")
     layers = parse_layer_range(args.layers) if args.layers else None
-    model_dir = _model_dir(args.model)
-    dtype = resolve_dtype(args.backend, model_dir, args.dtype, args.device)  # said in the ready line and reports
+    # without --model, the weights come from the coordinator (over the link it connects on)
+    model_dir = _model_dir(args.model) if args.model else None
+    if model_dir is None and layers:
+        raise UserError("--layers needs --model: a daemon without one is given its layers, and their weights, "
+                        "by its coordinator")
+    dtype = resolve_dtype(args.backend, model_dir, args.dtype, args.device) if model_dir else args.dtype
     common = dict(device=args.device, dtype=dtype, threads=args.threads)
-    load = functools.partial(load_stage, args.backend, model_dir, **common, kv_tokens=args.kv_tokens,
+    load = functools.partial(load_stage, args.backend, **common, kv_tokens=args.kv_tokens,
                              compile=args.compile, max_seqs=args.max_seqs, max_call_tokens=args.max_call_tokens)
     # calibration times eager layers even with --compile: a conservative plan, and no compile at start-up;
     # a Hub snapshot without the timed layers' files is not made to fetch them (the planner assumes the mean)
-    probe = functools.partial(load_stage, args.backend, model_dir, **common) if _can_calibrate(model_dir) else None
+    probe = functools.partial(load_stage, args.backend, **common) if model_dir and _can_calibrate(model_dir) else None
     peers = tuple(check_address(a) for a in filter(None, (x.strip() for x in (args.peers or "").split(","))))
     daemon = StageDaemon(args.backend, dtype, model_dir, args.listen, load, probe=probe, layers=layers,
                          max_seqs=args.max_seqs, auth_dir=args.auth, insecure=args.insecure, peers=peers)
@@ -466,6 +478,14 @@ def cmd_bench(args) -> int:
         print(json.dumps({**{k: r[k] for k in KEYS}, **{k: v for k, v in r.items() if k not in KEYS}})
               if args.json else format_serving(r))
         return 0
+    if args.suite == "delivery":
+        from .bench.delivery import format_delivery, run_delivery
+
+        _at_least_1(args, "rounds")
+        layers = parse_layer_range(args.layers) if args.layers else None
+        r = run_delivery(model_dir, layers, args.rounds, args.backend, log=(lambda m: print(m, file=sys.stderr)))
+        print(json.dumps(r) if args.json else format_delivery(r))
+        return 0
     if args.suite == "prefix":
         from .bench.prefix import format_prefix, run_prefix
 
@@ -515,7 +535,10 @@ def cmd_plan(args) -> int:
     from .memory_plan import Device, format_plan, plan_memory
 
     _at_least_1(args, "context", "concurrency")
-    cfg = ModelConfig.load(_model_dir(args.model))
+    from ..core.weights import checkpoint_dtype
+
+    model_dir = _model_dir(args.model)
+    cfg = ModelConfig.load(model_dir)
     measured, kv_dtype = None, "bfloat16"
     if args.devices:
         devices = [Device.parse(x) for x in args.devices.split(",") if x.strip()]
@@ -532,7 +555,8 @@ def cmd_plan(args) -> int:
                 raise UserError(str(r))
         devices = [Device(r.address, r.backend, r.device, r.free_memory, None) for r in reports]
         measured = [r.ms_per_layer for r in reports] if all(r.ms_per_layer for r in reports) else None
-        kv_dtype = reports[0].dtype
+        # a daemon without a model says `auto` until its layers load: the checkpoint's dtype stands in
+        kv_dtype = next((r.dtype for r in reports if r.dtype in DTYPES), None) or checkpoint_dtype(model_dir)
     p = plan_memory(cfg, devices, bits=args.bits, context=args.context, concurrency=args.concurrency,
                     measured_ms=measured, kv_dtype=kv_dtype)
     print(json.dumps(p.to_json()) if args.json else format_plan(p))

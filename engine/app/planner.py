@@ -29,9 +29,11 @@ class StageCapacity:
     dtype: str = ""  # what it computes in (its --dtype, resolved), shown in the plan line
 
     @classmethod
-    def of(cls, r: StageReport, memory_fraction: float = MEMORY_FRACTION) -> StageCapacity:
-        """A daemon's capacity from what it measured at start-up: layers that fit in a fraction of its free memory."""
-        return cls(r.address, r.ms_per_layer, int(memory_fraction * r.free_memory // max(r.layer_bytes, 1)), r.head_ms,
+    def of(cls, r: StageReport, memory_fraction: float = MEMORY_FRACTION, layer_bytes: int = 1) -> StageCapacity:
+        """A daemon's capacity from what it measured at start-up: layers that fit in a fraction of its
+        free memory (`layer_bytes`: what a layer holds, where the daemon weighed none)."""
+        weight = r.layer_bytes or layer_bytes
+        return cls(r.address, r.ms_per_layer, int(memory_fraction * r.free_memory // max(weight, 1)), r.head_ms,
                    r.dtype)
 
 

@@ -15,10 +15,17 @@ READY_TIMEOUT_S = 180
 
 def start_stage(backend: str, model_dir, dtype: str = "auto", listen: str = "tcp://127.0.0.1:0",
                 extra: list[str] = (), env: dict | None = None) -> tuple[subprocess.Popen, str]:
-    """Start `hetpipe stage` as its own process; return it and the address from its ready line."""
-    cmd = [sys.executable, "-m", "engine.app.cli", "stage", "--backend", backend, "--model", str(model_dir),
+    """Start `hetpipe stage` as its own process; return it and the address from its ready line.
+    `model_dir` None: a daemon without a model (its coordinator sends the weights)."""
+    model = [] if model_dir is None else ["--model", str(model_dir)]
+    cmd = [sys.executable, "-m", "engine.app.cli", "stage", "--backend", backend, *model,
            "--listen", listen, "--dtype", dtype, *extra]
     return _start(cmd, "ready ", f"{backend} stage", env)
+
+
+def start_sink() -> tuple[subprocess.Popen, str]:
+    """Start `transport.sink` (drops what it gets: `bench delivery`'s raw baseline); return it and its address."""
+    return _start([sys.executable, "-m", "transport.sink"], "ready ", "sink", None)
 
 
 def start_server(args: list[str], env: dict | None = None) -> tuple[subprocess.Popen, str]:
