@@ -69,7 +69,8 @@ def write_tiny(out: Path, seed: int = 0) -> Path:
                        p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
                        p + "mlp.down_proj.weight": (h, i)})
     tensors = {name: (1.0 + 0.1 * rng.standard_normal(shape) if name.endswith("norm.weight")
-                      else 0.3 * rng.standard_normal(shape)).astype(np.float32) for name, shape in sorted(shapes.items())}
+                      else 0.3 * rng.standard_normal(shape)).astype(np.float32)
+               for name, shape in sorted(shapes.items())}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps({**TINY, "architectures": ["LlamaForCausalLM"]}))
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
@@ -78,33 +79,6 @@ def write_tiny(out: Path, seed: int = 0) -> Path:
     tok.decoder = decoders.ByteLevel()
     tok.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps({"eos_token": alphabet[2]}))
-    return out
-
-
-def transformers_reference(model_dir: Path, prompts: list[list[int]], dtype: str = "float32") -> list[dict]:
-    """Greedy tokens and their log-probabilities from transformers with its own KV cache."""
-    import warnings
-
-    import torch
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=FutureWarning, module="torch")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
-    out = []
-    with torch.no_grad():
-        for ids in prompts:
-            toks, lps = [], []
-            step = model(torch.tensor([ids]), use_cache=True)
-            for _ in range(TOKENS):
-                logits = step.logits[0, -1].double()
-                t = int(torch.argmax(logits))
-                toks.append(t)
-                lps.append(float(torch.log_softmax(logits, -1)[t]))
-                step = model(torch.tensor([[t]]), past_key_values=step.past_key_values, use_cache=True)
-            out.append({"tokens": toks, "logprobs": lps})
     return out
 
 
@@ -118,7 +92,9 @@ def reference(name: str, model_dir: Path, dtype: str) -> tuple[list[dict], str]:
         if name not in stored:
             raise UserError(f"no stored reference for {name} and transformers is not installed") from None
         return stored[name], "the stored reference"
-    return transformers_reference(model_dir, PROMPTS[name], "float32"), "transformers"
+    from backends.torch_stage.reference import transformers_reference
+
+    return transformers_reference(model_dir, PROMPTS[name], TOKENS, "float32"), "transformers"
 
 
 # -- running a stage ----------------------------------------------------------------------------------
@@ -243,8 +219,8 @@ def decode_speed(backend: str, device: str, model_dir: Path) -> str:
             _run(stage, [(1, len(prompt) + i, [7])])
         tps = 32 / (time.perf_counter() - t)
         bw = stage.read_bandwidth()
-        floor = "" if not bw else (f", {tps / (bw / decode_weight_bytes(cfg, 0, cfg.num_hidden_layers - 1, stage.info.dtype)):.0%}"
-                                   f" of the {bw / 1e9:.1f} GB/s read-bandwidth floor")
+        floor_tps = bw / decode_weight_bytes(cfg, 0, cfg.num_hidden_layers - 1, stage.info.dtype) if bw else 0
+        floor = f", {tps / floor_tps:.0%} of the {bw / 1e9:.1f} GB/s read-bandwidth floor" if bw else ""
         return f"     {backend} {device} {stage.info.dtype} {Path(model_dir).name}: {tps:.1f} tokens/s decode{floor}"
     finally:
         stage.close()
@@ -291,11 +267,13 @@ def run_selftest(backends: list[str] | None = None, device: str | None = None, l
 
 def write_reference(path: Path) -> None:
     """Regenerate the stored reference with transformers (run by hand: `python -m engine.app.selftest`)."""
+    from backends.torch_stage.reference import transformers_reference
+
     from .fetch import default_model_dir
 
     with tempfile.TemporaryDirectory() as tmp:
-        data = {"tiny": transformers_reference(write_tiny(Path(tmp) / "tiny"), PROMPTS["tiny"])}
-    data["smollm2"] = transformers_reference(default_model_dir(), PROMPTS["smollm2"])
+        data = {"tiny": transformers_reference(write_tiny(Path(tmp) / "tiny"), PROMPTS["tiny"], TOKENS)}
+    data["smollm2"] = transformers_reference(default_model_dir(), PROMPTS["smollm2"], TOKENS)
     path.write_text(json.dumps(data, indent=1) + "\n")
 
 
