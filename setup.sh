@@ -14,6 +14,7 @@ if [ "$(uname -s)" = Linux ]; then
     ldconfig -p 2>/dev/null | grep -q libopenblas || missing+=(libopenblas0-pthread)
     ldconfig -p 2>/dev/null | grep -q libtcmalloc || missing+=(libtcmalloc-minimal4)
     command -v c++ >/dev/null || missing+=(g++)
+    command -v curl >/dev/null || missing+=(curl)  # the README's quickstart, run by a test
     command -v chromium >/dev/null || missing+=(chromium)
     command -v chromedriver >/dev/null || missing+=(chromium-driver)
     if [ ${#missing[@]} -gt 0 ]; then

@@ -108,7 +108,7 @@ def create_app(gen: Generator, *, model_name: str, api_key: str | None = None,
             req = (ChatRequest if kind == "chat" else CompletionRequest).model_validate(body)
         except ValidationError as e:
             raise ParamError(*validation_message(e)) from None
-        if req.model != model_name:
+        if req.model is not None and req.model != model_name:
             raise ModelNotFound(f"the model {req.model!r} does not exist; this server serves {model_name!r}",
                                 "model", "model_not_found")
         return (C.plan_chat if kind == "chat" else C.plan_completion)(req, gen, model_name)

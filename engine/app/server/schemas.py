@@ -67,7 +67,7 @@ TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
 class _Sampling(_Strict):
     """What both endpoints share."""
 
-    model: str = Field(max_length=MAX_NAME)
+    model: str | None = Field(default=None, max_length=MAX_NAME)  # left out: the served model (as llama.cpp, vLLM)
     max_tokens: TokenCount | None = None
     n: int = Field(default=1, ge=1, le=MAX_N)
     stop: Stop = None
