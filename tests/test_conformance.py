@@ -85,10 +85,10 @@ def test_split_pipeline_matches_reference(tiny_dirs, refs, spec):
     d = tiny_dirs["llama-tied"]
     stages = [load_stage(spec[0], d, 0, 1), load_stage(spec[1], d, 2, 3)]
     ref = hf_logprobs(refs["llama-tied"], IDS_A)
-    (tok,), _ = run_stages(stages, StageBatch([SeqChunk(0, 0, np.array(IDS_A[:5], np.int32), P5)]))
+    (tok,) = run_stages(stages, StageBatch([SeqChunk(0, 0, np.array(IDS_A[:5], np.int32), P5)]))[0].tokens
     check_token(tok, ref[4])
     for pos in range(5, len(IDS_A)):
-        (tok,), _ = run_stages(stages, StageBatch([SeqChunk(0, pos, np.array([IDS_A[pos]], np.int32), P5)]))
+        (tok,) = run_stages(stages, StageBatch([SeqChunk(0, pos, np.array([IDS_A[pos]], np.int32), P5)]))[0].tokens
         check_token(tok, ref[pos])
     for s in stages:
         s.release([0])
@@ -103,14 +103,14 @@ def test_each_family_split_across_both_backends_matches_reference(tiny_dirs, ref
     """MLX layers 0-1, torch layers 2-3: a prefill, decode steps past the windows, and a ragged batch."""
     stages = [load_stage("mlx", tiny_dirs[model], 0, 1), load_stage("torch", tiny_dirs[model], 2, 3)]
     ref_a, ref_b = hf_logprobs(refs[model], IDS_A), hf_logprobs(refs[model], IDS_B)
-    (tok,), _ = run_stages(stages, StageBatch([SeqChunk(0, 0, np.array(IDS_A[:3], np.int32), P5)]))
+    (tok,) = run_stages(stages, StageBatch([SeqChunk(0, 0, np.array(IDS_A[:3], np.int32), P5)]))[0].tokens
     check_token(tok, ref_a[2])
     for pos in range(3, len(IDS_A) - 1):
-        (tok,), _ = run_stages(stages, StageBatch([SeqChunk(0, pos, np.array([IDS_A[pos]], np.int32), P5)]))
+        (tok,) = run_stages(stages, StageBatch([SeqChunk(0, pos, np.array([IDS_A[pos]], np.int32), P5)]))[0].tokens
         check_token(tok, ref_a[pos])
     # the last step of one sequence beside the whole prompt of another
-    out, _ = run_stages(stages, StageBatch([SeqChunk(0, len(IDS_A) - 1, np.array(IDS_A[-1:], np.int32), P5),
-                                            SeqChunk(1, 0, np.array(IDS_B, np.int32), P5)]))
+    out = run_stages(stages, StageBatch([SeqChunk(0, len(IDS_A) - 1, np.array(IDS_A[-1:], np.int32), P5),
+                                         SeqChunk(1, 0, np.array(IDS_B, np.int32), P5)]))[0].tokens
     check_token(out[0], ref_a[-1])
     check_token(out[1], ref_b[-1])
 

@@ -95,7 +95,7 @@ def _check_stage_against(ref_dir, qdir, backend, spec=None):
     # a prefill of 6, then decode steps, each token and its log-probability against the reference
     chunks = [(0, IDS[:6])] + [(i, [IDS[i]]) for i in range(6, n)]
     for off, ids in chunks:
-        (tok,), _ = run_stages(stages, StageBatch([SeqChunk(0, off, np.array(ids, np.int32), P5)]))
+        (tok,) = run_stages(stages, StageBatch([SeqChunk(0, off, np.array(ids, np.int32), P5)]))[0].tokens
         row = lp[off + len(ids) - 1]
         assert tok.token_id == int(np.argmax(row))
         assert abs(tok.logprob - row[tok.token_id]) < TOL

@@ -99,8 +99,24 @@ def test_a_bad_report_field_is_refused(field, value):
 
 def test_every_kind_is_covered_here():
     """A kind added to the protocol without a round trip above fails this test."""
-    covered = {P.FORWARD, P.RESULT, P.INFO, P.HELLO, P.LOAD, P.RELEASE, P.PING, P.HEALTH, P.OK, P.ERROR}
+    covered = {P.FORWARD, P.RESULT, P.INFO, P.HELLO, P.LOAD, P.RELEASE, P.PING, P.HEALTH, P.OK, P.ERROR, P.MODEL,
+               P.CHUNK}
     assert covered == P.KINDS
+
+
+def test_weight_delivery_messages_round_trip(pair):
+    """MODEL's manifest (chunk hashes as bytes) and a CHUNK's uint8 frame come back as sent."""
+    from engine.core.weight_store import TensorEntry
+
+    entry = TensorEntry("model.layers.0.mlp.up_proj.weight", "BF16", [8, 4], 64, [bytes(range(32))])
+    header, arrays = through(pair, pack(P.MODEL, req=3, identity={"config": "ab", "weights": "cd"}, config="{}",
+                                        tensors=[entry.to_wire()]))
+    assert arrays == [] and TensorEntry.from_wire(header["tensors"][0]) == entry
+    data = np.arange(64, dtype=np.uint8)
+    header, arrays = through(pair, pack(P.CHUNK, [("uint8", data)], req=4, name=entry.name, offset=0))
+    assert header["kind"] == P.CHUNK and arrays[0][0] == "uint8" and np.array_equal(arrays[0][1], data)
+    with pytest.raises(ValueError):
+        TensorEntry.from_wire([entry.name, "BF16", [8, 4], 64, [b"short"]])  # a hash is 32 bytes
 
 
 def test_masks_and_openai_sampling_round_trip(pair):
@@ -108,7 +124,7 @@ def test_masks_and_openai_sampling_round_trip(pair):
     OpenAI penalties and logit bias come back as sent; a mask nobody names, or on a sequence that
     samples nothing, is refused."""
     p = SamplingParams(temperature=0.5, presence_penalty=0.5, frequency_penalty=-1.0, logit_bias=((3, 2.5), (9, -100.0)),
-                       output_from=4)
+                       output_from=4, min_tokens=3, stop_ids=(2, 0))
     mask = np.arange(6, dtype=np.int32) * 7919
     sent = StageBatch([SeqChunk(1, 0, np.array([1, 2], np.int32), p, mask),
                        SeqChunk(2, 0, np.array([4], np.int32), SamplingParams()),

@@ -78,7 +78,7 @@ class RemotePipeline:
             for address, ms in header.get("timings", []):
                 by_stage[address] = by_stage.get(address, 0.0) + ms
             timing = BatchTiming([by_stage.get(s.address, 0.0) for s in self.stages], (time.monotonic() - sent) * 1000)
-            out.append(BatchOutcome(tag, result.tokens, timing))
+            out.append(BatchOutcome(tag, result.tokens, timing, prompt_logprobs=result.prompt_logprobs))
         now = time.monotonic()
         for req, (tag, sent) in list(self._flying.items()):
             if now - sent > self.client.timeout_s:

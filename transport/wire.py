@@ -21,9 +21,9 @@ import msgpack
 import numpy as np
 
 from engine.core.errors import BatchTooLarge
-from engine.core.sampling import MAX_LOGIT_BIAS, SamplingParams
+from engine.core.sampling import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_STOP_IDS, SamplingParams
 from engine.core.kv_blocks import BLOCK
-from engine.core.stage import SampledToken, SeqChunk, StageBatch, StageReport, StageResult
+from engine.core.stage import PromptLogprobs, SampledToken, SeqChunk, StageBatch, StageReport, StageResult
 from engine.core.tensors import STORAGE, TypedArray
 
 from . import protocol as P
@@ -31,7 +31,7 @@ from . import protocol as P
 _NP = {**STORAGE, "int32": np.int32, "uint8": np.uint8}
 _ITEMSIZE = {k: np.dtype(v).itemsize for k, v in _NP.items()}
 _SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
-                    "frequency_penalty", "logit_bias", "seed", "logprobs", "output_from")
+                    "frequency_penalty", "logit_bias", "seed", "logprobs", "output_from", "min_tokens", "stop_ids")
 
 
 class WireError(ValueError):
@@ -147,7 +147,8 @@ def pack_batch(batch: StageBatch, memo: SamplingMemo | None = None, **fields) ->
     masks = [s.allowed for s in batch.seqs if s.allowed is not None]
     rows = iter(range(len(masks)))
     seqs = [[s.seq_id, s.offset, len(s.token_ids), _sampling_entry(s, memo),
-             None if s.allowed is None else next(rows), list(s.prefix), list(s.names)] for s in batch.seqs]
+             None if s.allowed is None else next(rows), list(s.prefix), list(s.names), s.prompt_logprobs]
+            for s in batch.seqs]
     ids = [s.token_ids for s in batch.seqs]
     tokens = np.asarray(ids[0] if len(ids) == 1 else np.concatenate(ids), np.int32)
     arrays = [("int32", tokens)]
@@ -186,7 +187,7 @@ def _header_estimate(batch: StageBatch, memo: SamplingMemo | None) -> int:
     for s in batch.seqs:
         n += 48 + 9 * (len(s.prefix) + len(s.names))
         if s.sampling is not None and not _sent_before(s, memo):
-            n += 200 + 15 * len(s.sampling.logit_bias)
+            n += 200 + 15 * len(s.sampling.logit_bias) + 10 * len(s.sampling.stop_ids)
     return n
 
 
@@ -222,10 +223,11 @@ def unpack_batch(header: dict, arrays, memo: SamplingMemo | None = None) -> Stag
     tokens = arrays[0][1]
     out, at, used, params, fresh = [], 0, set(), {}, []
     for s in seqs:
-        if not (isinstance(s, list) and len(s) == 7 and all(_is_int(x) for x in s[:3])
+        if not (isinstance(s, list) and len(s) == 8 and all(_is_int(x) for x in s[:3])
                 and 0 <= s[0] <= P.MAX_SEQ_ID and 0 <= s[1] < 2**31 and 0 < s[2] <= len(tokens) - at
                 and (s[4] is None or (_is_int(s[4]) and 0 <= s[4] < n_masks and s[4] not in used))
-                and _hashes(s[5]) and _hashes(s[6])):
+                and _hashes(s[5]) and _hashes(s[6])
+                and (s[7] is None or (_is_int(s[7]) and 0 <= s[7] <= MAX_LOGPROBS))):
             raise WireError(f"bad seq entry {str(s)[:80]}")
         sampling = None
         if s[3] == SAME_SAMPLING and not isinstance(s[3], bool):
@@ -241,7 +243,7 @@ def unpack_batch(header: dict, arrays, memo: SamplingMemo | None = None) -> Stag
             used.add(s[4])
             if sampling is None:
                 raise WireError("a mask on a sequence that samples nothing")
-        out.append(SeqChunk(s[0], s[1], tokens[at : at + s[2]], sampling, allowed, s[5], s[6]))
+        out.append(SeqChunk(s[0], s[1], tokens[at : at + s[2]], sampling, allowed, s[5], s[6], s[7]))
         at += s[2]
     if at != len(tokens):
         raise WireError(f"seqs count {at} tokens, token frame has {len(tokens)}")
@@ -268,8 +270,10 @@ def _sampling(d) -> SamplingParams:
     if not isinstance(d, dict) or set(d) - set(_SAMPLING_FIELDS):
         raise WireError("bad sampling params")
     for k, v in d.items():
-        if k in ("top_k", "logprobs", "output_from"):
+        if k in ("top_k", "logprobs", "output_from", "min_tokens"):
             ok = _is_int(v)
+        elif k == "stop_ids":  # checked by SamplingParams
+            ok = isinstance(v, list) and len(v) <= MAX_STOP_IDS
         elif k == "logit_bias":  # its entries are checked by SamplingParams, once
             ok = isinstance(v, list) and len(v) <= MAX_LOGIT_BIAS
         elif k == "seed":
@@ -293,9 +297,23 @@ def _is_number(x) -> bool:
 
 
 def pack_result(result: StageResult, **fields) -> list:
+    """Sampled tokens in the header; hidden rows (all stages but the last) or, where a prompt was
+    scored, three frames: every scored token's log-probability, its alternatives' ids and theirs
+    (`prompt` names each sequence's rows: [seq_id, start, n, k])."""
     tokens = [[t.seq_id, t.token_id, t.logprob, [list(p) for p in t.top], t.error] for t in result.tokens]
     arrays = [] if result.hidden is None else [(result.hidden.dtype, result.hidden.data)]
+    if result.prompt_logprobs:
+        scored = result.prompt_logprobs
+        fields["prompt"] = [[p.seq_id, p.start, len(p.logprobs), p.top_ids.shape[1]] for p in scored]
+        width = max(p.top_ids.shape[1] for p in scored)
+        arrays = [("float32", np.concatenate([p.logprobs for p in scored])),
+                  ("int32", np.concatenate([_widen(p.top_ids, width, 0) for p in scored])),
+                  ("float32", np.concatenate([_widen(p.top_logprobs, width, np.nan) for p in scored]))]
     return pack(P.RESULT, arrays, tokens=tokens, **fields)
+
+
+def _widen(a: np.ndarray, width: int, fill) -> np.ndarray:
+    return a if a.shape[1] == width else np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=fill)
 
 
 def unpack_result(header: dict, arrays) -> StageResult:
@@ -307,8 +325,28 @@ def unpack_result(header: dict, arrays) -> StageResult:
                             None if err is None else str(err)[:500]) for s, t, lp, top, err in tokens]
     except (TypeError, ValueError):
         raise WireError("a result's token entry is malformed") from None
+    prompt = header.get("prompt")
+    if prompt is not None:
+        return StageResult(None, out, _unpack_scores(prompt, arrays))
     hidden = TypedArray(arrays[0][1], arrays[0][0]) if arrays else None
     return StageResult(hidden, out)
+
+
+def _unpack_scores(prompt, arrays) -> list[PromptLogprobs]:
+    if not (isinstance(prompt, list) and len(prompt) <= P.MAX_SEQS_PER_CALL and len(arrays) == 3
+            and all(isinstance(p, list) and len(p) == 4 and all(_is_int(x) and x >= 0 for x in p) for p in prompt)):
+        raise WireError("a result's prompt scores must be [seq_id, start, n, k] entries and three frames")
+    (d1, lps), (d2, ids), (d3, tops) = arrays
+    total = sum(p[2] for p in prompt)
+    width = max((p[3] for p in prompt), default=0)
+    if not (d1 == "float32" and d2 == "int32" and d3 == "float32" and lps.shape == (total,)
+            and ids.shape == (total, width) and tops.shape == (total, width)):
+        raise WireError("a result's prompt score frames do not match its entries")
+    out, at = [], 0
+    for seq_id, start, n, k in prompt:
+        out.append(PromptLogprobs(seq_id, start, lps[at : at + n], ids[at : at + n, :k], tops[at : at + n, :k]))
+        at += n
+    return out
 
 
 # -- what a stage says about itself ---------------------------------------------------------------

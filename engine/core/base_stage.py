@@ -17,8 +17,8 @@ import numpy as np
 from .config import ModelConfig
 from .kv_blocks import BLOCK, BlockManager
 from .errors import UserError
-from .sampling import SamplingParams, logsumexp, sample_token, top_logprobs
-from .stage import SampledToken, SeqChunk, StageBatch, StageInfo, StageResult
+from .sampling import SamplingParams, log_softmax, logsumexp, sample_token, top_logprobs
+from .stage import PromptLogprobs, SampledToken, SeqChunk, StageBatch, StageInfo, StageResult
 from .tensors import DTYPES, TypedArray, itemsize
 
 
@@ -30,7 +30,9 @@ class Layout:
     lengths: list[int]
     offsets: list[int]
     positions: np.ndarray  # (sum T,) int64: absolute position of every row
-    sample_rows: np.ndarray  # (B',) int64: the last row of each sequence that samples
+    # the rows the last stage turns into logits, in order: every row of a sequence whose prompt is
+    # scored (`prompt_logprobs`), else the last row of each sequence that samples
+    sample_rows: np.ndarray
 
     @classmethod
     def of(cls, seqs: Sequence[SeqChunk]) -> Layout:
@@ -38,7 +40,12 @@ class Layout:
         starts = np.cumsum([0] + lengths[:-1]).tolist()
         offsets = [s.offset for s in seqs]
         positions = np.concatenate([np.arange(o, o + n) for o, n in zip(offsets, lengths)])
-        rows = [a + n - 1 for a, n, s in zip(starts, lengths, seqs) if s.sampling is not None]
+        rows = []
+        for a, n, s in zip(starts, lengths, seqs):
+            if s.prompt_logprobs is not None:
+                rows.extend(range(a, a + n))
+            elif s.sampling is not None:
+                rows.append(a + n - 1)
         return cls(starts, lengths, offsets, positions.astype(np.int64), np.asarray(rows, dtype=np.int64))
 
 
@@ -48,6 +55,7 @@ class _SeqState:
     seen: list[int] = field(default_factory=list)  # token ids in order, for the penalties
     seen_from: int = 0  # the position of seen[0]: a cached prefix's tokens are never sent
     rng: np.random.Generator | None = None
+    scores_next: np.ndarray | None = None  # prompt scoring: the log-probabilities of the row before the next chunk
 
 
 PROBE_BYTES = 1 << 28  # a read-bandwidth probe: larger than any cache, so it reads DRAM (or HBM)
@@ -132,7 +140,9 @@ class BaseStage:
                 st.seen.extend(s.token_ids.tolist())
         if not self.info.is_last:
             return StageResult(hidden=out)
-        return StageResult(tokens=self._sample(batch.seqs, out))
+        if all(s.prompt_logprobs is None for s in batch.seqs):
+            return StageResult(tokens=self._sample(batch.seqs, out))
+        return self._score_and_sample(batch.seqs, out)
 
     def release(self, seq_ids: Sequence[int]) -> None:
         for sid in seq_ids:
@@ -202,8 +212,46 @@ class BaseStage:
                 out.append(SampledToken(s.seq_id, -1, 0.0, [], error=f"{type(e).__name__}: {e}"[:500]))
         return out
 
+    def _score_and_sample(self, seqs: list[SeqChunk], logits: np.ndarray) -> StageResult:
+        """The logits hold every row of a scored sequence: each scores the token after it (the
+        chunk's first token is scored by the row kept from the chunk before); the last of them
+        samples as usual."""
+        sample_rows, scored, at = [], [], 0
+        for s in seqs:
+            if s.prompt_logprobs is None:
+                if s.sampling is not None:
+                    sample_rows.append(at)
+                    at += 1
+                continue
+            n = len(s.token_ids)
+            scored.append(self._score(s, logits[at : at + n]))
+            if s.sampling is not None:
+                sample_rows.append(at + n - 1)
+            at += n
+        return StageResult(tokens=self._sample(seqs, logits[sample_rows]), prompt_logprobs=scored)
+
+    def _score(self, s: SeqChunk, rows: np.ndarray) -> PromptLogprobs:
+        st, k, n = self._seqs[s.seq_id], s.prompt_logprobs, len(s.token_ids)
+        logprobs = np.full(n, np.nan, np.float32)
+        top_ids, top_lps = np.zeros((n, k), np.int32), np.full((n, k), np.nan, np.float32)
+        before = st.scores_next if s.offset > 0 else None  # position 0 has nothing before it
+        for i in range(n):
+            if before is not None:
+                logprobs[i] = before[s.token_ids[i]]
+                if k:
+                    best = np.argpartition(-before, k - 1)[:k]
+                    best = best[np.argsort(-before[best], kind="stable")]
+                    top_ids[i], top_lps[i] = best, before[best]
+            before = log_softmax(rows[i])
+        st.scores_next = before
+        return PromptLogprobs(s.seq_id, s.offset, logprobs, top_ids, top_lps)
+
     def _sample_one(self, s: SeqChunk, row: np.ndarray) -> SampledToken:
         p, st = s.sampling, self._seqs[s.seq_id]
+        chosen_from = row  # what the token is drawn from; its log-probabilities are the model's own
+        if p.holds_back(s.offset + len(s.token_ids) - p.output_from):
+            chosen_from = row.copy()
+            chosen_from[[t for t in p.stop_ids if t < row.size]] = -np.inf
         if st.rng is None:
             st.rng = np.random.default_rng(p.seed)
         history = np.asarray(st.seen, dtype=np.int64) if p.uses_history else _EMPTY
@@ -212,7 +260,7 @@ class BaseStage:
                 raise ValueError(f"sequence {s.seq_id}: a repetition penalty reads the whole prompt, and it "
                                  "started from a cached prefix this stage never saw")
             p = p.copy_with(output_from=max(0, p.output_from - st.seen_from))
-        tok = sample_token(row, p, st.rng, history, s.allowed)
+        tok = sample_token(chosen_from, p, st.rng, history, s.allowed)
         lse = logsumexp(row)
         top = top_logprobs(row, p.logprobs, lse) if p.logprobs > 1 else []
         return SampledToken(s.seq_id, tok, float(row[tok]) - lse, top)

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from .stage import SampledToken, Stage, StageBatch
+from .stage import PromptLogprobs, SampledToken, Stage, StageBatch, StageResult
 
 
 @dataclass(slots=True)
@@ -39,6 +39,7 @@ class BatchOutcome:
     tokens: list[SampledToken] | None = None
     timing: BatchTiming | None = None
     error: Exception | None = None
+    prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)
 
 
 @runtime_checkable
@@ -103,11 +104,12 @@ def kv_budget(stages: Sequence[Stage]) -> int:
     return min((s.info.kv_tokens for s in stages if s.info.kv_tokens), default=UNLIMITED)
 
 
-def run_stages(stages: Sequence[Stage], batch: StageBatch) -> tuple[list[SampledToken], list[float]]:
-    """Token ids in at the first stage, sampled tokens out of the last; and each stage's milliseconds."""
+def run_stages(stages: Sequence[Stage], batch: StageBatch) -> tuple[StageResult, list[float]]:
+    """Token ids in at the first stage, the last stage's result out (sampled tokens, prompt
+    log-probabilities); and each stage's milliseconds."""
     result, stage_ms = None, []
     for stage in stages:
         t = time.perf_counter()
         result = stage.forward(StageBatch(batch.seqs, result.hidden if result else None, batch.evict))
         stage_ms.append((time.perf_counter() - t) * 1000)
-    return result.tokens, stage_ms
+    return result, stage_ms

@@ -25,6 +25,7 @@ MAX_LOGIT_BIAS = 1024  # entries in one request's logit bias (OpenAI's own limit
 MIN_TEMPERATURE = 1e-5  # below it a temperature is greedy (vLLM's rule): logits / 1e-320 are inf
 PENALTY_RANGE = (0.01, 100.0)  # a repetition penalty outside it overflows or zeroes the logits it touches
 MAX_LOGPROBS = 20
+MAX_STOP_IDS = 64  # end tokens min_tokens may hold back
 
 
 @dataclass(slots=True)
@@ -40,6 +41,8 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int = 1  # how many top log-probabilities to report (1: the chosen token only)
     output_from: int = 0  # where the output starts in the sequence (the prompt's length): the penalties' window
+    min_tokens: int = 0  # until this many tokens are out, `stop_ids` are never sampled (vLLM's min_tokens)
+    stop_ids: tuple[int, ...] = ()  # the end tokens min_tokens holds back (the engine fills in the model's EOS)
     # the logit bias as (ids, values) arrays, made once: added to every sampled row
     _bias: tuple[np.ndarray, np.ndarray] | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -47,7 +50,8 @@ class SamplingParams:
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
             if not _is_real(getattr(self, name)) or not math.isfinite(getattr(self, name)):
                 raise UserError(f"{name.replace('_', ' ')} must be a finite number")
-        for name, top in (("top_k", MAX_TOKEN_ID), ("logprobs", MAX_LOGPROBS), ("output_from", MAX_TOKEN_ID)):
+        for name, top in (("top_k", MAX_TOKEN_ID), ("logprobs", MAX_LOGPROBS), ("output_from", MAX_TOKEN_ID),
+                          ("min_tokens", MAX_TOKEN_ID)):
             if not _is_int(getattr(self, name)) or not 0 <= getattr(self, name) <= top:
                 raise UserError(f"{name.replace('_', '-')} must be an integer in [0, {top}]")
         if self.temperature < 0:
@@ -65,6 +69,10 @@ class SamplingParams:
                 raise UserError(f"{name.replace('_', ' ')} must be in [-2, 2]")
         if self.seed is not None and not (_is_int(self.seed) and 0 <= self.seed <= MAX_SEED):
             raise UserError("seed must be an integer in [0, 2**63 - 1]")
+        if not (isinstance(self.stop_ids, (tuple, list)) and len(self.stop_ids) <= MAX_STOP_IDS
+                and all(_is_int(t) and 0 <= t <= MAX_TOKEN_ID for t in self.stop_ids)):
+            raise UserError(f"stop ids: at most {MAX_STOP_IDS} token ids")
+        self.stop_ids = tuple(self.stop_ids)
         if len(self.logit_bias) > MAX_LOGIT_BIAS:
             raise UserError(f"logit bias has {len(self.logit_bias)} entries; at most {MAX_LOGIT_BIAS}")
         bias = []
@@ -77,10 +85,13 @@ class SamplingParams:
         if bias:
             self._bias = (np.array([t for t, _ in bias], np.int64), np.array([b for _, b in bias], np.float64))
 
-    def copy_with(self, *, seed: int | None | object = ..., output_from: int | object = ...) -> SamplingParams:
-        """A copy with another seed or penalties' window, the rest not checked again (a
-        thousand-entry logit bias costs half a millisecond to check) and shared, not copied."""
+    def copy_with(self, *, seed: int | None | object = ..., output_from: int | object = ...,
+                  stop_ids: tuple[int, ...] | object = ...) -> SamplingParams:
+        """A copy with another seed, penalties' window or held-back end tokens, the rest not checked
+        again (a thousand-entry logit bias costs half a millisecond to check) and shared, not copied."""
         p = copy.copy(self)
+        if stop_ids is not ...:
+            p.stop_ids = SamplingParams(stop_ids=stop_ids).stop_ids
         if seed is not ...:
             if seed is not None and not (_is_int(seed) and 0 <= seed <= MAX_SEED):
                 raise UserError("seed must be an integer in [0, 2**63 - 1]")
@@ -95,6 +106,10 @@ class SamplingParams:
     def uses_history(self) -> bool:
         """Whether sampling reads the tokens seen so far (penalties)."""
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    def holds_back(self, generated: int) -> bool:
+        """Whether the end tokens are held back for a token sampled after `generated` others."""
+        return generated < self.min_tokens and bool(self.stop_ids)
 
     @property
     def greedy(self) -> bool:

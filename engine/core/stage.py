@@ -34,6 +34,9 @@ class SeqChunk:
     # the blocks it fills up, from block offset // BLOCK on (empty: name none)
     prefix: Sequence[int] = ()
     names: Sequence[int] = ()
+    # prompt log-probabilities: the last stage scores each of these tokens given those before it,
+    # with this many alternatives (None: not asked; the request then costs nothing more)
+    prompt_logprobs: int | None = None
 
 
 @dataclass(slots=True)
@@ -53,9 +56,28 @@ class SampledToken:
 
 
 @dataclass(slots=True)
+class PromptLogprobs:
+    """The last stage's scores of one chunk's tokens: token `start + i`'s log-probability given the
+    tokens before it (NaN for position 0, which nothing predicts), and its `k` best alternatives."""
+
+    seq_id: int
+    start: int
+    logprobs: np.ndarray  # (n,) float32
+    top_ids: np.ndarray  # (n, k) int32
+    top_logprobs: np.ndarray  # (n, k) float32
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, PromptLogprobs) and (self.seq_id, self.start) == (other.seq_id, other.start) and \
+            all(np.array_equal(a, b, equal_nan=a.dtype.kind == "f") for a, b in
+                ((self.logprobs, other.logprobs), (self.top_ids, other.top_ids),
+                 (self.top_logprobs, other.top_logprobs)))
+
+
+@dataclass(slots=True)
 class StageResult:
     hidden: TypedArray | None = None  # from every stage but the last
     tokens: list[SampledToken] = field(default_factory=list)  # from the last stage
+    prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)  # from the last stage, where asked
 
 
 @dataclass(slots=True)

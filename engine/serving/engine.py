@@ -34,8 +34,8 @@ import numpy as np
 from ..core.errors import GrammarFailed, QueueFull, RequestFailed, StageFailure, UserError
 from ..core.kv_blocks import BLOCK
 from ..core.pipeline import BatchOutcome, Pipeline
-from ..core.sampling import SamplingParams
-from ..core.stage import SampledToken, SeqChunk, StageBatch
+from ..core.sampling import MAX_LOGPROBS, MAX_STOP_IDS, SamplingParams
+from ..core.stage import PromptLogprobs, SampledToken, SeqChunk, StageBatch
 from .output import GenerationChunk, Profile, Timing
 from .prefix_cache import PrefixCache
 from .recovery import RecoveryEvent, recover
@@ -82,6 +82,8 @@ class Request:
     constraint: Constraint | None = None  # structured output's grammar state
     cached_tokens: int = 0  # prompt tokens found in the prefix cache: not prefilled again
     profile: Profile = field(default_factory=Profile)
+    # prompt log-probabilities asked: per prompt position, (logprob, alternatives) once scored
+    prompt_scores: list | None = None
 
 
 class Engine:
@@ -128,15 +130,28 @@ class Engine:
 
     def submit(self, prompt_ids: Sequence[int], *, max_tokens: int = 128, sampling: SamplingParams | None = None,
                stop: Sequence[str] = (), ignore_eos: bool = False, constraint: Constraint | None = None,
+               prompt_logprobs: int | None = None,
                deliver: Callable[[GenerationChunk | BaseException], None]) -> Request:
         """Queue a request. Bad input raises `UserError` here, at once; later failures are delivered.
-        `constraint`: structured output, whose mask goes with every sampling step to the last stage."""
+        `constraint`: structured output, whose mask goes with every sampling step to the last stage.
+        `prompt_logprobs`: score each prompt token given those before it, with this many
+        alternatives (the first chunk carries them; the prompt is computed whole, not cached)."""
         ids = self._check(prompt_ids, max_tokens, sampling)
+        if prompt_logprobs is not None and not (type(prompt_logprobs) is int and 0 <= prompt_logprobs <= MAX_LOGPROBS):
+            raise UserError(f"prompt logprobs must be an integer in [0, {MAX_LOGPROBS}]")
         req = Request(next(self._ids), deliver, IncrementalDetokenizer(self.tokenizer), StopMatcher(stop),
                       Timing(time.perf_counter()), ignore_eos, constraint)
         # the presence and frequency penalties count the output only: it starts past the prompt
         sampling = (sampling or SamplingParams()).copy_with(output_from=len(ids))
-        seq = Seq(req.seq_id, ids, max_tokens, sampling, min(len(ids) + max_tokens, self.context), owner=req)
+        if sampling.min_tokens:
+            if sampling.min_tokens > max_tokens:
+                raise UserError(f"min_tokens ({sampling.min_tokens}) is more than max_tokens ({max_tokens})")
+            if not sampling.stop_ids:  # the model's own end tokens are what min_tokens holds back
+                sampling = sampling.copy_with(stop_ids=tuple(sorted(self.eos_ids))[:MAX_STOP_IDS])
+        seq = Seq(req.seq_id, ids, max_tokens, sampling, min(len(ids) + max_tokens, self.context), owner=req,
+                  score_prompt=prompt_logprobs)
+        if prompt_logprobs is not None:
+            req.prompt_scores = [None] * len(ids)
         self.scheduler.check(seq)
         with self._lock:
             if self._closing:
@@ -322,8 +337,9 @@ class Engine:
 
     def _seq_chunk(self, sl: Slice, allowed: np.ndarray | None) -> SeqChunk:
         prefix, names = self.prefix.chunk(sl.seq, sl.start, sl.n) if self.prefix else ((), ())
+        scored = sl.seq.score_prompt if sl.start < len(sl.seq.prompt) else None  # a replay scores again: kept once
         return SeqChunk(sl.seq.seq_id, sl.start, np.asarray(sl.seq.tokens(sl.start, sl.n), np.int32),
-                        sl.seq.sampling if sl.sample else None, allowed, prefix, names)
+                        sl.seq.sampling if sl.sample else None, allowed, prefix, names, scored)
 
     def _postprocess(self, outcomes: list[BatchOutcome]) -> None:
         """Tokens into chunks (to the outbox); finished and cancelled sequences out (released on every stage)."""
@@ -336,6 +352,8 @@ class Engine:
                 continue
             self.scheduler.completed(slices)
             self.profile.add(o.timing)
+            for scored in o.prompt_logprobs:
+                self._keep_scores(scored)
             tokens = {t.seq_id: t for t in o.tokens}
             now = time.perf_counter()
             for sl in slices:
@@ -356,6 +374,18 @@ class Engine:
                     self._outbox.append((seq.owner, chunk))
                     if chunk.finish_reason:
                         self._end(seq)  # caches freed before the caller hears it is done
+
+    def _keep_scores(self, p: PromptLogprobs) -> None:
+        """A chunk's prompt scores into its request's (each position once: a replay scores again)."""
+        seq = self._seqs.get(p.seq_id)
+        scores = seq.owner.prompt_scores if seq is not None else None
+        if scores is None:
+            return
+        for i in range(min(len(p.logprobs), len(scores) - p.start)):
+            if scores[p.start + i] is None:
+                lp = None if p.start + i == 0 else float(p.logprobs[i])
+                top = [] if lp is None else [(int(t), float(v)) for t, v in zip(p.top_ids[i], p.top_logprobs[i])]
+                scores[p.start + i] = (lp, top)
 
     def _failed(self, slices: list[Slice], error: Exception) -> None:
         """A batch failed: a stage restarted or unreachable is recovered (nothing lost); any other
@@ -465,7 +495,12 @@ class Engine:
         text, hit = req.stops.feed(piece, final=finish is not None)
         if hit:
             finish = "stop"
-        return GenerationChunk(tok.token_id, text, tok.logprob, tok.top, finish)
+        chunk = GenerationChunk(tok.token_id, text, tok.logprob, tok.top, finish)
+        if req.prompt_scores is not None and len(seq.generated) == 1:
+            if any(s is None for s in req.prompt_scores):
+                raise RequestFailed("the last stage did not score every prompt token")
+            chunk.prompt_logprobs = [(t, lp, top) for t, (lp, top) in zip(seq.prompt, req.prompt_scores)]
+        return chunk
 
     def _end(self, seq: Seq, err: BaseException | None = None) -> None:
         """Take a sequence out of everything; tell its request why, if it did not end normally."""

@@ -50,6 +50,7 @@ class GenerationResult:
     decode_tokens_per_s: float
     stages: list[dict]
     profile: dict  # ttft, inter-token latency percentiles, per-stage compute and wire time (see output.Profile)
+    prompt_logprobs: list[dict] | None = None  # where asked: per prompt token, as `logprobs` (the first: None)
 
     def to_json(self) -> dict:
         return {k: getattr(self, k) for k in self.__slots__}
@@ -111,24 +112,26 @@ class Generator:
 
     def stream(self, prompt, *, chat: bool = False, max_tokens: int = 128, sampling: SamplingParams | None = None,
                stop: Sequence[str] = (), ignore_eos: bool = False, json_schema: dict | bool | None = None,
-               constraint: Constraint | None = None) -> Stream:
+               constraint: Constraint | None = None, prompt_logprobs: int | None = None) -> Stream:
         """Submit now; iterate for one `GenerationChunk` per token, the last with `finish_reason`.
 
         `json_schema`: structured output, enforced while decoding: True for any JSON object, or a
         JSON schema the output will follow. The request ends ("stop") when the JSON is complete.
         `constraint`: the same, made ahead by `constraint()` (on another thread, say).
+        `prompt_logprobs`: the first chunk also scores each prompt token given those before it,
+        with this many alternatives (the prompt is then computed whole, not taken from the cache).
 
         Closing the stream early (`close()`, leaving a for loop over it, or dropping it) cancels
         the request. `Stream.timing` holds its clock readings.
         """
         q: queue.SimpleQueue = queue.SimpleQueue()
         return Stream(self, self._submit(prompt, chat, max_tokens, sampling, stop, ignore_eos, json_schema, constraint,
-                                         q.put), q)
+                                         q.put, prompt_logprobs), q)
 
     def astream(self, prompt, *, chat: bool = False, max_tokens: int = 128,
                 sampling: SamplingParams | None = None, stop: Sequence[str] = (),
                 ignore_eos: bool = False, json_schema: dict | bool | None = None,
-                constraint: Constraint | None = None) -> AsyncStream:
+                constraint: Constraint | None = None, prompt_logprobs: int | None = None) -> AsyncStream:
         """`stream` for asyncio, called on the event loop: submitted at once (bad input raises
         here, before any chunk), then `async for` the chunks the engine thread hands this loop.
 
@@ -144,7 +147,7 @@ class Generator:
                 pass  # the loop has closed: nobody is listening any more
 
         return AsyncStream(self, self._submit(prompt, chat, max_tokens, sampling, stop, ignore_eos, json_schema,
-                                              constraint, deliver), aq)
+                                              constraint, deliver, prompt_logprobs), aq)
 
     def generate(self, prompt, *, chat: bool = False, **kw) -> GenerationResult:
         """Run `stream()` to the end and collect the result (same arguments)."""
@@ -213,14 +216,14 @@ class Generator:
                     self._grammar_cache[key] = grammar
 
     def _submit(self, prompt, chat, max_tokens, sampling, stop, ignore_eos, json_schema, constraint,
-                deliver) -> Request:
+                deliver, prompt_logprobs=None) -> Request:
         if self.engine is None:
             raise UserError("this Generator has no pipeline to generate with")
         ids = self.prompt_ids(prompt, chat)
         if constraint is None and json_schema not in (None, False):
             constraint = self.constraint(json_schema)
         req = self.engine.submit(ids, max_tokens=max_tokens, sampling=sampling, stop=stop, ignore_eos=ignore_eos,
-                                 constraint=constraint, deliver=deliver)
+                                 constraint=constraint, prompt_logprobs=prompt_logprobs, deliver=deliver)
         self.last_timing = req.timing
         return req
 
@@ -248,6 +251,9 @@ class Generator:
             stages=(stages := self.pipeline.describe()),
             profile={"ttft_ms": req.timing.ttft_ms, **percentiles("itl_ms", [g * 1000 for g in req.timing.gaps]),
                      **req.profile.to_json(stages)},
+            prompt_logprobs=None if chunks[0].prompt_logprobs is None else [
+                {"token_id": t, "logprob": lp, "top": [{"token_id": i, "logprob": v} for i, v in top]}
+                for t, lp, top in chunks[0].prompt_logprobs],
         )
 
 

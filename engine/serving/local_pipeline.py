@@ -138,11 +138,12 @@ def _compute(loaders, prepare, jobs: queue.SimpleQueue, done: queue.SimpleQueue,
         if job[0] == "forward":
             _, tag, batch, sent = job
             try:
-                tokens, stage_ms = run_stages(stages, batch)
+                result, stage_ms = run_stages(stages, batch)
             except Exception as e:  # the batch fails, the pipeline serves on
                 done.put(BatchOutcome(tag, error=e))
                 continue
-            done.put(BatchOutcome(tag, tokens, BatchTiming(stage_ms, (time.perf_counter() - sent) * 1000)))
+            done.put(BatchOutcome(tag, result.tokens, BatchTiming(stage_ms, (time.perf_counter() - sent) * 1000),
+                                  prompt_logprobs=result.prompt_logprobs))
         else:
             _, fn, result = job
             try:

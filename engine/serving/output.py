@@ -18,6 +18,9 @@ class GenerationChunk:
     logprob: float | None = None
     top: list[tuple[int, float]] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" or "length" on the last chunk
+    # on the first chunk, where asked: each prompt token's log-probability given those before it
+    # (None for the first) and its alternatives, as (token id, logprob, [(token id, logprob), ...])
+    prompt_logprobs: list[tuple[int, float | None, list[tuple[int, float]]]] | None = None
 
 
 @dataclass(slots=True)

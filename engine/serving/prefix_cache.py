@@ -45,9 +45,10 @@ class PrefixCache:
     def admit(self, seq: Sequence) -> int:
         """A sequence starts running: link its cached prefix; returns the tokens it skips. The last
         prompt token is always computed (its logits sample the first token); a request whose
-        repetition penalty reads the whole prompt reuses nothing (the last stage would not see it)."""
-        if seq.sampling.repetition_penalty != 1.0:
-            return 0
+        repetition penalty reads the whole prompt, or whose prompt is scored, reuses nothing (the
+        last stage would not see it)."""
+        if seq.sampling.repetition_penalty != 1.0 or seq.score_prompt is not None:
+            return 0  # (a prompt scored is computed whole: the last stage scores every token of it)
         want = self._hashes(seq, (len(seq.prompt) - 1) // BLOCK * BLOCK)
         n = self.blocks.match(want)
         self.blocks.link(seq.seq_id, want[:n])

@@ -32,6 +32,7 @@ class Sequence:
     in_flight: bool = False
     cancelled: bool = False
     owner: object = None  # the engine's per-request state (output queue, detokenizer, timing)
+    score_prompt: int | None = None  # prompt log-probabilities asked, with this many alternatives
 
     @property
     def length(self) -> int:
