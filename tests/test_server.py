@@ -17,6 +17,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from engine.api import Generator
 from engine.app.procs import start_server, start_stage, stop_stages
 
 KEY = "sk-test-hetpipe"
@@ -203,7 +204,13 @@ def test_error_statuses_and_shapes(server, client):
          400, None),
         ({**chat, "logit_bias": {"99999999": 1}}, 400, None),
         ({**chat, "model": "gpt-4"}, 404, "model"),
-        ({"messages": CHAT}, 400, "model"),
+        ({**chat, "stream": "yes"}, 400, "stream"),  # booleans are strict: no guessing
+        ({**chat, "stream": True, "stream_options": {"include_usage": 1}}, 400, "stream_options.include_usage"),
+        ({**chat, "stream": True, "stream_options": {"continuous_usage_stats": True}}, 400,
+         "stream_options.continuous_usage_stats"),
+        ({**chat, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "strict": "true"}}}, 400,
+         "response_format.json_schema.strict"),
+        ({**chat, "messages": [{"role": "user", "content": "hi", "name": 5}]}, 400, "messages.0.name"),
     ]
     for body, status, param in cases:
         r = http(server, "/v1/chat/completions", body)
@@ -215,6 +222,8 @@ def test_error_statuses_and_shapes(server, client):
     assert "tools" in error_of(http(server, "/v1/chat/completions", {**chat, "tools": []}))["message"]
     assert http(server, "/v1/chat/completions", "{not json").status_code == 400
     assert http(server, "/v1/completions", {"model": "smollm2", "prompt": "x", "suffix": "y"}).status_code == 400
+    assert error_of(http(server, "/v1/completions", {"prompt": "x", "echo": "false"}))["param"] == "echo"
+    assert http(server, "/v1/chat/completions", {"messages": CHAT, "max_tokens": 2}).status_code == 200  # no model
     assert error_of(http(server, "/nope"))["code"] == "not_found"
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="other", messages=CHAT)
@@ -222,6 +231,83 @@ def test_error_statuses_and_shapes(server, client):
         client.chat.completions.create(model="smollm2", messages=CHAT, tools=[{"type": "function",
                                                                               "function": {"name": "f"}}])
     assert http(server, "/health").status_code == 200  # none of that took it down
+
+
+def test_tokenize_and_detokenize_as_vllm_and_transformers_do(server, real_model):
+    from transformers import AutoTokenizer
+
+    ref = AutoTokenizer.from_pretrained(real_model)
+    text = "Tokenize this, please: 3.14 and ünïcode."
+    r = http(server, "/tokenize", {"model": "smollm2", "prompt": text}).json()
+    assert r["tokens"] == ref(text)["input_ids"] and r["count"] == len(r["tokens"]) and r["max_model_len"] == 8192
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi", "name": "ada"}]
+    r = http(server, "/tokenize", {"messages": messages}).json()
+    assert r["tokens"] == ref.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                  return_dict=True)["input_ids"]
+    assert http(server, "/detokenize", {"tokens": ref(text)["input_ids"]}).json() == {"prompt": text}
+    for path, body, param in (("/tokenize", {"prompt": "x", "messages": messages}, "prompt"),
+                              ("/tokenize", {}, "prompt"),
+                              ("/detokenize", {"tokens": [10**6]}, "tokens"),
+                              ("/detokenize", {"tokens": [-1]}, "tokens.0"),
+                              ("/tokenize", {"prompt": "x", "add_special_tokens": "no"}, "add_special_tokens")):
+        got = http(server, path, body)
+        assert got.status_code == 400 and error_of(got)["param"] == param, (body, got.text)
+    assert http(server, "/tokenize", {"prompt": "x"}, key=None).status_code == 401
+
+
+def test_echo_with_logprobs_scores_the_prompt(server, client, real_model):
+    """lm-eval's request: echo, logprobs and max_tokens 0 give each prompt token's log-probability
+    (the first null), the same as the Python API's and as a request that also generates."""
+    prompt = "The capital of France is Paris"
+    scored = client.completions.create(model="smollm2", prompt=prompt, echo=True, logprobs=2, max_tokens=0)
+    c = scored.choices[0]
+    assert c.text == prompt and c.finish_reason == "length" and scored.usage.completion_tokens == 0
+    lp = c.logprobs
+    assert len(lp.tokens) == scored.usage.prompt_tokens and "".join(lp.tokens) == prompt
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(x < 0 for x in lp.token_logprobs[1:]) and all(len(t) == 2 for t in lp.top_logprobs[1:])
+    assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(len(lp.tokens))]
+    more = client.completions.create(model="smollm2", prompt=prompt, echo=True, logprobs=2, max_tokens=3,
+                                     temperature=0)
+    n = len(lp.tokens)
+    assert more.choices[0].logprobs.token_logprobs[:n] == lp.token_logprobs
+    assert len(more.choices[0].logprobs.tokens) == n + more.usage.completion_tokens
+    with Generator(real_model, None) as tok:
+        ids = tok.prompt_ids(prompt)
+    assert scored.usage.prompt_tokens == len(ids)
+    for body, param in (({"prompt": prompt, "echo": True, "logprobs": 1, "stream": True}, "stream"),
+                        ({"prompt": prompt, "max_tokens": 0, "stream": True}, "stream"),
+                        ({"prompt": prompt, "echo": True, "logprobs": 21}, "logprobs")):
+        r = http(server, "/v1/completions", body)
+        assert r.status_code == 400 and error_of(r)["param"] == param, r.text
+
+
+def test_min_tokens_holds_back_the_end(server, client):
+    """Greedy: the answer that ended by itself is the start of the one min_tokens keeps going."""
+    kw = dict(model="smollm2", temperature=0, max_tokens=64,
+              messages=[{"role": "user", "content": "What is the capital of France?"}])
+    short = client.chat.completions.create(**kw)
+    n = short.usage.completion_tokens
+    assert short.choices[0].finish_reason == "stop" and n < 40
+    longer = client.chat.completions.create(**kw, extra_body={"min_tokens": n + 8})
+    assert longer.usage.completion_tokens >= n + 8
+    assert longer.choices[0].message.content.startswith(short.choices[0].message.content)
+    r = http(server, "/v1/chat/completions", {**kw, "min_tokens": 65})
+    assert r.status_code == 400 and error_of(r)["param"] == "min_tokens"
+
+
+def test_named_messages_and_continuous_usage(client):
+    kw = dict(model="smollm2", max_tokens=8, temperature=0,
+              messages=[{"role": "user", "name": "ada", "content": "Name a colour."}])
+    full = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={
+        "include_usage": True, "continuous_usage_stats": True}))
+    assert all(c.usage is not None for c in chunks)
+    counts = [c.usage.completion_tokens for c in chunks]
+    last, want = chunks[-1].usage, full.usage  # (cached_tokens differ: the second run hits the prefix cache)
+    assert counts == sorted(counts) and (last.prompt_tokens, last.completion_tokens, last.total_tokens) == \
+        (want.prompt_tokens, want.completion_tokens, want.total_tokens)
+    assert all(c.usage.prompt_tokens == full.usage.prompt_tokens for c in chunks)
 
 
 def test_api_key_is_enforced(server):

@@ -15,6 +15,7 @@ submits and writes responses (`guard.py` bounds what a body may be).
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import hmac
 import json
@@ -42,8 +43,9 @@ from . import completions as C
 from .events import EventStream, until_disconnect
 from .guard import BodyGuard, ModelNotFound, ParamError, ServerLimits, parse_json
 from .metrics import Metrics, stage_name
-from .schemas import ChatRequest, CompletionRequest
+from .schemas import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from .status import StageStatus
+from .tokenize import detokenize, tokenize
 
 # an SSE comment this often while a stream waits (a long prefill); the environment may shorten it
 KEEPALIVE_S = float(os.environ.get("HETPIPE_SSE_KEEPALIVE_S", "2.0"))
@@ -101,17 +103,32 @@ def create_app(gen: Generator, *, model_name: str, api_key: str | None = None,
     pool = ThreadPoolExecutor(PREPARE_WORKERS, thread_name_prefix="hetpipe-prepare")
     pool.submit(gen.grammars.warm)  # llguidance's view of the vocabulary, built now rather than by a first request
 
-    def prepare(raw: bytes, kind: str) -> C.Plan:
-        """On a worker thread: the body parsed, validated, tokenized, its grammar compiled."""
-        body = parse_json(raw)
+    def validate(raw: bytes, schema):
+        """The body parsed and validated as `schema`, naming this server's model (or none)."""
         try:
-            req = (ChatRequest if kind == "chat" else CompletionRequest).model_validate(body)
+            req = schema.model_validate(parse_json(raw))
         except ValidationError as e:
             raise ParamError(*validation_message(e)) from None
         if req.model is not None and req.model != model_name:
             raise ModelNotFound(f"the model {req.model!r} does not exist; this server serves {model_name!r}",
                                 "model", "model_not_found")
+        return req
+
+    def prepare(raw: bytes, kind: str) -> C.Plan:
+        """On a worker thread: the body parsed, validated, tokenized, its grammar compiled."""
+        req = validate(raw, ChatRequest if kind == "chat" else CompletionRequest)
         return (C.plan_chat if kind == "chat" else C.plan_completion)(req, gen, model_name)
+
+    async def tokens(request: Request, schema, answer) -> Response:
+        """/tokenize and /detokenize: validated and answered on a worker thread."""
+        if not authorized(request):
+            return error_body(401, "invalid API key", None, "invalid_api_key")
+        try:
+            raw = (await request.receive())["body"]
+            body = await asyncio.get_running_loop().run_in_executor(pool, lambda: answer(validate(raw, schema), gen))
+        except Exception as e:
+            return error_body(*error_of(e))
+        return JSONResponse(body)
 
     def authorized(request: Request) -> bool:
         if api_key is None:
@@ -273,6 +290,9 @@ def create_app(gen: Generator, *, model_name: str, api_key: str | None = None,
                              allow_headers=["authorization", "content-type"])] if cors_origins else []
     routes = [Route("/v1/chat/completions", chat, methods=["POST"]),
               Route("/v1/completions", completion, methods=["POST"]),
+              Route("/tokenize", functools.partial(tokens, schema=TokenizeRequest, answer=tokenize), methods=["POST"]),
+              Route("/detokenize", functools.partial(tokens, schema=DetokenizeRequest, answer=detokenize),
+                    methods=["POST"]),
               Route("/v1/models", models, methods=["GET"]),
               Route("/v1/models/{name:path}", model, methods=["GET"]),
               Route("/health", health, methods=["GET"]),

@@ -23,7 +23,7 @@ from ...serving.generator import Generator
 from ...serving.output import GenerationChunk
 from ...serving.structured import Constraint
 from .guard import ParamError
-from .schemas import MAX_CHOICES, ChatRequest, CompletionRequest, ResponseFormat
+from .schemas import MAX_CHOICES, ChatRequest, CompletionRequest, Message, ResponseFormat
 
 
 @dataclass(slots=True)
@@ -38,6 +38,9 @@ class Choice:
     chunks: list[GenerationChunk] = field(default_factory=list)
     cached_tokens: Callable[[], int] = lambda: 0  # its prompt tokens the prefix cache served (known once it runs)
     constraint: Constraint | None = None  # structured output's grammar state, made ahead
+    score_prompt: int | None = None  # echo with logprobs: the prompt's log-probabilities, with this many alternatives
+    prompt_scores: list | None = None  # what came of that (the first chunk carries it)
+    generate: bool = True  # max_tokens 0: one token is sampled (the prefill's own) and not returned
 
     @property
     def text(self) -> str:
@@ -45,6 +48,8 @@ class Choice:
 
     @property
     def finish_reason(self) -> str | None:
+        if not self.generate:
+            return "length" if self.prompt_scores is not None or not self.score_prompt else None
         return self.chunks[-1].finish_reason if self.chunks else None
 
 
@@ -61,6 +66,7 @@ class Plan:
     top_logprobs: int | None  # None: no logprobs; else how many alternatives per token
     stream: bool
     include_usage: bool
+    continuous_usage: bool = False  # every chunk carries the usage so far (vLLM's continuous_usage_stats)
     id: str = field(default_factory=lambda: secrets.token_hex(12))
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -69,8 +75,19 @@ class Plan:
         return "chat.completion" if self.kind == "chat" else "text_completion"
 
 
+def template_messages(messages: list[Message]) -> list[dict]:
+    """Messages as the chat template reads them (a developer message is a system one)."""
+    out = []
+    for m in messages:
+        entry = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+        if m.name is not None:
+            entry["name"] = m.name
+        out.append(entry)
+    return out
+
+
 def plan_chat(req: ChatRequest, gen: Generator, model: str) -> Plan:
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+    messages = template_messages(req.messages)
     _fits(gen, sum(gen.tokenizer.at_least_tokens(m["content"]) for m in messages), "messages")
     ids = gen.tokenizer.apply_chat_template(messages)
     if req.max_tokens is not None and req.max_completion_tokens is not None and \
@@ -93,8 +110,11 @@ def plan_completion(req: CompletionRequest, gen: Generator, model: str) -> Plan:
         prompts = [p]
     else:
         prompts = list(p)
-    if req.echo and req.logprobs is not None:
-        raise ParamError("echo with logprobs is not supported (hetpipe returns no prompt log-probabilities)", "echo")
+    if req.max_tokens == 0 and req.stream:
+        raise ParamError("max_tokens 0 has no tokens to stream: give stream: false", "stream")
+    if req.echo and req.logprobs is not None and req.stream:
+        raise ParamError("echo with logprobs is not streamed (the prompt's log-probabilities come whole): "
+                         "give stream: false", "stream")
     if len(prompts) * req.n > MAX_CHOICES:
         raise ParamError(f"{len(prompts)} prompts x n={req.n} make {len(prompts) * req.n} choices; at most "
                          f"{MAX_CHOICES} in one request", "prompt")
@@ -113,7 +133,14 @@ def plan_completion(req: CompletionRequest, gen: Generator, model: str) -> Plan:
         if not ids:
             raise ParamError("prompt is empty", "prompt")
         entries.append((ids, text if req.echo else ""))
-    return _plan("completion", req, gen, model, entries, req.max_tokens, req.logprobs, req.response_format)
+    plan = _plan("completion", req, gen, model, entries, req.max_tokens or None, req.logprobs, req.response_format)
+    for c in plan.choices:
+        c.generate = req.max_tokens != 0
+        if req.echo and req.logprobs is not None:
+            c.score_prompt = req.logprobs
+        if not c.generate:
+            c.max_tokens = 1
+    return plan
 
 
 def _fits(gen: Generator, at_least: int, param: str) -> None:
@@ -142,6 +169,11 @@ def _plan(kind, req, gen: Generator, model: str, prompts: list[tuple[list[int], 
                              "logit_bias")
         bias.append((int(key), value))
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if max_tokens is not None and req.min_tokens > max_tokens:
+        raise ParamError(f"min_tokens ({req.min_tokens}) is more than max_tokens ({max_tokens})", "min_tokens")
+    options = req.stream_options
+    if options and options.continuous_usage_stats and not options.include_usage:
+        raise ParamError("continuous_usage_stats needs include_usage: true", "stream_options.continuous_usage_stats")
     schema = _json_schema(fmt)
     try:
         first = None if schema is None else gen.constraint(schema)
@@ -151,7 +183,7 @@ def _plan(kind, req, gen: Generator, model: str, prompts: list[tuple[list[int], 
         sampling = SamplingParams(
             temperature=req.temperature, top_k=max(req.top_k, 0), top_p=req.top_p, min_p=req.min_p,
             repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
-            frequency_penalty=req.frequency_penalty, logit_bias=tuple(bias), seed=req.seed,
+            frequency_penalty=req.frequency_penalty, logit_bias=tuple(bias), seed=req.seed, min_tokens=req.min_tokens,
             # 1 means "the chosen token only" to the stages: ask one more, keep what was asked
             logprobs=max(top or 0, 2) if top else 1)
     except UserError as e:
@@ -165,7 +197,8 @@ def _plan(kind, req, gen: Generator, model: str, prompts: list[tuple[list[int], 
             choices.append(Choice(i, ids, choice_sampling, max_tokens or max(room - len(ids), 1), echo,
                                   constraint=constraint))
     return Plan(kind, model, choices, sum(len(ids) for ids, _ in prompts), stop, req.ignore_eos,
-                top, req.stream, bool(req.stream_options and req.stream_options.include_usage))
+                top, req.stream, bool(options and options.include_usage),
+                bool(options and options.continuous_usage_stats))
 
 
 def _json_schema(fmt: ResponseFormat | None) -> dict | bool | None:
@@ -186,7 +219,8 @@ def start(plan: Plan, gen: Generator) -> list:
     try:
         for c in plan.choices:
             streams.append(gen.astream(c.prompt_ids, max_tokens=c.max_tokens, sampling=c.sampling, stop=plan.stop,
-                                       ignore_eos=plan.ignore_eos, constraint=c.constraint))
+                                       ignore_eos=plan.ignore_eos, constraint=c.constraint,
+                                       prompt_logprobs=c.score_prompt))
             c.cached_tokens = lambda req=streams[-1].request: req.cached_tokens
     except BaseException:
         for s in streams:
@@ -218,6 +252,10 @@ async def merged(plan: Plan, streams: list) -> AsyncIterator[tuple[Choice, Gener
                 continue
             if isinstance(item, BaseException):
                 raise item
+            if item.prompt_logprobs is not None:
+                choice.prompt_scores = item.prompt_logprobs
+            if not choice.generate:
+                continue  # max_tokens 0: the token sampled with the prefill is not the client's
             choice.chunks.append(item)
             yield choice, item
     finally:
@@ -241,7 +279,7 @@ def usage(plan: Plan) -> dict:
 def response_body(plan: Plan, gen: Generator) -> dict:
     choices = []
     for c in plan.choices:
-        lp = logprobs_body(plan, gen, c.chunks)
+        lp = logprobs_body(plan, gen, c.chunks, len(c.echo), c.prompt_scores)
         if plan.kind == "chat":
             choices.append({"index": c.index, "message": {"role": "assistant", "content": c.text},
                             "logprobs": lp, "finish_reason": c.finish_reason})
@@ -264,7 +302,9 @@ def chunk_body(plan: Plan, choice: Choice, *, role: bool = False, text: str = ""
     entry["finish_reason"] = finish
     body = {"id": _id(plan), "object": _chunk_object(plan), "created": plan.created, "model": plan.model,
             "choices": [entry]}
-    if plan.include_usage:
+    if plan.continuous_usage:
+        body["usage"] = usage(plan)
+    elif plan.include_usage:
         body["usage"] = None
     return body
 
@@ -278,7 +318,10 @@ def usage_body(plan: Plan) -> dict:
             "choices": [], "usage": usage(plan)}
 
 
-def logprobs_body(plan: Plan, gen: Generator, chunks: list[GenerationChunk], offset: int = 0) -> dict | None:
+def logprobs_body(plan: Plan, gen: Generator, chunks: list[GenerationChunk], offset: int = 0,
+                  prompt: list | None = None) -> dict | None:
+    """OpenAI's logprobs of `chunks` (text starting at `offset`); for completions with `prompt`
+    scores (echo), the prompt's tokens come first, from offset 0, the first of them with nulls."""
     if plan.top_logprobs is None:
         return None
     tok = gen.tokenizer
@@ -291,9 +334,19 @@ def logprobs_body(plan: Plan, gen: Generator, chunks: list[GenerationChunk], off
     for c in chunks:
         offsets.append(at)
         at += len(c.text)
-    return {"tokens": tokens, "token_logprobs": [c.logprob for c in chunks],
+    body = {"tokens": tokens, "token_logprobs": [c.logprob for c in chunks],
             "top_logprobs": [{tok.token_text(i): lp for i, lp in c.top[:k]} if k else None for c in chunks],
             "text_offset": offsets}
+    if prompt is None:
+        return body
+    texts = [tok.token_text(t) for t, _, _ in prompt]
+    starts = [0]
+    for t in texts[:-1]:
+        starts.append(starts[-1] + len(t))
+    return {"tokens": texts + body["tokens"], "token_logprobs": [lp for _, lp, _ in prompt] + body["token_logprobs"],
+            "top_logprobs": [{tok.token_text(i): v for i, v in top[:k]} if k and lp is not None else None
+                             for _, lp, top in prompt] + body["top_logprobs"],
+            "text_offset": starts + body["text_offset"]}
 
 
 def _token_entry(tok, token_id: int, logprob: float) -> dict:

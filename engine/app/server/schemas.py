@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
 from ...core.sampling import MAX_LOGIT_BIAS, MAX_SEED, MAX_TOKEN_ID, PENALTY_RANGE
 
@@ -23,6 +23,7 @@ MAX_CHOICES = 128  # prompts x n
 MAX_N = 16
 MAX_NAME = 256  # model names, user ids
 TOKEN_ID_KEY = re.compile(r"[0-9]{1,10}")
+Bool = StrictBool  # true or false only: "yes" or 1 is an error, not a guess
 
 
 class _Strict(BaseModel):
@@ -37,20 +38,22 @@ class TextPart(_Strict):
 class Message(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | Annotated[list[TextPart], Field(max_length=MAX_PARTS)]
+    name: str | None = Field(default=None, max_length=MAX_NAME)  # a participant's name, given to the template
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
 class StreamOptions(_Strict):
-    include_usage: bool = False
+    include_usage: Bool = False
+    continuous_usage_stats: Bool = False  # vLLM's: every chunk carries the usage so far
 
 
 class JsonSchemaSpec(_Strict):
     name: str = Field(max_length=64)
     schema_: dict[str, Any] = Field(default_factory=lambda: {"type": "object"}, alias="schema")
     description: str | None = None
-    strict: bool | None = None
+    strict: Bool | None = None
 
 
 class ResponseFormat(_Strict):
@@ -69,9 +72,10 @@ class _Sampling(_Strict):
 
     model: str | None = Field(default=None, max_length=MAX_NAME)  # left out: the served model (as llama.cpp, vLLM)
     max_tokens: TokenCount | None = None
+    min_tokens: int = Field(default=0, ge=0, le=MAX_TOKEN_ID)  # vLLM's: no end token before this many
     n: int = Field(default=1, ge=1, le=MAX_N)
     stop: Stop = None
-    stream: bool = False
+    stream: Bool = False
     stream_options: StreamOptions | None = None
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)  # below 1e-5: greedy
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
@@ -83,7 +87,7 @@ class _Sampling(_Strict):
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED - MAX_N)  # choice i samples with seed + i
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(default=None,
                                                                                        max_length=MAX_LOGIT_BIAS)
-    ignore_eos: bool = False  # beyond OpenAI (vLLM's name): benchmarks decode a fixed length
+    ignore_eos: Bool = False  # beyond OpenAI (vLLM's name): benchmarks decode a fixed length
     user: str | None = Field(default=None, max_length=MAX_NAME)  # an end-user id for the caller's records
 
     @field_validator("logit_bias")
@@ -98,7 +102,7 @@ class _Sampling(_Strict):
 class ChatRequest(_Sampling):
     messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: TokenCount | None = None
-    logprobs: bool = False
+    logprobs: Bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     response_format: ResponseFormat | None = None
 
@@ -106,6 +110,24 @@ class ChatRequest(_Sampling):
 class CompletionRequest(_Sampling):
     prompt: (str | Annotated[list[str], Field(max_length=MAX_PROMPTS)] | list[TokenId]
              | Annotated[list[list[TokenId]], Field(max_length=MAX_PROMPTS)])
-    echo: bool = False
+    max_tokens: Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)] | None = None  # 0: the prompt only (with echo)
+    echo: Bool = False
     logprobs: int | None = Field(default=None, ge=0, le=20)
     response_format: ResponseFormat | None = None  # beyond OpenAI's completions, as vLLM takes it
+
+
+class TokenizeRequest(_Strict):
+    """POST /tokenize, vLLM's shape: a `prompt`, or chat `messages` through the chat template."""
+
+    model: str | None = Field(default=None, max_length=MAX_NAME)
+    prompt: str | None = None
+    messages: list[Message] | None = Field(default=None, min_length=1, max_length=MAX_MESSAGES)
+    add_generation_prompt: Bool = True  # with messages
+    add_special_tokens: Bool | None = None  # default: true for a prompt, false for messages (as vLLM)
+
+
+class DetokenizeRequest(_Strict):
+    """POST /detokenize, vLLM's shape."""
+
+    model: str | None = Field(default=None, max_length=MAX_NAME)
+    tokens: list[TokenId]
