@@ -1,6 +1,6 @@
 """Protocol constants: every message kind, limit and version lives here, once."""
 
-VERSION = 6  # a daemon and a coordinator of other versions refuse each other's messages
+VERSION = 7  # a daemon and a coordinator of other versions refuse each other's messages
 
 # message kinds, client -> stage
 HELLO = "hello"  # identity check; reply: INFO
