@@ -22,6 +22,13 @@ from engine.app.procs import start_server, start_stage, stop_stages
 
 KEY = "sk-test-hetpipe"
 CHAT = [{"role": "user", "content": "Name three colours."}]
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["c", "f"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+CLOCK = {"type": "function", "function": {
+    "name": "get_time", "parameters": {"type": "object", "properties": {"zone": {"type": "string", "maxLength": 20}},
+                                       "required": ["zone"]}, "strict": True}}
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +202,16 @@ def test_error_statuses_and_shapes(server, client):
     chat = {"model": "smollm2", "messages": CHAT, "max_tokens": 4}
     cases = [
         ({**chat, "temperature": 5}, 400, "temperature"),
-        ({**chat, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+        ({**chat, "tools": [{"type": "function", "function": {"name": "f", "bogus": 1}}]}, 400,
+         "tools.0.function.bogus"),
+        ({**chat, "tool_choice": "required"}, 400, "tool_choice"),
+        ({**chat, "tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, 400,
+         "tool_choice"),
+        ({**chat, "messages": [*CHAT, {"role": "tool", "content": "18 C"}]}, 400, "messages.1.tool_call_id"),
+        ({**chat, "messages": [*CHAT, {"role": "assistant", "content": None}]}, 400, "messages.1.content"),
+        ({**chat, "messages": [*CHAT, {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{not json"}}]}]}, 400,
+         "messages.1.tool_calls.0.function.arguments"),
         ({**chat, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
          400, None),
         ({**chat, "top_logprobs": 30, "logprobs": True}, 400, "top_logprobs"),
@@ -219,7 +235,6 @@ def test_error_statuses_and_shapes(server, client):
         if param:
             assert e["param"] == param, (body, e)
     assert "8192" in error_of(http(server, "/v1/chat/completions", {**chat, "max_tokens": 9000}))["message"]
-    assert "tools" in error_of(http(server, "/v1/chat/completions", {**chat, "tools": []}))["message"]
     assert http(server, "/v1/chat/completions", "{not json").status_code == 400
     assert http(server, "/v1/completions", {"model": "smollm2", "prompt": "x", "suffix": "y"}).status_code == 400
     assert error_of(http(server, "/v1/completions", {"prompt": "x", "echo": "false"}))["param"] == "echo"
@@ -227,9 +242,6 @@ def test_error_statuses_and_shapes(server, client):
     assert error_of(http(server, "/nope"))["code"] == "not_found"
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="other", messages=CHAT)
-    with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model="smollm2", messages=CHAT, tools=[{"type": "function",
-                                                                              "function": {"name": "f"}}])
     assert http(server, "/health").status_code == 200  # none of that took it down
 
 
@@ -308,6 +320,39 @@ def test_named_messages_and_continuous_usage(client):
     assert counts == sorted(counts) and (last.prompt_tokens, last.completion_tokens, last.total_tokens) == \
         (want.prompt_tokens, want.completion_tokens, want.total_tokens)
     assert all(c.usage.prompt_tokens == full.usage.prompt_tokens for c in chunks)
+
+
+def test_tools_required_named_streamed_and_multi_turn(client):
+    """Under `required` and a named choice decoding is constrained: every call names a defined
+    function and its arguments validate, at temperature 1 too; streamed, a call's id and name come
+    first, then its arguments; a tool's result goes back in a second turn."""
+    asked = [{"role": "user", "content": "What is the weather in Paris?"}]
+    r = client.chat.completions.create(model="smollm2", messages=asked, tools=[WEATHER, CLOCK], tool_choice="required",
+                                       max_tokens=80, n=4, temperature=1.0, seed=5)
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, CLOCK)}
+    for c in r.choices:
+        assert c.finish_reason == "tool_calls" and c.message.tool_calls
+        for call in c.message.tool_calls:
+            jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+            assert call.id.startswith("call_") and call.type == "function"
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    chunks = list(client.chat.completions.create(model="smollm2", messages=asked, tools=[WEATHER, CLOCK],
+                                                 tool_choice=named, parallel_tool_calls=False, max_tokens=80,
+                                                 stream=True))
+    deltas = [d for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or []]
+    assert len(deltas) == 2 and deltas[0].id and deltas[0].function.name == "get_weather"
+    assert deltas[0].function.arguments == "" and deltas[1].id is None and deltas[1].index == 0
+    jsonschema.validate(json.loads(deltas[1].function.arguments), schemas["get_weather"])
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    call = r.choices[0].message.tool_calls[0]
+    turn2 = client.chat.completions.create(model="smollm2", tools=[WEATHER, CLOCK], max_tokens=16, temperature=0,
+                                           messages=[
+        *asked, {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": "18 C and sunny"}])
+    assert turn2.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    none = client.chat.completions.create(model="smollm2", messages=asked, tools=[WEATHER], tool_choice="none",
+                                          max_tokens=8, temperature=0)
+    assert none.choices[0].message.tool_calls is None and none.choices[0].message.content
 
 
 def test_api_key_is_enforced(server):

@@ -188,6 +188,11 @@ class Generator:
     def __exit__(self, *exc):
         self.close()
 
+    def grammar_constraint(self, lark: str) -> Constraint:
+        """A fresh grammar state for a grammar in llguidance's Lark syntax (`%json {...}` inlines a
+        JSON schema): tool calls' constrained decoding. Compiled once per grammar, like `constraint`."""
+        return self._cached_constraint("lark:" + lark, lambda: self.grammars.lark(lark))
+
     def constraint(self, json_schema: dict | bool) -> Constraint:
         """A fresh grammar state for structured output (the grammar compiled once per schema; its
         first step computed now). A schema over the limits or too hard to enforce is a `UserError`.
@@ -197,13 +202,16 @@ class Generator:
         if json_schema is not True:
             check_schema(json_schema)  # before json.dumps walks it
         key = "" if json_schema is True else json.dumps(json_schema, sort_keys=True)
+        return self._cached_constraint(key, lambda: self.grammars.grammar(None if json_schema is True else json_schema))
+
+    def _cached_constraint(self, key: str, compile_grammar) -> Constraint:
         with self._grammar_lock:
             grammar = self._grammar_cache.get(key)
         if isinstance(grammar, UserError):  # refused before: refused again at once, not after seconds
             raise grammar
         try:
             if grammar is None:
-                grammar = self.grammars.grammar(None if json_schema is True else json_schema)
+                grammar = compile_grammar()
             return self.grammars.constraint(grammar)
         except UserError as e:
             grammar = UserError(str(e))  # without its traceback, whose frames hold the matcher (and its memory)

@@ -98,6 +98,19 @@ class Grammars:
             raise UserError(f"response_format: the JSON schema cannot be enforced: {_one_line(error)}")
         return grammar
 
+    def lark(self, text: str) -> str:
+        """The llguidance grammar of a Lark-syntax grammar (ours: tool calls), checked as `grammar` is."""
+        import llguidance
+
+        try:
+            grammar = llguidance.LLMatcher.grammar_from_lark(text)
+        except (ValueError, TypeError) as e:
+            raise UserError(f"tools: their grammar is not valid: {_one_line(e)}") from None
+        error = llguidance.LLMatcher.validate_grammar(grammar, self._tok(), limits=_limits())
+        if error and not error.startswith("WARNING"):
+            raise UserError(f"tools: their schemas cannot be enforced: {_one_line(error)}")
+        return grammar
+
     def constraint(self, grammar: str) -> Constraint:
         """A fresh grammar state, its first mask computed and one step tried (see the module):
         a grammar that fails there is refused with a `UserError`."""

@@ -74,13 +74,16 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """Render the model's chat template and tokenize it as transformers does (no extra BOS)."""
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> list[int]:
+        """Render the model's chat template and tokenize it as transformers does (no extra BOS);
+        `tools` (function definitions) go in as transformers passes them, as the `tools` variable."""
         if not self.chat_template:
             raise UserError("this model has no chat template: give the prompt as plain text")
         text = _compile(self.chat_template).render(
             messages=messages, add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "", eos_token=self.eos_token or "",
+            **({"tools": tools} if tools is not None else {}),
         )
         return self._encode(text)
 

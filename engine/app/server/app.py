@@ -40,6 +40,7 @@ from ...serving.aio import get_within
 from ...serving.generator import Generator
 from ..allocator import release_free_memory
 from . import completions as C
+from . import tools as T
 from .events import EventStream, until_disconnect
 from .guard import BodyGuard, ModelNotFound, ParamError, ServerLimits, parse_json
 from .metrics import Metrics, stage_name
@@ -182,6 +183,8 @@ def create_app(gen: Generator, *, model_name: str, api_key: str | None = None,
         for c in plan.choices:  # chat: the role first; completions: the echoed prompt, if any
             if plan.kind == "chat" or c.echo:
                 yield _sse(C.chunk_body(plan, c, role=True))
+        calls = {c.index: T.StreamedCalls(plan.tool_format, plan.tools, plan.forced_call)
+                 for c in plan.choices} if plan.tools else {}
         q: asyncio.Queue = asyncio.Queue()
         end = object()
 
@@ -211,10 +214,19 @@ def create_app(gen: Generator, *, model_name: str, api_key: str | None = None,
                 choice, chunk = item
                 metrics.token(None)
                 lp = C.logprobs_body(plan, gen, [chunk], offset=len(choice.text) - len(chunk.text))
-                if chunk.text or lp is not None:
-                    yield _sse(C.chunk_body(plan, choice, text=chunk.text, logprobs=lp))
+                text = calls[choice.index].feed(chunk.text) if calls else chunk.text
+                if text or lp is not None:
+                    yield _sse(C.chunk_body(plan, choice, text=text, logprobs=lp))
                 if chunk.finish_reason:
-                    yield _sse(C.chunk_body(plan, choice, finish=chunk.finish_reason))
+                    finish = chunk.finish_reason
+                    if calls:  # the text held since a call's marker: calls, or content after all
+                        rest, made = calls[choice.index].finish()
+                        if rest:
+                            yield _sse(C.chunk_body(plan, choice, text=rest))
+                        for body in C.tool_call_chunks(plan, choice, made):
+                            yield _sse(body)
+                        finish = "tool_calls" if made else finish
+                    yield _sse(C.chunk_body(plan, choice, finish=finish))
             if plan.include_usage:
                 yield _sse(C.usage_body(plan))
             yield "data: [DONE]\n\n"

@@ -22,6 +22,7 @@ from ...core.sampling import SamplingParams
 from ...serving.generator import Generator
 from ...serving.output import GenerationChunk
 from ...serving.structured import Constraint
+from . import tools as T
 from .guard import ParamError
 from .schemas import MAX_CHOICES, ChatRequest, CompletionRequest, Message, ResponseFormat
 
@@ -67,6 +68,10 @@ class Plan:
     stream: bool
     include_usage: bool
     continuous_usage: bool = False  # every chunk carries the usage so far (vLLM's continuous_usage_stats)
+    tools: list | None = None  # chat with tools taking part: the request's tools (`tools.py`)
+    tool_format: str = ""  # the layout of calls in the text (`tools.template_format`)
+    parallel_tool_calls: bool = True
+    forced_call: bool = False  # a call is required: the text is one from its first token
     id: str = field(default_factory=lambda: secrets.token_hex(12))
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -87,9 +92,16 @@ def template_messages(messages: list[Message]) -> list[dict]:
 
 
 def plan_chat(req: ChatRequest, gen: Generator, model: str) -> Plan:
-    messages = template_messages(req.messages)
-    _fits(gen, sum(gen.tokenizer.at_least_tokens(m["content"]) for m in messages), "messages")
-    ids = gen.tokenizer.apply_chat_template(messages)
+    fmt = T.template_format(gen.tokenizer.chat_template)
+    if req.tool_choice is not None and not req.tools:
+        raise ParamError("tool_choice needs tools", "tool_choice")
+    if req.tools or any(m.tool_calls or m.role == "tool" for m in req.messages):
+        messages, tool_defs = T.render(req, fmt)
+    else:
+        T.check_messages(req.messages)
+        messages, tool_defs = template_messages(req.messages), None
+    _fits(gen, sum(gen.tokenizer.at_least_tokens(m["content"] or "") for m in messages), "messages")
+    ids = gen.tokenizer.apply_chat_template(messages, tools=tool_defs)
     if req.max_tokens is not None and req.max_completion_tokens is not None and \
             req.max_tokens != req.max_completion_tokens:
         raise ParamError("max_tokens and max_completion_tokens disagree; give one", "max_completion_tokens")
@@ -97,7 +109,33 @@ def plan_chat(req: ChatRequest, gen: Generator, model: str) -> Plan:
     if req.top_logprobs is not None and not req.logprobs:
         raise ParamError("top_logprobs needs logprobs: true", "top_logprobs")
     top = (req.top_logprobs or 0) if req.logprobs else None
-    return _plan("chat", req, gen, model, [(ids, "")], max_tokens, top, req.response_format)
+    forced = T.forced(req)
+    if forced and req.response_format is not None and req.response_format.type != "text":
+        raise ParamError("a required tool call and a response_format cannot both shape the output", "tool_choice")
+    plan = _plan("chat", req, gen, model, [(ids, "")], max_tokens, top, req.response_format)
+    if T.active(req):
+        plan.tools, plan.tool_format, plan.parallel_tool_calls = list(req.tools), fmt, req.parallel_tool_calls
+    plan.forced_call = bool(forced)
+    if forced:
+        try:
+            first = gen.grammar_constraint(T.call_grammar(forced, fmt, req.parallel_tool_calls))
+        except UserError as e:
+            raise ParamError(str(e), "tools") from None
+        for i, c in enumerate(plan.choices):
+            c.constraint = first if i == 0 else first.copy()
+    return plan
+
+
+def chat_message(plan: Plan, c: Choice) -> tuple[dict, str | None]:
+    """A chat choice's message and finish reason: with tools, the calls parsed out of its text."""
+    if plan.tools is None or c.finish_reason is None:
+        return {"role": "assistant", "content": c.text}, c.finish_reason
+    content, calls = T.parse(c.text, plan.tool_format, plan.tools)
+    if not calls:
+        return {"role": "assistant", "content": c.text}, c.finish_reason
+    if not plan.parallel_tool_calls:
+        calls = calls[:1]
+    return {"role": "assistant", "content": content, "tool_calls": [x.to_json() for x in calls]}, "tool_calls"
 
 
 def plan_completion(req: CompletionRequest, gen: Generator, model: str) -> Plan:
@@ -281,8 +319,8 @@ def response_body(plan: Plan, gen: Generator) -> dict:
     for c in plan.choices:
         lp = logprobs_body(plan, gen, c.chunks, len(c.echo), c.prompt_scores)
         if plan.kind == "chat":
-            choices.append({"index": c.index, "message": {"role": "assistant", "content": c.text},
-                            "logprobs": lp, "finish_reason": c.finish_reason})
+            message, finish = chat_message(plan, c)
+            choices.append({"index": c.index, "message": message, "logprobs": lp, "finish_reason": finish})
         else:
             choices.append({"index": c.index, "text": c.text, "logprobs": lp, "finish_reason": c.finish_reason})
     return {"id": _id(plan), "object": plan.object, "created": plan.created, "model": plan.model,
@@ -307,6 +345,19 @@ def chunk_body(plan: Plan, choice: Choice, *, role: bool = False, text: str = ""
     elif plan.include_usage:
         body["usage"] = None
     return body
+
+
+def tool_call_chunks(plan: Plan, choice: Choice, calls: list) -> list[dict]:
+    """A stream's tool calls, as OpenAI streams them: per call, its index, id and name first (empty
+    arguments), then its arguments."""
+    out = []
+    for i, call in enumerate(calls if plan.parallel_tool_calls else calls[:1]):
+        for delta in ({"index": i, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}},
+                      {"index": i, "function": {"arguments": call.arguments}}):
+            body = chunk_body(plan, choice)
+            body["choices"][0]["delta"] = {"tool_calls": [delta]}
+            out.append(body)
+    return out
 
 
 def _chunk_object(plan: Plan) -> str:
