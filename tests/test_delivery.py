@@ -35,7 +35,14 @@ def daemon(home: Path, extra=()):
 
 
 def held_bytes(home: Path) -> int:
-    return sum(f.stat().st_size for f in (home / "weights").rglob("*.safetensors*") if f.is_file())
+    """Bytes of weight files under `home` now (a partial file may be renamed while this looks)."""
+    total = 0
+    for f in (home / "weights").rglob("*.safetensors*"):
+        try:
+            total += f.stat().st_size
+        except FileNotFoundError:
+            pass
+    return total
 
 
 def test_daemons_without_a_model_serve_what_local_serves(real_model, tmp_path):
