@@ -355,6 +355,38 @@ def test_tools_required_named_streamed_and_multi_turn(client):
     assert none.choices[0].message.tool_calls is None and none.choices[0].message.content
 
 
+def test_responses_api_text_tools_stream_and_refusals(server, client):
+    """/v1/responses through the official client: instructions and a string input, a required
+    function call whose arguments validate, its output fed back as items, the event sequence
+    streamed (its deltas making the final text), and stored responses refused by name."""
+    tool = {"type": "function", "name": "get_weather", "parameters": WEATHER["function"]["parameters"], "strict": True}
+    r = client.responses.create(model="smollm2", input="What is the capital of France?", instructions="Be brief.",
+                                max_output_tokens=24, temperature=0, store=False)
+    assert r.status == "completed" and r.output_text and r.usage.output_tokens <= 24 and r.usage.input_tokens > 5
+    called = client.responses.create(model="smollm2", input="Weather in Paris?", tools=[tool], tool_choice="required",
+                                     parallel_tool_calls=False, max_output_tokens=80)
+    (fc,) = [o for o in called.output if o.type == "function_call"]
+    assert fc.name == "get_weather" and fc.call_id.startswith("call_")
+    jsonschema.validate(json.loads(fc.arguments), tool["parameters"])
+    back = client.responses.create(model="smollm2", tools=[tool], max_output_tokens=12, temperature=0, input=[
+        {"role": "user", "content": "Weather in Paris?"},
+        {"type": "function_call", "call_id": fc.call_id, "name": fc.name, "arguments": fc.arguments},
+        {"type": "function_call_output", "call_id": fc.call_id, "output": "18 C and sunny"}])
+    assert back.status in ("completed", "incomplete") and back.output
+    events = list(client.responses.create(model="smollm2", input="Say hi", max_output_tokens=8, temperature=0,
+                                          stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert kinds[-1] in ("response.completed", "response.incomplete")
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == events[-1].response.output_text
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    for body, param in (({"input": "x", "previous_response_id": "resp_1"}, "previous_response_id"),
+                        ({"input": "x", "store": True}, "store"), ({"input": []}, "input")):
+        got = http(server, "/v1/responses", body)
+        assert got.status_code == 400 and error_of(got)["param"] == param, got.text
+
+
 def test_api_key_is_enforced(server):
     for key in (None, "sk-wrong"):
         assert http(server, "/v1/models", key=key).status_code == 401

@@ -40,9 +40,10 @@ from ...serving.aio import get_within
 from ...serving.generator import Generator
 from ..allocator import release_free_memory
 from . import completions as C
+from . import responses as R
 from . import tools as T
 from .events import EventStream, until_disconnect
-from .guard import BodyGuard, ModelNotFound, ParamError, ServerLimits, parse_json
+from .guard import BodyGuard, ModelNotFound, ParamError, ServerLimits, parse_json, validation_message
 from .metrics import Metrics, stage_name
 from .schemas import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from .status import StageStatus
@@ -53,9 +54,6 @@ KEEPALIVE_S = float(os.environ.get("HETPIPE_SSE_KEEPALIVE_S", "2.0"))
 PREPARE_WORKERS = 4  # threads preparing requests (the tokenizer and llguidance run there without the GIL)
 RELEASE_AFTER_BYTES = 1 << 20  # a body this large, or a request prepared this slowly (a grammar's
 RELEASE_AFTER_S = 0.1  # lexer, built and dropped), has the memory it took handed back to the OS after it
-# the names pydantic puts in an error's location for a union's alternatives: not parameters
-TYPE_TAGS = {"str", "int", "float", "bool"}
-TAG_PREFIXES = ("dict[", "list[", "function-", "constrained-", "Annotated", "tagged-union[")
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
@@ -82,20 +80,6 @@ def error_of(e: BaseException) -> tuple[int, str, str | None, str | None]:
     return 500, f"internal error: {type(e).__name__}", None, None
 
 
-def validation_message(e: ValidationError) -> tuple[str, str | None]:
-    """pydantic's most telling error as one line, and the parameter it names: of a union's
-    alternatives, a bad value (out of range) before a wrong type."""
-    errors = e.errors()
-    err = max(errors, key=lambda x: (not x["type"].endswith("_type"), len(x["loc"])))
-    loc = [str(x) for x in err["loc"] if not (isinstance(x, str) and (x in TYPE_TAGS or x.startswith(TAG_PREFIXES)))]
-    param = ".".join(loc) or None
-    if err["type"] == "extra_forbidden":
-        return f"unsupported field {param!r}: hetpipe does not implement it", param
-    if err["type"] == "missing":
-        return f"missing field {param!r}", param
-    return f"{param}: {err['msg']}" if param else err["msg"], param
-
-
 def create_app(gen: Generator, *, model_name: str, api_key: str | None = None,
                cors_origins: tuple[str, ...] = (), limits: ServerLimits | None = None) -> Starlette:
     status = StageStatus(gen)
@@ -115,10 +99,17 @@ def create_app(gen: Generator, *, model_name: str, api_key: str | None = None,
                                 "model", "model_not_found")
         return req
 
-    def prepare(raw: bytes, kind: str) -> C.Plan:
-        """On a worker thread: the body parsed, validated, tokenized, its grammar compiled."""
+    def prepare(raw: bytes, kind: str):
+        """On a worker thread: the body parsed, validated, tokenized, its grammar compiled. The
+        Responses API's plan comes with its request (its answer's shape needs it)."""
+        if kind == "responses":
+            plan, req = R.plan(parse_json(raw), gen, model_name)
+            if req.model is not None and req.model != model_name:
+                raise ModelNotFound(f"the model {req.model!r} does not exist; this server serves {model_name!r}",
+                                    "model", "model_not_found")
+            return plan, req
         req = validate(raw, ChatRequest if kind == "chat" else CompletionRequest)
-        return (C.plan_chat if kind == "chat" else C.plan_completion)(req, gen, model_name)
+        return (C.plan_chat if kind == "chat" else C.plan_completion)(req, gen, model_name), None
 
     async def tokens(request: Request, schema, answer) -> Response:
         """/tokenize and /detokenize: validated and answered on a worker thread."""
@@ -148,7 +139,7 @@ def create_app(gen: Generator, *, model_name: str, api_key: str | None = None,
         try:
             raw = (await request.receive())["body"]  # the whole body, in one message (BodyGuard read it)
             size = len(raw)
-            plan = await loop.run_in_executor(pool, prepare, raw, kind)
+            plan, api_req = await loop.run_in_executor(pool, prepare, raw, kind)
             del raw  # a large body is freed now, not when the response ends
             streams = C.start(plan, gen)
         except Exception as e:
@@ -161,7 +152,8 @@ def create_app(gen: Generator, *, model_name: str, api_key: str | None = None,
             return refused
         metrics.prompt_tokens.inc(plan.prompt_tokens)
         if plan.stream:
-            return EventStream(_events(plan, streams), on_end=lambda code: _finished(plan, streams, code))
+            frames = _response_events(plan, api_req, streams) if kind == "responses" else _events(plan, streams)
+            return EventStream(frames, on_end=lambda code: _finished(plan, streams, code))
         try:
             await until_disconnect(request.receive, _collect(plan, streams))
         except asyncio.CancelledError:
@@ -172,7 +164,7 @@ def create_app(gen: Generator, *, model_name: str, api_key: str | None = None,
             _finished(plan, streams, code)
             return error_body(code, message, param, ecode)
         _finished(plan, streams, 200)
-        return JSONResponse(C.response_body(plan, gen))
+        return JSONResponse(R.response_body(plan, api_req) if kind == "responses" else C.response_body(plan, gen))
 
     async def _collect(plan: C.Plan, streams) -> None:
         async for _ in C.merged(plan, streams):
@@ -233,6 +225,16 @@ def create_app(gen: Generator, *, model_name: str, api_key: str | None = None,
         finally:
             task.cancel()
 
+    async def _response_events(plan: C.Plan, api_req, streams):
+        """The Responses API's events; a failure midway ends them with an `error` event."""
+        try:
+            async for frame in R.events(plan, api_req, streams):
+                yield frame
+        except Exception as e:
+            code, message, param, ecode = error_of(e)
+            yield R.error_frame(message, param, ecode)
+            raise _StreamFailed(code) from None
+
     def _finished(plan: C.Plan, streams, code: int) -> None:
         for s in streams:
             s.close()
@@ -247,6 +249,9 @@ def create_app(gen: Generator, *, model_name: str, api_key: str | None = None,
 
     async def completion(request: Request) -> Response:
         return await generate(request, "completion")
+
+    async def responses(request: Request) -> Response:
+        return await generate(request, "responses")
 
     def model_entry() -> dict:
         return {"id": model_name, "object": "model", "created": started, "owned_by": "hetpipe"}
@@ -302,6 +307,7 @@ def create_app(gen: Generator, *, model_name: str, api_key: str | None = None,
                              allow_headers=["authorization", "content-type"])] if cors_origins else []
     routes = [Route("/v1/chat/completions", chat, methods=["POST"]),
               Route("/v1/completions", completion, methods=["POST"]),
+              Route("/v1/responses", responses, methods=["POST"]),
               Route("/tokenize", functools.partial(tokens, schema=TokenizeRequest, answer=tokenize), methods=["POST"]),
               Route("/detokenize", functools.partial(tokens, schema=DetokenizeRequest, answer=detokenize),
                     methods=["POST"]),

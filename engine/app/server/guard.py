@@ -19,6 +19,7 @@ import json
 import math
 from dataclasses import dataclass
 
+from pydantic import ValidationError
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ...core.errors import UserError
@@ -238,3 +239,22 @@ def _check_tree(body: dict) -> None:
                                          "strings must be valid Unicode") from None
             if isinstance(item, (dict, list)):
                 stack.append((item, depth + 1))
+
+
+# the names pydantic puts in an error's location for a union's alternatives: not parameters
+TYPE_TAGS = {"str", "int", "float", "bool"}
+TAG_PREFIXES = ("dict[", "list[", "function-", "constrained-", "Annotated", "tagged-union[")
+
+
+def validation_message(e: ValidationError) -> tuple[str, str | None]:
+    """pydantic's most telling error as one line, and the parameter it names: of a union's
+    alternatives, a bad value (out of range) before a wrong type."""
+    errors = e.errors()
+    err = max(errors, key=lambda x: (not x["type"].endswith("_type"), len(x["loc"])))
+    loc = [str(x) for x in err["loc"] if not (isinstance(x, str) and (x in TYPE_TAGS or x.startswith(TAG_PREFIXES)))]
+    param = ".".join(loc) or None
+    if err["type"] == "extra_forbidden":
+        return f"unsupported field {param!r}: hetpipe does not implement it", param
+    if err["type"] == "missing":
+        return f"missing field {param!r}", param
+    return f"{param}: {err['msg']}" if param else err["msg"], param

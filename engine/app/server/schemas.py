@@ -26,11 +26,11 @@ TOKEN_ID_KEY = re.compile(r"[0-9]{1,10}")
 Bool = StrictBool  # true or false only: "yes" or 1 is an error, not a guess
 
 
-class _Strict(BaseModel):
+class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class TextPart(_Strict):
+class TextPart(Strict):
     type: Literal["text"]
     text: str
 
@@ -39,18 +39,18 @@ MAX_TOOLS = 128
 FUNCTION_NAME = r"^[A-Za-z0-9_.-]{1,64}$"  # OpenAI's rule for function names
 
 
-class FunctionCall(_Strict):
+class FunctionCall(Strict):
     name: str = Field(pattern=FUNCTION_NAME)
     arguments: str  # a JSON object, as text (OpenAI's shape)
 
 
-class ToolCall(_Strict):
+class ToolCall(Strict):
     id: str = Field(max_length=MAX_NAME)
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
-class Message(_Strict):
+class Message(Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     # None only for an assistant message that made tool calls
     content: str | Annotated[list[TextPart], Field(max_length=MAX_PARTS)] | None = None
@@ -64,40 +64,40 @@ class Message(_Strict):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
-class FunctionDef(_Strict):
+class FunctionDef(Strict):
     name: str = Field(pattern=FUNCTION_NAME)
     description: str | None = None
     parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
     strict: Bool | None = None
 
 
-class Tool(_Strict):
+class Tool(Strict):
     type: Literal["function"]
     function: FunctionDef
 
 
-class NamedFunction(_Strict):
+class NamedFunction(Strict):
     name: str = Field(pattern=FUNCTION_NAME)
 
 
-class NamedToolChoice(_Strict):
+class NamedToolChoice(Strict):
     type: Literal["function"]
     function: NamedFunction
 
 
-class StreamOptions(_Strict):
+class StreamOptions(Strict):
     include_usage: Bool = False
     continuous_usage_stats: Bool = False  # vLLM's: every chunk carries the usage so far
 
 
-class JsonSchemaSpec(_Strict):
+class JsonSchemaSpec(Strict):
     name: str = Field(max_length=64)
     schema_: dict[str, Any] = Field(default_factory=lambda: {"type": "object"}, alias="schema")
     description: str | None = None
     strict: Bool | None = None
 
 
-class ResponseFormat(_Strict):
+class ResponseFormat(Strict):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaSpec | None = None
 
@@ -108,7 +108,7 @@ TokenCount = Annotated[int, Field(ge=1, le=MAX_TOKEN_ID)]
 TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
 
 
-class _Sampling(_Strict):
+class _Sampling(Strict):
     """What both endpoints share."""
 
     model: str | None = Field(default=None, max_length=MAX_NAME)  # left out: the served model (as llama.cpp, vLLM)
@@ -160,7 +160,7 @@ class CompletionRequest(_Sampling):
     response_format: ResponseFormat | None = None  # beyond OpenAI's completions, as vLLM takes it
 
 
-class TokenizeRequest(_Strict):
+class TokenizeRequest(Strict):
     """POST /tokenize, vLLM's shape: a `prompt`, or chat `messages` through the chat template."""
 
     model: str | None = Field(default=None, max_length=MAX_NAME)
@@ -170,7 +170,7 @@ class TokenizeRequest(_Strict):
     add_special_tokens: Bool | None = None  # default: true for a prompt, false for messages (as vLLM)
 
 
-class DetokenizeRequest(_Strict):
+class DetokenizeRequest(Strict):
     """POST /detokenize, vLLM's shape."""
 
     model: str | None = Field(default=None, max_length=MAX_NAME)
