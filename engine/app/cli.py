@@ -449,54 +449,59 @@ def _can_calibrate(model_dir: str) -> bool:
 
 
 def cmd_bench(args) -> int:
+    stderr = lambda m: print(m, file=sys.stderr)  # noqa: E731
     if args.suite == "hostile":
         from .bench.hostile import format_hostile, run_hostile
 
         r = run_hostile(args.url, api_key=args.api_key, pid=args.pid, mutated=args.mutated, framing=args.framing,
-                        skip=tuple(args.skip),
-                        log=(lambda m: print(m, file=sys.stderr)))
+                        skip=tuple(args.skip), log=stderr)
         print(json.dumps(r) if args.json else format_hostile(r))
-        return 0
-    model_dir = _model_dir(args.model)
-    if args.suite == "serving":
-        from .bench.serving import KEYS, format_serving, run_serving
-
-        _at_least_1(args, "concurrency", "requests", "max_tokens", "prompt_len")
-        if (args.url is not None) + (args.local is not None) + (args.stages is not None) != 1:
-            raise UserError("bench serving: give one of --url, --local or --stages")
-        if args.url is not None:
-            from .bench.http import format_http, run_http
-
-            r = run_http(args.url, model_dir, api_key=args.api_key, concurrency=args.concurrency,
-                         requests=args.requests or 4 * args.concurrency, max_tokens=args.max_tokens,
-                         prompt_len=args.prompt_len)
-            print(json.dumps(r) if args.json else format_http(r))
-            return 0
-        with _generator(args) as gen:
-            r = run_serving(gen, concurrency=args.concurrency, requests=args.requests or 4 * args.concurrency,
-                            max_tokens=args.max_tokens, prompt_len=args.prompt_len)
-        print(json.dumps({**{k: r[k] for k in KEYS}, **{k: v for k, v in r.items() if k not in KEYS}})
-              if args.json else format_serving(r))
-        return 0
-    if args.suite == "delivery":
+    elif args.suite == "serving":
+        _bench_serving(args, _model_dir(args.model))
+    elif args.suite == "delivery":
         from .bench.delivery import format_delivery, run_delivery
 
         _at_least_1(args, "rounds")
         layers = parse_layer_range(args.layers) if args.layers else None
-        r = run_delivery(model_dir, layers, args.rounds, args.backend, log=(lambda m: print(m, file=sys.stderr)))
+        r = run_delivery(_model_dir(args.model), layers, args.rounds, args.backend, log=stderr)
         print(json.dumps(r) if args.json else format_delivery(r))
-        return 0
-    if args.suite == "prefix":
+    elif args.suite == "prefix":
         from .bench.prefix import format_prefix, run_prefix
 
         if not args.prefix_cache:
             raise UserError("bench prefix times the prefix cache against none: --no-prefix-cache leaves nothing to time")
-        with _generator(args) as cached:
-            args.prefix_cache = False
-            with _generator(args) as uncached:
-                r = run_prefix(cached, uncached, history=args.history, rounds=args.rounds, max_tokens=args.max_tokens)
+        uncached = argparse.Namespace(**{**vars(args), "prefix_cache": False})
+        with _generator(args) as cached, _generator(uncached) as bare:
+            r = run_prefix(cached, bare, history=args.history, rounds=args.rounds, max_tokens=args.max_tokens)
         print(json.dumps(r) if args.json else format_prefix(r))
-        return 0
+    else:
+        _bench_report(args, _model_dir(args.model))
+    return 0
+
+
+def _bench_serving(args, model_dir) -> None:
+    from .bench.serving import KEYS, format_serving, run_serving
+
+    _at_least_1(args, "concurrency", "requests", "max_tokens", "prompt_len")
+    if (args.url is not None) + (args.local is not None) + (args.stages is not None) != 1:
+        raise UserError("bench serving: give one of --url, --local or --stages")
+    requests = args.requests or 4 * args.concurrency
+    if args.url is not None:
+        from .bench.http import format_http, run_http
+
+        r = run_http(args.url, model_dir, api_key=args.api_key, concurrency=args.concurrency, requests=requests,
+                     max_tokens=args.max_tokens, prompt_len=args.prompt_len)
+        print(json.dumps(r) if args.json else format_http(r))
+        return
+    with _generator(args) as gen:
+        r = run_serving(gen, concurrency=args.concurrency, requests=requests, max_tokens=args.max_tokens,
+                        prompt_len=args.prompt_len)
+    print(json.dumps({**{k: r[k] for k in KEYS}, **{k: v for k, v in r.items() if k not in KEYS}})
+          if args.json else format_serving(r))
+
+
+def _bench_report(args, model_dir) -> None:
+    """`bench backends` and `bench pipeline`: JSON, Markdown and PNG under --out."""
     from pathlib import Path
 
     from .bench import report
@@ -518,15 +523,13 @@ def cmd_bench(args) -> int:
         _at_least_1(args, "rounds", "max_tokens")
         n = ModelConfig.load(model_dir).num_hidden_layers
         data = PL.run_pipeline(model_dir, (n // 2 - 1) if args.split is None else args.split,
-                               check_dtype(args.dtype, allow_auto=True),
-                               args.rounds, args.max_tokens, log)
+                               check_dtype(args.dtype, allow_auto=True), args.rounds, args.max_tokens, log)
         paths = report.write_outputs(Path(args.out), "pipeline", data, PL.pipeline_table(data), PL.pipeline_plot)
     if args.json:
         print(json.dumps(data))
     else:
         print(paths[1].read_text())
         print("wrote " + ", ".join(map(str, paths)))
-    return 0
 
 
 def cmd_plan(args) -> int:

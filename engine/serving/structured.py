@@ -88,27 +88,26 @@ class Grammars:
 
         if schema is not None:
             check_schema(schema)
-        try:
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(ANY_OBJECT if schema is None else schema,
-                                                                    defaults=JSON_OPTIONS)
-        except (ValueError, TypeError) as e:
-            raise UserError(f"response_format: the JSON schema is not valid: {_one_line(e)}") from None
-        error = llguidance.LLMatcher.validate_grammar(grammar, self._tok(), limits=_limits())
-        if error and not error.startswith("WARNING"):
-            raise UserError(f"response_format: the JSON schema cannot be enforced: {_one_line(error)}")
-        return grammar
+        return self._compiled(lambda: llguidance.LLMatcher.grammar_from_json_schema(
+            ANY_OBJECT if schema is None else schema, defaults=JSON_OPTIONS), "response_format: the JSON schema")
 
     def lark(self, text: str) -> str:
         """The llguidance grammar of a Lark-syntax grammar (ours: tool calls), checked as `grammar` is."""
         import llguidance
 
+        return self._compiled(lambda: llguidance.LLMatcher.grammar_from_lark(text), "tools: their grammar")
+
+    def _compiled(self, compile_grammar, what: str) -> str:
+        """`compile_grammar()`, validated against this vocabulary within the limits; else one line."""
+        import llguidance
+
         try:
-            grammar = llguidance.LLMatcher.grammar_from_lark(text)
+            grammar = compile_grammar()
         except (ValueError, TypeError) as e:
-            raise UserError(f"tools: their grammar is not valid: {_one_line(e)}") from None
+            raise UserError(f"{what} is not valid: {_one_line(e)}") from None
         error = llguidance.LLMatcher.validate_grammar(grammar, self._tok(), limits=_limits())
         if error and not error.startswith("WARNING"):
-            raise UserError(f"tools: their schemas cannot be enforced: {_one_line(error)}")
+            raise UserError(f"{what} cannot be enforced: {_one_line(error)}")
         return grammar
 
     def constraint(self, grammar: str) -> Constraint:

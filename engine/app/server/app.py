@@ -82,95 +82,125 @@ def error_of(e: BaseException) -> tuple[int, str, str | None, str | None]:
 
 def create_app(gen: Generator, *, model_name: str, api_key: str | None = None,
                cors_origins: tuple[str, ...] = (), limits: ServerLimits | None = None) -> Starlette:
-    status = StageStatus(gen)
-    metrics = Metrics(gen, status.cached)
-    limits = limits or ServerLimits()
-    pool = ThreadPoolExecutor(PREPARE_WORKERS, thread_name_prefix="hetpipe-prepare")
-    pool.submit(gen.grammars.warm)  # llguidance's view of the vocabulary, built now rather than by a first request
+    api = _Api(gen, model_name, api_key)
+    middleware = [Middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                             allow_headers=["authorization", "content-type"])] if cors_origins else []
+    routes = [Route("/v1/chat/completions", api.chat, methods=["POST"]),
+              Route("/v1/completions", api.completion, methods=["POST"]),
+              Route("/v1/responses", api.responses, methods=["POST"]),
+              Route("/tokenize", functools.partial(api.tokens, schema=TokenizeRequest, answer=tokenize),
+                    methods=["POST"]),
+              Route("/detokenize", functools.partial(api.tokens, schema=DetokenizeRequest, answer=detokenize),
+                    methods=["POST"]),
+              Route("/v1/models", api.models, methods=["GET"]),
+              Route("/v1/models/{name:path}", api.model, methods=["GET"]),
+              Route("/health", api.health, methods=["GET"]),
+              Route("/metrics", api.metrics_page, methods=["GET"]),
+              Route("/", api.page, methods=["GET"])]
+    # innermost: CORS preflights never wait on a body
+    middleware.append(Middleware(BodyGuard, limits=limits or ServerLimits()))
+    return Starlette(routes=routes, middleware=middleware,
+                     exception_handlers={HTTPException: api.not_found, Exception: api.crashed})
 
-    def validate(raw: bytes, schema):
+
+class _Api:
+    """The endpoints of one server: its generator, model name and key, the stages' status, the
+    metrics, and the worker threads that prepare requests."""
+
+    def __init__(self, gen: Generator, model_name: str, api_key: str | None):
+        self.gen, self.model_name, self.api_key = gen, model_name, api_key
+        self.status = StageStatus(gen)
+        self.metrics = Metrics(gen, self.status.cached)
+        self.pool = ThreadPoolExecutor(PREPARE_WORKERS, thread_name_prefix="hetpipe-prepare")
+        self.pool.submit(gen.grammars.warm)  # llguidance's view of the vocabulary, built now, not by a request
+        self.started = int(time.time())
+
+    def check_model(self, req):
+        """`req`, if it names this server's model or none."""
+        if req.model is not None and req.model != self.model_name:
+            raise ModelNotFound(f"the model {req.model!r} does not exist; this server serves {self.model_name!r}",
+                                "model", "model_not_found")
+        return req
+
+    def validate(self, raw: bytes, schema):
         """The body parsed and validated as `schema`, naming this server's model (or none)."""
         try:
             req = schema.model_validate(parse_json(raw))
         except ValidationError as e:
             raise ParamError(*validation_message(e)) from None
-        if req.model is not None and req.model != model_name:
-            raise ModelNotFound(f"the model {req.model!r} does not exist; this server serves {model_name!r}",
-                                "model", "model_not_found")
-        return req
+        return self.check_model(req)
 
-    def prepare(raw: bytes, kind: str):
+    def prepare(self, raw: bytes, kind: str):
         """On a worker thread: the body parsed, validated, tokenized, its grammar compiled. The
         Responses API's plan comes with its request (its answer's shape needs it)."""
         if kind == "responses":
-            plan, req = R.plan(parse_json(raw), gen, model_name)
-            if req.model is not None and req.model != model_name:
-                raise ModelNotFound(f"the model {req.model!r} does not exist; this server serves {model_name!r}",
-                                    "model", "model_not_found")
-            return plan, req
-        req = validate(raw, ChatRequest if kind == "chat" else CompletionRequest)
-        return (C.plan_chat if kind == "chat" else C.plan_completion)(req, gen, model_name), None
+            plan, req = R.plan(parse_json(raw), self.gen, self.model_name)
+            return plan, self.check_model(req)
+        req = self.validate(raw, ChatRequest if kind == "chat" else CompletionRequest)
+        return (C.plan_chat if kind == "chat" else C.plan_completion)(req, self.gen, self.model_name), None
 
-    async def tokens(request: Request, schema, answer) -> Response:
+    async def tokens(self, request: Request, schema, answer) -> Response:
         """/tokenize and /detokenize: validated and answered on a worker thread."""
-        if not authorized(request):
+        if not self.authorized(request):
             return error_body(401, "invalid API key", None, "invalid_api_key")
         try:
             raw = (await request.receive())["body"]
-            body = await asyncio.get_running_loop().run_in_executor(pool, lambda: answer(validate(raw, schema), gen))
+            loop = asyncio.get_running_loop()
+            body = await loop.run_in_executor(self.pool, lambda: answer(self.validate(raw, schema), self.gen))
         except Exception as e:
             return error_body(*error_of(e))
         return JSONResponse(body)
 
-    def authorized(request: Request) -> bool:
-        if api_key is None:
+    def authorized(self, request: Request) -> bool:
+        if self.api_key is None:
             return True
         got = request.headers.get("authorization", "")
         scheme, _, token = got.partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode())
 
-    async def generate(request: Request, kind: str) -> Response:
-        metrics.watch_loop()
-        if not authorized(request):
-            metrics.requests.labels("401").inc()
+    async def generate(self, request: Request, kind: str) -> Response:
+        self.metrics.watch_loop()
+        if not self.authorized(request):
+            self.metrics.requests.labels("401").inc()
             return error_body(401, "invalid API key (send it as `Authorization: Bearer KEY`)", None,
                               "invalid_api_key")
         loop, refused, size, began = asyncio.get_running_loop(), None, 0, time.perf_counter()
         try:
             raw = (await request.receive())["body"]  # the whole body, in one message (BodyGuard read it)
             size = len(raw)
-            plan, api_req = await loop.run_in_executor(pool, prepare, raw, kind)
+            plan, api_req = await loop.run_in_executor(self.pool, self.prepare, raw, kind)
             del raw  # a large body is freed now, not when the response ends
-            streams = C.start(plan, gen)
+            streams = C.start(plan, self.gen)
         except Exception as e:
             code, message, param, ecode = error_of(e)
-            metrics.requests.labels(str(code)).inc()
+            self.metrics.requests.labels(str(code)).inc()
             refused = error_body(code, message, param, ecode)
         if size >= RELEASE_AFTER_BYTES or time.perf_counter() - began >= RELEASE_AFTER_S:
-            loop.run_in_executor(pool, _give_back)  # what a heavy request took goes back to the OS
+            loop.run_in_executor(self.pool, _give_back)  # what a heavy request took goes back to the OS
         if refused is not None:
             return refused
-        metrics.prompt_tokens.inc(plan.prompt_tokens)
+        self.metrics.prompt_tokens.inc(plan.prompt_tokens)
         if plan.stream:
-            frames = _response_events(plan, api_req, streams) if kind == "responses" else _events(plan, streams)
-            return EventStream(frames, on_end=lambda code: _finished(plan, streams, code))
+            frames = (self._response_events(plan, api_req, streams) if kind == "responses"
+                      else self._events(plan, streams))
+            return EventStream(frames, on_end=lambda code: self._finished(plan, streams, code))
         try:
-            await until_disconnect(request.receive, _collect(plan, streams))
+            await until_disconnect(request.receive, self._collect(plan, streams))
         except asyncio.CancelledError:
-            _finished(plan, streams, 499)  # the client went away: cancelled (nginx's "client closed request")
+            self._finished(plan, streams, 499)  # the client went away: cancelled (nginx's "client closed request")
             return Response(status_code=499)
         except Exception as e:
             code, message, param, ecode = error_of(e)
-            _finished(plan, streams, code)
+            self._finished(plan, streams, code)
             return error_body(code, message, param, ecode)
-        _finished(plan, streams, 200)
-        return JSONResponse(R.response_body(plan, api_req) if kind == "responses" else C.response_body(plan, gen))
+        self._finished(plan, streams, 200)
+        return JSONResponse(R.response_body(plan, api_req) if kind == "responses" else C.response_body(plan, self.gen))
 
-    async def _collect(plan: C.Plan, streams) -> None:
+    async def _collect(self, plan: C.Plan, streams) -> None:
         async for _ in C.merged(plan, streams):
-            metrics.token(None)
+            self.metrics.token(None)
 
-    async def _events(plan: C.Plan, streams):
+    async def _events(self, plan: C.Plan, streams):
         """The SSE frames of one streamed request, keep-alive comments between."""
         for c in plan.choices:  # chat: the role first; completions: the echoed prompt, if any
             if plan.kind == "chat" or c.echo:
@@ -204,8 +234,8 @@ def create_app(gen: Generator, *, model_name: str, api_key: str | None = None,
                     yield "data: [DONE]\n\n"
                     raise _StreamFailed(code)
                 choice, chunk = item
-                metrics.token(None)
-                lp = C.logprobs_body(plan, gen, [chunk], offset=len(choice.text) - len(chunk.text))
+                self.metrics.token(None)
+                lp = C.logprobs_body(plan, self.gen, [chunk], offset=len(choice.text) - len(chunk.text))
                 text = calls[choice.index].feed(chunk.text) if calls else chunk.text
                 if text or lp is not None:
                     yield _sse(C.chunk_body(plan, choice, text=text, logprobs=lp))
@@ -225,7 +255,7 @@ def create_app(gen: Generator, *, model_name: str, api_key: str | None = None,
         finally:
             task.cancel()
 
-    async def _response_events(plan: C.Plan, api_req, streams):
+    async def _response_events(self, plan: C.Plan, api_req, streams):
         """The Responses API's events; a failure midway ends them with an `error` event."""
         try:
             async for frame in R.events(plan, api_req, streams):
@@ -235,90 +265,73 @@ def create_app(gen: Generator, *, model_name: str, api_key: str | None = None,
             yield R.error_frame(message, param, ecode)
             raise _StreamFailed(code) from None
 
-    def _finished(plan: C.Plan, streams, code: int) -> None:
+    def _finished(self, plan: C.Plan, streams, code: int) -> None:
         for s in streams:
             s.close()
             if s.timing.first is not None:
-                metrics.ttft.observe(s.timing.ttft_ms / 1000)
+                self.metrics.ttft.observe(s.timing.ttft_ms / 1000)
             for g in s.timing.gaps:
-                metrics.itl.observe(g)
-        metrics.requests.labels(str(code)).inc()
+                self.metrics.itl.observe(g)
+        self.metrics.requests.labels(str(code)).inc()
 
-    async def chat(request: Request) -> Response:
-        return await generate(request, "chat")
+    async def chat(self, request: Request) -> Response:
+        return await self.generate(request, "chat")
 
-    async def completion(request: Request) -> Response:
-        return await generate(request, "completion")
+    async def completion(self, request: Request) -> Response:
+        return await self.generate(request, "completion")
 
-    async def responses(request: Request) -> Response:
-        return await generate(request, "responses")
+    async def responses(self, request: Request) -> Response:
+        return await self.generate(request, "responses")
 
-    def model_entry() -> dict:
-        return {"id": model_name, "object": "model", "created": started, "owned_by": "hetpipe"}
+    def model_entry(self) -> dict:
+        return {"id": self.model_name, "object": "model", "created": self.started, "owned_by": "hetpipe"}
 
-    async def models(request: Request) -> Response:
-        if not authorized(request):
+    async def models(self, request: Request) -> Response:
+        if not self.authorized(request):
             return error_body(401, "invalid API key", None, "invalid_api_key")
-        return JSONResponse({"object": "list", "data": [model_entry()]})
+        return JSONResponse({"object": "list", "data": [self.model_entry()]})
 
-    async def model(request: Request) -> Response:
-        if not authorized(request):
+    async def model(self, request: Request) -> Response:
+        if not self.authorized(request):
             return error_body(401, "invalid API key", None, "invalid_api_key")
-        if request.path_params["name"] != model_name:
+        if request.path_params["name"] != self.model_name:
             return error_body(404, f"the model {request.path_params['name']!r} does not exist", "model",
                               "model_not_found")
-        return JSONResponse(model_entry())
+        return JSONResponse(self.model_entry())
 
-    async def health(request: Request) -> Response:
-        metrics.watch_loop()
-        stages = await asyncio.to_thread(status.refresh)
-        engine_error = gen.engine.error
-        ok = engine_error is None and not gen.engine.lost_stages and all(s["state"] == "ok" for s in stages)
-        body = {"status": "ok" if ok else "unavailable", "model": model_name,
+    async def health(self, request: Request) -> Response:
+        self.metrics.watch_loop()
+        stages = await asyncio.to_thread(self.status.refresh)
+        engine_error = self.gen.engine.error
+        ok = engine_error is None and not self.gen.engine.lost_stages and all(s["state"] == "ok" for s in stages)
+        body = {"status": "ok" if ok else "unavailable", "model": self.model_name,
                 "stages": [{"stage": stage_name(s), **s} for s in stages],
-                "queue_depth": len(gen.engine.scheduler.waiting), "running": len(gen.engine.scheduler.running),
-                "tokens_per_s": metrics.tokens_per_s()}
+                "queue_depth": len(self.gen.engine.scheduler.waiting),
+                "running": len(self.gen.engine.scheduler.running),
+                "tokens_per_s": self.metrics.tokens_per_s()}
         if engine_error is not None:
             body["error"] = f"the serving engine stopped: {engine_error!r}"
-        elif gen.engine.lost_stages:
-            body["error"] = f"{gen.engine.lost_error}; serving resumes once a stage takes its place"
+        elif self.gen.engine.lost_stages:
+            body["error"] = f"{self.gen.engine.lost_error}; serving resumes once a stage takes its place"
         return JSONResponse(body, 200 if ok else 503)
 
-    async def metrics_page(request: Request) -> Response:
-        if not authorized(request):
+    async def metrics_page(self, request: Request) -> Response:
+        if not self.authorized(request):
             return error_body(401, "invalid API key", None, "invalid_api_key")
-        await asyncio.to_thread(status.refresh)
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        await asyncio.to_thread(self.status.refresh)
+        return Response(self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    async def page(request: Request) -> Response:
+    async def page(self, request: Request) -> Response:
         return HTMLResponse(PAGE)
 
-    async def not_found(request: Request, exc: HTTPException) -> Response:
+    async def not_found(self, request: Request, exc: HTTPException) -> Response:
         if exc.status_code == 404:
             return error_body(404, f"no such endpoint: {request.method} {request.url.path}", None, "not_found")
         return error_body(exc.status_code, str(exc.detail))
 
-    async def crashed(request: Request, exc: Exception) -> Response:
+    async def crashed(self, request: Request, exc: Exception) -> Response:
         code, message, param, ecode = error_of(exc)
         return error_body(code, message, param, ecode)
-
-    started = int(time.time())
-    middleware = [Middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
-                             allow_headers=["authorization", "content-type"])] if cors_origins else []
-    routes = [Route("/v1/chat/completions", chat, methods=["POST"]),
-              Route("/v1/completions", completion, methods=["POST"]),
-              Route("/v1/responses", responses, methods=["POST"]),
-              Route("/tokenize", functools.partial(tokens, schema=TokenizeRequest, answer=tokenize), methods=["POST"]),
-              Route("/detokenize", functools.partial(tokens, schema=DetokenizeRequest, answer=detokenize),
-                    methods=["POST"]),
-              Route("/v1/models", models, methods=["GET"]),
-              Route("/v1/models/{name:path}", model, methods=["GET"]),
-              Route("/health", health, methods=["GET"]),
-              Route("/metrics", metrics_page, methods=["GET"]),
-              Route("/", page, methods=["GET"])]
-    middleware.append(Middleware(BodyGuard, limits=limits))  # innermost: CORS preflights never wait on a body
-    return Starlette(routes=routes, middleware=middleware,
-                     exception_handlers={HTTPException: not_found, Exception: crashed})
 
 
 def _give_back() -> None:
