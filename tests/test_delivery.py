@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from stage_home import held_tensors, stage_home
 
 from engine.api import Generator, connect_pipeline, local_pipeline
 from engine.app.procs import start_stage, stop_stages
@@ -21,9 +22,7 @@ from engine.core.weights import stage_tensor_names
 from transport import protocol as P
 from transport.auth import init_keys
 from transport.client import Client
-from transport.wire import pack
-
-from stage_home import held_tensors, stage_home
+from transport.wire import pack, pack_tensor_entry
 
 PROMPT = [1, 9690, 314, 253, 1345, 28, 504]
 
@@ -84,7 +83,7 @@ def test_a_chunk_that_fails_its_hash_is_refused_and_sent_again(tiny_dirs, tmp_pa
         source = TensorSource(d)
         entries = manifest(source, ModelConfig.load(d), 0, 3)
         have = client.call(address, P.MODEL, identity=identity, config=(d / "config.json").read_text(),
-                           tensors=[e.to_wire() for e in entries])["have"]
+                           tensors=[pack_tensor_entry(e) for e in entries])["have"]
         assert have == [0] * len(entries)
         t = entries[0]
         bad = bytearray(source.chunk(t.name, 0))
@@ -96,7 +95,7 @@ def test_a_chunk_that_fails_its_hash_is_refused_and_sent_again(tiny_dirs, tmp_pa
         assert reply["error"] == "chunk hash mismatch" and reply["held"] == 0
         assert deliver(client, address, d, 0, 3, identity) == sum(e.nbytes for e in entries)  # sent again, whole
         assert client.call(address, P.MODEL, identity=identity, config=(d / "config.json").read_text(),
-                           tensors=[e.to_wire() for e in entries])["have"] == [e.nbytes for e in entries]
+                           tensors=[pack_tensor_entry(e) for e in entries])["have"] == [e.nbytes for e in entries]
     finally:
         client.close()
         stop_stages([proc])

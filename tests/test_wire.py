@@ -11,8 +11,19 @@ from engine.core.sampling import SamplingParams
 from engine.core.stage import SampledToken, SeqChunk, StageBatch, StageReport, StageResult
 from engine.core.tensors import TypedArray
 from transport import protocol as P
-from transport.wire import (WireError, pack, pack_batch, pack_report, pack_result, unpack, unpack_batch,
-                            unpack_report, unpack_result)
+from transport.wire import (
+    WireError,
+    pack,
+    pack_batch,
+    pack_report,
+    pack_result,
+    pack_tensor_entry,
+    unpack,
+    unpack_batch,
+    unpack_report,
+    unpack_result,
+    unpack_tensor_entry,
+)
 
 REPORT = StageReport(address="tcp://127.0.0.1:5555", heartbeat="tcp://127.0.0.1:40001", backend="torch", device="cpu",
                      dtype="bfloat16", num_layers=30, layers=(15, 29), kv_tokens=4096, kv_tokens_used=12, kv_tokens_cached=32,
@@ -110,13 +121,13 @@ def test_weight_delivery_messages_round_trip(pair):
 
     entry = TensorEntry("model.layers.0.mlp.up_proj.weight", "BF16", [8, 4], 64, [bytes(range(32))])
     header, arrays = through(pair, pack(P.MODEL, req=3, identity={"config": "ab", "weights": "cd"}, config="{}",
-                                        tensors=[entry.to_wire()]))
-    assert arrays == [] and TensorEntry.from_wire(header["tensors"][0]) == entry
+                                        tensors=[pack_tensor_entry(entry)]))
+    assert arrays == [] and unpack_tensor_entry(header["tensors"][0]) == entry
     data = np.arange(64, dtype=np.uint8)
     header, arrays = through(pair, pack(P.CHUNK, [("uint8", data)], req=4, name=entry.name, offset=0))
     assert header["kind"] == P.CHUNK and arrays[0][0] == "uint8" and np.array_equal(arrays[0][1], data)
-    with pytest.raises(ValueError):
-        TensorEntry.from_wire([entry.name, "BF16", [8, 4], 64, [b"short"]])  # a hash is 32 bytes
+    with pytest.raises(WireError):
+        unpack_tensor_entry([entry.name, "BF16", [8, 4], 64, [b"short"]])  # a hash is 32 bytes
 
 
 def test_masks_and_openai_sampling_round_trip(pair):

@@ -35,8 +35,18 @@ from engine.core.weights import layer_bytes
 
 from . import protocol as P
 from .auth import Auth, is_loopback
-from .wire import (SamplingMemo, WireError, forward_frames, pack, pack_report, pack_result, peek_envelope, unpack,
-                   unpack_batch)
+from .wire import (
+    SamplingMemo,
+    WireError,
+    forward_frames,
+    pack,
+    pack_report,
+    pack_result,
+    peek_envelope,
+    unpack,
+    unpack_batch,
+    unpack_tensor_entry,
+)
 
 StageLoader = Callable[[str, int, int], BaseStage]  # (model dir, first, last) -> a loaded, warmed-up stage
 
@@ -332,7 +342,7 @@ class StageDaemon:
         if not (isinstance(identity, dict) and isinstance(config, str) and len(config) < (1 << 20)
                 and isinstance(tensors, list) and len(tensors) < 100_000):
             raise WireError("model needs identity, config and tensors")
-        entries = [TensorEntry.from_wire(t) for t in tensors]
+        entries = [unpack_tensor_entry(t) for t in tensors]
         theirs = {"config": identity.get("config"), "weights": identity.get("weights"), "source": "delivered"}
         if theirs != self.identity:
             if self.stage is not None and self.stage.live_sequences():

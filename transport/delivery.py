@@ -24,7 +24,7 @@ from engine.core.weight_store import CHUNK_BYTES, TensorEntry, TensorSource, man
 
 from . import protocol as P
 from .client import Client
-from .wire import pack
+from .wire import pack, pack_tensor_entry
 
 
 def deliver(client: Client, address: str, model_dir: str | Path, first: int, last: int, identity: dict,
@@ -34,7 +34,8 @@ def deliver(client: Client, address: str, model_dir: str | Path, first: int, las
     entries = manifest(source, ModelConfig.load(model_dir), first, last)
     t0 = time.monotonic()
     have = client.call(address, P.MODEL, timeout_s=P.LOAD_TIMEOUT_S, identity=identity,
-                       config=(Path(model_dir) / "config.json").read_text(), tensors=[e.to_wire() for e in entries])
+                       config=(Path(model_dir) / "config.json").read_text(),
+                       tensors=[pack_tensor_entry(e) for e in entries])
     held = have.get("have")
     if not (isinstance(held, list) and len(held) == len(entries)):
         raise StageFailure(f"stage {address} answered MODEL without what it holds")

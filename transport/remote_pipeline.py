@@ -23,7 +23,6 @@ from .delivery import deliver
 from .heartbeat import Heartbeat
 from .wire import SamplingMemo, pack, pack_batch, unpack_result
 
-
 STATUS_TIMEOUT_S = 2.0  # a stage whose heartbeat socket does not answer a status ping this fast is reported lost
 
 

@@ -21,10 +21,11 @@ import msgpack
 import numpy as np
 
 from engine.core.errors import BatchTooLarge
-from engine.core.sampling import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_STOP_IDS, SamplingParams
 from engine.core.kv_blocks import BLOCK
+from engine.core.sampling import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_STOP_IDS, SamplingParams
 from engine.core.stage import PromptLogprobs, SampledToken, SeqChunk, StageBatch, StageReport, StageResult
 from engine.core.tensors import STORAGE, TypedArray
+from engine.core.weight_store import TensorEntry, n_chunks
 
 from . import protocol as P
 
@@ -393,3 +394,22 @@ def unpack_report(d) -> StageReport:
     if d["layers"] is not None:
         d["layers"] = tuple(d["layers"])
     return StageReport(**d)
+
+
+# -- weight delivery's manifest entries (MODEL) -------------------------------------------------
+
+def pack_tensor_entry(e: TensorEntry) -> list:
+    return [e.name, e.dtype, e.shape, e.nbytes, e.chunks]
+
+
+def unpack_tensor_entry(v) -> TensorEntry:
+    """A MODEL message's tensor entry, checked (a bad one is a WireError)."""
+    if not (isinstance(v, list) and len(v) == 5 and isinstance(v[0], str) and 0 < len(v[0]) < 512
+            and isinstance(v[1], str) and len(v[1]) < 16 and isinstance(v[2], list) and len(v[2]) < 8
+            and all(_is_int(d) and d >= 0 for d in v[2]) and _is_int(v[3]) and v[3] >= 0
+            and isinstance(v[4], list) and len(v[4]) == n_chunks(v[3])
+            and all(isinstance(h, bytes) and len(h) == 32 for h in v[4])):
+        raise WireError(f"bad tensor entry {str(v)[:80]}")
+    if "/" in v[0] or v[0].startswith("."):
+        raise WireError(f"bad tensor name {v[0][:80]!r}")
+    return TensorEntry(*v)

@@ -46,21 +46,6 @@ class TensorEntry:
         """The tensor's hash: that of its chunks' hashes."""
         return hashlib.sha256(b"".join(self.chunks)).hexdigest()
 
-    def to_wire(self) -> list:
-        return [self.name, self.dtype, self.shape, self.nbytes, self.chunks]
-
-    @classmethod
-    def from_wire(cls, v) -> TensorEntry:
-        if not (isinstance(v, list) and len(v) == 5 and isinstance(v[0], str) and 0 < len(v[0]) < 512
-                and isinstance(v[1], str) and len(v[1]) < 16 and isinstance(v[2], list) and len(v[2]) < 8
-                and all(isinstance(d, int) and d >= 0 for d in v[2]) and isinstance(v[3], int) and v[3] >= 0
-                and isinstance(v[4], list) and len(v[4]) == n_chunks(v[3])
-                and all(isinstance(h, bytes) and len(h) == 32 for h in v[4])):
-            raise ValueError(f"bad tensor entry {str(v)[:80]}")
-        if "/" in v[0] or v[0].startswith("."):
-            raise ValueError(f"bad tensor name {v[0][:80]!r}")
-        return cls(*v)
-
 
 def n_chunks(nbytes: int) -> int:
     return max(1, -(-nbytes // CHUNK_BYTES))
