@@ -24,7 +24,8 @@ KEY = "sk-test-hetpipe"
 CHAT = [{"role": "user", "content": "Name three colours."}]
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["c", "f"]}},
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40},
+                                                  "unit": {"enum": ["c", "f"]}},
                    "required": ["city", "unit"], "additionalProperties": False}}}
 CLOCK = {"type": "function", "function": {
     "name": "get_time", "parameters": {"type": "object", "properties": {"zone": {"type": "string", "maxLength": 20}},
@@ -327,8 +328,9 @@ def test_tools_required_named_streamed_and_multi_turn(client):
     function and its arguments validate, at temperature 1 too; streamed, a call's id and name come
     first, then its arguments; a tool's result goes back in a second turn."""
     asked = [{"role": "user", "content": "What is the weather in Paris?"}]
+    # one call each, its strings bounded by the schemas: it always fits in max_tokens
     r = client.chat.completions.create(model="smollm2", messages=asked, tools=[WEATHER, CLOCK], tool_choice="required",
-                                       max_tokens=80, n=4, temperature=1.0, seed=5)
+                                       parallel_tool_calls=False, max_tokens=120, n=4, temperature=1.0, seed=5)
     schemas = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, CLOCK)}
     for c in r.choices:
         assert c.finish_reason == "tool_calls" and c.message.tool_calls
@@ -337,8 +339,8 @@ def test_tools_required_named_streamed_and_multi_turn(client):
             assert call.id.startswith("call_") and call.type == "function"
     named = {"type": "function", "function": {"name": "get_weather"}}
     chunks = list(client.chat.completions.create(model="smollm2", messages=asked, tools=[WEATHER, CLOCK],
-                                                 tool_choice=named, parallel_tool_calls=False, max_tokens=80,
-                                                 stream=True))
+                                                 tool_choice=named, parallel_tool_calls=False, max_tokens=120,
+                                                 temperature=0, stream=True))  # (sampled, a string may outrun it)
     deltas = [d for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or []]
     assert len(deltas) == 2 and deltas[0].id and deltas[0].function.name == "get_weather"
     assert deltas[0].function.arguments == "" and deltas[1].id is None and deltas[1].index == 0
@@ -364,7 +366,7 @@ def test_responses_api_text_tools_stream_and_refusals(server, client):
                                 max_output_tokens=24, temperature=0, store=False)
     assert r.status == "completed" and r.output_text and r.usage.output_tokens <= 24 and r.usage.input_tokens > 5
     called = client.responses.create(model="smollm2", input="Weather in Paris?", tools=[tool], tool_choice="required",
-                                     parallel_tool_calls=False, max_output_tokens=80)
+                                     parallel_tool_calls=False, max_output_tokens=120)
     (fc,) = [o for o in called.output if o.type == "function_call"]
     assert fc.name == "get_weather" and fc.call_id.startswith("call_")
     jsonschema.validate(json.loads(fc.arguments), tool["parameters"])
