@@ -342,9 +342,10 @@ def test_tools_required_named_streamed_and_multi_turn(client):
                                                  tool_choice=named, parallel_tool_calls=False, max_tokens=120,
                                                  temperature=0, stream=True))  # (sampled, a string may outrun it)
     deltas = [d for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or []]
-    assert len(deltas) == 2 and deltas[0].id and deltas[0].function.name == "get_weather"
-    assert deltas[0].function.arguments == "" and deltas[1].id is None and deltas[1].index == 0
-    jsonschema.validate(json.loads(deltas[1].function.arguments), schemas["get_weather"])
+    assert deltas[0].id and deltas[0].function.name == "get_weather" and deltas[0].function.arguments == ""
+    assert len(deltas) > 3 and all(d.id is None and d.index == 0 and d.function.name is None for d in deltas[1:])
+    arguments = "".join(d.function.arguments for d in deltas[1:])  # in pieces, as the model wrote them
+    jsonschema.validate(json.loads(arguments), schemas["get_weather"])
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
     call = r.choices[0].message.tool_calls[0]
     turn2 = client.chat.completions.create(model="smollm2", tools=[WEATHER, CLOCK], max_tokens=16, temperature=0,
@@ -383,6 +384,14 @@ def test_responses_api_text_tools_stream_and_refusals(server, client):
     assert kinds[-1] in ("response.completed", "response.incomplete")
     assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == events[-1].response.output_text
     assert [e.sequence_number for e in events] == list(range(len(events)))
+    events = list(client.responses.create(model="smollm2", input="Weather in Paris?", tools=[tool], stream=True,
+                                          tool_choice="required", parallel_tool_calls=False, max_output_tokens=120))
+    pieces = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]
+    (done,) = [e for e in events if e.type == "response.function_call_arguments.done"]
+    assert len(pieces) > 3 and "".join(pieces) == done.arguments  # streamed as written
+    jsonschema.validate(json.loads(done.arguments), tool["parameters"])
+    (final,) = [o for o in events[-1].response.output if o.type == "function_call"]
+    assert final.arguments == done.arguments and final.name == "get_weather"
     for body, param in (({"input": "x", "previous_response_id": "resp_1"}, "previous_response_id"),
                         ({"input": "x", "store": True}, "store"), ({"input": []}, "input")):
         got = http(server, "/v1/responses", body)

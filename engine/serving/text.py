@@ -67,6 +67,13 @@ class Tokenizer:
         """The tokenizer as `tokenizer.json` holds it (llguidance builds its vocabulary from it)."""
         return self._tok.to_str()
 
+    def special_id(self, text: str) -> int | None:
+        """The id of `text` where it is one special token of the vocabulary, else None."""
+        for i, added in self._tok.get_added_tokens_decoder().items():
+            if added.special and added.content == text:
+                return i
+        return None
+
     def token_text(self, token_id: int) -> str:
         """One token's text as OpenAI's logprobs show it (special tokens included)."""
         return self._tok.decode([token_id], skip_special_tokens=False)

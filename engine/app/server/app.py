@@ -205,7 +205,7 @@ class _Api:
         for c in plan.choices:  # chat: the role first; completions: the echoed prompt, if any
             if plan.kind == "chat" or c.echo:
                 yield _sse(C.chunk_body(plan, c, role=True))
-        calls = {c.index: T.StreamedCalls(plan.tool_format, plan.tools, plan.forced_call)
+        calls = {c.index: T.StreamedCalls(plan.tool_format, plan.tools, plan.forced_call, plan.parallel_tool_calls)
                  for c in plan.choices} if plan.tools else {}
         q: asyncio.Queue = asyncio.Queue()
         end = object()
@@ -236,17 +236,19 @@ class _Api:
                 choice, chunk = item
                 self.metrics.token(None)
                 lp = C.logprobs_body(plan, self.gen, [chunk], offset=len(choice.text) - len(chunk.text))
-                text = calls[choice.index].feed(chunk.text) if calls else chunk.text
+                text, events = calls[choice.index].feed(chunk.text) if calls else (chunk.text, ())
                 if text or lp is not None:
                     yield _sse(C.chunk_body(plan, choice, text=text, logprobs=lp))
+                for event in events:
+                    yield _sse(C.tool_call_chunk(plan, choice, event))
                 if chunk.finish_reason:
                     finish = chunk.finish_reason
-                    if calls:  # the text held since a call's marker: calls, or content after all
-                        rest, made = calls[choice.index].finish()
+                    if calls:  # the text held since a call's marker: the rest of the calls, or content after all
+                        rest, events, made = calls[choice.index].finish()
                         if rest:
                             yield _sse(C.chunk_body(plan, choice, text=rest))
-                        for body in C.tool_call_chunks(plan, choice, made):
-                            yield _sse(body)
+                        for event in events:
+                            yield _sse(C.tool_call_chunk(plan, choice, event))
                         finish = "tool_calls" if made else finish
                     yield _sse(C.chunk_body(plan, choice, finish=finish))
             if plan.include_usage:

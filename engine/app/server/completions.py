@@ -116,9 +116,14 @@ def plan_chat(req: ChatRequest, gen: Generator, model: str) -> Plan:
     if T.active(req):
         plan.tools, plan.tool_format, plan.parallel_tool_calls = list(req.tools), fmt, req.parallel_tool_calls
     plan.forced_call = bool(forced)
-    if forced:
+    # a required call is constrained from the first token; under `auto` (and no response_format)
+    # text is free and a call is constrained from its opening marker on (a lazy grammar)
+    lazy = not forced and T.active(req) and plan.choices[0].constraint is None
+    if forced or lazy:
+        special = {m: i for m in T.MARKERS if (i := gen.tokenizer.special_id(m)) is not None}
         try:
-            first = gen.grammar_constraint(T.call_grammar(forced, fmt, req.parallel_tool_calls))
+            first = gen.grammar_constraint(T.call_grammar(forced or list(req.tools), fmt, req.parallel_tool_calls,
+                                                          lazy=lazy, special=special))
         except UserError as e:
             raise ParamError(str(e), "tools") from None
         for i, c in enumerate(plan.choices):
@@ -347,17 +352,15 @@ def chunk_body(plan: Plan, choice: Choice, *, role: bool = False, text: str = ""
     return body
 
 
-def tool_call_chunks(plan: Plan, choice: Choice, calls: list) -> list[dict]:
-    """A stream's tool calls, as OpenAI streams them: per call, its index, id and name first (empty
-    arguments), then its arguments."""
-    out = []
-    for i, call in enumerate(calls if plan.parallel_tool_calls else calls[:1]):
-        for delta in ({"index": i, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}},
-                      {"index": i, "function": {"arguments": call.arguments}}):
-            body = chunk_body(plan, choice)
-            body["choices"][0]["delta"] = {"tool_calls": [delta]}
-            out.append(body)
-    return out
+def tool_call_chunk(plan: Plan, choice: Choice, event: tuple) -> dict:
+    """A stream chunk of one call event (`tools.StreamedCalls`), as OpenAI streams calls: the call's
+    index, id and name first (empty arguments), then pieces of its arguments."""
+    kind, index, x = event
+    delta = ({"index": index, "id": x.id, "type": "function", "function": {"name": x.name, "arguments": ""}}
+             if kind == "call" else {"index": index, "function": {"arguments": x}})
+    body = chunk_body(plan, choice)
+    body["choices"][0]["delta"] = {"tool_calls": [delta]}
+    return body
 
 
 def _chunk_object(plan: Plan) -> str:

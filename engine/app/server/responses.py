@@ -23,7 +23,7 @@ from pydantic import Field, ValidationError
 
 from ...serving.generator import Generator
 from . import completions as C
-from . import tools as T
+from . import blocks as B
 from .guard import ParamError, validation_message
 from .schemas import FUNCTION_NAME, MAX_MESSAGES, MAX_NAME, MAX_TOOLS, Bool, ChatRequest, Strict
 
@@ -181,7 +181,7 @@ def error_frame(message: str, param: str | None, code: str | None) -> str:
 
 
 async def events(plan: C.Plan, req: ResponsesRequest, streams):
-    """The Responses event sequence of one streamed request (SSE frames)."""
+    """The Responses event sequence of one streamed request (SSE frames): each output block an item."""
     seq = iter(range(1 << 62))
 
     def frame(kind: str, **body) -> str:
@@ -190,50 +190,37 @@ async def events(plan: C.Plan, req: ResponsesRequest, streams):
 
     yield frame("response.created", response=_shell(plan, req, "in_progress"))
     yield frame("response.in_progress", response=_shell(plan, req, "in_progress"))
-    choice = plan.choices[0]
-    calls = T.StreamedCalls(plan.tool_format, plan.tools, plan.forced_call) if plan.tools else None
-    msg_id, text, index, opened = "msg_" + secrets.token_hex(12), "", 0, False
-    message = {"type": "message", "id": msg_id, "status": "in_progress", "role": "assistant", "content": []}
-
-    def open_message():
-        return [frame("response.output_item.added", output_index=0, item=message),
-                frame("response.content_part.added", item_id=msg_id, output_index=0, content_index=0,
-                      part={"type": "output_text", "text": "", "annotations": []})]
-
-    async for _, chunk in C.merged(plan, streams):
-        piece = calls.feed(chunk.text) if calls else chunk.text
-        if chunk.finish_reason and calls:
-            rest, made = calls.finish()
-            piece += rest
-        if piece:
-            if not opened:
-                opened = True
-                for f in open_message():
-                    yield f
-            text += piece
-            yield frame("response.output_text.delta", item_id=msg_id, output_index=0, content_index=0, delta=piece)
-    items = []
-    if opened:
-        part = {"type": "output_text", "text": text, "annotations": []}
-        yield frame("response.output_text.done", item_id=msg_id, output_index=0, content_index=0, text=text)
-        yield frame("response.content_part.done", item_id=msg_id, output_index=0, content_index=0, part=part)
-        done = {**message, "status": "completed", "content": [part]}
-        yield frame("response.output_item.done", output_index=0, item=done)
-        items.append(done)
-        index = 1
-    for item in output_items(plan, choice):
-        if item["type"] != "function_call":
-            continue
-        added = {**item, "arguments": "", "status": "in_progress"}
-        yield frame("response.output_item.added", output_index=index, item=added)
-        yield frame("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
-                    delta=item["arguments"])
-        yield frame("response.function_call_arguments.done", item_id=item["id"], output_index=index,
-                    arguments=item["arguments"])
-        yield frame("response.output_item.done", output_index=index, item=item)
-        items.append(item)
-        index += 1
-    status, why = _status(choice)
+    items, ids = [], {}
+    async for event in B.output_blocks(plan, streams):
+        if event[0] == "end":
+            break
+        step, n, kind, x = event
+        if step == "open":
+            ids[n] = ("msg_" if kind == "text" else "fc_") + secrets.token_hex(12)
+            item = ({"type": "message", "id": ids[n], "status": "in_progress", "role": "assistant", "content": []}
+                    if kind == "text" else {"type": "function_call", "id": ids[n], "call_id": x.id, "name": x.name,
+                                            "arguments": "", "status": "in_progress"})
+            yield frame("response.output_item.added", output_index=n, item=item)
+            if kind == "text":
+                yield frame("response.content_part.added", item_id=ids[n], output_index=n, content_index=0,
+                            part={"type": "output_text", "text": "", "annotations": []})
+        elif step == "delta" and kind == "text":
+            yield frame("response.output_text.delta", item_id=ids[n], output_index=n, content_index=0, delta=x)
+        elif step == "delta":
+            yield frame("response.function_call_arguments.delta", item_id=ids[n], output_index=n, delta=x)
+        elif kind == "text":
+            part = {"type": "output_text", "text": x, "annotations": []}
+            yield frame("response.output_text.done", item_id=ids[n], output_index=n, content_index=0, text=x)
+            yield frame("response.content_part.done", item_id=ids[n], output_index=n, content_index=0, part=part)
+            items.append({"type": "message", "id": ids[n], "status": "completed", "role": "assistant",
+                          "content": [part]})
+            yield frame("response.output_item.done", output_index=n, item=items[-1])
+        else:
+            yield frame("response.function_call_arguments.done", item_id=ids[n], output_index=n, arguments=x.arguments)
+            items.append({"type": "function_call", "id": ids[n], "call_id": x.id, "name": x.name,
+                          "arguments": x.arguments, "status": "completed"})
+            yield frame("response.output_item.done", output_index=n, item=items[-1])
+    status, why = _status(plan.choices[0])
     final = {**_shell(plan, req, status), "output": items, "usage": _usage(plan), "incomplete_details": why,
              "completed_at": int(time.time())}
     yield frame("response.completed" if status == "completed" else "response.incomplete", response=final)

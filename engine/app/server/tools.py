@@ -22,6 +22,7 @@ import re
 import secrets
 from dataclasses import dataclass
 
+from . import partial_json as PJ
 from .guard import ParamError
 from .schemas import ChatRequest, Message, Tool
 
@@ -30,6 +31,7 @@ GENERIC_PROMPT = ("You can call functions. These are available, as JSON schemas:
                   "for each call, and nothing else.")
 HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
 OPENERS = {"hermes": "<tool_call>", "generic": "<tool_call>", "mistral": "[TOOL_CALLS]", "llama3": "{"}
+MARKERS = ("<tool_call>", "[TOOL_CALLS]")  # matched as one token where the vocabulary has them as special tokens
 
 
 @dataclass(slots=True)
@@ -140,20 +142,40 @@ def forced(req: ChatRequest) -> list[Tool] | None:
     return None
 
 
-def call_grammar(tools: list[Tool], fmt: str, parallel: bool) -> str:
+def call_grammar(tools: list[Tool], fmt: str, parallel: bool, *, lazy: bool = False,
+                 special: dict[str, int] | None = None) -> str:
     """A Lark grammar (llguidance's, JSON schemas inline) that admits only calls of `tools` whose
-    arguments follow their schemas, in `fmt`'s layout: one call, or with `parallel` one or more."""
+    arguments follow their schemas, in `fmt`'s layout: one call, or with `parallel` one or more.
+
+    `lazy` (tool_choice `auto`): free text is allowed, and once a call's opening marker is written
+    the rest must be valid calls (llguidance's lazy lexeme ends the text at the marker's first
+    occurrence, as llama.cpp's lazy grammars and vLLM's structural tags do). `special` maps a
+    marker that is one special token of the vocabulary to its id (it is matched as that token)."""
     key = "parameters" if fmt == "llama3" else "arguments"
     one = {"anyOf": [{"type": "object", "properties": {"name": {"const": t.function.name}, key: t.function.parameters},
                       "required": ["name", key], "additionalProperties": False} for t in tools]}
+    special = special or {}
+
+    def lit(text: str) -> str:
+        return f"<[{special[text]}]>" if text in special else json.dumps(text)
+
+    head = ["start: TEXT | head ", 'TEXT: /(.|\\n)*/']  # the lazy preamble: free text, then a marker
+    if fmt == "llama3":  # a call is the whole answer, from its first character
+        rule = "start: call" if not lazy else "start: call | FREE\nFREE: /([^{](.|\\n)*)?/"
+        return f"{rule}\ncall: %json {json.dumps(one)}"
     if fmt == "mistral":
+        opener = "[TOOL_CALLS]"
         many = {"type": "array", "items": one, "minItems": 1, **({} if parallel else {"maxItems": 1})}
-        return f'start: "[TOOL_CALLS]" calls\ncalls: %json {json.dumps(many)}'
-    if fmt == "llama3":
-        return f"start: call\ncall: %json {json.dumps(one)}"
-    sep = "\\n" if fmt == "hermes" else ""
-    block = f'"<tool_call>{sep}" call "{sep}</tool_call>"'
-    return f"start: {block}{'(' + block + ')*' if parallel else ''}\ncall: %json {json.dumps(one)}"
+        body, rules = "calls", f"calls: %json {json.dumps(many)}"
+    else:
+        opener, sep = "<tool_call>", "\n" if fmt == "hermes" else ""
+        block = f"{json.dumps(sep)} call {json.dumps(sep + '</tool_call>')}" if sep else 'call "</tool_call>"'
+        more = f' ("\\n"? {lit(opener)} {block})*' if parallel else ""
+        body, rules = block + more, f"call: %json {json.dumps(one)}"
+    if not lazy:
+        return f"start: {lit(opener)} {body}\n{rules}"
+    marker = f"head: TEXT {lit(opener)}" if opener in special else f"head[lazy]: TEXT {lit(opener)}"
+    return f"%llguidance {{}}\n{head[0]}{body}\n{marker}\n{head[1]}\n{rules}"
 
 
 # -- parsing ---------------------------------------------------------------------------------------
@@ -210,34 +232,94 @@ def _call(value, names: set[str], fmt: str) -> Call | None:
 
 
 class StreamedCalls:
-    """A chat stream's text with tools: content passes through until a call's opening marker;
-    from there the text is held, and parsed at the end into calls (`finish`)."""
+    """A streamed answer's text with tools. Content passes through until a call's opening marker;
+    from there the text is held and read as it grows (`partial_json`): a call is announced once its
+    `name` is complete (`("call", index, Call)`), and its `arguments` object goes out in pieces as
+    it is written (`("arguments", index, text)`); the pieces joined are the arguments' JSON text.
+    Text after a call's marker is never content; `finish` says which calls are complete."""
 
-    def __init__(self, fmt: str, tools: list[Tool], forced_call: bool):
-        self.fmt, self.tools = fmt, tools
+    def __init__(self, fmt: str, tools: list[Tool], forced_call: bool, parallel: bool = True):
+        self.fmt, self.tools, self.parallel = fmt, tools, parallel
+        self.names = {t.function.name for t in tools}
         self.opener = OPENERS[fmt]
         self.text, self.sent, self.held = "", 0, forced_call  # a forced call is held from its first token
+        self.calls: list[Call] = []  # announced, with the arguments text sent so far
+        self.ends: list[int | None] = []  # each announced call's arguments end (None: still open)
 
-    def feed(self, piece: str) -> str:
-        """The part of `piece` to stream as content now."""
+    def feed(self, piece: str) -> tuple[str, list[tuple]]:
+        """(the part of `piece` to stream as content now, the call events it completes)."""
         self.text += piece
         if self.held:
-            return ""
+            return "", self._events()
         at = self.text.find(self.opener, self.sent)
         if at >= 0 and (self.fmt != "llama3" or not self.text[:at].strip()):
             self.held = True
             out, self.sent = self.text[self.sent : at], at
-            return out
+            return out, self._events()
         # keep back what could be the start of the marker
         keep = next((k for k in range(min(len(self.opener) - 1, len(self.text) - self.sent), 0, -1)
                      if self.opener.startswith(self.text[-k:])), 0)
         if self.fmt == "llama3" and not self.text.strip():
             keep = len(self.text) - self.sent
         out, self.sent = self.text[self.sent : len(self.text) - keep], len(self.text) - keep
-        return out
+        return out, []
 
-    def finish(self) -> tuple[str, list[Call]]:
-        """(content still to stream, the calls)."""
+    def _starts(self, held: str) -> list[int]:
+        """Where each call object begins in the held text."""
+        if self.fmt == "mistral":
+            j = PJ.skip_ws(held, len(self.opener))
+            return PJ.object_starts(held, j + 1, ",") if held[j : j + 1] == "[" else []
+        if self.fmt == "llama3":
+            j = PJ.skip_ws(held, 0)
+            return PJ.object_starts(held, j + len("<|python_tag|>") * held.startswith("<|python_tag|>", j), ";")
+        starts, at = [], 0
+        while (at := held.find(self.opener, at)) >= 0:
+            j = PJ.skip_ws(held, at + len(self.opener))
+            if held[j : j + 1] != "{":
+                break
+            starts.append(j)
+            end = PJ.value_end(held, j)
+            if end is None:
+                break
+            at = end
+        return starts
+
+    def _events(self) -> list[tuple]:
+        held, events = self.text[self.sent :], []
+        key = "parameters" if self.fmt == "llama3" else "arguments"
+        for n, start in enumerate(self._starts(held)):
+            if n >= len(self.calls):
+                fields, _ = PJ.members(held, start)
+                name = fields.get("name")
+                if not (self.parallel or n == 0) or name is None or name[1] is None:
+                    break
+                if (value := _json(held[name[0] : name[1]])) not in self.names:
+                    break
+                self.calls.append(Call(value, ""))
+                self.ends.append(None)
+                events.append(("call", n, self.calls[n]))
+            if self.ends[n] is not None:
+                continue
+            arguments = PJ.members(held, start)[0].get(key)
+            if arguments is None or held[arguments[0]] != "{":
+                continue  # not written yet, or not an object (`finish` reads it whole)
+            text = held[arguments[0] : arguments[1] or len(held)]
+            if piece := text[len(self.calls[n].arguments) :]:
+                events.append(("arguments", n, piece))
+                self.calls[n].arguments = text
+            self.ends[n] = arguments[1]
+        return events
+
+    def finish(self) -> tuple[str, list[tuple], list[Call]]:
+        """(content still to stream, the call events still to send, the complete calls). A call
+        announced but cut off (max_tokens) is not among the complete ones."""
         rest = self.text[self.sent :]
+        events = self._events() if self.held else []
+        if self.calls:
+            done = [c for c, end in zip(self.calls, self.ends) if end is not None and _json(c.arguments) is not None]
+            return "", events, done if len(done) == len(self.calls) else []
         left, calls = parse(rest, self.fmt, self.tools)
-        return (left or "") if calls else rest, calls
+        calls = calls if self.parallel else calls[:1]
+        for n, call in enumerate(calls):  # calls that could not be read as they came (arguments as a string)
+            events += [("call", n, call), ("arguments", n, call.arguments)]
+        return (left or "") if calls else rest, events, calls
