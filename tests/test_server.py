@@ -398,6 +398,64 @@ def test_responses_api_text_tools_stream_and_refusals(server, client):
         assert got.status_code == 400 and error_of(got)["param"] == param, got.text
 
 
+def test_messages_api_with_the_anthropic_client(server):
+    """/v1/messages through Anthropic's official client, its key as x-api-key: text with a system
+    prompt and the usage; a stop sequence named as met; a required tool's input validates, whole and
+    streamed (the client's own accumulator rebuilds it from the input_json_delta pieces); a tool
+    result goes back in a second turn; errors in Anthropic's shape."""
+    import anthropic
+
+    ac = anthropic.Anthropic(base_url=server, api_key=KEY, max_retries=0, timeout=120)
+    hi = [{"role": "user", "content": "Name three colours."}]
+    greedy = {"extra_body": {"temperature": 0}}  # the newest client has no temperature argument; the API takes it
+    r = ac.messages.create(model="smollm2", max_tokens=24, system="Be brief.", messages=hi, **greedy)
+    assert r.type == "message" and r.role == "assistant" and r.content[0].type == "text" and r.content[0].text
+    assert r.stop_reason in ("end_turn", "max_tokens") and 0 < r.usage.output_tokens <= 24 and r.usage.input_tokens
+    with ac.messages.stream(model="smollm2", max_tokens=24, system="Be brief.", messages=hi, **greedy) as stream:
+        assert "".join(stream.text_stream) == r.content[0].text
+    word = r.content[0].text.split()[1]
+    cut = ac.messages.create(model="smollm2", max_tokens=24, system="Be brief.", messages=hi,
+                             stop_sequences=["zzz", word], **greedy)
+    assert cut.stop_reason == "stop_sequence" and cut.stop_sequence == word
+    assert r.content[0].text.startswith(cut.content[0].text) and word not in cut.content[0].text
+    tool = {"name": "get_weather", "description": "The weather in a city",
+            "input_schema": WEATHER["function"]["parameters"]}
+    asked = [{"role": "user", "content": "What is the weather in Paris?"}]
+    called = ac.messages.create(model="smollm2", max_tokens=120, messages=asked, tools=[tool],
+                                tool_choice={"type": "any", "disable_parallel_tool_use": True})
+    (use,) = [b for b in called.content if b.type == "tool_use"]
+    assert called.stop_reason == "tool_use" and use.name == "get_weather"
+    jsonschema.validate(use.input, tool["input_schema"])
+    with ac.messages.stream(model="smollm2", max_tokens=120, messages=asked, tools=[tool], **greedy,
+                            tool_choice={"type": "tool", "name": "get_weather", "disable_parallel_tool_use": True}) \
+            as stream:
+        kinds = [e.type for e in stream]
+        final = stream.get_final_message()
+    assert kinds[0] == "message_start" and kinds[-1] == "message_stop" and kinds.count("input_json") > 3
+    (use,) = [b for b in final.content if b.type == "tool_use"]
+    assert final.stop_reason == "tool_use" and use.id.startswith("call_")
+    jsonschema.validate(use.input, tool["input_schema"])
+    back = ac.messages.create(model="smollm2", max_tokens=12, tools=[tool], **greedy, messages=[
+        *asked, {"role": "assistant", "content": [{"type": "tool_use", "id": use.id, "name": use.name,
+                                                   "input": use.input}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "18 C, sunny"}]}])
+    assert back.stop_reason in ("end_turn", "max_tokens", "tool_use") and back.content
+    shaped = ac.messages.create(model="smollm2", max_tokens=60, messages=asked, output_config={"format": {
+        "type": "json_schema", "schema": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+                                          "required": ["city"], "additionalProperties": False}}})
+    assert shaped.stop_reason == "end_turn" and set(json.loads(shaped.content[0].text)) == {"city"}
+    with pytest.raises(anthropic.BadRequestError) as bad:
+        ac.messages.create(model="smollm2", max_tokens=8, messages=[*hi, {"role": "assistant", "content": "Red"}])
+    assert bad.value.body["error"]["type"] == "invalid_request_error" and "prefill" in bad.value.body["error"]["message"]
+    with pytest.raises(anthropic.AuthenticationError):
+        anthropic.Anthropic(base_url=server, api_key="sk-wrong", max_retries=0).messages.create(
+            model="smollm2", max_tokens=8, messages=hi)
+    refused = httpx.post(server + "/v1/messages", headers={"x-api-key": KEY}, json={"max_tokens": 8, "messages": hi,
+                                                                                    "thinking": {"type": "enabled"}})
+    assert refused.status_code == 400 and refused.json()["type"] == "error"
+    assert "thinking" in refused.json()["error"]["message"]
+
+
 def test_api_key_is_enforced(server):
     for key in (None, "sk-wrong"):
         assert http(server, "/v1/models", key=key).status_code == 401

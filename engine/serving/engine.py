@@ -492,10 +492,10 @@ class Engine:
         piece = "" if eos else req.detok.add(tok.token_id)
         if finish:
             piece += req.detok.flush()
-        text, hit = req.stops.feed(piece, final=finish is not None)
-        if hit:
+        text, stop = req.stops.feed(piece, final=finish is not None)
+        if stop is not None:
             finish = "stop"
-        chunk = GenerationChunk(tok.token_id, text, tok.logprob, tok.top, finish)
+        chunk = GenerationChunk(tok.token_id, text, tok.logprob, tok.top, finish, stop=stop)
         if req.prompt_scores is not None and len(seq.generated) == 1:
             if any(s is None for s in req.prompt_scores):
                 raise RequestFailed("the last stage did not score every prompt token")

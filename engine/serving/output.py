@@ -21,6 +21,7 @@ class GenerationChunk:
     # on the first chunk, where asked: each prompt token's log-probability given those before it
     # (None for the first) and its alternatives, as (token id, logprob, [(token id, logprob), ...])
     prompt_logprobs: list[tuple[int, float | None, list[tuple[int, float]]]] | None = None
+    stop: str | None = None  # on the last chunk: the stop string that ended it, if one did
 
 
 @dataclass(slots=True)

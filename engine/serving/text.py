@@ -174,17 +174,19 @@ class StopMatcher:
         self.stops = [s for s in stops if s]
         self.pending = ""
 
-    def feed(self, piece: str, final: bool) -> tuple[str, bool]:
+    def feed(self, piece: str, final: bool) -> tuple[str, str | None]:
+        """(the text to pass on now, the stop string found: the text ends before it)."""
         if not self.stops:
-            return piece, False
+            return piece, None
         self.pending += piece
-        cut = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
+        found = [(i, s) for s in self.stops if (i := self.pending.find(s)) >= 0]
+        if found:
+            cut, stop = min(found, key=lambda f: f[0])
             out, self.pending = self.pending[:cut], ""
-            return out, True
+            return out, stop
         if final:
             out, self.pending = self.pending, ""
-            return out, False
+            return out, None
         # hold back the longest tail that may begin a stop string (found from each stop's first
         # character: a few places, not every length)
         tail = self.pending[-max(len(s) - 1 for s in self.stops):] if max(len(s) for s in self.stops) > 1 else ""
@@ -197,4 +199,4 @@ class StopMatcher:
                     break
                 i = tail.find(s[0], i + 1)
         out, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep :]
-        return out, False
+        return out, None

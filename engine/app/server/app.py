@@ -40,10 +40,12 @@ from ...serving.aio import get_within
 from ...serving.generator import Generator
 from ..allocator import release_free_memory
 from . import completions as C
+from . import messages as M
 from . import responses as R
 from . import tools as T
 from .events import EventStream, until_disconnect
-from .guard import BodyGuard, ModelNotFound, ParamError, ServerLimits, parse_json, validation_message
+from .guard import (BodyGuard, ModelNotFound, ParamError, ServerLimits, anthropic_error, parse_json,
+                    validation_message)
 from .metrics import Metrics, stage_name
 from .schemas import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from .status import StageStatus
@@ -83,11 +85,13 @@ def error_of(e: BaseException) -> tuple[int, str, str | None, str | None]:
 def create_app(gen: Generator, *, model_name: str, api_key: str | None = None,
                cors_origins: tuple[str, ...] = (), limits: ServerLimits | None = None) -> Starlette:
     api = _Api(gen, model_name, api_key)
+    headers = ["authorization", "content-type", "x-api-key", "anthropic-version"]
     middleware = [Middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
-                             allow_headers=["authorization", "content-type"])] if cors_origins else []
+                             allow_headers=headers)] if cors_origins else []
     routes = [Route("/v1/chat/completions", api.chat, methods=["POST"]),
               Route("/v1/completions", api.completion, methods=["POST"]),
               Route("/v1/responses", api.responses, methods=["POST"]),
+              Route("/v1/messages", api.messages, methods=["POST"]),
               Route("/tokenize", functools.partial(api.tokens, schema=TokenizeRequest, answer=tokenize),
                     methods=["POST"]),
               Route("/detokenize", functools.partial(api.tokens, schema=DetokenizeRequest, answer=detokenize),
@@ -133,8 +137,8 @@ class _Api:
     def prepare(self, raw: bytes, kind: str):
         """On a worker thread: the body parsed, validated, tokenized, its grammar compiled. The
         Responses API's plan comes with its request (its answer's shape needs it)."""
-        if kind == "responses":
-            plan, req = R.plan(parse_json(raw), self.gen, self.model_name)
+        if kind in ("responses", "messages"):
+            plan, req = (R if kind == "responses" else M).plan(parse_json(raw), self.gen, self.model_name)
             return plan, self.check_model(req)
         req = self.validate(raw, ChatRequest if kind == "chat" else CompletionRequest)
         return (C.plan_chat if kind == "chat" else C.plan_completion)(req, self.gen, self.model_name), None
@@ -152,18 +156,20 @@ class _Api:
         return JSONResponse(body)
 
     def authorized(self, request: Request) -> bool:
+        """The key as `Authorization: Bearer KEY`, or as Anthropic's clients send it, `x-api-key: KEY`."""
         if self.api_key is None:
             return True
-        got = request.headers.get("authorization", "")
-        scheme, _, token = got.partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode())
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer":
+            token = request.headers.get("x-api-key", "")
+        return hmac.compare_digest(token.strip().encode(), self.api_key.encode())
 
     async def generate(self, request: Request, kind: str) -> Response:
         self.metrics.watch_loop()
         if not self.authorized(request):
             self.metrics.requests.labels("401").inc()
-            return error_body(401, "invalid API key (send it as `Authorization: Bearer KEY`)", None,
-                              "invalid_api_key")
+            return _error(kind, 401, "invalid API key (send it as `Authorization: Bearer KEY` or `x-api-key: KEY`)",
+                          None, "invalid_api_key")
         loop, refused, size, began = asyncio.get_running_loop(), None, 0, time.perf_counter()
         try:
             raw = (await request.receive())["body"]  # the whole body, in one message (BodyGuard read it)
@@ -174,14 +180,14 @@ class _Api:
         except Exception as e:
             code, message, param, ecode = error_of(e)
             self.metrics.requests.labels(str(code)).inc()
-            refused = error_body(code, message, param, ecode)
+            refused = _error(kind, code, message, param, ecode)
         if size >= RELEASE_AFTER_BYTES or time.perf_counter() - began >= RELEASE_AFTER_S:
             loop.run_in_executor(self.pool, _give_back)  # what a heavy request took goes back to the OS
         if refused is not None:
             return refused
         self.metrics.prompt_tokens.inc(plan.prompt_tokens)
         if plan.stream:
-            frames = (self._response_events(plan, api_req, streams) if kind == "responses"
+            frames = (self._block_events(kind, plan, api_req, streams) if api_req is not None
                       else self._events(plan, streams))
             return EventStream(frames, on_end=lambda code: self._finished(plan, streams, code))
         try:
@@ -192,9 +198,10 @@ class _Api:
         except Exception as e:
             code, message, param, ecode = error_of(e)
             self._finished(plan, streams, code)
-            return error_body(code, message, param, ecode)
+            return _error(kind, code, message, param, ecode)
         self._finished(plan, streams, 200)
-        return JSONResponse(R.response_body(plan, api_req) if kind == "responses" else C.response_body(plan, self.gen))
+        body = {"responses": R.response_body, "messages": M.response_body}.get(kind)
+        return JSONResponse(body(plan, api_req) if body else C.response_body(plan, self.gen))
 
     async def _collect(self, plan: C.Plan, streams) -> None:
         async for _ in C.merged(plan, streams):
@@ -257,14 +264,14 @@ class _Api:
         finally:
             task.cancel()
 
-    async def _response_events(self, plan: C.Plan, api_req, streams):
-        """The Responses API's events; a failure midway ends them with an `error` event."""
+    async def _block_events(self, kind: str, plan: C.Plan, api_req, streams):
+        """The Responses or the Messages API's events; a failure midway ends them with an `error` event."""
         try:
-            async for frame in R.events(plan, api_req, streams):
+            async for frame in (R if kind == "responses" else M).events(plan, api_req, streams):
                 yield frame
         except Exception as e:
             code, message, param, ecode = error_of(e)
-            yield R.error_frame(message, param, ecode)
+            yield R.error_frame(message, param, ecode) if kind == "responses" else M.error_frame(code, message)
             raise _StreamFailed(code) from None
 
     def _finished(self, plan: C.Plan, streams, code: int) -> None:
@@ -284,6 +291,9 @@ class _Api:
 
     async def responses(self, request: Request) -> Response:
         return await self.generate(request, "responses")
+
+    async def messages(self, request: Request) -> Response:
+        return await self.generate(request, "messages")
 
     def model_entry(self) -> dict:
         return {"id": self.model_name, "object": "model", "created": self.started, "owned_by": "hetpipe"}
@@ -334,6 +344,13 @@ class _Api:
     async def crashed(self, request: Request, exc: Exception) -> Response:
         code, message, param, ecode = error_of(exc)
         return error_body(code, message, param, ecode)
+
+
+def _error(kind: str, status: int, message: str, param: str | None, code: str | None) -> JSONResponse:
+    """An error answer in the shape of the request's API: Anthropic's for /v1/messages, else OpenAI's."""
+    if kind == "messages":
+        return JSONResponse(anthropic_error(status, message), status)
+    return error_body(status, message, param, code)
 
 
 def _give_back() -> None:

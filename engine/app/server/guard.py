@@ -73,17 +73,17 @@ class BodyGuard:
         chunked = any(k == b"transfer-encoding" for k, _ in headers)
         if len(lengths) > 1 or (lengths and chunked):
             return await _refuse(send, 400, "ambiguous framing: Transfer-Encoding with Content-Length, or two "
-                                            "Content-Lengths")
+                                            "Content-Lengths", scope["path"])
         if lengths:
             try:
                 declared = int(lengths[0])
             except ValueError:
-                return await _refuse(send, 400, "Content-Length is not a number")
+                return await _refuse(send, 400, "Content-Length is not a number", scope["path"])
             if declared > self.limits.max_request_bytes:
-                return await _refuse(send, 413, self._too_large())
+                return await _refuse(send, 413, self._too_large(), scope["path"])
         body, why = await self._read(receive)
         if why is not None:
-            return await _refuse(send, *why)
+            return await _refuse(send, *why, scope["path"])
         return await self.app(scope, _replay(body, receive), send)
 
     async def _read(self, receive) -> tuple[bytes, tuple[int, str] | None]:
@@ -126,9 +126,21 @@ def _replay(body: bytes, receive):
     return replayed
 
 
-async def _refuse(send, status: int, message: str) -> None:
+ANTHROPIC_PATHS = ("/v1/messages",)  # errors there come in Anthropic's shape
+ANTHROPIC_KINDS = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                   404: "not_found_error", 408: "timeout_error", 413: "request_too_large", 429: "rate_limit_error",
+                   503: "overloaded_error"}
+
+
+def anthropic_error(status: int, message: str) -> dict:
+    """An error body as Anthropic's API writes it."""
+    return {"type": "error", "error": {"type": ANTHROPIC_KINDS.get(status, "api_error"), "message": message}}
+
+
+async def _refuse(send, status: int, message: str, path: str = "") -> None:
     kind = {400: "invalid_request_error", 408: "timeout_error", 413: "invalid_request_error"}[status]
-    body = json.dumps({"error": {"message": message, "type": kind, "param": None,
+    body = json.dumps(anthropic_error(status, message) if path in ANTHROPIC_PATHS else
+                      {"error": {"message": message, "type": kind, "param": None,
                                  "code": {413: "request_too_large", 408: "request_timeout"}.get(status)}}).encode()
     # the connection closes after it: the rest of the request was not read
     await send({"type": "http.response.start", "status": status,
