@@ -67,20 +67,26 @@ void attend(const T* q, const T* keys, const T* values, const int64_t* slots, co
       for (int64_t d = 0; d < D; ++d) qf[d] = static_cast<float>(qr[d]) * scale;
       p.resize(len);
       float top = -INFINITY;
+      const float* qv = qf.data();
       for (int64_t j = 0; j < len; ++j) {
         const T* kr = keys + (slots[b * L + j] * KV + kvh) * D;
         float s = 0.f;
-        for (int64_t d = 0; d < D; ++d) s += qf[d] * static_cast<float>(kr[d]);
+#pragma omp simd reduction(+ : s)
+        for (int64_t d = 0; d < D; ++d) s += qv[d] * static_cast<float>(kr[d]);
         p[j] = s;
         top = s > top ? s : top;
       }
       float sum = 0.f;
-      for (int64_t j = 0; j < len; ++j) sum += (p[j] = std::exp(p[j] - top));
+      float* pv = p.data();
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < len; ++j) sum += (pv[j] = std::exp(pv[j] - top));
       std::fill(acc.begin(), acc.end(), 0.f);
+      float* av = acc.data();
       for (int64_t j = 0; j < len; ++j) {
         const T* vr = values + (slots[b * L + j] * KV + kvh) * D;
-        const float pj = p[j];
-        for (int64_t d = 0; d < D; ++d) acc[d] += pj * static_cast<float>(vr[d]);
+        const float pj = pv[j];
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) av[d] += pj * static_cast<float>(vr[d]);
       }
       T* o = out + (b * H + h) * D;
       for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(acc[d] / sum);
