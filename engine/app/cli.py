@@ -13,7 +13,7 @@ from ..core.partition import parse_layer_range
 from ..core.tensors import AUTO, DTYPES, check_dtype
 
 EXIT_USAGE = 2
-BENCH_SUITES = ("serving", "prefix", "backends", "pipeline", "delivery", "hostile")
+BENCH_SUITES = ("serving", "prefix", "backends", "pipeline", "delivery", "hostile", "tools")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -131,7 +131,8 @@ def _add_bench(sub) -> None:
                        "dtype on one layer range. hetpipe bench pipeline: one split in-process vs over ZeroMQ, "
                        "torch+torch vs mlx+torch. The last two write JSON, Markdown and PNG under --out. hetpipe bench "
                        "delivery: weights sent to a daemon without --model against a raw ZeroMQ transfer. hetpipe "
-                       "bench hostile --url URL: malformed, extreme and slow requests against a running server.")
+                       "bench hostile --url URL: malformed, extreme and slow requests against a running server. hetpipe bench "
+                       "tools: decode time per token of a required call of 8 tools, against the same request without.")
     suites = b.add_subparsers(dest="suite", required=True, parser_class=_Parser)
     s = suites.add_parser("serving", help="throughput and latency with concurrent clients (the default)")
     _add_pipeline(s, required=False)
@@ -148,6 +149,10 @@ def _add_bench(sub) -> None:
     x.add_argument("--rounds", type=int, default=4, help="chats timed with the cache, and as many without")
     x.add_argument("--max-tokens", type=int, default=16, help="tokens of turn 1's answer")
     x.add_argument("--json", action="store_true", help="print one JSON line")
+    tl = suites.add_parser("tools", help="decode time per token of a required call of 8 tools, against none")
+    _add_pipeline(tl, required=True)
+    tl.add_argument("--rounds", type=int, default=5, help="rounds, each a call and two unconstrained runs")
+    tl.add_argument("--json", action="store_true", help="print one JSON line")
     k = suites.add_parser("backends", help="prefill and decode speed of each backend and dtype")
     k.add_argument("--model", default=None, help="model directory (default: the fetched smollm2)")
     k.add_argument("--layers", default=None, metavar="FIRST-LAST", help="layer range (default: all)")
@@ -465,6 +470,12 @@ def cmd_bench(args) -> int:
         layers = parse_layer_range(args.layers) if args.layers else None
         r = run_delivery(_model_dir(args.model), layers, args.rounds, args.backend, log=stderr)
         print(json.dumps(r) if args.json else format_delivery(r))
+    elif args.suite == "tools":
+        from .bench.tools import format_tools, run_tools
+
+        with _generator(args) as gen:
+            r = run_tools(gen, rounds=args.rounds)
+        print(json.dumps(r) if args.json else format_tools(r))
     elif args.suite == "prefix":
         from .bench.prefix import format_prefix, run_prefix
 

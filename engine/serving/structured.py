@@ -1,8 +1,9 @@
 """Structured output: JSON (any object, or one JSON schema) enforced while decoding, with llguidance.
 
-The coordinator keeps each constrained request's grammar state (an `llguidance.LLMatcher`). Before
+The coordinator keeps each constrained request's grammar state (an `llguidance.LLMatcher`). For
 every sampling step it computes the mask of tokens the grammar allows next, as numpy int32 words
-(bit i of word w: token 32w + i), and the mask travels with the step to the last stage, where the
+(bit i of word w: token 32w + i), on a worker thread as soon as the token before is consumed (off
+the engine thread), and the mask travels with the step to the last stage, where the
 sampling happens (`engine.core.sampling.apply_allowed`). The sampled token comes back and advances
 the matcher; once the grammar is complete the request ends with finish reason "stop". Neither
 framework is needed: the stages see only a bitmask.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
@@ -30,6 +32,7 @@ JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separ
 ANY_OBJECT = {"type": "object"}
 MAX_SCHEMA_BYTES = 128 << 10  # a JSON schema's compact JSON
 MAX_SCHEMA_DEPTH = 32  # nesting of objects and arrays in a schema
+MASKS = ThreadPoolExecutor(2, thread_name_prefix="hetpipe-mask")  # next masks, computed while the engine goes on
 
 
 def _limits():
@@ -127,19 +130,24 @@ class Grammars:
 
 
 class Constraint:
-    """One request's grammar state. Used by the engine thread only, once submitted."""
+    """One request's grammar state. Used by the engine thread only, once submitted.
+
+    The mask for the next step is computed on a worker thread (`MASKS`) as soon as a token is
+    consumed: llguidance runs without the GIL while the engine thread hands the token to its
+    client, checks stop strings and schedules the next batch; `mask()` then only collects it."""
 
     def __init__(self, matcher, vocab_size: int):
         self.matcher = matcher
         self.words = (vocab_size + 31) // 32
-        self._next: np.ndarray | None = None  # the next mask, computed ahead (at submit)
+        self._next: np.ndarray | Future | None = None  # the next mask, computed ahead (at submit, or after a token)
+        self._done = False
 
     def mask(self) -> np.ndarray:
         """The tokens allowed next, as int32 bitmask words; `GrammarFailed` if the grammar ran out
         of budget or allows nothing."""
         if self._next is not None:
             out, self._next = self._next, None
-            return out
+            return out.result() if isinstance(out, Future) else out
         return _compute_mask(self.matcher, self.words)
 
     def probe(self) -> None:
@@ -155,21 +163,29 @@ class Constraint:
             _compute_mask(trial, self.words)
 
     def copy(self) -> Constraint:
-        """An independent state at the same point (another choice of the same request)."""
+        """An independent state at the same point (another choice of the same request; made before
+        it runs, when no mask is being computed)."""
+        if isinstance(self._next, Future):
+            self._next = self._next.result()
         c = Constraint(self.matcher.deep_copy(), 0)
         c.words, c._next = self.words, None if self._next is None else self._next.copy()
         return c
 
     def consume(self, token_id: int) -> None:
-        """Advance past a sampled token; a token the grammar refuses is an error (never silently kept)."""
+        """Advance past a sampled token (a token the grammar refuses is an error, never silently
+        kept), and start computing the next mask."""
+        if isinstance(self._next, Future):
+            self._next.result()  # a mask computed for a step that did not sample (never the case now)
         if not self.matcher.consume_token(token_id) or self.matcher.is_error():
             raise GrammarFailed(f"structured output stopped: token {token_id} broke the grammar: "
                                 f"{_one_line(self.matcher.get_error())}")
+        self._done = self.matcher.is_stopped()
+        self._next = None if self._done else MASKS.submit(_compute_mask, self.matcher, self.words)
 
     @property
     def done(self) -> bool:
         """The grammar is complete: nothing but the end of the output may follow."""
-        return self.matcher.is_stopped()
+        return self._done
 
 
 def _compute_mask(matcher, words: int) -> np.ndarray:
