@@ -36,8 +36,7 @@ def tools_request() -> ChatRequest:
 
 
 def _per_token_ms(gen: Generator, ids: list[int], max_tokens: int, constraint=None) -> tuple[float, int]:
-    s = gen.stream(ids, max_tokens=max_tokens, ignore_eos=constraint is None, constraint=constraint,
-                   sampling=None)
+    s = gen.stream(ids, max_tokens=max_tokens, ignore_eos=constraint is None, constraint=constraint)
     for _ in s:
         pass
     t = s.timing
@@ -66,7 +65,8 @@ def run_tools(gen: Generator, *, rounds: int) -> dict:
         kinds["same prompt"].append(_per_token_ms(gen, with_tools, n)[0])
         kinds["no tools"].append(_per_token_ms(gen, without, n)[0])
     med = {k: statistics.median(v) for k, v in kinds.items()}
-    return {"ratio_vs_no_tools": med["tools"] / med["no tools"], "ratio_vs_same_prompt": med["tools"] / med["same prompt"],
+    return {"ratio_vs_no_tools": med["tools"] / med["no tools"],
+            "ratio_vs_same_prompt": med["tools"] / med["same prompt"],
             "ms_per_token": med, "ms_per_token_rounds": kinds, "call_tokens": tokens, "tools": len(TOOL_NAMES),
             "prompt_tokens": {"tools": len(with_tools), "no tools": len(without)}, "tool_format": fmt,
             "rounds": rounds, "stages": gen.pipeline.describe()}
