@@ -149,10 +149,6 @@ def _add_bench(sub) -> None:
     x.add_argument("--rounds", type=int, default=4, help="chats timed with the cache, and as many without")
     x.add_argument("--max-tokens", type=int, default=16, help="tokens of turn 1's answer")
     x.add_argument("--json", action="store_true", help="print one JSON line")
-    tl = suites.add_parser("tools", help="decode time per token of a required call of 8 tools, against none")
-    _add_pipeline(tl, required=True)
-    tl.add_argument("--rounds", type=int, default=5, help="rounds, each a call and two unconstrained runs")
-    tl.add_argument("--json", action="store_true", help="print one JSON line")
     k = suites.add_parser("backends", help="prefill and decode speed of each backend and dtype")
     k.add_argument("--model", default=None, help="model directory (default: the fetched smollm2)")
     k.add_argument("--layers", default=None, metavar="FIRST-LAST", help="layer range (default: all)")
@@ -187,6 +183,14 @@ def _add_bench(sub) -> None:
     ho.add_argument("--skip", action="append", default=[], metavar="TEXT",
                     help="leave out the named cases whose names contain TEXT (repeatable)")
     ho.add_argument("--json", action="store_true", help="print one JSON line")
+    _add_bench_tools(suites)
+
+
+def _add_bench_tools(suites) -> None:
+    tl = suites.add_parser("tools", help="decode time per token of a required call of 8 tools, against none")
+    _add_pipeline(tl, required=True)
+    tl.add_argument("--rounds", type=int, default=5, help="rounds, each a call and two unconstrained runs")
+    tl.add_argument("--json", action="store_true", help="print one JSON line")
 
 
 def build_parser() -> argparse.ArgumentParser:
