@@ -154,6 +154,26 @@ def test_masks_and_openai_sampling_round_trip(pair):
         unpack_batch({**header, "seqs": bad}, arrays)
 
 
+def test_a_verified_draft_round_trips_with_a_mask_row_per_position(pair):
+    """Speculative decoding: a chunk's draft count, and its draft + 1 mask rows, consecutive in the
+    mask frame; a draft as long as the chunk, or on a sequence that samples nothing, is refused."""
+    masks = np.arange(18, dtype=np.int32).reshape(3, 6)
+    sent = StageBatch([SeqChunk(1, 9, np.array([5], np.int32), SamplingParams(), masks[0]),
+                       SeqChunk(2, 4, np.array([7, 8, 9], np.int32), SamplingParams(), masks[:3] * 2, draft=2),
+                       SeqChunk(3, 4, np.array([1, 2], np.int32), SamplingParams(), draft=1)])
+    header, arrays = through(pair, pack_batch(sent, req=1))
+    got = unpack_batch(header, arrays)
+    assert [s.draft for s in got.seqs] == [0, 2, 1] and got.seqs[2].allowed is None
+    assert got.seqs[1].allowed.tolist() == (masks * 2).tolist() and got.seqs[0].allowed.tolist() == masks[0].tolist()
+    for entry, value in ((2, 3), (1, 1)):  # three drafts in a three-token chunk; drafts that sample nothing
+        bad = [list(s) for s in header["seqs"]]
+        bad[entry][8] = value
+        if entry == 1:
+            bad[entry][3], bad[entry][4] = None, None
+        with pytest.raises(WireError):
+            unpack_batch({**header, "seqs": bad}, arrays)
+
+
 def test_prefix_cache_hashes_round_trip(pair):
     """A first chunk's prefix, the names of the blocks a chunk fills and the batch's evictions come
     back as sent; a hash that is not a non-negative 63-bit int is refused."""

@@ -1,6 +1,6 @@
 """Protocol constants: every message kind, limit and version lives here, once."""
 
-VERSION = 7  # a daemon and a coordinator of other versions refuse each other's messages
+VERSION = 8  # a daemon and a coordinator of other versions refuse each other's messages
 
 # message kinds, client -> stage
 HELLO = "hello"  # identity check; reply: INFO
@@ -27,6 +27,7 @@ MAX_FRAME_BYTES = 1 << 28  # also the socket's ZMQ_MAXMSGSIZE: a larger message 
 MAX_SEQS_PER_CALL = 4096
 MAX_ROUTE = 64  # stages after this one
 MAX_SEQ_ID = (1 << 63) - 1
+MAX_DRAFT = 64  # draft tokens one sequence's chunk may carry to be verified
 MAX_BLOCK_HASHES = 1 << 16  # block hashes in one seq entry's prefix or names, or in a batch's evictions
 MAX_BLOCK_HASH = (1 << 63) - 1
 

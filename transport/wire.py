@@ -145,11 +145,13 @@ def pack_batch(batch: StageBatch, memo: SamplingMemo | None = None, **fields) ->
     if estimate > limit:  # refused before anything is packed: a split retries at once
         raise BatchTooLarge(f"a batch of {len(batch.seqs)} sequences needs about {estimate} header bytes "
                             f"(limit {limit})")
-    masks = [s.allowed for s in batch.seqs if s.allowed is not None]
-    rows = iter(range(len(masks)))
-    seqs = [[s.seq_id, s.offset, len(s.token_ids), _sampling_entry(s, memo),
-             None if s.allowed is None else next(rows), list(s.prefix), list(s.names), s.prompt_logprobs]
-            for s in batch.seqs]
+    masks, seqs = [], []  # a verified draft's mask rows are consecutive; its entry names the first
+    for s in batch.seqs:
+        first = None if s.allowed is None else len(masks)
+        if s.allowed is not None:
+            masks.extend(s.allowed if s.draft else [s.allowed])
+        seqs.append([s.seq_id, s.offset, len(s.token_ids), _sampling_entry(s, memo), first, list(s.prefix),
+                     list(s.names), s.prompt_logprobs, s.draft])
     ids = [s.token_ids for s in batch.seqs]
     tokens = np.asarray(ids[0] if len(ids) == 1 else np.concatenate(ids), np.int32)
     arrays = [("int32", tokens)]
@@ -212,7 +214,7 @@ def unpack_batch(header: dict, arrays, memo: SamplingMemo | None = None) -> Stag
         raise WireError("forward needs a non-empty list of seqs")
     if not _hashes(evict):
         raise WireError("evict must be a list of block hashes")
-    if not (_is_int(n_masks) and 0 <= n_masks <= len(seqs)):
+    if not (_is_int(n_masks) and 0 <= n_masks <= len(seqs) * (P.MAX_DRAFT + 1)):  # a draft has a row per position
         raise WireError("bad mask count")
     masks = None
     if n_masks:
@@ -224,9 +226,11 @@ def unpack_batch(header: dict, arrays, memo: SamplingMemo | None = None) -> Stag
     tokens = arrays[0][1]
     out, at, used, params, fresh = [], 0, set(), {}, []
     for s in seqs:
-        if not (isinstance(s, list) and len(s) == 8 and all(_is_int(x) for x in s[:3])
+        if not (isinstance(s, list) and len(s) == 9 and all(_is_int(x) for x in s[:3])
                 and 0 <= s[0] <= P.MAX_SEQ_ID and 0 <= s[1] < 2**31 and 0 < s[2] <= len(tokens) - at
-                and (s[4] is None or (_is_int(s[4]) and 0 <= s[4] < n_masks and s[4] not in used))
+                and _is_int(s[8]) and 0 <= s[8] <= min(P.MAX_DRAFT, s[2] - 1)
+                and (s[4] is None or (_is_int(s[4]) and 0 <= s[4] <= n_masks - s[8] - 1
+                                      and not used & set(range(s[4], s[4] + s[8] + 1))))
                 and _hashes(s[5]) and _hashes(s[6])
                 and (s[7] is None or (_is_int(s[7]) and 0 <= s[7] <= MAX_LOGPROBS))):
             raise WireError(f"bad seq entry {str(s)[:80]}")
@@ -239,17 +243,19 @@ def unpack_batch(header: dict, arrays, memo: SamplingMemo | None = None) -> Stag
             params[s[0]] = sampling = _sampling(s[3])
         elif s[1] == len(s[5]) * BLOCK:
             fresh.append(s[0])  # a sequence starting afresh: what it was sent in an earlier life is stale
-        allowed = None if s[4] is None else masks[s[4]]
+        allowed = None if s[4] is None else masks[s[4] : s[4] + s[8] + 1] if s[8] else masks[s[4]]
         if allowed is not None:
-            used.add(s[4])
+            used.update(range(s[4], s[4] + s[8] + 1))
             if sampling is None:
                 raise WireError("a mask on a sequence that samples nothing")
-        out.append(SeqChunk(s[0], s[1], tokens[at : at + s[2]], sampling, allowed, s[5], s[6], s[7]))
+        if s[8] and (sampling is None or s[7] is not None):
+            raise WireError("drafts on a sequence that samples nothing, or whose prompt is scored")
+        out.append(SeqChunk(s[0], s[1], tokens[at : at + s[2]], sampling, allowed, s[5], s[6], s[7], s[8]))
         at += s[2]
     if at != len(tokens):
         raise WireError(f"seqs count {at} tokens, token frame has {len(tokens)}")
     if len(used) != n_masks:
-        raise WireError(f"{n_masks} masks sent, {len(used)} named")
+        raise WireError(f"{n_masks} mask rows sent, {len(used)} named")
     hidden = None
     if len(arrays) == 2:
         dtype, data = arrays[1]

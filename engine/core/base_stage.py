@@ -45,7 +45,7 @@ class Layout:
             if s.prompt_logprobs is not None:
                 rows.extend(range(a, a + n))
             elif s.sampling is not None:
-                rows.append(a + n - 1)
+                rows.extend(range(a + n - 1 - s.draft, a + n))  # a verified draft: its last draft + 1 rows
         return cls(starts, lengths, offsets, positions.astype(np.int64), np.asarray(rows, dtype=np.int64))
 
 
@@ -56,6 +56,7 @@ class _SeqState:
     seen_from: int = 0  # the position of seen[0]: a cached prefix's tokens are never sent
     rng: np.random.Generator | None = None
     scores_next: np.ndarray | None = None  # prompt scoring: the log-probabilities of the row before the next chunk
+    draft: int = 0  # the last chunk's drafts: positions at the end of `length` its next chunk may drop
 
 
 PROBE_BYTES = 1 << 28  # a read-bandwidth probe: larger than any cache, so it reads DRAM (or HBM)
@@ -119,6 +120,7 @@ class BaseStage:
         self.release([s.seq_id for s in batch.seqs if (s.offset == 0 or s.prefix) and s.seq_id in self._seqs])
         if batch.evict and self.blocks is not None:
             self.blocks.evict(batch.evict)
+        self._drop_rejected(batch.seqs)
         self._check(batch)
         for s in batch.seqs:
             if s.seq_id not in self._seqs:
@@ -134,16 +136,29 @@ class BaseStage:
         for s in batch.seqs:
             st = self._seqs[s.seq_id]
             st.length += len(s.token_ids)
+            st.draft = s.draft
             if s.names:  # full now: named, so a later sequence with the same tokens before it can link them
                 self.blocks.name(s.seq_id, s.offset // BLOCK, s.names)
             if self.info.is_last:
                 st.seen.extend(s.token_ids.tolist())
         if not self.info.is_last:
             return StageResult(hidden=out)
-        if all(s.prompt_logprobs is None for s in batch.seqs):
+        if all(s.prompt_logprobs is None and not s.draft for s in batch.seqs):
             return StageResult(tokens=self._sample(batch.seqs, out))
         return self._score_and_sample(batch.seqs, out)
 
+    def _drop_rejected(self, seqs: list[SeqChunk]) -> None:
+        """A chunk that starts within its sequence's last drafts drops the positions from there on
+        (the drafts the last stage rejected): their keys stay in their slots, overwritten as the
+        sequence goes on, and never read (attention reads up to the chunk's offset + its tokens)."""
+        for s in seqs:
+            st = self._seqs.get(s.seq_id)
+            if st is None or not st.draft:
+                continue
+            if st.length - st.draft <= s.offset < st.length:
+                del st.seen[max(0, s.offset - st.seen_from) :]
+                st.length = s.offset
+            st.draft = 0
     def release(self, seq_ids: Sequence[int]) -> None:
         for sid in seq_ids:
             if self._seqs.pop(sid, None) is not None:
@@ -175,7 +190,13 @@ class BaseStage:
             if s.prefix and self.blocks.match(s.prefix) != len(s.prefix):
                 raise ValueError(f"prefix cache miss: sequence {s.seq_id} starts with {len(s.prefix)} cached blocks, "
                                  f"{self.blocks.match(s.prefix)} of them held here")
-            full = (s.offset + len(s.token_ids)) // BLOCK - s.offset // BLOCK
+            if not (_is_count(s.draft) and s.draft < len(s.token_ids)):
+                raise ValueError(f"sequence {s.seq_id}: {s.draft} drafts in a chunk of {len(s.token_ids)} tokens")
+            if s.draft and (s.sampling is None or s.prompt_logprobs is not None):
+                raise ValueError(f"sequence {s.seq_id}: drafts are verified by sampling, never scored")
+            if s.draft and s.allowed is not None and s.allowed.shape[:1] != (s.draft + 1,):
+                raise ValueError(f"sequence {s.seq_id}: {s.draft} drafts need {s.draft + 1} mask rows")
+            full = (s.offset + len(s.token_ids) - s.draft) // BLOCK - s.offset // BLOCK
             if s.names and len(s.names) != full:
                 raise ValueError(f"sequence {s.seq_id}: {len(s.names)} block names for the {full} blocks it fills")
             if s.token_ids.min() < 0 or s.token_ids.max() >= self.cfg.vocab_size:
@@ -213,22 +234,38 @@ class BaseStage:
         return out
 
     def _score_and_sample(self, seqs: list[SeqChunk], logits: np.ndarray) -> StageResult:
-        """The logits hold every row of a scored sequence: each scores the token after it (the
-        chunk's first token is scored by the row kept from the chunk before); the last of them
-        samples as usual."""
-        sample_rows, scored, at = [], [], 0
+        """The logits hold every row of a scored sequence (each scores the token after it; the
+        chunk's first token is scored by the row kept from the chunk before; the last of them
+        samples as usual) and the draft + 1 last rows of a verified draft (`_verify`)."""
+        tokens, scored, at = [], [], 0
         for s in seqs:
-            if s.prompt_logprobs is None:
-                if s.sampling is not None:
-                    sample_rows.append(at)
-                    at += 1
-                continue
-            n = len(s.token_ids)
-            scored.append(self._score(s, logits[at : at + n]))
-            if s.sampling is not None:
-                sample_rows.append(at + n - 1)
+            n = len(s.token_ids) if s.prompt_logprobs is not None else s.draft + 1 if s.sampling else 0
+            rows = logits[at : at + n]
             at += n
-        return StageResult(tokens=self._sample(seqs, logits[sample_rows]), prompt_logprobs=scored)
+            if s.prompt_logprobs is not None:
+                scored.append(self._score(s, rows))
+            if s.sampling is None:
+                continue
+            try:
+                tokens += self._verify(s, rows) if s.draft else [self._sample_one(s, rows[-1])]
+            except Exception as e:
+                tokens.append(SampledToken(s.seq_id, -1, 0.0, [], error=f"{type(e).__name__}: {e}"[:500]))
+        return StageResult(tokens=tokens, prompt_logprobs=scored)
+
+    def _verify(self, s: SeqChunk, rows: np.ndarray) -> list[SampledToken]:
+        """Sample each draft position in turn, as plain decoding would have sampled it (the same
+        sampler, penalties over the tokens before it, its own mask, the same random stream); keep
+        the drafts while each equals the token sampled for its place. With a draft that is one
+        token (a point mass), taking the sampled token either way is the rejection rule of
+        speculative sampling: the output is distributed exactly as the model's own, greedy or not."""
+        drafts, upto = s.token_ids[-s.draft :].tolist(), s.offset + len(s.token_ids) - s.draft
+        out = []
+        for i in range(s.draft + 1):
+            tok = self._sample_one(s, rows[i], upto + i, None if s.allowed is None else s.allowed[i])
+            out.append(tok)
+            if i == s.draft or tok.token_id != drafts[i]:
+                break
+        return out
 
     def _score(self, s: SeqChunk, rows: np.ndarray) -> PromptLogprobs:
         st, k, n = self._seqs[s.seq_id], s.prompt_logprobs, len(s.token_ids)
@@ -246,21 +283,25 @@ class BaseStage:
         st.scores_next = before
         return PromptLogprobs(s.seq_id, s.offset, logprobs, top_ids, top_lps)
 
-    def _sample_one(self, s: SeqChunk, row: np.ndarray) -> SampledToken:
+    def _sample_one(self, s: SeqChunk, row: np.ndarray, upto: int | None = None,
+                    allowed: np.ndarray | None = None) -> SampledToken:
+        """The token after the sequence's first `upto` tokens (default: all of this chunk's)."""
         p, st = s.sampling, self._seqs[s.seq_id]
+        if upto is None:
+            upto, allowed = s.offset + len(s.token_ids), s.allowed
         chosen_from = row  # what the token is drawn from; its log-probabilities are the model's own
-        if p.holds_back(s.offset + len(s.token_ids) - p.output_from):
+        if p.holds_back(upto - p.output_from):
             chosen_from = row.copy()
             chosen_from[[t for t in p.stop_ids if t < row.size]] = -np.inf
         if st.rng is None:
             st.rng = np.random.default_rng(p.seed)
-        history = np.asarray(st.seen, dtype=np.int64) if p.uses_history else _EMPTY
+        history = np.asarray(st.seen[: upto - st.seen_from], dtype=np.int64) if p.uses_history else _EMPTY
         if st.seen_from and p.uses_history:  # the output penalties read only what follows the prompt
             if p.repetition_penalty != 1.0:
                 raise ValueError(f"sequence {s.seq_id}: a repetition penalty reads the whole prompt, and it "
                                  "started from a cached prefix this stage never saw")
             p = p.copy_with(output_from=max(0, p.output_from - st.seen_from))
-        tok = sample_token(chosen_from, p, st.rng, history, s.allowed)
+        tok = sample_token(chosen_from, p, st.rng, history, allowed)
         lse = logsumexp(row)
         top = top_logprobs(row, p.logprobs, lse) if p.logprobs > 1 else []
         return SampledToken(s.seq_id, tok, float(row[tok]) - lse, top)
@@ -287,6 +328,10 @@ class BaseStage:
 
 
 _EMPTY = np.zeros(0, dtype=np.int64)
+
+
+def _is_count(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool) and x >= 0
 WARMUP_ID = -(2**62)  # warm-up's sequence ids start here: clients' ids are refused below zero
 WARMUP_IDS = 16  # how many: a warm-up may run a batch of several
 MEMORY_RESERVE = 0.10  # of a device's memory, kept for activations, the runtime and the OS (KV takes the rest)

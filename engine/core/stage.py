@@ -37,6 +37,12 @@ class SeqChunk:
     # prompt log-probabilities: the last stage scores each of these tokens given those before it,
     # with this many alternatives (None: not asked; the request then costs nothing more)
     prompt_logprobs: int | None = None
+    # speculative decoding: the last `draft` token ids are drafts. The last stage samples at each of
+    # the draft + 1 last rows in turn, keeps the drafts while each equals the token sampled before
+    # it, and returns those tokens and the one sampled after the last kept (`allowed` then has one
+    # mask row per sampled row). Every stage drops the rejected positions when the sequence's next
+    # chunk starts before them; the names above count the chunk's tokens before the drafts only
+    draft: int = 0
 
 
 @dataclass(slots=True)
@@ -76,7 +82,8 @@ class PromptLogprobs:
 @dataclass(slots=True)
 class StageResult:
     hidden: TypedArray | None = None  # from every stage but the last
-    tokens: list[SampledToken] = field(default_factory=list)  # from the last stage
+    # from the last stage, per sampling sequence in batch order: one token, or a verified draft's several
+    tokens: list[SampledToken] = field(default_factory=list)
     prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)  # from the last stage, where asked
 
 
