@@ -37,9 +37,11 @@ from .core.tensors import DTYPES, check_dtype
 from .serving.engine import EngineConfig
 from .serving.generator import GenerationResult, Generator, Stream
 from .serving.local_pipeline import LocalPipeline
+from .serving.speculative import SpeculativeConfig
 
 __all__ = ["EngineConfig", "GenerationResult", "Generator", "LocalPipeline", "RemotePipeline", "SamplingParams",
-           "StageFailure", "Stream", "UserError", "connect_pipeline", "load_stage", "local_pipeline"]
+           "SpeculativeConfig", "StageFailure", "Stream", "UserError", "connect_pipeline", "load_stage",
+           "local_pipeline"]
 
 
 def local_pipeline(model_dir: str | Path, spec: str, dtype: str = "auto", device: str | None = None, *,

@@ -40,6 +40,7 @@ from .output import GenerationChunk, Profile, Timing
 from .prefix_cache import PrefixCache
 from .recovery import RecoveryEvent, recover
 from .scheduler import Scheduler, Sequence as Seq, Slice
+from .speculative import Drafter, SpeculativeConfig
 from .structured import Constraint
 from .text import IncrementalDetokenizer, StopMatcher, Tokenizer
 
@@ -58,6 +59,7 @@ class EngineConfig:
     prefill_with_decode: int = 128  # prefill tokens riding along with decode steps
     recovery_timeout_s: float = 30.0  # for a lost stage to be replaced, its load included
     prefix_cache: bool = True  # reuse the KV blocks of prompts' shared prefixes (`prefix_cache.py`)
+    speculative: SpeculativeConfig | None = None  # drafts verified several tokens a pass (`speculative.py`)
 
     def __post_init__(self):
         if self.inflight is not None and self.inflight < 1:
@@ -84,6 +86,12 @@ class Request:
     profile: Profile = field(default_factory=Profile)
     # prompt log-probabilities asked: per prompt position, (logprob, alternatives) once scored
     prompt_scores: list | None = None
+    drafter: Drafter | None = None  # speculative decoding: its drafts and how many were taken
+
+    @property
+    def speculative(self) -> dict | None:
+        """{"drafted", "accepted"}: draft tokens sent and taken (None: it did not speculate)."""
+        return None if self.drafter is None else {"drafted": self.drafter.drafted, "accepted": self.drafter.accepted}
 
 
 class Engine:
@@ -119,6 +127,7 @@ class Engine:
         self.lost_error = ""
         self._retry_at = 0.0
         self.profile = Profile()  # every batch run, for benchmarks
+        self.drafted = self.accepted = 0  # speculative decoding's draft tokens, all requests together
         self.recoveries: list[RecoveryEvent] = []
         self.log = log or (lambda m: print(f"hetpipe: {m}", file=sys.stderr, flush=True))
         # a daemon thread: an engine its owner never closed does not keep the process alive; it
@@ -130,12 +139,15 @@ class Engine:
 
     def submit(self, prompt_ids: Sequence[int], *, max_tokens: int = 128, sampling: SamplingParams | None = None,
                stop: Sequence[str] = (), ignore_eos: bool = False, constraint: Constraint | None = None,
-               prompt_logprobs: int | None = None,
+               prompt_logprobs: int | None = None, speculate: bool = True, prediction: Sequence[int] | None = None,
                deliver: Callable[[GenerationChunk | BaseException], None]) -> Request:
         """Queue a request. Bad input raises `UserError` here, at once; later failures are delivered.
         `constraint`: structured output, whose mask goes with every sampling step to the last stage.
         `prompt_logprobs`: score each prompt token given those before it, with this many
-        alternatives (the first chunk carries them; the prompt is computed whole, not cached)."""
+        alternatives (the first chunk carries them; the prompt is computed whole, not cached).
+        `speculate`: with the engine's speculative decoding on, False opts this request out.
+        `prediction`: token ids the output is expected to repeat (OpenAI's Predicted Outputs), drafted
+        from whether or not the engine speculates otherwise."""
         ids = self._check(prompt_ids, max_tokens, sampling)
         if prompt_logprobs is not None and not (type(prompt_logprobs) is int and 0 <= prompt_logprobs <= MAX_LOGPROBS):
             raise UserError(f"prompt logprobs must be an integer in [0, {MAX_LOGPROBS}]")
@@ -152,6 +164,7 @@ class Engine:
                   score_prompt=prompt_logprobs)
         if prompt_logprobs is not None:
             req.prompt_scores = [None] * len(ids)
+        req.drafter = seq.drafter = self._drafter(speculate, prediction)
         self.scheduler.check(seq)
         with self._lock:
             if self._closing:
@@ -167,6 +180,14 @@ class Engine:
                 raise QueueFull(f"queue full: {waiting} requests waiting (limit {self.config.max_queue}); retry later")
             self._put(("add", seq))
         return req
+
+    def _drafter(self, speculate: bool, prediction: Sequence[int] | None) -> Drafter | None:
+        if prediction is not None:
+            ids = [int(i) for i in prediction if isinstance(i, (int, np.integer)) and not isinstance(i, bool)]
+            if len(ids) != len(prediction) or any(not 0 <= i < self.vocab_size for i in ids):
+                raise UserError(f"a prediction's token ids must be integers in 0..{self.vocab_size - 1}")
+            return Drafter(self.config.speculative or SpeculativeConfig(), np.asarray(ids, np.int64))
+        return Drafter(self.config.speculative) if self.config.speculative and speculate else None
 
     def cancel(self, seq_id: int) -> None:
         """Stop a request and free its KV caches on every stage (as soon as no batch of it is in flight)."""
@@ -295,19 +316,38 @@ class Engine:
 
     def _submit(self, batches: list[list[Slice]]) -> None:
         for slices in batches:
+            self._draft(slices)
             masks = self._masks(slices)
             slices = [sl for sl in slices if sl.seq.seq_id in self._seqs]  # a grammar that failed ended its request
             if slices:
                 self._send(slices, masks)
 
+    def _draft(self, slices: list[Slice]) -> None:
+        """Drafts for the decode steps of sequences that speculate: never past their max tokens (the
+        token after the drafts counts), their KV reservation, the context or the position limit."""
+        for sl in slices:
+            seq = sl.seq
+            if seq.drafter is None or not sl.sample or sl.n != 1:
+                continue
+            room = min(seq.max_tokens - len(seq.generated) - 1, seq.reserve - seq.length,
+                       self.context - seq.length, (self.position_limit or (self.context,))[0] - seq.length)
+            sl.draft = seq.drafter.propose(seq.prompt, seq.generated, room)
+
     def _masks(self, slices: list[Slice]) -> dict[int, np.ndarray]:
-        """Structured output's masks for the slices that sample; a grammar that fails ends its request."""
+        """Structured output's masks for the slices that sample (a draft's: one per position, the
+        draft cut where the grammar refuses it); a grammar that fails ends its request."""
         out = {}
         for sl in slices:
             constraint = sl.seq.owner.constraint
             if sl.sample and constraint is not None:
                 try:
-                    out[sl.seq.seq_id] = constraint.mask()
+                    if sl.draft:
+                        out[sl.seq.seq_id], kept = constraint.masks_along(sl.draft)
+                        del sl.draft[kept:]
+                        if not sl.draft:
+                            out[sl.seq.seq_id] = out[sl.seq.seq_id][0]
+                    else:
+                        out[sl.seq.seq_id] = constraint.mask()
                 except GrammarFailed as e:
                     self._end(sl.seq, e)
         return out
@@ -336,10 +376,10 @@ class Engine:
         self._flying[tag] = slices
 
     def _seq_chunk(self, sl: Slice, allowed: np.ndarray | None) -> SeqChunk:
-        prefix, names = self.prefix.chunk(sl.seq, sl.start, sl.n) if self.prefix else ((), ())
+        prefix, names = self.prefix.chunk(sl.seq, sl.start, sl.n, len(sl.draft)) if self.prefix else ((), ())
         scored = sl.seq.score_prompt if sl.start < len(sl.seq.prompt) else None  # a replay scores again: kept once
-        return SeqChunk(sl.seq.seq_id, sl.start, np.asarray(sl.seq.tokens(sl.start, sl.n), np.int32),
-                        sl.seq.sampling if sl.sample else None, allowed, prefix, names, scored)
+        return SeqChunk(sl.seq.seq_id, sl.start, np.asarray(sl.seq.tokens(sl.start, sl.n) + sl.draft, np.int32),
+                        sl.seq.sampling if sl.sample else None, allowed, prefix, names, scored, len(sl.draft))
 
     def _postprocess(self, outcomes: list[BatchOutcome]) -> None:
         """Tokens into chunks (to the outbox); finished and cancelled sequences out (released on every stage)."""
@@ -354,7 +394,9 @@ class Engine:
             self.profile.add(o.timing)
             for scored in o.prompt_logprobs:
                 self._keep_scores(scored)
-            tokens = {t.seq_id: t for t in o.tokens}
+            tokens: dict[int, list[SampledToken]] = {}
+            for t in o.tokens:
+                tokens.setdefault(t.seq_id, []).append(t)
             now = time.perf_counter()
             for sl in slices:
                 seq = sl.seq
@@ -363,17 +405,32 @@ class Engine:
                     self._end(seq)
                 elif sl.sample:
                     try:
-                        chunk = self._chunk(seq, tokens.get(seq.seq_id), now)
+                        self._take_tokens(sl, tokens.get(seq.seq_id) or [None], now)
                     except (GrammarFailed, RequestFailed) as e:  # this request ends, not the engine
                         self._end(seq, e)
-                        continue
                     except Exception as e:  # a bug met with one request's data: it alone ends
                         self.log(f"request {seq.seq_id} failed: {e!r}\n{traceback.format_exc()}")
                         self._end(seq, RequestFailed(f"internal error: {type(e).__name__}"))
-                        continue
-                    self._outbox.append((seq.owner, chunk))
-                    if chunk.finish_reason:
-                        self._end(seq)  # caches freed before the caller hears it is done
+
+    def _take_tokens(self, sl: Slice, toks: list[SampledToken | None], now: float) -> None:
+        """A sampling slice's tokens into chunks: one, or a verified draft's taken drafts and the
+        token after them (their positions stay in the caches; the rejected ones are dropped on every
+        stage by the sequence's next chunk)."""
+        seq = sl.seq
+        if len(toks) > len(sl.draft) + 1 or any(t is not None and t.token_id != d for t, d in zip(toks[:-1], sl.draft)):
+            raise RequestFailed("the last stage returned tokens that are not a verified draft")
+        for tok in toks:
+            chunk = self._chunk(seq, tok, now)
+            self._outbox.append((seq.owner, chunk))
+            if chunk.finish_reason:
+                self._end(seq)  # caches freed before the caller hears it is done
+                break
+        if sl.draft:
+            taken = len(toks) - 1
+            seq.cached += taken
+            seq.drafter.verified(len(sl.draft), taken)
+            self.drafted += len(sl.draft)
+            self.accepted += taken
 
     def _keep_scores(self, p: PromptLogprobs) -> None:
         """A chunk's prompt scores into its request's (each position once: a replay scores again)."""

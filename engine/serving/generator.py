@@ -51,6 +51,7 @@ class GenerationResult:
     stages: list[dict]
     profile: dict  # ttft, inter-token latency percentiles, per-stage compute and wire time (see output.Profile)
     prompt_logprobs: list[dict] | None = None  # where asked: per prompt token, as `logprobs` (the first: None)
+    speculative: dict | None = None  # speculative decoding: {"drafted", "accepted"} draft tokens (None: off)
 
     def to_json(self) -> dict:
         return {k: getattr(self, k) for k in self.__slots__}
@@ -61,7 +62,7 @@ class Generator:
     closes the engine, joining its thread, and then the pipeline.
 
     Engine options (`inflight`, `max_seqs`, `max_queue`, `max_batch_tokens`, `prefill_with_decode`,
-    `recovery_timeout_s`) are `EngineConfig`'s fields. `pipeline=None`: tokenizing only.
+    `recovery_timeout_s`, `prefix_cache`, `speculative`: a `SpeculativeConfig`) are `EngineConfig`'s fields. `pipeline=None`: tokenizing only.
     """
 
     def __init__(self, model_dir: str | Path, pipeline: Pipeline | None, **engine_opts):
@@ -112,7 +113,8 @@ class Generator:
 
     def stream(self, prompt, *, chat: bool = False, max_tokens: int = 128, sampling: SamplingParams | None = None,
                stop: Sequence[str] = (), ignore_eos: bool = False, json_schema: dict | bool | None = None,
-               constraint: Constraint | None = None, prompt_logprobs: int | None = None) -> Stream:
+               constraint: Constraint | None = None, prompt_logprobs: int | None = None, speculate: bool = True,
+               prediction: Sequence[int] | None = None) -> Stream:
         """Submit now; iterate for one `GenerationChunk` per token, the last with `finish_reason`.
 
         `json_schema`: structured output, enforced while decoding: True for any JSON object, or a
@@ -120,18 +122,22 @@ class Generator:
         `constraint`: the same, made ahead by `constraint()` (on another thread, say).
         `prompt_logprobs`: the first chunk also scores each prompt token given those before it,
         with this many alternatives (the prompt is then computed whole, not taken from the cache).
+        `speculate=False`: this request does not speculate though the engine does (`SpeculativeConfig`).
+        `prediction`: token ids the output is expected to repeat (OpenAI's Predicted Outputs): drafts
+        verified several a step, whether or not the engine speculates otherwise.
 
         Closing the stream early (`close()`, leaving a for loop over it, or dropping it) cancels
         the request. `Stream.timing` holds its clock readings.
         """
         q: queue.SimpleQueue = queue.SimpleQueue()
         return Stream(self, self._submit(prompt, chat, max_tokens, sampling, stop, ignore_eos, json_schema, constraint,
-                                         q.put, prompt_logprobs), q)
+                                         q.put, prompt_logprobs, speculate, prediction), q)
 
     def astream(self, prompt, *, chat: bool = False, max_tokens: int = 128,
                 sampling: SamplingParams | None = None, stop: Sequence[str] = (),
                 ignore_eos: bool = False, json_schema: dict | bool | None = None,
-                constraint: Constraint | None = None, prompt_logprobs: int | None = None) -> AsyncStream:
+                constraint: Constraint | None = None, prompt_logprobs: int | None = None, speculate: bool = True,
+                prediction: Sequence[int] | None = None) -> AsyncStream:
         """`stream` for asyncio, called on the event loop: submitted at once (bad input raises
         here, before any chunk), then `async for` the chunks the engine thread hands this loop.
 
@@ -147,7 +153,7 @@ class Generator:
                 pass  # the loop has closed: nobody is listening any more
 
         return AsyncStream(self, self._submit(prompt, chat, max_tokens, sampling, stop, ignore_eos, json_schema,
-                                              constraint, deliver, prompt_logprobs), aq)
+                                              constraint, deliver, prompt_logprobs, speculate, prediction), aq)
 
     def generate(self, prompt, *, chat: bool = False, **kw) -> GenerationResult:
         """Run `stream()` to the end and collect the result (same arguments)."""
@@ -224,14 +230,15 @@ class Generator:
                     self._grammar_cache[key] = grammar
 
     def _submit(self, prompt, chat, max_tokens, sampling, stop, ignore_eos, json_schema, constraint,
-                deliver, prompt_logprobs=None) -> Request:
+                deliver, prompt_logprobs=None, speculate=True, prediction=None) -> Request:
         if self.engine is None:
             raise UserError("this Generator has no pipeline to generate with")
         ids = self.prompt_ids(prompt, chat)
         if constraint is None and json_schema not in (None, False):
             constraint = self.constraint(json_schema)
         req = self.engine.submit(ids, max_tokens=max_tokens, sampling=sampling, stop=stop, ignore_eos=ignore_eos,
-                                 constraint=constraint, prompt_logprobs=prompt_logprobs, deliver=deliver)
+                                 constraint=constraint, prompt_logprobs=prompt_logprobs, speculate=speculate,
+                                 prediction=prediction, deliver=deliver)
         self.last_timing = req.timing
         return req
 
@@ -262,6 +269,7 @@ class Generator:
             prompt_logprobs=None if chunks[0].prompt_logprobs is None else [
                 {"token_id": t, "logprob": lp, "top": [{"token_id": i, "logprob": v} for i, v in top]}
                 for t, lp, top in chunks[0].prompt_logprobs],
+            speculative=req.speculative,
         )
 
 

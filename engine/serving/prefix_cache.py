@@ -55,8 +55,10 @@ class PrefixCache:
         self.hit_tokens += n * BLOCK
         return n * BLOCK
 
-    def chunk(self, seq: Sequence, start: int, n: int) -> tuple[list[int], list[int]]:
-        """The (prefix, names) of a chunk of tokens [start, start + n) about to be sent."""
+    def chunk(self, seq: Sequence, start: int, n: int, drafts: int = 0) -> tuple[list[int], list[int]]:
+        """The (prefix, names) of a chunk of tokens [start, start + n) about to be sent, and `drafts`
+        draft tokens after them: they take blocks (as on every stage) but name none. A block that
+        accepted drafts fill up is never named: the prefix cache holds only what chunks named."""
         sid = seq.seq_id
         if sid not in self.blocks.tables:  # admitted before a reset: it starts afresh, from no prefix
             self.blocks.link(sid, [])
@@ -64,7 +66,7 @@ class PrefixCache:
         if sid not in self.started:
             self.started.add(sid)
             prefix = self._hashes(seq, len(self.blocks.table(sid)) * BLOCK)
-        self.blocks.allocate(sid, start + n)
+        self.blocks.allocate(sid, start + n + drafts)
         first, end = start // BLOCK, (start + n) // BLOCK
         names = self._hashes(seq, end * BLOCK)[first:end] if end > first else []  # most decode steps fill none
         if names:

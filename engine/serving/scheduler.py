@@ -33,6 +33,7 @@ class Sequence:
     cancelled: bool = False
     owner: object = None  # the engine's per-request state (output queue, detokenizer, timing)
     score_prompt: int | None = None  # prompt log-probabilities asked, with this many alternatives
+    drafter: object = None  # speculative decoding's drafts for it (`speculative.Drafter`), if it speculates
 
     @property
     def length(self) -> int:
@@ -58,6 +59,7 @@ class Slice:
     start: int
     n: int
     sample: bool
+    draft: list[int] = field(default_factory=list)  # speculative decoding: draft tokens sent after the n
 
 
 class Scheduler:

@@ -171,6 +171,21 @@ class Constraint:
         c.words, c._next = self.words, None if self._next is None else self._next.copy()
         return c
 
+    def masks_along(self, draft: list[int]) -> tuple[np.ndarray, int]:
+        """Speculative decoding: the masks of a draft's positions, (kept + 1, words), walked on a copy
+        of the grammar state, and how many of the draft's tokens to keep: a draft ends before a token
+        the grammar refuses or one that completes it."""
+        rows, trial = [self.mask()], self.matcher.deep_copy()
+        for t in draft:
+            if not (int(rows[-1][t >> 5]) >> (t & 31)) & 1 or not trial.consume_token(t) or trial.is_error() \
+                    or trial.is_stopped():
+                break
+            try:
+                rows.append(_compute_mask(trial, self.words))
+            except GrammarFailed:
+                break
+        return np.stack(rows), len(rows) - 1
+
     def consume(self, token_id: int) -> None:
         """Advance past a sampled token (a token the grammar refuses is an error, never silently
         kept), and start computing the next mask."""
