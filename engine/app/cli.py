@@ -13,7 +13,7 @@ from ..core.partition import parse_layer_range
 from ..core.tensors import AUTO, DTYPES, check_dtype
 
 EXIT_USAGE = 2
-BENCH_SUITES = ("serving", "prefix", "backends", "pipeline", "delivery", "hostile", "tools")
+BENCH_SUITES = ("serving", "prefix", "backends", "pipeline", "delivery", "hostile", "tools", "spec")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -62,6 +62,11 @@ def _add_pipeline(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--max-batch-tokens", type=int, default=512, help="tokens per micro-batch (prefill chunk size)")
     p.add_argument("--recovery-timeout", type=float, default=30.0,
                    help="seconds for a lost stage (or a standby) to come back and load before requests fail")
+    p.add_argument("--speculative", default=None, metavar="ngram",
+                   help="speculative decoding: ngram (prompt lookup: drafts from the prompt and output, verified "
+                        "several tokens a pass; greedy outputs are unchanged, sampled ones keep their distribution)")
+    p.add_argument("--num-draft-tokens", type=int, default=None, metavar="K",
+                   help="with --speculative: draft tokens per step, at most (default 8; adapts per sequence)")
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
                    help="prefill every prompt in full (by default the KV blocks of shared prompt prefixes are reused)")
 
@@ -123,16 +128,19 @@ def _add_stage(sub) -> None:
                     help="torch: torch.compile the layers (faster decode; compiled once, then cached)")
 
 
+BENCH_DESCRIPTION = (
+    "hetpipe bench [serving] --local|--stages ...: throughput and latency with N concurrent clients. hetpipe bench "
+    "prefix: turn-2 TTFT with and without the prefix cache. hetpipe bench backends: prefill/decode speed of each "
+    "backend and dtype on one layer range. hetpipe bench pipeline: one split in-process vs over ZeroMQ, torch+torch "
+    "vs mlx+torch. The last two write JSON, Markdown and PNG under --out. hetpipe bench delivery: weights sent to a "
+    "daemon without --model against a raw ZeroMQ transfer. hetpipe bench hostile --url URL: malformed, extreme and "
+    "slow requests against a running server. hetpipe bench tools: decode time per token of a required call of 8 "
+    "tools, against the same request without. hetpipe bench spec: one stream with and without speculative decoding.")
+
+
 def _add_bench(sub) -> None:
     b = sub.add_parser("bench", help="serving under load, per-backend speed, or pipeline overhead",
-                       description="hetpipe bench [serving] --local|--stages ...: throughput and latency with N "
-                       "concurrent clients. hetpipe bench prefix: turn-2 TTFT with and without the prefix "
-                       "cache. hetpipe bench backends: prefill/decode speed of each backend and "
-                       "dtype on one layer range. hetpipe bench pipeline: one split in-process vs over ZeroMQ, "
-                       "torch+torch vs mlx+torch. The last two write JSON, Markdown and PNG under --out. hetpipe bench "
-                       "delivery: weights sent to a daemon without --model against a raw ZeroMQ transfer. hetpipe "
-                       "bench hostile --url URL: malformed, extreme and slow requests against a running server. hetpipe bench "
-                       "tools: decode time per token of a required call of 8 tools, against the same request without.")
+                       description=BENCH_DESCRIPTION)
     suites = b.add_subparsers(dest="suite", required=True, parser_class=_Parser)
     s = suites.add_parser("serving", help="throughput and latency with concurrent clients (the default)")
     _add_pipeline(s, required=False)
@@ -183,10 +191,17 @@ def _add_bench(sub) -> None:
     ho.add_argument("--skip", action="append", default=[], metavar="TEXT",
                     help="leave out the named cases whose names contain TEXT (repeatable)")
     ho.add_argument("--json", action="store_true", help="print one JSON line")
-    _add_bench_tools(suites)
+    _add_bench_more(suites)
 
 
-def _add_bench_tools(suites) -> None:
+def _add_bench_more(suites) -> None:
+    sp = suites.add_parser("spec", help="one stream with and without speculative decoding (code edit, summary, chat)")
+    _add_pipeline(sp, required=True)
+    sp.add_argument("--rounds", type=int, default=3, help="rounds, each every prompt both ways")
+    sp.add_argument("--max-tokens", type=int, default=128, help="tokens per run (end tokens ignored)")
+    sp.add_argument("--link-delay-ms", type=float, default=0.0,
+                    help="with --stages on loopback: hold every byte to and between the stages this long (a relay)")
+    sp.add_argument("--json", action="store_true", help="print one JSON line")
     tl = suites.add_parser("tools", help="decode time per token of a required call of 8 tools, against none")
     _add_pipeline(tl, required=True)
     tl.add_argument("--rounds", type=int, default=5, help="rounds, each a call and two unconstrained runs")
@@ -280,9 +295,12 @@ def _generator(args):
     """The pipeline the options ask for, in a Generator that owns it."""
     from ..api import Generator, connect_pipeline, local_pipeline
 
+    from ..serving.speculative import parse_speculative
+
     _at_least_1(args, "inflight", "max_seqs", "max_queue", "max_batch_tokens", "kv_tokens")
     if args.recovery_timeout < 0:
         raise UserError("--recovery-timeout must be >= 0")
+    speculative = parse_speculative(args.speculative, args.num_draft_tokens)
     model_dir = _model_dir(args.model)
     if args.local:
         pipeline = local_pipeline(model_dir, args.local, check_dtype(args.dtype, allow_auto=True), args.device,
@@ -294,7 +312,7 @@ def _generator(args):
                                     standby=args.standby, log=lambda m: print(m, file=sys.stderr))
     return Generator(model_dir, pipeline, inflight=args.inflight, max_seqs=args.max_seqs, max_queue=args.max_queue,
                      max_batch_tokens=args.max_batch_tokens, recovery_timeout_s=args.recovery_timeout,
-                     prefix_cache=args.prefix_cache)
+                     prefix_cache=args.prefix_cache, speculative=speculative)
 
 
 def _parse_quant(text: str) -> tuple[tuple[int, int], ...]:
@@ -474,6 +492,8 @@ def cmd_bench(args) -> int:
         layers = parse_layer_range(args.layers) if args.layers else None
         r = run_delivery(_model_dir(args.model), layers, args.rounds, args.backend, log=stderr)
         print(json.dumps(r) if args.json else format_delivery(r))
+    elif args.suite == "spec":
+        _bench_spec(args)
     elif args.suite == "tools":
         from .bench.tools import format_tools, run_tools
 
@@ -492,6 +512,35 @@ def cmd_bench(args) -> int:
     else:
         _bench_report(args, _model_dir(args.model))
     return 0
+
+
+def _bench_spec(args) -> None:
+    from .bench.relay import start_relay
+    from .bench.spec import format_spec, run_spec
+
+    _at_least_1(args, "rounds", "max_tokens")
+    relays = []
+    try:
+        if args.link_delay_ms:
+            if not args.stages or args.link_delay_ms < 0:
+                raise UserError("--link-delay-ms puts relays between stage daemons: give --stages (loopback) and a "
+                                "delay of at least 0")
+            addrs = []
+            for entry in args.stages.split(","):
+                addr, eq, rng = entry.partition("=")
+                try:
+                    proc, relayed = start_relay(addr, args.link_delay_ms)
+                except ValueError as e:
+                    raise UserError(str(e)) from None
+                relays.append(proc)
+                addrs.append(relayed + eq + rng)
+            args.stages = ",".join(addrs)
+        with _generator(args) as gen:
+            r = run_spec(gen, rounds=args.rounds, max_tokens=args.max_tokens, link_delay_ms=args.link_delay_ms)
+    finally:
+        for p in relays:
+            p.kill()
+    print(json.dumps(r) if args.json else format_spec(r))
 
 
 def _bench_serving(args, model_dir) -> None:

@@ -42,6 +42,8 @@ class Choice:
     score_prompt: int | None = None  # echo with logprobs: the prompt's log-probabilities, with this many alternatives
     prompt_scores: list | None = None  # what came of that (the first chunk carries it)
     generate: bool = True  # max_tokens 0: one token is sampled (the prefill's own) and not returned
+    prediction: list[int] | None = None  # Predicted Outputs: token ids drafted from
+    speculative: Callable[[], dict | None] = lambda: None  # its draft tokens sent and taken (known once it runs)
 
     @property
     def text(self) -> str:
@@ -72,6 +74,7 @@ class Plan:
     tool_format: str = ""  # the layout of calls in the text (`tools.template_format`)
     parallel_tool_calls: bool = True
     forced_call: bool = False  # a call is required: the text is one from its first token
+    predicted: bool = False  # a prediction was given: the usage reports its tokens taken and not
     id: str = field(default_factory=lambda: secrets.token_hex(12))
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -113,6 +116,10 @@ def plan_chat(req: ChatRequest, gen: Generator, model: str) -> Plan:
     if forced and req.response_format is not None and req.response_format.type != "text":
         raise ParamError("a required tool call and a response_format cannot both shape the output", "tool_choice")
     plan = _plan("chat", req, gen, model, [(ids, "")], max_tokens, top, req.response_format)
+    if req.prediction is not None:
+        plan.predicted = True
+        for c in plan.choices:
+            c.prediction = gen.tokenizer.encode(req.prediction.text(), add_special_tokens=False)
     if T.active(req):
         plan.tools, plan.tool_format, plan.parallel_tool_calls = list(req.tools), fmt, req.parallel_tool_calls
     plan.forced_call = bool(forced)
@@ -263,8 +270,9 @@ def start(plan: Plan, gen: Generator) -> list:
         for c in plan.choices:
             streams.append(gen.astream(c.prompt_ids, max_tokens=c.max_tokens, sampling=c.sampling, stop=plan.stop,
                                        ignore_eos=plan.ignore_eos, constraint=c.constraint,
-                                       prompt_logprobs=c.score_prompt))
+                                       prompt_logprobs=c.score_prompt, prediction=c.prediction))
             c.cached_tokens = lambda req=streams[-1].request: req.cached_tokens
+            c.speculative = lambda req=streams[-1].request: req.speculative
     except BaseException:
         for s in streams:
             s.close()
@@ -312,9 +320,15 @@ def usage(plan: Plan) -> dict:
     cached: dict[int, int] = {}  # per prompt (the n choices of one share it): what the cache served it
     for c in plan.choices:
         cached[id(c.prompt_ids)] = max(cached.get(id(c.prompt_ids), 0), c.cached_tokens())
-    return {"prompt_tokens": plan.prompt_tokens, "completion_tokens": completion,
-            "total_tokens": plan.prompt_tokens + completion,
-            "prompt_tokens_details": {"cached_tokens": sum(cached.values())}}
+    out = {"prompt_tokens": plan.prompt_tokens, "completion_tokens": completion,
+           "total_tokens": plan.prompt_tokens + completion,
+           "prompt_tokens_details": {"cached_tokens": sum(cached.values())}}
+    if plan.predicted:  # OpenAI's Predicted Outputs: draft tokens the answer took, and those it did not
+        drafts = [c.speculative() or {"drafted": 0, "accepted": 0} for c in plan.choices]
+        taken = sum(d["accepted"] for d in drafts)
+        out["completion_tokens_details"] = {"accepted_prediction_tokens": taken,
+                                            "rejected_prediction_tokens": sum(d["drafted"] for d in drafts) - taken}
+    return out
 
 
 # -- bodies -------------------------------------------------------------------------------------

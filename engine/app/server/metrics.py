@@ -115,6 +115,11 @@ class _StageCollector:
         hits.add_metric([], prefix.hit_tokens if prefix else 0)
         evicted = CounterMetricFamily("hetpipe_prefix_cache_evicted_blocks", "cached blocks evicted for room")
         evicted.add_metric([], prefix.evictions if prefix else 0)
+        engine = self.m.gen.engine
+        drafted = CounterMetricFamily("hetpipe_spec_draft_tokens", "speculative decoding: draft tokens verified")
+        drafted.add_metric([], engine.drafted)
+        accepted = CounterMetricFamily("hetpipe_spec_accepted_tokens", "speculative decoding: draft tokens taken")
+        accepted.add_metric([], engine.accepted)
         status = self.m.stage_status()
         for i, s in enumerate(status):
             name = stage_name(s)
@@ -124,7 +129,7 @@ class _StageCollector:
                 cached.add_metric([name], s["kv_tokens_cached"])
             cap.add_metric([name], s["kv_tokens"])
         steps.add_metric([], profile.steps)
-        yield from (compute, steps, used, cap, cached, hits, evicted)
+        yield from (compute, steps, used, cap, cached, hits, evicted, drafted, accepted)
 
 
 def stage_name(s: dict) -> str:

@@ -140,6 +140,16 @@ class _Sampling(Strict):
         return bias
 
 
+class Prediction(Strict):
+    """OpenAI's Predicted Outputs: text the answer is expected to repeat, drafted from (speculative decoding)."""
+
+    type: Literal["content"]
+    content: str | Annotated[list[TextPart], Field(max_length=MAX_PARTS)]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
 class ChatRequest(_Sampling):
     messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
     tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
@@ -149,6 +159,7 @@ class ChatRequest(_Sampling):
     logprobs: Bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     response_format: ResponseFormat | None = None
+    prediction: Prediction | None = None
 
 
 class CompletionRequest(_Sampling):
