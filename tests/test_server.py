@@ -483,6 +483,25 @@ def test_disconnect_frees_the_kv_cache(server):
     assert [(s["live_sequences"], s["kv_tokens_used"]) for s in stages] == [(0, 0)]
 
 
+def test_predicted_outputs_are_drafts_the_answer_takes(server, client):
+    """OpenAI's Predicted Outputs: the answer is the one without a prediction (greedy), and the usage
+    says how many predicted tokens it took and how many it did not; /metrics counts the drafts."""
+    code = "def area(width, height):\n    return width * height\n"
+    asked = [{"role": "user", "content": f"Rename width to w in this code:\n\n{code}"}]
+    plain = client.chat.completions.create(model="smollm2", messages=asked, max_tokens=40, temperature=0)
+    predicted = client.chat.completions.create(model="smollm2", messages=asked, max_tokens=40, temperature=0,
+                                               prediction={"type": "content", "content": code.replace("width", "w")})
+    assert predicted.choices[0].message.content == plain.choices[0].message.content
+    details = predicted.usage.completion_tokens_details
+    assert details.accepted_prediction_tokens > 0 and details.rejected_prediction_tokens >= 0
+    assert plain.usage.completion_tokens_details is None
+    families = {f.name: f for f in text_string_to_metric_families(http(server, "/metrics").text)}
+    drafted, taken = (families[n].samples[0].value for n in ("hetpipe_spec_draft_tokens", "hetpipe_spec_accepted_tokens"))
+    assert drafted >= taken >= details.accepted_prediction_tokens
+    bad = http(server, "/v1/chat/completions", {"messages": asked, "prediction": {"type": "text", "content": "x"}})
+    assert bad.status_code == 400 and error_of(bad)["param"] == "prediction.type"
+
+
 def test_metrics_parse_with_prometheus_parser(server, client):
     client.chat.completions.create(model="smollm2", messages=CHAT, max_tokens=4)
     http(server, "/v1/chat/completions", {"model": "nope", "messages": CHAT})
