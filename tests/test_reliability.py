@@ -22,7 +22,7 @@ import zmq
 
 from engine.app.procs import start_stage, stop_stages
 from engine.core.errors import StageFailure
-from engine.api import Generator
+from engine.api import Generator, SpeculativeConfig
 from transport import protocol as P
 from transport.auth import init_keys
 from engine.api import connect_pipeline
@@ -128,16 +128,16 @@ def cluster(shared_cluster):
     shared_cluster.heal()
 
 
-def generator(real_model, cluster, recovery_timeout_s, standby=()):
+def generator(real_model, cluster, recovery_timeout_s, standby=(), speculative=None):
     a, b = cluster.addresses[:2]
     pipe = connect_pipeline(str(real_model), f"{a}=0-14,{b}=15-29", standby=standby, log=lambda m: None)
-    return Generator(real_model, pipe, recovery_timeout_s=recovery_timeout_s)
+    return Generator(real_model, pipe, recovery_timeout_s=recovery_timeout_s, speculative=speculative)
 
 
 @contextmanager
-def undisturbed(real_model, cluster, lengths, recovery_timeout_s, standby=()):
+def undisturbed(real_model, cluster, lengths, recovery_timeout_s, standby=(), speculative=None):
     """(pipeline, generator, prompts, their tokens from an undisturbed concurrent run); closed after."""
-    with generator(real_model, cluster, recovery_timeout_s, standby) as gen:
+    with generator(real_model, cluster, recovery_timeout_s, standby, speculative) as gen:
         ps = prompts(gen, lengths)
         yield gen.pipeline, gen, ps, run_concurrently(gen, ps, MAX_TOKENS)
 
@@ -180,6 +180,17 @@ def test_failover_to_a_standby(real_model, cluster):
         assert [s.address for s in pipe.stages] == [cluster.addresses[0], cluster.addresses[2]]
         assert [(s.info.first, s.info.last) for s in pipe.stages] == [(0, 14), (15, 29)]
         assert live(pipe) == [([], 0), ([], 0)]
+
+
+def test_drafts_in_flight_when_a_stage_dies_lose_nothing(real_model, cluster):
+    """Speculative decoding through a failover: the sequences replayed from their taken tokens
+    decode what an undisturbed run decodes, and the stages hold nothing after."""
+    with undisturbed(real_model, cluster, LENGTHS, standby=[cluster.addresses[2]], recovery_timeout_s=30,
+                     speculative=SpeculativeConfig()) as (pipe, gen, ps, want):
+        taken = gen.engine.accepted
+        got, _ = disturbed_run(gen, ps, 5, cluster.procs[1].kill)
+        assert got == want and taken > 20 and gen.engine.accepted > taken  # the repeated text is drafted
+        assert len(gen.engine.recoveries) == 1 and live(pipe) == [([], 0), ([], 0)]
 
 
 def test_stopped_stage_is_detected_and_resumes(real_model, cluster):
