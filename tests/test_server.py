@@ -446,7 +446,8 @@ def test_messages_api_with_the_anthropic_client(server):
     assert shaped.stop_reason == "end_turn" and set(json.loads(shaped.content[0].text)) == {"city"}
     with pytest.raises(anthropic.BadRequestError) as bad:
         ac.messages.create(model="smollm2", max_tokens=8, messages=[*hi, {"role": "assistant", "content": "Red"}])
-    assert bad.value.body["error"]["type"] == "invalid_request_error" and "prefill" in bad.value.body["error"]["message"]
+    error = bad.value.body["error"]
+    assert error["type"] == "invalid_request_error" and "prefill" in error["message"]
     with pytest.raises(anthropic.AuthenticationError):
         anthropic.Anthropic(base_url=server, api_key="sk-wrong", max_retries=0).messages.create(
             model="smollm2", max_tokens=8, messages=hi)
@@ -496,7 +497,8 @@ def test_predicted_outputs_are_drafts_the_answer_takes(server, client):
     assert details.accepted_prediction_tokens > 0 and details.rejected_prediction_tokens >= 0
     assert plain.usage.completion_tokens_details is None
     families = {f.name: f for f in text_string_to_metric_families(http(server, "/metrics").text)}
-    drafted, taken = (families[n].samples[0].value for n in ("hetpipe_spec_draft_tokens", "hetpipe_spec_accepted_tokens"))
+    drafted, taken = (families[n].samples[0].value
+                      for n in ("hetpipe_spec_draft_tokens", "hetpipe_spec_accepted_tokens"))
     assert drafted >= taken >= details.accepted_prediction_tokens
     bad = http(server, "/v1/chat/completions", {"messages": asked, "prediction": {"type": "text", "content": "x"}})
     assert bad.status_code == 400 and error_of(bad)["param"] == "prediction.type"

@@ -40,7 +40,8 @@ def test_lookup_takes_the_latest_longest_match_and_the_drafter_backs_off():
 def test_the_command_lines_speculative_options():
     assert parse_speculative("ngram", None) == SpeculativeConfig("ngram", 8)
     assert parse_speculative("ngram", 8).num_draft_tokens == 8 and parse_speculative(None, None) is None
-    for spec, k, why in (("draft:smollm2-q4", None, "not built yet"), ("eagle", None, "one of ngram"),
+    assert parse_speculative("draft:smollm2-q4", 4) == SpeculativeConfig("draft", 4, draft_model="smollm2-q4")
+    for spec, k, why in (("draft:", None, "names the draft model"), ("eagle", None, "one of ngram"),
                          ("ngram", 0, r"\[1, 32\]"), (None, 4, "needs --speculative")):
         with pytest.raises(UserError, match=why):
             parse_speculative(spec, k)
@@ -180,3 +181,33 @@ def test_sampled_tokens_keep_the_models_distribution(tiny_dirs):
     table = np.column_stack([table[:, common], table[:, ~common].sum(1)]) if (~common).any() else table[:, common]
     assert table.shape[1] >= 3
     assert chi2_contingency(table).pvalue > 1e-3
+
+
+def test_a_draft_model_drafts_and_the_output_is_unchanged(tiny_dirs):
+    """A smaller model of the same vocabulary drafts greedily on its own in-process stage (its own
+    KV cache, rolled back to what the target took); the target's output is the same, greedy and
+    seeded; a draft model of another vocabulary is refused; the command line loads one."""
+    import json
+    import subprocess
+    import sys
+
+    from engine.serving.draft_model import DraftModel
+
+    target, small = tiny_dirs["llama"], tiny_dirs["qwen2"]
+    draft = DraftModel(local_pipeline(small, "torch", dtype="float32"), 256)
+    spec = SpeculativeConfig("draft", 4, draft_model=str(small), draft=draft)
+    with Generator(target, local_pipeline(target, "torch", dtype="float32"), speculative=spec) as gen:
+        for sampling in (None, SamplingParams(temperature=0.8, top_k=2, seed=3)):
+            a = gen.generate("abcabcabc", max_tokens=32, ignore_eos=True, sampling=sampling)
+            b = gen.generate("abcabcabc", max_tokens=32, ignore_eos=True, sampling=sampling, speculate=False)
+            assert a.token_ids == b.token_ids and a.speculative["drafted"] >= 8
+        assert draft.fed == {}  # each finished sequence let go of in the draft's cache
+    other = local_pipeline(small, "torch", dtype="float32")
+    with pytest.raises(UserError, match="vocabulary"):
+        DraftModel(other, 49152)
+    other.close()
+    out = subprocess.run([sys.executable, "-m", "engine.app.cli", "generate", "--model", str(target), "--local",
+                          "torch", "--speculative", f"draft:{small}", "--max-tokens", "12", "--ignore-eos", "--json",
+                          "abcabc"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["speculative"]["drafted"] > 0

@@ -310,9 +310,36 @@ def _generator(args):
             raise UserError("--kv-tokens applies to --local stages; a stage daemon takes its own (hetpipe stage --kv-tokens)")
         pipeline = connect_pipeline(model_dir, args.stages, timeout_s=args.timeout, auth_dir=args.auth,
                                     standby=args.standby, log=lambda m: print(m, file=sys.stderr))
+    if speculative is not None and speculative.method == "draft":
+        speculative = _draft_model(speculative, model_dir, pipeline, args)
     return Generator(model_dir, pipeline, inflight=args.inflight, max_seqs=args.max_seqs, max_queue=args.max_queue,
                      max_batch_tokens=args.max_batch_tokens, recovery_timeout_s=args.recovery_timeout,
                      prefix_cache=args.prefix_cache, speculative=speculative)
+
+
+def _draft_model(speculative, model_dir, pipeline, args):
+    """`--speculative draft:MODEL`: the draft model on one in-process stage (torch where it is
+    installed, else MLX), its KV budget its own; the target's vocabulary is checked."""
+    import dataclasses
+    import importlib.util
+
+    from ..api import local_pipeline
+    from ..core.config import ModelConfig
+    from ..serving.draft_model import DraftModel
+
+    backend = "torch" if importlib.util.find_spec("torch") else "mlx"
+    try:
+        draft_dir = _model_dir(speculative.draft_model)
+        draft_pipe = local_pipeline(draft_dir, backend, check_dtype(args.dtype, allow_auto=True))
+        try:
+            draft = DraftModel(draft_pipe, ModelConfig.load(model_dir).vocab_size, str(speculative.draft_model))
+        except BaseException:
+            draft_pipe.close()
+            raise
+    except BaseException:
+        pipeline.close()
+        raise
+    return dataclasses.replace(speculative, draft=draft)
 
 
 def _parse_quant(text: str) -> tuple[tuple[int, int], ...]:

@@ -159,6 +159,16 @@ class BaseStage:
                 del st.seen[max(0, s.offset - st.seen_from) :]
                 st.length = s.offset
             st.draft = 0
+    def truncate(self, seq_id: int, length: int) -> None:
+        """Keep only a sequence's first `length` positions (a draft model's rejected drafts): the
+        rest stay in their slots, overwritten as it goes on. In-process use; a daemon's sequences
+        drop rejected drafts by their next chunk (`SeqChunk.draft`)."""
+        st = self._seqs[seq_id]
+        if not 0 <= length <= st.length or length < st.seen_from:
+            raise ValueError(f"sequence {seq_id}: cannot keep {length} of its {st.length} positions")
+        del st.seen[length - st.seen_from :]
+        st.length, st.draft = length, 0
+
     def release(self, seq_ids: Sequence[int]) -> None:
         for sid in seq_ids:
             if self._seqs.pop(sid, None) is not None:

@@ -331,7 +331,7 @@ class Engine:
                 continue
             room = min(seq.max_tokens - len(seq.generated) - 1, seq.reserve - seq.length,
                        self.context - seq.length, (self.position_limit or (self.context,))[0] - seq.length)
-            sl.draft = seq.drafter.propose(seq.prompt, seq.generated, room)
+            sl.draft = seq.drafter.propose(seq.prompt, seq.generated, room, seq.seq_id)
 
     def _masks(self, slices: list[Slice]) -> dict[int, np.ndarray]:
         """Structured output's masks for the slices that sample (a draft's: one per position, the
@@ -562,6 +562,8 @@ class Engine:
     def _end(self, seq: Seq, err: BaseException | None = None) -> None:
         """Take a sequence out of everything; tell its request why, if it did not end normally."""
         started = seq.cached > 0 or seq.in_flight
+        if seq.drafter is not None and seq.drafter.config.draft is not None:
+            seq.drafter.config.draft.release(seq.seq_id)  # the draft model's cache of it
         self.scheduler.finish(seq)
         self._seqs.pop(seq.seq_id, None)
         if self.prefix:

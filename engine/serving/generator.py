@@ -62,7 +62,8 @@ class Generator:
     closes the engine, joining its thread, and then the pipeline.
 
     Engine options (`inflight`, `max_seqs`, `max_queue`, `max_batch_tokens`, `prefill_with_decode`,
-    `recovery_timeout_s`, `prefix_cache`, `speculative`: a `SpeculativeConfig`) are `EngineConfig`'s fields. `pipeline=None`: tokenizing only.
+    `recovery_timeout_s`, `prefix_cache`, `speculative`: a `SpeculativeConfig`) are `EngineConfig`'s
+    fields. `pipeline=None`: tokenizing only.
     """
 
     def __init__(self, model_dir: str | Path, pipeline: Pipeline | None, **engine_opts):
@@ -356,6 +357,9 @@ class AsyncStream(Stream):
 def _close(engine: Engine, pipeline: Pipeline) -> None:
     engine.close()
     pipeline.close()
+    spec = engine.config.speculative
+    if spec is not None and spec.draft is not None:
+        spec.draft.close()  # the draft model's stage, owned with the pipeline
 
 
 def _per_prompt(value, n: int, name: str) -> list:

@@ -5,6 +5,7 @@ computes the k + 1 positions in one pass, and the last stage keeps the drafts th
 would have produced (`BaseStage._verify`), then one token more. Drafts come from:
 - prompt lookup (`ngram`, vLLM's method): the sequence's last n tokens (n from `lookup_max` down to
   `lookup_min`) found earlier in its prompt and output; the tokens that followed them there;
+- a draft model (`draft_model.py`): a smaller model with the same vocabulary, greedy, in this process;
 - a prediction (OpenAI's Predicted Outputs): the text the output is expected to repeat, read in
   step with the output (each output token stands for the prediction's next, a changed one too);
   after a draft missed whole, the output's last tokens are looked for in it, nearest first.
@@ -23,7 +24,7 @@ import numpy as np
 
 from ..core.errors import UserError
 
-METHODS = ("ngram",)
+METHODS = ("ngram", "draft")
 DEFAULT_DRAFT = 8  # draft tokens per step, at most, unless told
 MAX_BACKOFF = 64  # steps without drafts after repeated misses, at most
 
@@ -34,10 +35,14 @@ class SpeculativeConfig:
     num_draft_tokens: int = DEFAULT_DRAFT  # k: draft tokens per step, at most
     lookup_min: int = 2  # n-gram lengths matched (vLLM's prompt_lookup_min / max)
     lookup_max: int = 4
+    draft_model: str | None = None  # method "draft": the model (`--speculative draft:MODEL`)
+    draft: object = None  # method "draft": the loaded `draft_model.DraftModel`, which drafts
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise UserError(f"speculative method must be one of {', '.join(METHODS)}, not {self.method!r}")
+        if (self.method == "draft") != (self.draft_model is not None):
+            raise UserError("a draft model goes with the method draft (draft:MODEL), and only with it")
         if not 1 <= self.num_draft_tokens <= 32:
             raise UserError("num_draft_tokens must be in [1, 32]")
         if not 1 <= self.lookup_min <= self.lookup_max <= 16:
@@ -50,9 +55,12 @@ def parse_speculative(spec: str | None, num_draft_tokens: int | None = None) -> 
         if num_draft_tokens is not None:
             raise UserError("--num-draft-tokens needs --speculative")
         return None
+    k = DEFAULT_DRAFT if num_draft_tokens is None else num_draft_tokens
     if spec.startswith("draft:"):
-        raise UserError("--speculative draft:MODEL is not built yet; use --speculative ngram")
-    return SpeculativeConfig(spec, DEFAULT_DRAFT if num_draft_tokens is None else num_draft_tokens)
+        if not spec[6:]:
+            raise UserError("--speculative draft:MODEL names the draft model (a directory, a .gguf or a Hub id)")
+        return SpeculativeConfig("draft", k, draft_model=spec[6:])
+    return SpeculativeConfig(spec, k)
 
 
 def lookup(tokens: np.ndarray, corpus: np.ndarray, k: int, lookup_min: int, lookup_max: int,
@@ -97,7 +105,7 @@ class Drafter:
     def __post_init__(self):
         self.k = self.config.num_draft_tokens
 
-    def propose(self, prompt: list[int], generated: list[int], room: int) -> list[int]:
+    def propose(self, prompt: list[int], generated: list[int], room: int, seq_id: int = 0) -> list[int]:
         """Drafts to send after the sequence's last token, at most `room` of them."""
         k = min(self.k, room)
         if self.backoff:
@@ -119,6 +127,8 @@ class Drafter:
             if draft:
                 self.from_prediction = True
                 return draft
+        if c.draft is not None:
+            return c.draft.propose(seq_id, prompt + generated, k)
         seq = np.asarray(prompt + generated, np.int64)
         return lookup(seq, seq, k, c.lookup_min, c.lookup_max, skip_last=True)[0]
 

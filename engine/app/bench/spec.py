@@ -84,7 +84,8 @@ def run_spec(gen: Generator, *, rounds: int, max_tokens: int, link_delay_ms: flo
                        "drafted": drafted, "accepted": accepted, "prompt_tokens": len(ids)}
     spec = gen.engine.config.speculative
     return {"kinds": kinds, "rounds": rounds, "max_tokens": max_tokens, "link_delay_ms": link_delay_ms,
-            "method": spec.method, "num_draft_tokens": spec.num_draft_tokens, "stages": gen.pipeline.describe()}
+            "method": spec.method if spec.draft_model is None else f"draft:{spec.draft_model}",
+            "num_draft_tokens": spec.num_draft_tokens, "stages": gen.pipeline.describe()}
 
 
 def format_spec(r: dict) -> str:
