@@ -173,23 +173,16 @@ def test_kill_9_and_restart_mid_generation_loses_nothing(real_model, cluster):
 
 
 def test_failover_to_a_standby(real_model, cluster):
-    with undisturbed(real_model, cluster, LENGTHS, standby=[cluster.addresses[2]],
-                     recovery_timeout_s=30) as (pipe, gen, ps, want):
-        got, _ = disturbed_run(gen, ps, 5, cluster.procs[1].kill)
-        assert got == want
-        assert [s.address for s in pipe.stages] == [cluster.addresses[0], cluster.addresses[2]]
-        assert [(s.info.first, s.info.last) for s in pipe.stages] == [(0, 14), (15, 29)]
-        assert live(pipe) == [([], 0), ([], 0)]
-
-
-def test_drafts_in_flight_when_a_stage_dies_lose_nothing(real_model, cluster):
-    """Speculative decoding through a failover: the sequences replayed from their taken tokens
-    decode what an undisturbed run decodes, and the stages hold nothing after."""
+    """A killed stage's layers go to the standby; the sequences, speculating (their drafts in flight
+    when the stage dies), are replayed from their taken tokens and decode what an undisturbed run
+    decodes; the stages hold nothing after."""
     with undisturbed(real_model, cluster, LENGTHS, standby=[cluster.addresses[2]], recovery_timeout_s=30,
                      speculative=SpeculativeConfig()) as (pipe, gen, ps, want):
         taken = gen.engine.accepted
         got, _ = disturbed_run(gen, ps, 5, cluster.procs[1].kill)
         assert got == want and taken > 20 and gen.engine.accepted > taken  # the repeated text is drafted
+        assert [s.address for s in pipe.stages] == [cluster.addresses[0], cluster.addresses[2]]
+        assert [(s.info.first, s.info.last) for s in pipe.stages] == [(0, 14), (15, 29)]
         assert len(gen.engine.recoveries) == 1 and live(pipe) == [([], 0), ([], 0)]
 
 
