@@ -156,3 +156,16 @@ def test_under_auto_text_is_free_and_a_started_call_must_be_valid(admits, fmt):
                TEXTS[fmt] + "\n" + TEXTS[fmt].replace("Let me look.", "").lstrip("\n"))
         assert not admits(lazy, two)  # a second call, not parallel
         assert admits(call_grammar(TOOLS, fmt, parallel=True, lazy=True), two)
+
+
+def test_a_value_read_as_it_grows_ends_where_it_ends():
+    """partial_json.Scan, fed the text a character more at a time (a streamed call's arguments are
+    read once, not once per piece), finds each value's end exactly: escapes, quotes and brackets
+    inside strings included."""
+    from engine.app.server import partial_json as PJ
+
+    value = json.dumps({"a": 'say "hi" \\ {not [a] bracket}', "b": [1, {"c": "]"}], "d": "\\u00e9"})
+    for text in (value, json.dumps("a \"quoted\" \\ string"), json.dumps([[], {}, "x"])):
+        scan, whole = PJ.Scan(0), text + ', "next": 1}'
+        ends = [scan.advance(whole[:i]) for i in range(1, len(whole) + 1)]
+        assert ends[: len(text) - 1] == [None] * (len(text) - 1) and set(ends[len(text) - 1 :]) == {len(text)}

@@ -34,35 +34,60 @@ def string_end(s: str, i: int) -> int | None:
     return None
 
 
-def value_end(s: str, i: int) -> int | None:
-    """The index after the JSON value that starts at `s[i]`, or None if it is not complete yet (a
-    number or literal running to the end of the text may go on)."""
-    if i >= len(s):
-        return None
-    if s[i] == '"':
-        return string_end(s, i)
-    if s[i] in "{[":
-        depth, j = 0, i
-        while j < len(s):
-            c = s[j]
-            if c == '"':
-                j = string_end(s, j)
-                if j is None:
-                    return None
-                continue
-            if c in "{[":
+class Scan:
+    """Where a string, object or array that starts at one index ends, read as the text grows: each
+    call goes on from where the last stopped, so a value streamed in n pieces is read once, not n times."""
+
+    __slots__ = ("pos", "depth", "in_string", "escape", "end")
+
+    def __init__(self, start: int):
+        self.pos, self.depth, self.in_string, self.escape, self.end = start, 0, False, False, None
+
+    def advance(self, s: str) -> int | None:
+        if self.end is not None:
+            return self.end
+        i, depth, in_string, escape = self.pos, self.depth, self.in_string, self.escape
+        while i < len(s):
+            c = s[i]
+            i += 1
+            if in_string:
+                if escape:
+                    escape = False
+                elif c == "\\":
+                    escape = True
+                elif c == '"':
+                    in_string = False
+                    if depth == 0:
+                        self.end = i
+                        break
+            elif c == '"':
+                in_string = True
+            elif c in "{[":
                 depth += 1
             elif c in "}]":
                 depth -= 1
                 if depth == 0:
-                    return j + 1
-            j += 1
+                    self.end = i
+                    break
+        self.pos, self.depth, self.in_string, self.escape = i, depth, in_string, escape
+        return self.end
+
+
+def value_end(s: str, i: int, scans: dict[int, Scan] | None = None) -> int | None:
+    """The index after the JSON value that starts at `s[i]`, or None if it is not complete yet (a
+    number or literal running to the end of the text may go on). `scans`: each value's reading so
+    far, by start, kept by a caller whose text only grows."""
+    if i >= len(s):
         return None
+    if s[i] in '"{[':
+        scan = Scan(i) if scans is None else scans.setdefault(i, Scan(i))
+        return scan.advance(s)
     end = _SCALAR.match(s, i).end()
     return end if end < len(s) else None
 
 
-def members(s: str, i: int) -> tuple[dict[str, tuple[int, int | None]], int | None]:
+def members(s: str, i: int, scans: dict[int, Scan] | None = None) -> tuple[dict[str, tuple[int, int | None]],
+                                                                              int | None]:
     """The members of the object that opens at `s[i]` seen so far, as key -> (value start, value end
     or None), and the object's end (None while it is open, or where the text stops being JSON)."""
     out: dict[str, tuple[int, int | None]] = {}
@@ -83,7 +108,7 @@ def members(s: str, i: int) -> tuple[dict[str, tuple[int, int | None]], int | No
         start = skip_ws(s, j + 1)
         if start >= len(s):
             return out, None
-        end = value_end(s, start)
+        end = value_end(s, start, scans)
         out[key] = (start, end)
         if end is None:
             return out, None
@@ -91,14 +116,14 @@ def members(s: str, i: int) -> tuple[dict[str, tuple[int, int | None]], int | No
     return out, None
 
 
-def object_starts(s: str, i: int, sep: str) -> list[int]:
+def object_starts(s: str, i: int, sep: str, scans: dict[int, Scan] | None = None) -> list[int]:
     """The starts of the objects in `{...} SEP {...} SEP ...` from `s[i]` (after whitespace), as far
     as they are written: a JSON array's items (`sep` ","), or Llama 3's calls (";")."""
     starts = []
     j = skip_ws(s, i)
     while j < len(s) and s[j] == "{":
         starts.append(j)
-        end = value_end(s, j)
+        end = value_end(s, j, scans)
         if end is None:
             break
         j = skip_ws(s, end)

@@ -245,6 +245,8 @@ class StreamedCalls:
         self.text, self.sent, self.held = "", 0, forced_call  # a forced call is held from its first token
         self.calls: list[Call] = []  # announced, with the arguments text sent so far
         self.ends: list[int | None] = []  # each announced call's arguments end (None: still open)
+        self.args_at: list[int | None] = []  # where each announced call's arguments start, once seen
+        self.scans: dict[int, PJ.Scan] = {}  # the held text's values as read so far, by start (it only grows)
 
     def feed(self, piece: str) -> tuple[str, list[tuple]]:
         """(the part of `piece` to stream as content now, the call events it completes)."""
@@ -268,17 +270,18 @@ class StreamedCalls:
         """Where each call object begins in the held text."""
         if self.fmt == "mistral":
             j = PJ.skip_ws(held, len(self.opener))
-            return PJ.object_starts(held, j + 1, ",") if held[j : j + 1] == "[" else []
+            return PJ.object_starts(held, j + 1, ",", self.scans) if held[j : j + 1] == "[" else []
         if self.fmt == "llama3":
             j = PJ.skip_ws(held, 0)
-            return PJ.object_starts(held, j + len("<|python_tag|>") * held.startswith("<|python_tag|>", j), ";")
+            return PJ.object_starts(held, j + len("<|python_tag|>") * held.startswith("<|python_tag|>", j), ";",
+                                    self.scans)
         starts, at = [], 0
         while (at := held.find(self.opener, at)) >= 0:
             j = PJ.skip_ws(held, at + len(self.opener))
             if held[j : j + 1] != "{":
                 break
             starts.append(j)
-            end = PJ.value_end(held, j)
+            end = PJ.value_end(held, j, self.scans)
             if end is None:
                 break
             at = end
@@ -289,7 +292,7 @@ class StreamedCalls:
         key = "parameters" if self.fmt == "llama3" else "arguments"
         for n, start in enumerate(self._starts(held)):
             if n >= len(self.calls):
-                fields, _ = PJ.members(held, start)
+                fields, _ = PJ.members(held, start, self.scans)
                 name = fields.get("name")
                 if not (self.parallel or n == 0) or name is None or name[1] is None:
                     break
@@ -297,17 +300,22 @@ class StreamedCalls:
                     break
                 self.calls.append(Call(value, ""))
                 self.ends.append(None)
+                self.args_at.append(None)
                 events.append(("call", n, self.calls[n]))
             if self.ends[n] is not None:
                 continue
-            arguments = PJ.members(held, start)[0].get(key)
-            if arguments is None or held[arguments[0]] != "{":
-                continue  # not written yet, or not an object (`finish` reads it whole)
-            text = held[arguments[0] : arguments[1] or len(held)]
+            if self.args_at[n] is None:
+                arguments = PJ.members(held, start, self.scans)[0].get(key)
+                if arguments is None or held[arguments[0]] != "{":
+                    continue  # not written yet, or not an object (`finish` reads it whole)
+                self.args_at[n] = arguments[0]
+            at = self.args_at[n]
+            end = PJ.value_end(held, at, self.scans)
+            text = held[at : end or len(held)]
             if piece := text[len(self.calls[n].arguments) :]:
                 events.append(("arguments", n, piece))
                 self.calls[n].arguments = text
-            self.ends[n] = arguments[1]
+            self.ends[n] = end
         return events
 
     def finish(self) -> tuple[str, list[tuple], list[Call]]:
