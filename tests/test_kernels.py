@@ -36,25 +36,19 @@ def randn(*shape, seed):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).bfloat16()
 
 
-@pytest.mark.parametrize("m", [1, 2, 3, 5, 8])  # every register blocking of either variant
-@pytest.mark.parametrize("n,k", [(1, 32), (13, 1536), (960, 576), (49152, 576)])
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 6, 8, 9, 13, 16])  # every register blocking of either variant
+@pytest.mark.parametrize("n,k", [(1, 32), (13, 1536), (7, 80), (960, 576), (49152, 576)])
 def test_small_matmul_matches_float32_sums(kernels, m, n, k):
     """Every output, whole blocks of weight rows and the rows left over, within summation order
-    (one bf16 ulp) of a float32 sum; oneDNN on the same inputs for scale. The AVX2 variant takes
-    fp32 too: within float32 rounding of a float64 sum."""
+    (one bf16 ulp) of a float32 sum; oneDNN on the same inputs for scale. fp32: within float32
+    rounding of a float64 sum (k = 80 leaves a remainder past the unrolled vector loop)."""
     x, w = randn(m, k, seed=m), randn(n, k, seed=n * 7 + k)
     y = small_matmul(x, w)
     assert y.shape == (m, n) and y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), fp32_reference(x, w).float(), rtol=2**-7, atol=1e-3)
     assert (y == torch.nn.functional.linear(x, w)).float().mean() > 0.99  # oneDNN sums in another order
-    if torch.float32 in takes():
-        y = small_matmul(x.float(), w.float())
-        torch.testing.assert_close(y, (x.double() @ w.double().t()).float(), rtol=1e-5, atol=1e-4)
-
-
-def takes() -> set:
-    """The dtypes the loaded variant computes itself."""
-    return {torch.bfloat16, torch.float32} if native.running().startswith("avx2") else {torch.bfloat16}
+    y = small_matmul(x.float(), w.float())
+    torch.testing.assert_close(y, (x.double() @ w.double().t()).float(), rtol=1e-5, atol=1e-4)
 
 
 def test_small_matmul_reads_strided_inputs(kernels):
@@ -65,12 +59,11 @@ def test_small_matmul_reads_strided_inputs(kernels):
 
 
 @pytest.mark.parametrize("dtype,m,k", [(torch.float16, 1, 64), (torch.float16, 3, 64), (torch.bfloat16, 1, 36),
-                                       (torch.bfloat16, SMALL_ROWS + 1, 64), (torch.float32, 2, 64)])
+                                       (torch.bfloat16, SMALL_ROWS + 1, 64), (torch.float32, 2, 36),
+                                       (torch.float32, SMALL_ROWS + 1, 64)])
 def test_small_matmul_leaves_other_cases_to_torch(kernels, dtype, m, k):
-    """fp16, fp32 (on the AVX512 variant), more than 8 rows, or a row length the vector loop cannot
-    step through: torch's own result exactly (torch.mv for one row, F.linear otherwise)."""
-    if dtype in takes() and m <= SMALL_ROWS and k % 32 == 0:
-        pytest.skip(f"{native.running()} computes this case itself")
+    """fp16, more than 16 rows, or a row length the vector loop cannot step through: torch's own
+    result exactly (torch.mv for one row, F.linear otherwise)."""
     x, w = randn(m, k, seed=3).to(dtype), randn(24, k, seed=4).to(dtype)
     ref = torch.mv(w, x[0])[None] if m == 1 else torch.nn.functional.linear(x, w)
     assert torch.equal(small_matmul(x, w), ref)
@@ -159,3 +152,31 @@ def test_decode_attention_reads_the_paged_cache_as_sdpa_would(kernels, dtype, he
     assert got.dtype == dtype and got.shape == (3, heads, 64)
     torch.testing.assert_close(got.float(), want, rtol=1e-5 if dtype == torch.float32 else 2**-7,
                                atol=1e-5 if dtype == torch.float32 else 1e-2)
+
+
+AVX2_CHECK = """
+import sys; sys.path.insert(0, {root!r})
+import torch
+from backends.torch_stage import native
+assert native.load() is None and native.running().startswith("avx2"), native.running()
+from backends.torch_stage.ops import small_matmul
+g = torch.Generator().manual_seed(0)
+for m in range(1, 17):
+    for n, k in ((13, 1536), (7, 80), (960, 576)):
+        x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
+        exact = x.double() @ w.double().t()
+        torch.testing.assert_close(small_matmul(x, w), exact.float(), rtol=1e-5, atol=1e-4)
+        xb, wb = x.bfloat16(), w.bfloat16()
+        torch.testing.assert_close(small_matmul(xb, wb).float(), (xb.float() @ wb.float().t()).bfloat16().float(),
+                                   rtol=2**-7, atol=1e-3)
+print("ok")
+"""
+
+
+def test_the_avx2_variant_where_avx512_runs_too(kernels, tmp_path):
+    """HETPIPE_KERNELS=avx2 builds the Zen 3 variant on this machine: every row count it blocks."""
+    if native.variant() is None or not native.running().startswith("avx512"):
+        pytest.skip("the AVX2 variant is the one the other tests check here")
+    r = subprocess.run([sys.executable, "-c", AVX2_CHECK.format(root=str(ROOT))], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "HETPIPE_HOME": str(tmp_path), "HETPIPE_KERNELS": "avx2"})
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]

@@ -3,8 +3,9 @@
 They register CPU implementations of `hetpipe::` ops that the model defines with a plain-torch
 fallback, so the stage runs the same without them. One variant per instruction set, the first
 this CPU has: AVX512-BF16 (`_mm512_dpbf16_ps`; Intel Sapphire Rapids and later, AMD Zen 4), else
-AVX2 with FMA (bf16 widened to fp32; AMD Zen 2/3, Intel Haswell and later). None on other CPUs,
-without a C++ compiler, or with HETPIPE_NATIVE=0. The build (~10 s) happens once per torch version
+AVX2 with FMA (bf16 widened to fp32; AMD Zen 2/3, Intel Haswell and later); HETPIPE_KERNELS=avx2
+picks the second where both run. None on other CPUs, without a C++ compiler, or with
+HETPIPE_NATIVE=0. The build (~10 s) happens once per torch version
 and kernel version, under a file lock so that stage daemons starting together build it once.
 """
 
@@ -58,9 +59,10 @@ def cpu_flags() -> set[str]:
 
 
 def variant() -> Variant | None:
-    """The kernels this CPU can run, best first; None if none."""
-    flags = cpu_flags()
-    return next((v for v in VARIANTS if set(v.cpu_flags) <= flags), None)
+    """The kernels this CPU can run, best first, or those HETPIPE_KERNELS names (`avx2` on an
+    AVX512 CPU: the Zen 3 code checked here); None if none."""
+    flags, wanted = cpu_flags(), os.environ.get("HETPIPE_KERNELS", "")
+    return next((v for v in VARIANTS if set(v.cpu_flags) <= flags and v.name.startswith(wanted)), None)
 
 
 def lacks_half_gemm() -> bool:
