@@ -47,8 +47,7 @@ class MLXStage(BaseStage):
         freqs = {local: mx.array(1.0 / rope_inv_freq(cfg, local)) for local in (False, True)
                  if local is False or cfg.local_rope_theta is not None}
         model_cls = importlib.import_module(f"{__package__}.models.{cfg.family}").StageModel
-        layout = {"t": lambda w: w.T} if device == "gpu" else {}  # see LlamaStage
-        self.model = model_cls(cfg, weights, first, last, freqs, **layout)
+        self.model = model_cls(cfg, weights, first, last, freqs)
         # everything evaluated here, so the stage may run on another thread (MLX streams are per thread)
         mx.eval(self.model.parameters(), list(freqs.values()))
         self.windows = cfg.windows(first, last)

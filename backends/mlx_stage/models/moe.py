@@ -23,18 +23,19 @@ SORT_ROWS = 64  # (rows x top_k) from which rows are sorted by expert (mlx-lm's 
 class SwitchLinear:
     """x @ w[e] for each row's experts e, over stacked (experts, out, in) weights, float or quantized."""
 
-    def __init__(self, w, dtype, t=in_out):
+    def __init__(self, w, dtype):
         if isinstance(w, QuantTensor):
             s, b = w.float_parts()
             self.w, self.scales, self.biases = mx.array(w.codes), mx.array(s).astype(dtype), mx.array(b).astype(dtype)
             self.bits, self.group_size = w.bits, w.group_size
-        else:  # (experts, in, out): contiguous on the CPU (see `in_out`), a view on Metal
+        else:  # (experts, in, out): contiguous on the CPU, a view on Metal
+            cpu = mx.default_device() == mx.cpu
             self.w = w.swapaxes(-1, -2)
-            self.w = mx.contiguous(self.w) if t is in_out else self.w
+            self.w = mx.contiguous(self.w) if cpu else self.w
             self.scales = None
             # MLX's CPU GatherMM (0.32) multiplies float32 only: there, experts held in another dtype are
             # kept in float32 and the rows upcast around the call (twice the memory, on the CPU only)
-            self.upcast = t is in_out and self.w.dtype != mx.float32
+            self.upcast = cpu and self.w.dtype != mx.float32
             if self.upcast:
                 self.w = self.w.astype(mx.float32)
 
@@ -55,8 +56,8 @@ class SwitchMLP:
     def __init__(self, cfg: ModelConfig, w: dict, p: str, dtype, t=in_out):
         self.top_k, self.norm_topk, self.gated = cfg.moe.top_k, cfg.moe.norm_topk, GATED[cfg.hidden_act]
         self.router = projection([w.pop(p + "gate.weight")], dtype, None, t)
-        self.gate_up = SwitchLinear(w.pop(p + "experts.gate_up_proj"), dtype, t)
-        self.down = SwitchLinear(w.pop(p + "experts.down_proj"), dtype, t)
+        self.gate_up = SwitchLinear(w.pop(p + "experts.gate_up_proj"), dtype)
+        self.down = SwitchLinear(w.pop(p + "experts.down_proj"), dtype)
 
     def __call__(self, x: mx.array) -> mx.array:
         """x (N, hidden), normed: the weighted sum of each row's top-k experts' outputs."""
