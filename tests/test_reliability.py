@@ -287,7 +287,7 @@ def malformed(rng: random.Random, hidden: int) -> list:
     """One message a well-behaved client never sends."""
     ok_seq = [[1, 0, 3, None]]
     tokens = np.arange(3, dtype=np.int32)
-    kind = rng.randrange(16)
+    kind = rng.randrange(17)
     if kind == 0:
         return [rng.randbytes(rng.randrange(0, 64))]
     if kind == 1:
@@ -324,6 +324,23 @@ def malformed(rng: random.Random, hidden: int) -> list:
         return pack(P.LOAD, layers=rng.choice([[5, 2], [0, 99], [-1, 0], "0-1", [0], [0.5, 1]]), req=5)
     if kind == 13:
         return pack(P.RELEASE, seq_ids=rng.choice(["x", [1.5], None, [[1]]]), req=6)
+    if kind == 15:  # a draft model's turn, badly asked: no tokens, k out of range, a start past the cache,
+        # ids outside the vocabulary, the wrong dtype or no frame
+        fields, arrays = dict(seq_id=9, start=0, k=4), [("int32", tokens)]
+        bad = rng.randrange(6)
+        if bad == 0:
+            arrays = [("int32", np.zeros(0, np.int32))]
+        elif bad == 1:
+            fields["k"] = rng.choice([0, -1, 65, 1.5, "x"])
+        elif bad == 2:
+            fields["start"] = rng.choice([10**6, -2, None])
+        elif bad == 3:
+            arrays = [("int32", np.array([10**6, -3], np.int32))]
+        elif bad == 4:
+            arrays = [("float32", tokens.astype(np.float32))]
+        else:
+            arrays = []
+        return pack(P.DRAFT, arrays, **fields, req=9)
     if kind == 14:  # offsets that do not match the cache
         return pack(P.FORWARD, [("int32", tokens)], seqs=[[7, rng.randrange(1, 2**31), 3, None]], req=7)
     return pack(P.FORWARD, [("int32", tokens)], seqs=ok_seq, route=rng.choice([[5], "x", ["file:///etc"]]), req=8)

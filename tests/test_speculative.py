@@ -47,11 +47,29 @@ def test_the_command_lines_speculative_options():
             parse_speculative(spec, k)
 
 
-@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def _stage(backend: str, model_dir):
+    """An in-process stage of all 4 layers, or (backend "daemon") a torch stage daemon's, driven over
+    the wire and read through its status (`RemoteStage`); and what stops it."""
+    if backend != "daemon":
+        stage = load_stage(backend, model_dir, 0, 3)
+        return stage, stage.close
+    from engine.core.identity import config_hash
+    from transport.client import Client, RemoteStage
+
+    proc, address = start_stage("torch", model_dir, "float32", extra=["--layers", "0-3"])
+    client = Client(30)
+    return RemoteStage(client, address, identity={"config": config_hash(model_dir)}), lambda: (
+        client.close(), stop_stages([proc]))
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx", "daemon"])
 def test_a_stage_keeps_only_the_taken_positions(tiny_dirs, backend):
     """A draft's rows are sampled in turn; the next chunk, starting past the taken drafts, drops the
-    rest from the stage's cache; what follows equals plain decoding's."""
-    stage = load_stage(backend, tiny_dirs["llama"], 0, 3)
+    rest from the stage's cache (as its status reports, over the wire for a daemon); what follows
+    equals plain decoding's."""
+    from engine.core.errors import StageFailure
+
+    stage, stop = _stage(backend, tiny_dirs["llama"])
     greedy = SamplingParams()
 
     prompt = list(b"abcabc")
@@ -71,9 +89,9 @@ def test_a_stage_keeps_only_the_taken_positions(tiny_dirs, backend):
     r = stage.forward(StageBatch([SeqChunk(3, len(prompt) + 3, np.asarray([truth[3]], np.int32), greedy)]))
     assert stage.kv_tokens_used() == len(prompt) + 4  # the rejected draft's position dropped, the new one kept
     assert r.tokens[0].token_id == truth[4]
-    with pytest.raises(ValueError, match="offset"):  # only the last chunk's drafts may be dropped
+    with pytest.raises((ValueError, StageFailure), match="offset"):  # only the last chunk's drafts may be dropped
         stage.forward(StageBatch([SeqChunk(3, len(prompt), np.asarray([1], np.int32), greedy)]))
-    stage.close()
+    stop()
 
 
 @pytest.mark.parametrize("variant", ["llama", "qwen2", "mistral-window", "gemma2", "qwen3_moe"])
@@ -194,7 +212,7 @@ def test_a_draft_model_drafts_and_the_output_is_unchanged(tiny_dirs):
     from engine.serving.draft_model import DraftModel
 
     target, small = tiny_dirs["llama"], tiny_dirs["qwen2"]
-    draft = DraftModel(local_pipeline(small, "torch", dtype="float32"), 256)
+    draft = DraftModel(local_pipeline(small, "torch", dtype="float32"), small, 256)
     spec = SpeculativeConfig("draft", 4, draft_model=str(small), draft=draft)
     with Generator(target, local_pipeline(target, "torch", dtype="float32"), speculative=spec) as gen:
         for sampling in (None, SamplingParams(temperature=0.8, top_k=2, seed=3)):
@@ -204,10 +222,59 @@ def test_a_draft_model_drafts_and_the_output_is_unchanged(tiny_dirs):
         assert draft.fed == {}  # each finished sequence let go of in the draft's cache
     other = local_pipeline(small, "torch", dtype="float32")
     with pytest.raises(UserError, match="vocabulary"):
-        DraftModel(other, 49152)
+        DraftModel(other, small, 49152)
     other.close()
     out = subprocess.run([sys.executable, "-m", "engine.app.cli", "generate", "--model", str(target), "--local",
                           "torch", "--speculative", f"draft:{small}", "--max-tokens", "12", "--ignore-eos", "--json",
                           "abcabc"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["speculative"]["drafted"] > 0
+
+
+def test_a_draft_model_on_a_stage_daemon_of_its_own(tiny_dirs):
+    """`--draft-stages`: the draft model on a daemon holding all its layers (one DRAFT message a
+    step); the output equals plain decoding's, the daemon lets go of every sequence, and the
+    command line takes it (and refuses it without a draft model)."""
+    import json
+    import subprocess
+    import sys
+
+    from engine.serving.draft_model import DraftModel
+
+    target, small = tiny_dirs["llama"], tiny_dirs["qwen2"]
+    proc, address = start_stage("torch", small, "float32")
+    try:
+        draft_pipe = connect_pipeline(small, address)
+        remote, local = DraftModel(draft_pipe, small, 256), DraftModel(local_pipeline(small, "torch"), small, 256)
+        for tokens in ([5, 6, 7, 8], [5, 6, 7, 8, 9, 10], [5, 6, 1, 2]):  # fed on, then rolled back to 2 tokens
+            assert remote.propose(1, tokens, 4) == local.propose(1, tokens, 4)
+        remote.release(1)
+        local.close()
+        spec = SpeculativeConfig("draft", 4, draft_model=str(small), draft=remote)
+        with Generator(target, local_pipeline(target, "torch", dtype="float32"), speculative=spec) as gen:
+            a = gen.generate("abcabcabc", max_tokens=32, ignore_eos=True)
+            b = gen.generate("abcabcabc", max_tokens=32, ignore_eos=True, speculate=False)
+            assert a.token_ids == b.token_ids and a.speculative["drafted"] >= 8
+            assert draft_pipe.stages[0].live_sequences() == []  # the Generator closes the draft model with it
+        cmd = [sys.executable, "-m", "engine.app.cli", "generate", "--model", str(target), "--local", "torch",
+               "--max-tokens", "12", "--ignore-eos", "--json", "abcabc", "--draft-stages", address]
+        out = subprocess.run(cmd + ["--speculative", f"draft:{small}"], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["speculative"]["drafted"] > 0
+        out = subprocess.run(cmd + ["--speculative", "ngram"], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 2 and "--draft-stages" in out.stderr and "Traceback" not in out.stderr
+    finally:
+        stop_stages([proc])
+
+
+def test_drafts_stay_within_the_batch_token_budget(tiny_dirs):
+    """Every micro-batch, drafts included, holds at most `max_batch_tokens` tokens; outputs unchanged."""
+    d = tiny_dirs["llama"]
+    with Generator(d, local_pipeline(d, "torch", dtype="float32"), max_batch_tokens=6) as gen:
+        plain = gen.generate("abcabcabc", max_tokens=24, ignore_eos=True).token_ids
+        sizes, submit = [], gen.pipeline.submit
+        gen.pipeline.submit = lambda tag, batch: (sizes.append(sum(len(s.token_ids) for s in batch.seqs)),
+                                                  submit(tag, batch))[1]
+        streams = [gen.stream("abcabcabc", max_tokens=24, ignore_eos=True, prediction=plain) for _ in range(3)]
+        assert [[c.token_id for c in s] for s in streams] == [plain] * 3
+        assert max(sizes) <= 6 and gen.engine.accepted > 0

@@ -89,6 +89,13 @@ def test_control_messages_round_trip(pair, kind, fields):
     assert arrays == [] and {k: header[k] for k in ("kind", "req", *fields)} == {"kind": kind, "req": 9, **fields}
 
 
+def test_a_draft_request_round_trip(pair):
+    tokens = np.array([5, 17, 2], np.int32)
+    header, arrays = through(pair, pack(P.DRAFT, [("int32", tokens)], req=3, seq_id=12, start=40, k=4))
+    assert (header["kind"], header["seq_id"], header["start"], header["k"]) == (P.DRAFT, 12, 40, 4)
+    assert arrays[0][0] == "int32" and np.array_equal(arrays[0][1], tokens)
+
+
 def test_info_carries_a_stage_report(pair):
     header, _ = through(pair, pack(P.INFO, req=1, info=pack_report(REPORT)))
     assert header["kind"] == P.INFO and unpack_report(header["info"]) == REPORT
@@ -111,7 +118,7 @@ def test_a_bad_report_field_is_refused(field, value):
 def test_every_kind_is_covered_here():
     """A kind added to the protocol without a round trip above fails this test."""
     covered = {P.FORWARD, P.RESULT, P.INFO, P.HELLO, P.LOAD, P.RELEASE, P.PING, P.HEALTH, P.OK, P.ERROR, P.MODEL,
-               P.CHUNK}
+               P.CHUNK, P.DRAFT}
     assert covered == P.KINDS
 
 

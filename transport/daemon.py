@@ -383,6 +383,20 @@ class StageDaemon:
         self.memo.forget(ids)
         self._send(sender, pack(P.OK, req=header.get("req")))
 
+    def handle_draft(self, sender, header, arrays) -> None:
+        """A draft model's turn: this daemon holds all its layers (`BaseStage.draft`)."""
+        if self.stage is None:
+            raise UserError("it has no layers assigned yet")
+        seq_id, start, k = header.get("seq_id"), header.get("start"), header.get("k")
+        if not (all(isinstance(v, int) and not isinstance(v, bool) for v in (seq_id, start, k))
+                and 0 <= seq_id <= P.MAX_SEQ_ID and start >= 0 and len(arrays) == 1 and arrays[0][0] == "int32"
+                and arrays[0][1].ndim == 1):
+            raise WireError("draft needs seq_id, start, k and one int32 frame of tokens")
+        if self.draining_since is not None and seq_id not in self.stage.live_sequences():
+            raise UserError("it is shutting down: it takes no new sequences")
+        tokens = self.stage.draft(seq_id, start, arrays[0][1], k)
+        self._send(sender, pack(P.OK, req=header.get("req"), tokens=tokens))
+
     def handle_forward(self, sender, header, arrays) -> None:
         if self.stage is None:
             raise UserError("it has no layers assigned yet")

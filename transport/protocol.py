@@ -1,6 +1,8 @@
 """Protocol constants: every message kind, limit and version lives here, once."""
 
-VERSION = 8  # a daemon and a coordinator of other versions refuse each other's messages
+from engine.core.stage import MAX_DRAFT  # noqa: F401  (draft tokens one chunk may carry to be verified)
+
+VERSION = 9  # a daemon and a coordinator of other versions refuse each other's messages
 
 # message kinds, client -> stage
 HELLO = "hello"  # identity check; reply: INFO
@@ -11,13 +13,14 @@ MODEL = "model"  # a daemon without --model: the model's identity, config and a 
 CHUNK = "chunk"  # bytes of one of those tensors at an offset (one uint8 frame); reply: OK `held` (and `error`)
 PING = "ping"  # reply: INFO
 HEALTH = "health"  # a real one-token forward; reply: INFO with forward_ms
+DRAFT = "draft"  # a draft model's turn (`BaseStage.draft`): seq_id, start, k, an int32 frame; reply: OK `tokens`
 # stage -> client
 INFO = "info"
 RESULT = "result"
 OK = "ok"
 ERROR = "error"
 
-KINDS = {HELLO, LOAD, FORWARD, RELEASE, MODEL, CHUNK, PING, HEALTH, INFO, RESULT, OK, ERROR}
+KINDS = {HELLO, LOAD, FORWARD, RELEASE, MODEL, CHUNK, PING, HEALTH, DRAFT, INFO, RESULT, OK, ERROR}
 # bfloat16 travels as uint16 words; uint8 frames are weight bytes (CHUNK)
 ARRAY_DTYPES = {"int32", "float32", "float16", "bfloat16", "uint8"}
 
@@ -27,7 +30,6 @@ MAX_FRAME_BYTES = 1 << 28  # also the socket's ZMQ_MAXMSGSIZE: a larger message 
 MAX_SEQS_PER_CALL = 4096
 MAX_ROUTE = 64  # stages after this one
 MAX_SEQ_ID = (1 << 63) - 1
-MAX_DRAFT = 64  # draft tokens one sequence's chunk may carry to be verified
 MAX_BLOCK_HASHES = 1 << 16  # block hashes in one seq entry's prefix or names, or in a batch's evictions
 MAX_BLOCK_HASH = (1 << 63) - 1
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
+import numpy as np
+
 from engine.core.errors import UserError
 from engine.core.partition import check_coverage
 from engine.core.pipeline import BatchOutcome, BatchTiming
@@ -95,6 +97,17 @@ class RemotePipeline:
         self.memo.forget(seq_ids)
         for s in self.stages:
             self.client.send(s.address, pack(P.RELEASE, req=self.client.next_req(), seq_ids=list(seq_ids)))
+
+    def draft(self, seq_id: int, start: int, tokens: Sequence[int], k: int) -> list[int]:
+        """A draft model's turn on a daemon holding all its layers (`BaseStage.draft`); waits for it."""
+        (stage,) = self.stages
+        req = self.client.next_req()
+        self.client.send(stage.address, pack(P.DRAFT, [("int32", np.asarray(tokens, np.int32))], req=req,
+                                             seq_id=seq_id, start=start, k=k))
+        tokens = self.client.wait(stage.address, req)[0].get("tokens")
+        if not (isinstance(tokens, list) and len(tokens) == k and all(isinstance(t, int) for t in tokens)):
+            raise StageError(f"stage {stage.address} answered a draft of {k} tokens with something else")
+        return tokens
 
     def kv_tokens(self) -> int:
         return min(s.info.kv_tokens for s in self.stages)

@@ -62,11 +62,15 @@ def _add_pipeline(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--max-batch-tokens", type=int, default=512, help="tokens per micro-batch (prefill chunk size)")
     p.add_argument("--recovery-timeout", type=float, default=30.0,
                    help="seconds for a lost stage (or a standby) to come back and load before requests fail")
-    p.add_argument("--speculative", default=None, metavar="ngram",
-                   help="speculative decoding: ngram (prompt lookup: drafts from the prompt and output, verified "
-                        "several tokens a pass; greedy outputs are unchanged, sampled ones keep their distribution)")
+    p.add_argument("--speculative", default=None, metavar="ngram|draft:MODEL",
+                   help="speculative decoding: drafts verified several tokens a pass, from prompt lookup (ngram) or a "
+                        "smaller model of the same vocabulary (draft:MODEL); greedy outputs are unchanged, sampled "
+                        "ones keep their distribution")
     p.add_argument("--num-draft-tokens", type=int, default=None, metavar="K",
                    help="with --speculative: draft tokens per step, at most (default 8; adapts per sequence)")
+    p.add_argument("--draft-stages", default=None, metavar="ADDR",
+                   help="with --speculative draft:MODEL: the stage daemon that runs the draft model (all its layers); "
+                        "by default it runs in this process")
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
                    help="prefill every prompt in full (by default the KV blocks of shared prompt prefixes are reused)")
 
@@ -301,6 +305,8 @@ def _generator(args):
     if args.recovery_timeout < 0:
         raise UserError("--recovery-timeout must be >= 0")
     speculative = parse_speculative(args.speculative, args.num_draft_tokens)
+    if args.draft_stages and (speculative is None or speculative.method != "draft"):
+        raise UserError("--draft-stages names where a draft model runs: it goes with --speculative draft:MODEL")
     model_dir = _model_dir(args.model)
     if args.local:
         pipeline = local_pipeline(model_dir, args.local, check_dtype(args.dtype, allow_auto=True), args.device,
@@ -318,21 +324,27 @@ def _generator(args):
 
 
 def _draft_model(speculative, model_dir, pipeline, args):
-    """`--speculative draft:MODEL`: the draft model on one in-process stage (torch where it is
-    installed, else MLX), its KV budget its own; the target's vocabulary is checked."""
+    """`--speculative draft:MODEL`: the draft model on one stage of its own, its KV budget its own:
+    the daemon `--draft-stages` names, else in this process (torch where it is installed, else
+    MLX). The target's vocabulary is checked."""
     import dataclasses
     import importlib.util
 
-    from ..api import local_pipeline
+    from ..api import connect_pipeline, local_pipeline
     from ..core.config import ModelConfig
     from ..serving.draft_model import DraftModel
 
-    backend = "torch" if importlib.util.find_spec("torch") else "mlx"
     try:
         draft_dir = _model_dir(speculative.draft_model)
-        draft_pipe = local_pipeline(draft_dir, backend, check_dtype(args.dtype, allow_auto=True))
+        if args.draft_stages:
+            draft_pipe = connect_pipeline(draft_dir, args.draft_stages, timeout_s=args.timeout, auth_dir=args.auth,
+                                          log=lambda m: print(m, file=sys.stderr))
+        else:
+            backend = "torch" if importlib.util.find_spec("torch") else "mlx"
+            draft_pipe = local_pipeline(draft_dir, backend, check_dtype(args.dtype, allow_auto=True))
         try:
-            draft = DraftModel(draft_pipe, ModelConfig.load(model_dir).vocab_size, str(speculative.draft_model))
+            draft = DraftModel(draft_pipe, draft_dir, ModelConfig.load(model_dir).vocab_size,
+                               str(speculative.draft_model))
         except BaseException:
             draft_pipe.close()
             raise
@@ -541,8 +553,23 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def _bench_spec(args) -> None:
+def _relayed(spec: str, delay_ms: float, relays: list) -> str:
+    """`--stages` with each address replaced by a relay's in front of it (`bench.relay`)."""
     from .bench.relay import start_relay
+
+    addrs = []
+    for entry in spec.split(","):
+        addr, eq, rng = entry.partition("=")
+        try:
+            proc, through = start_relay(addr, delay_ms)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        relays.append(proc)
+        addrs.append(through + eq + rng)
+    return ",".join(addrs)
+
+
+def _bench_spec(args) -> None:
     from .bench.spec import format_spec, run_spec
 
     _at_least_1(args, "rounds", "max_tokens")
@@ -552,16 +579,9 @@ def _bench_spec(args) -> None:
             if not args.stages or args.link_delay_ms < 0:
                 raise UserError("--link-delay-ms puts relays between stage daemons: give --stages (loopback) and a "
                                 "delay of at least 0")
-            addrs = []
-            for entry in args.stages.split(","):
-                addr, eq, rng = entry.partition("=")
-                try:
-                    proc, relayed = start_relay(addr, args.link_delay_ms)
-                except ValueError as e:
-                    raise UserError(str(e)) from None
-                relays.append(proc)
-                addrs.append(relayed + eq + rng)
-            args.stages = ",".join(addrs)
+            args.stages = _relayed(args.stages, args.link_delay_ms, relays)
+            if args.draft_stages:  # the draft model's daemon is across a link too
+                args.draft_stages = _relayed(args.draft_stages, args.link_delay_ms, relays)
         with _generator(args) as gen:
             r = run_spec(gen, rounds=args.rounds, max_tokens=args.max_tokens, link_delay_ms=args.link_delay_ms)
     finally:

@@ -18,8 +18,10 @@ from .config import ModelConfig
 from .kv_blocks import BLOCK, BlockManager
 from .errors import UserError
 from .sampling import SamplingParams, log_softmax, logsumexp, sample_token, top_logprobs
-from .stage import PromptLogprobs, SampledToken, SeqChunk, StageBatch, StageInfo, StageResult
+from .stage import MAX_DRAFT, PromptLogprobs, SampledToken, SeqChunk, StageBatch, StageInfo, StageResult
 from .tensors import DTYPES, TypedArray, itemsize
+
+GREEDY = SamplingParams()  # what a draft model decodes with
 
 
 @dataclass(slots=True)
@@ -168,6 +170,27 @@ class BaseStage:
             raise ValueError(f"sequence {seq_id}: cannot keep {length} of its {st.length} positions")
         del st.seen[length - st.seen_from :]
         st.length, st.draft = length, 0
+
+    def draft(self, seq_id: int, start: int, tokens: Sequence[int], k: int) -> list[int]:
+        """A draft model's turn, on a stage holding every layer: keep the sequence's first `start`
+        positions (those it drafted past them were not taken), feed `tokens` from there, and decode
+        k tokens greedily, one forward each. Returns them; the last is not fed (it may not be taken)."""
+        if not (self.info.is_first and self.info.is_last):
+            raise ValueError("a draft model runs all its layers on one stage")
+        if not 1 <= k <= MAX_DRAFT or len(tokens) == 0:
+            raise ValueError(f"a draft needs tokens to feed and 1 to {MAX_DRAFT} tokens to draft")
+        held = self._seqs[seq_id].length if seq_id in self._seqs else 0
+        if start > held:
+            raise ValueError(f"sequence {seq_id}: holds {held} positions, not {start}")
+        if start < held:
+            self.truncate(seq_id, start)
+        r = self.forward(StageBatch([SeqChunk(seq_id, start, np.asarray(tokens, np.int32), GREEDY)]))
+        out = [r.tokens[0].token_id]
+        for i in range(k - 1):
+            r = self.forward(StageBatch([SeqChunk(seq_id, start + len(tokens) + i, np.asarray(out[-1:], np.int32),
+                                                  GREEDY)]))
+            out.append(r.tokens[0].token_id)
+        return out
 
     def release(self, seq_ids: Sequence[int]) -> None:
         for sid in seq_ids:

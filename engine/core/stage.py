@@ -19,6 +19,8 @@ import numpy as np
 from .sampling import SamplingParams
 from .tensors import TypedArray
 
+MAX_DRAFT = 64  # draft tokens one chunk may carry to be verified, or a draft model may be asked for
+
 
 @dataclass(slots=True)
 class SeqChunk:

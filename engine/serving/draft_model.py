@@ -1,33 +1,31 @@
 """A draft model for speculative decoding: a smaller model with the target's vocabulary (or the
-target's own 4-bit copy), all its layers on one in-process stage in the coordinator's process.
+target's own 4-bit copy), all its layers on one stage: in the coordinator's process (a
+`LocalPipeline`) or a stage daemon of its own (`--draft-stages`, a `RemotePipeline`).
 
-Per speculating sequence it keeps a KV cache of its own (its stage's budget, never the target
+Per speculating sequence that stage keeps a KV cache of its own (its budget, never the target
 stages'): each step it is fed the tokens it has not seen (the prompt at first, then the tokens the
 target took and the one after them), drops what it drafted that was not taken, and decodes k
-tokens greedily, one forward each, between the target's steps.
+tokens greedily, one forward each, between the target's steps (`BaseStage.draft`).
 """
 
 from __future__ import annotations
 
-import numpy as np
-
+from ..core.config import ModelConfig
 from ..core.errors import UserError
-from ..core.sampling import SamplingParams
-from ..core.stage import SeqChunk, StageBatch
-
-GREEDY = SamplingParams()
 
 
 class DraftModel:
-    """The draft model's one stage, on a `LocalPipeline` of its own: its compute thread runs it (the
-    engine thread never runs a framework op), a whole draft in one hand-over."""
+    """The draft model's one stage, reached through its pipeline's `draft` (the local compute
+    thread, or one message to the daemon), a whole draft per call."""
 
-    def __init__(self, pipeline, vocab_size: int, name: str = "draft"):
-        (stage,) = pipeline.stages
-        if not (stage.info.is_first and stage.info.is_last):
+    def __init__(self, pipeline, model_dir, vocab_size: int, name: str = "draft"):
+        """`pipeline`: the draft model's, one stage; `model_dir`: its weights' directory here;
+        `vocab_size`: the target's, which the draft's must equal."""
+        if len(pipeline.describe()) != 1:
             raise UserError("a draft model runs all its layers on one stage")
-        if stage.cfg.vocab_size != vocab_size:
-            raise UserError(f"the draft model's vocabulary has {stage.cfg.vocab_size} tokens, the target's "
+        draft_vocab = ModelConfig.load(model_dir).vocab_size
+        if draft_vocab != vocab_size:
+            raise UserError(f"the draft model's vocabulary has {draft_vocab} tokens, the target's "
                             f"{vocab_size}: a draft model shares the target's vocabulary")
         self.pipeline, self.name = pipeline, name
         self.fed: dict[int, list[int]] = {}  # seq_id -> the tokens in the draft's cache, in order
@@ -40,7 +38,7 @@ class DraftModel:
             if a != b:
                 break
             keep += 1
-        out = self.pipeline.call(lambda stages: _draft(stages[0], seq_id, tokens, keep, len(fed), k))
+        out = self.pipeline.draft(seq_id, keep, tokens[keep:], k)
         self.fed[seq_id] = list(tokens) + out[:-1]
         return out
 
@@ -50,15 +48,3 @@ class DraftModel:
 
     def close(self) -> None:
         self.pipeline.close()
-
-
-def _draft(stage, seq_id: int, tokens: list[int], keep: int, cached: int, k: int) -> list[int]:
-    """On the compute thread: drop what is not kept, feed the rest, decode k tokens greedily."""
-    if keep < cached:
-        stage.truncate(seq_id, keep)
-    r = stage.forward(StageBatch([SeqChunk(seq_id, keep, np.asarray(tokens[keep:], np.int32), GREEDY)]))
-    out = [r.tokens[0].token_id]
-    for i in range(k - 1):
-        r = stage.forward(StageBatch([SeqChunk(seq_id, len(tokens) + i, np.asarray(out[-1:], np.int32), GREEDY)]))
-        out.append(r.tokens[0].token_id)
-    return out

@@ -88,6 +88,10 @@ class LocalPipeline:
         self._jobs.put(("call", fn, done))
         return done.result()
 
+    def draft(self, seq_id: int, start: int, tokens: Sequence[int], k: int) -> list[int]:
+        """A draft model's turn on its one stage (`BaseStage.draft`), on the compute thread."""
+        return self.call(lambda stages: stages[0].draft(seq_id, start, tokens, k))
+
     def kv_tokens(self) -> int:
         return kv_budget(self.stages)
 
