@@ -324,14 +324,17 @@ class Engine:
 
     def _draft(self, slices: list[Slice]) -> None:
         """Drafts for the decode steps of sequences that speculate: never past their max tokens (the
-        token after the drafts counts), their KV reservation, the context or the position limit."""
+        token after the drafts counts), their KV reservation, the context or the position limit, and
+        all of them with the batch's own tokens within `max_batch_tokens`."""
+        budget = self.scheduler.max_batch_tokens - sum(sl.n for sl in slices)
         for sl in slices:
             seq = sl.seq
             if seq.drafter is None or not sl.sample or sl.n != 1:
                 continue
-            room = min(seq.max_tokens - len(seq.generated) - 1, seq.reserve - seq.length,
+            room = min(seq.max_tokens - len(seq.generated) - 1, seq.reserve - seq.length, budget,
                        self.context - seq.length, (self.position_limit or (self.context,))[0] - seq.length)
             sl.draft = seq.drafter.propose(seq.prompt, seq.generated, room, seq.seq_id)
+            budget -= len(sl.draft)
 
     def _masks(self, slices: list[Slice]) -> dict[int, np.ndarray]:
         """Structured output's masks for the slices that sample (a draft's: one per position, the
