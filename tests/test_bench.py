@@ -14,6 +14,7 @@ from engine.app.bench.backends import decode_weight_bytes
 from engine.app.bench.stats import ratio_interval, t_quantile_975
 from engine.api import local_pipeline
 from engine.core.config import ModelConfig
+from engine.core.shapes import ShapeModel
 from engine.api import Generator
 
 
@@ -45,9 +46,44 @@ def test_bench_backends_times_every_backend_and_writes_three_files(real_model, t
     # the `hetpipe` command restarts itself on tcmalloc where the system has it; its stages inherit it
     assert {r["allocator"] for r in rows} == {"tcmalloc" if allocator.library() else "system"}
     table = (tmp_path / "backends.md").read_text().splitlines()
-    assert table[0].startswith("| backend |") and sorted(line.split()[1] for line in table[2:]) == [
+    assert table[0].startswith("| model | backend |") and sorted(line.split("|")[2].strip() for line in table[2:]) == [
         "mlx", "mlx", "torch", "torch"]
     assert (tmp_path / "backends.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_backends_times_a_big_models_widths_made_in_memory(tmp_path):
+    """`--shape`: one layer and the head of Llama-3-8B, random, float and 4-bit; what a token reads is
+    the config's count: the 4-bit copy 4 bits and a scale and bias in the activation dtype per 32
+    weights (`layer_cost.per_weight`)."""
+    rows = run("backends", "--shape", "llama-3-8b", "--layers", "1", "--backends", "torch", "--dtypes", "bfloat16",
+               "--prompt-len", "4", "--max-tokens", "2", "--quant", "4:32", "--out", str(tmp_path), "--json")
+    by = {r["weights"]: r for r in rows}
+    assert sorted(by) == ["4-bit g32", "float"] and {r["model"] for r in rows} == {
+        "llama-3-8b (1 layer)", "llama-3-8b (1 layer, 4-bit g32)"}
+    cfg = ShapeModel("llama-3-8b", 1).config
+    assert by["float"]["weight_bytes_per_token"] == decode_weight_bytes(cfg, 0, 0, "bfloat16")
+    assert by["4-bit g32"]["weight_bytes_per_token"] / by["float"]["weight_bytes_per_token"] == pytest.approx(
+        (0.5 + 2 * 2 / 32) / 2, rel=0.01)
+    assert all(r["decode_tokens_per_s"] > 0 and r["memory_read_gb_per_s"] > 0.1 for r in rows)
+    for bad, why in ((["--model", "x"], "one or the other"), (["--layers", "0-1"], "how many layers")):
+        r = subprocess.run([sys.executable, "-m", "engine.app.cli", "bench", "backends", "--shape", "llama-3-8b", *bad],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and why in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_shape_makes_what_loading_a_checkpoint_of_it_would():
+    """Qwen3-30B-A3B's first layer, 4-bit: every tensor a stage needs, experts stacked as loading
+    stacks them, codes packed at 4 bits."""
+    from engine.core.quant import QuantTensor
+    from engine.core.weights import _required_names, load_stage_tensors
+
+    shape = ShapeModel("qwen3-30b-a3b", 1, 4, 32)
+    w = load_stage_tensors(shape, shape.config, 0, 0)
+    assert set(_required_names(shape.config, 0, 0)) <= set(w) and "lm_head.weight" in w
+    gate_up, down = w["model.layers.0.mlp.experts.gate_up_proj"], w["model.layers.0.mlp.experts.down_proj"]
+    assert isinstance(gate_up, QuantTensor) and gate_up.codes.shape == (128, 2 * 768, 2048 * 4 // 32)
+    assert down.scales.data.shape == (128, 2048, 768 // 32)
+    assert w["model.layers.0.mlp.gate.weight"].shape == (128, 2048)
 
 
 def test_decode_weight_bytes_are_the_checkpoints_tensors(real_model):

@@ -10,6 +10,7 @@ import sys
 
 from ..core.errors import StageFailure, UserError
 from ..core.partition import parse_layer_range
+from ..core.shapes import SHAPES
 from ..core.tensors import AUTO, DTYPES, check_dtype
 
 EXIT_USAGE = 2
@@ -163,8 +164,12 @@ def _add_bench(sub) -> None:
     x.add_argument("--json", action="store_true", help="print one JSON line")
     k = suites.add_parser("backends", help="prefill and decode speed of each backend and dtype")
     k.add_argument("--model", default=None, help="model directory (default: the fetched smollm2)")
-    k.add_argument("--layers", default=None, metavar="FIRST-LAST", help="layer range (default: all)")
+    k.add_argument("--shape", default=None, choices=sorted(SHAPES),
+                   help="instead of a model: random weights at these widths, made in memory, a few layers and the head")
+    k.add_argument("--layers", default=None, metavar="FIRST-LAST|N",
+                   help="layer range (default: all); with --shape, how many layers (default 2)")
     k.add_argument("--dtypes", default="float32,bfloat16", help="dtypes to time")
+    k.add_argument("--backends", default=None, metavar="mlx,torch", help="backends to time (default: every one here)")
     k.add_argument("--quant", default="4:32,8:32", metavar="BITS:GROUP,...",
                    help="also time the model quantized at these schemes ('' for none; made once, kept)")
     k.add_argument("--prompt-len", type=int, default=32, help="prompt tokens of the prefill timed")
@@ -548,6 +553,10 @@ def cmd_bench(args) -> int:
         with _generator(args) as cached, _generator(uncached) as bare:
             r = run_prefix(cached, bare, history=args.history, rounds=args.rounds, max_tokens=args.max_tokens)
         print(json.dumps(r) if args.json else format_prefix(r))
+    elif getattr(args, "shape", None):
+        if args.model:
+            raise UserError("--shape times random weights instead of a model: give one or the other")
+        _bench_report(args, None)
     else:
         _bench_report(args, _model_dir(args.model))
     return 0
@@ -620,12 +629,22 @@ def _bench_report(args, model_dir) -> None:
     log = (lambda m: print(m, file=sys.stderr)) if args.json else print
     if args.suite == "backends":
         from .bench import backends as B
+        from .stages import check_backend
 
         _at_least_1(args, "prompt_len", "max_tokens")
-        layers = parse_layer_range(args.layers) if args.layers else None
         dtypes = [check_dtype(d) for d in args.dtypes.split(",") if d]
-        data = B.run_backends(model_dir, layers, dtypes, args.prompt_len, args.max_tokens, log,
-                              quant=_parse_quant(args.quant))
+        backends = [check_backend(b) for b in args.backends.split(",") if b] if args.backends else None
+        if args.shape:
+            n = args.layers or "2"
+            if not n.isdigit():
+                raise UserError("with --shape, --layers is how many layers (1 to 8)")
+            data = B.run_backends(None, None, dtypes, args.prompt_len, args.max_tokens, log,
+                                  quant=_parse_quant(args.quant), shape=args.shape, shape_layers=int(n),
+                                  backends=backends)
+        else:
+            layers = parse_layer_range(args.layers) if args.layers else None
+            data = B.run_backends(model_dir, layers, dtypes, args.prompt_len, args.max_tokens, log,
+                                  quant=_parse_quant(args.quant))
         paths = report.write_outputs(Path(args.out), "backends", data, B.backends_table(data), B.backends_plot)
     else:
         from ..core.config import ModelConfig

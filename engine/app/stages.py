@@ -13,6 +13,7 @@ from ..core.base_stage import BaseStage
 from ..core.config import ModelConfig
 from ..core.errors import UserError
 from ..core.partition import check_range
+from ..core.shapes import ShapeModel
 from ..core.tensors import AUTO, check_dtype
 from ..core.weights import checkpoint_dtype
 from . import allocator, hub
@@ -48,13 +49,15 @@ def load_stage(backend: str, model_dir: str | Path, first: int, last: int, *, de
     torch runs fastest on the thread that loads it: load a stage on the thread that will run it.
     """
     check_backend(backend)
-    cfg = ModelConfig.load(model_dir)
+    shape = isinstance(model_dir, ShapeModel)  # random weights at a big model's widths, made in memory
+    cfg = model_dir.config if shape else ModelConfig.load(model_dir)
     check_range(first, last, cfg.num_hidden_layers)
-    hub.ensure_layers(model_dir, first, last)  # a Hub snapshot fetches the weight files it lacks
+    if not shape:
+        hub.ensure_layers(model_dir, first, last)  # a Hub snapshot fetches the weight files it lacks
     dtype = resolve_dtype(backend, model_dir, dtype, device)
     module = importlib.import_module(BACKENDS[backend])
-    stage = module.create_stage(str(model_dir), cfg, first, last, device=device, dtype=dtype, threads=threads,
-                                compile=compile)
+    stage = module.create_stage(model_dir if shape else str(model_dir), cfg, first, last, device=device, dtype=dtype,
+                                threads=threads, compile=compile)
     allocator.release_free_memory()  # the loading's scratch (unfused copies of weights) back to the OS
     stage.set_kv_budget(kv_tokens)
     stage.max_seqs, stage.max_call_tokens = max_seqs, max_call_tokens
@@ -68,7 +71,8 @@ def resolve_dtype(backend: str, model_dir: str | Path, dtype: str, device: str |
     import_backends({backend})
     if dtype != AUTO:
         return dtype
-    return importlib.import_module(BACKENDS[backend]).auto_dtype(device, checkpoint_dtype(model_dir))
+    checkpoint = "bfloat16" if isinstance(model_dir, ShapeModel) else checkpoint_dtype(model_dir)
+    return importlib.import_module(BACKENDS[backend]).auto_dtype(device, checkpoint)
 
 
 def available_backends() -> list[str]:

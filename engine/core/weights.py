@@ -22,6 +22,7 @@ from .config import ModelConfig
 from .errors import UserError
 from .experts import moe_prefix, stack_experts
 from .quant import QuantScheme, QuantTensor
+from .shapes import ShapeModel
 from .tensors import TypedArray, itemsize
 
 # safetensors dtype -> (numpy storage dtype, logical dtype name)
@@ -85,7 +86,10 @@ def stage_tensor_names(cfg: ModelConfig, names, first: int, last: int) -> list[s
 
 def load_stage_tensors(model_dir: str | Path, cfg: ModelConfig, first: int, last: int
                        ) -> dict[str, TypedArray | QuantTensor]:
-    """Memory-map the tensors of layers [first, last] (plus embedding / norm / head at the ends)."""
+    """Memory-map the tensors of layers [first, last] (plus embedding / norm / head at the ends); of a
+    `ShapeModel`, make them."""
+    if isinstance(model_dir, ShapeModel):
+        return model_dir.stage_tensors(first, last)
     files = checkpoint_files(model_dir)
     wanted = stage_tensor_names(cfg, files, first, last)
     by_file: dict[Path, list[str]] = {}

@@ -21,6 +21,7 @@ import numpy as np
 from ...core.config import ModelConfig
 from ...core.layer_cost import head_read_bytes, layer_cost
 from ...core.partition import check_range
+from ...core.shapes import ShapeModel
 from .. import allocator
 from ..stages import available_backends
 from .report import pyplot
@@ -52,15 +53,17 @@ def scheme_name(cfg: ModelConfig) -> str:
     return "float" if q is None else f"{q.bits}-bit g{q.group_size}"
 
 
-def time_stage(backend: str, model_dir: str, first: int, last: int, dtype: str, prompt_len: int, tokens: int) -> dict:
-    """Prefill and decode one sequence through one in-process stage; medians of three."""
+def time_stage(backend: str, model: str, first: int, last: int, dtype: str, prompt_len: int, tokens: int) -> dict:
+    """Prefill and decode one sequence through one in-process stage; medians of three. `model`: a
+    directory, or a `ShapeModel`'s spec (random weights made here)."""
     from ...core.sampling import SamplingParams
     from ...core.stage import SeqChunk, StageBatch
     from ...core.tensors import TypedArray
     from ..stages import load_stage
 
-    cfg = ModelConfig.load(model_dir)
-    stage = load_stage(backend, model_dir, first, last, dtype=dtype)
+    source = ShapeModel.parse(model) if model.startswith("shape:") else model
+    cfg = source.config if isinstance(source, ShapeModel) else ModelConfig.load(model)
+    stage = load_stage(backend, source, first, last, dtype=dtype)
     sampling = SamplingParams() if stage.info.is_last else None
     rng = np.random.default_rng(0)
 
@@ -84,6 +87,7 @@ def time_stage(backend: str, model_dir: str, first: int, last: int, dtype: str, 
     weights = decode_weight_bytes(cfg, first, last, dtype)
     bandwidth = stage.read_bandwidth()
     return {"backend": backend, "device": stage.info.device, "dtype": dtype, "layers": [first, last],
+            "model": str(source) if isinstance(source, ShapeModel) else model,
             "weights": scheme_name(cfg), "bits": cfg.quantization.bits if cfg.quantization else None,
             "group_size": cfg.quantization.group_size if cfg.quantization else None,
             "prefill_tokens_per_s": prompt_len / statistics.median(prefill),
@@ -98,15 +102,21 @@ def time_stage(backend: str, model_dir: str, first: int, last: int, dtype: str, 
             "kernels": stage.kernels or "framework"}
 
 
-def run_backends(model_dir: str, layers: tuple[int, int] | None, dtypes: list[str], prompt_len: int,
-                 tokens: int, log=print, quant: tuple[tuple[int, int], ...] = ()) -> list[dict]:
-    """Each backend x dtype on `model_dir`, then on its quantized copies at each (bits, group)."""
-    cfg = ModelConfig.load(model_dir)
-    first, last = layers or (0, cfg.num_hidden_layers - 1)
-    check_range(first, last, cfg.num_hidden_layers)
-    dirs = [model_dir] + ([quantized_copy(model_dir, b, g) for b, g in quant] if cfg.quantization is None else [])
+def run_backends(model_dir: str | None, layers: tuple[int, int] | None, dtypes: list[str], prompt_len: int,
+                 tokens: int, log=print, quant: tuple[tuple[int, int], ...] = (), shape: str | None = None,
+                 shape_layers: int = 2, backends: list[str] | None = None) -> list[dict]:
+    """Each backend x dtype on `model_dir`, then on its quantized copies at each (bits, group); with
+    `shape`, on that many layers (and the head) of random weights at a big model's widths instead."""
+    if shape is not None:
+        models = [ShapeModel(shape, shape_layers)] + [ShapeModel(shape, shape_layers, b, g) for b, g in quant]
+        dirs, (first, last) = [m.spec for m in models], (0, shape_layers - 1)
+    else:
+        cfg = ModelConfig.load(model_dir)
+        first, last = layers or (0, cfg.num_hidden_layers - 1)
+        check_range(first, last, cfg.num_hidden_layers)
+        dirs = [model_dir] + ([quantized_copy(model_dir, b, g) for b, g in quant] if cfg.quantization is None else [])
     rows = []
-    for backend, d, dtype in ((b, d, t) for d in dirs for b in available_backends() for t in dtypes):
+    for backend, d, dtype in ((b, d, t) for d in dirs for b in backends or available_backends() for t in dtypes):
         args = [backend, d, str(first), str(last), dtype, str(prompt_len), str(tokens)]
         r = subprocess.run([sys.executable, "-m", "engine.app.bench.backends", *args],
                            capture_output=True, text=True)
@@ -130,13 +140,13 @@ def _floor(x: dict) -> str:
 
 
 def backends_table(rows: list[dict]) -> str:
-    lines = ["| backend | device | dtype | weights | layers | prefill tokens/s | decode tokens/s | ms per layer (decode) "
+    lines = ["| model | backend | device | dtype | weights | layers | prefill tokens/s | decode tokens/s | ms per layer (decode) "
              "| weight MB per token | weights read GB/s | memory read GB/s | memory floor tokens/s | of floor | kernels |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for x in rows:
         floor = (f"{x['memory_read_gb_per_s']:.1f} | {x['floor_tokens_per_s']:.0f} | {x['of_floor']:.0%}"
                  if x["floor_tokens_per_s"] else "- | - | -")
-        lines.append(f"| {x['backend']} | {x['device']} | {x['dtype']} | {x['weights']} | "
+        lines.append(f"| {Path(x.get('model', '-')).name} | {x['backend']} | {x['device']} | {x['dtype']} | {x['weights']} | "
                      f"{x['layers'][0]}-{x['layers'][1]} | {x['prefill_tokens_per_s']:.0f} | "
                      f"{x['decode_tokens_per_s']:.1f} | {x['ms_per_layer']:.2f} | {x['weight_bytes_per_token'] / 1e6:.1f} | "
                      f"{x['weights_gb_per_s']:.1f} | {floor} | {x['kernels']} |")
