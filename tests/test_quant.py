@@ -239,7 +239,11 @@ def test_planner_counts_quantized_bytes(quantized_dirs):
 
 
 @pytest.mark.parametrize("rows", [1, 3, 8])
-def test_the_8_bit_cpu_kernel_equals_its_torch_definition(rows):
+@pytest.mark.parametrize("bits,group", [(8, 32), (4, 32), (4, 64), (4, 128)])
+def test_the_cpu_kernels_equal_their_torch_definition(rows, bits, group):
+    """8-bit codes a byte each, 4-bit two a byte, scales and biases held in float32 or float16:
+    float32 rows, and bf16 rows (for 4 bits on an AVX512-BF16 CPU the bf16 dot-product kernel),
+    against the dequantized weight's product."""
     import torch
 
     from backends.torch_stage import native
@@ -248,11 +252,15 @@ def test_the_8_bit_cpu_kernel_equals_its_torch_definition(rows):
     if native.load() is not None:
         pytest.skip(f"no CPU kernels here: {native.load()}")
     g = torch.Generator().manual_seed(rows)
-    codes = torch.randint(0, 256, (96, 256), dtype=torch.uint8, generator=g)
-    scales, biases = torch.rand(96, 8, generator=g) * 0.01, torch.randn(96, 8, generator=g) * 0.1
-    for dtype in (torch.float32, torch.bfloat16):
-        x = torch.randn(rows, 256, generator=g).to(dtype)
-        ours, ref = qmatmul(x, codes, scales, biases, 32), _qmatmul(x, codes, scales, biases, 32)
+    k = 512
+    codes = torch.randint(0, 256, (96, k * bits // 8), dtype=torch.uint8, generator=g)
+    scales = torch.rand(96, k // group, generator=g) * 0.01
+    biases = torch.randn(96, k // group, generator=g) * 0.1
+    for dtype, held in ((torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                        (torch.float32, torch.float16), (torch.bfloat16, torch.float16)):  # GGUF's d and m: fp16
+        x = torch.randn(rows, k, generator=g).to(dtype)
+        s, b = scales.to(held), biases.to(held)
+        ours, ref = qmatmul(x, codes, s, b, group), _qmatmul(x, codes, s.float(), b.float(), group)
         assert ours.dtype == dtype
         torch.testing.assert_close(ours.float(), ref.float(), rtol=1e-4 if dtype == torch.float32 else 1e-2,
                                    atol=1e-4 if dtype == torch.float32 else 1e-2)

@@ -36,12 +36,13 @@ class Variant:
 
 
 VARIANTS = (
-    Variant("avx512-bf16 small matmul, fused norm and decode attention, 8-bit matmul", ("avx512f", "avx512_bf16"),
+    Variant("avx512-bf16 small matmul, fused norm and decode attention, quantized matmul",
+            ("avx512f", "avx512_bf16", "f16c"),
             (KERNEL_DIR / "small_matmul.cpp", KERNEL_DIR / "layer_ops.cpp", KERNEL_DIR / "quant_matmul.cpp"),
-            ("-O3", "-mavx512f", "-mavx512bf16", "-mfma", "-fopenmp", "-fno-math-errno")),
-    Variant("avx2 small matmul, fused norm and decode attention, 8-bit matmul", ("avx2", "fma"),
+            ("-O3", "-mavx512f", "-mavx512bf16", "-mfma", "-mf16c", "-fopenmp", "-fno-math-errno")),
+    Variant("avx2 small matmul, fused norm and decode attention, quantized matmul", ("avx2", "fma", "f16c"),
             (KERNEL_DIR / "small_matmul_avx2.cpp", KERNEL_DIR / "layer_ops.cpp", KERNEL_DIR / "quant_matmul.cpp"),
-            ("-O3", "-mavx2", "-mfma", "-fopenmp", "-fno-math-errno")),
+            ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fno-math-errno")),
 )
 
 _loaded: tuple[Variant | None, str] | None = None  # None: not tried yet; else (what runs, why not)

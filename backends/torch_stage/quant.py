@@ -1,8 +1,9 @@
 """Linear layers over quantized weights (`engine/core/quant.py`), re-laid at load for the kernel
 that runs them on this host; the weights stay quantized in memory.
 
-- Codes with float32 scales and biases: 4-bit codes two a byte as MLX packs them, other widths
-  (8; 2, 3, 5, 6 unpacked) one byte a weight. A decode step (up to 8 rows) on a CPU goes through
+- Codes with float32 scales and biases (float16 on a CPU where both are exactly float16, as GGUF's
+  d and m are): 4-bit codes two a byte as MLX packs them, other widths (8; 2, 3, 5, 6 unpacked)
+  one byte a weight. A decode step (up to 8 rows) on a CPU goes through
   `hetpipe::qmatmul` (our AVX2 kernel, `kernels/quant_matmul.cpp`); more rows, or other devices,
   dequantize the weight for the call and multiply (in fp32 on CPUs without bf16 arithmetic).
 - 4 bits on a CPU where our kernels do not run (HETPIPE_NATIVE=0, not x86-64...): torch's
@@ -42,6 +43,15 @@ def _our_kernels() -> bool:
     return native.load() is None
 
 
+def compact(s: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales and biases in float16 where both are exactly float16 (GGUF's Q4_0, Q4_1, Q5_x and
+    Q8_0 store their d and m so), else float32 as given: what a decode step reads per group."""
+    half = s.half(), b.half()
+    if torch.isfinite(half[0]).all() and torch.equal(half[0].float(), s) and torch.equal(half[1].float(), b):
+        return half
+    return s, b
+
+
 class QuantLinear(nn.Module):
     def __init__(self, t: QuantTensor, dtype: torch.dtype, device: torch.device, bias: torch.Tensor | None = None,
                  int4pack: bool | None = None):
@@ -69,6 +79,7 @@ class QuantLinear(nn.Module):
         if self.kind == "codes":  # 4-bit codes two a byte, as MLX packs them; other widths a byte each
             q = np.array(t.codes).view(np.uint8) if t.bits == 4 else t.unpack()
             self.register_buffer("codes", torch.from_numpy(q).to(device))
+            s, b = compact(s, b) if device.type == "cpu" else (s, b)
             self.register_buffer("scales", s.to(device))
             self.register_buffer("biases", b.to(device))
         else:  # (K / group, N, 2): scale and zero per group and output
@@ -115,6 +126,7 @@ class QuantEmbedding(nn.Module):
         s, b = (torch.from_numpy(np.ascontiguousarray(a)) for a in t.float_parts())
         q = np.array(t.codes).view(np.uint8) if t.bits == 4 else t.unpack()
         self.register_buffer("codes", torch.from_numpy(q).to(device))
+        s, b = compact(s, b) if device.type == "cpu" else (s, b)
         self.register_buffer("scales", s.to(device))
         self.register_buffer("biases", b.to(device))
         self.in_features = t.shape[1]
@@ -123,7 +135,8 @@ class QuantEmbedding(nn.Module):
         q = self.codes[ids]
         q = (unpack_nibbles(q) if self.bits == 4 else q).float()
         n, k = q.shape
-        w = q.view(n, k // self.group_size, self.group_size) * self.scales[ids][..., None] + self.biases[ids][..., None]
+        w = q.view(n, k // self.group_size, self.group_size) * self.scales[ids][..., None].float() \
+            + self.biases[ids][..., None].float()
         return w.view(n, k).to(self.dtype)
 
     def as_linear(self) -> nn.Module:

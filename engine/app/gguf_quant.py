@@ -1,8 +1,9 @@
 """GGUF's block-quantized tensors as MLX affine `QuantTensor`s, kept exactly where a mapping exists.
 
 Every block type below is `w = scale * q + bias` over groups of 32 along a row, so its codes and
-float32 scales and biases are read out of the blocks as they are (ggml's layouts, as gguf-py's
-dequantizers read them):
+scales and biases are read out of the blocks as they are (ggml's layouts, as gguf-py's dequantizers
+read them), kept in float16 where both are exact in it (d, m and -8d are: the Q4_x, Q5_x and Q8_0
+rows), else in float32 (the K-quants' products):
 
     Q4_0  4-bit   scale d          bias -8d         Q4_K  4-bit  scale d*sc   bias -dmin*m
     Q4_1  4-bit   scale d          bias m           Q5_K  5-bit  scale d*sc   bias -dmin*m

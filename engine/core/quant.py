@@ -118,9 +118,20 @@ def unpack(codes: np.ndarray, bits: int, k: int) -> np.ndarray:
 
 
 def from_codes(q: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int, group_size: int) -> QuantTensor:
-    """A QuantTensor from uint8 codes (N, K) and float32 scales and biases (N, K / group)."""
-    return QuantTensor(pack(q, bits), TypedArray(np.ascontiguousarray(scales, np.float32), "float32"),
-                       TypedArray(np.ascontiguousarray(biases, np.float32), "float32"), bits, group_size)
+    """A QuantTensor from uint8 codes (N, K) and float scales and biases (N, K / group): held in
+    float16 where both are exactly float16 (GGUF's Q4_0, Q4_1, Q5_x and Q8_0 store d and m so), else
+    float32."""
+    s, b = np.ascontiguousarray(scales, np.float32), np.ascontiguousarray(biases, np.float32)
+    if _exact_half(s) and _exact_half(b):
+        return QuantTensor(pack(q, bits), TypedArray(s.astype(np.float16), "float16"),
+                           TypedArray(b.astype(np.float16), "float16"), bits, group_size)
+    return QuantTensor(pack(q, bits), TypedArray(s, "float32"), TypedArray(b, "float32"), bits, group_size)
+
+
+def _exact_half(a: np.ndarray) -> bool:
+    with np.errstate(over="ignore"):
+        h = a.astype(np.float16)
+    return bool(np.isfinite(h).all() and np.array_equal(h.astype(np.float32), a))
 
 
 def quantize(w: np.ndarray, bits: int, group_size: int) -> QuantTensor:

@@ -29,6 +29,20 @@ inline __m256 codes8(const uint8_t* p) {  // 8 codes widened to fp32
   return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 
+// A weight row's scales (or biases) as fp32: held as fp32, or as fp16 where that is exact (the
+// GGUF formats' own d and m), widened eight at a time into `buf` (kMaxGroups floats).
+constexpr int64_t kMaxGroups = 4096;
+
+inline const float* row_floats(const float* p, float*, int64_t) { return p; }
+
+inline const float* row_floats(const at::Half* p, float* buf, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(buf + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i))));
+  for (; i < n; ++i) buf[i] = _cvtsh_ss(reinterpret_cast<const uint16_t*>(p)[i]);
+  return buf;
+}
+
 // Codes of one group (g weights, g a multiple of 32) times the M rows of x, scaled by sj and added
 // to acc[m]. Four independent accumulators per row, so the FMAs do not wait on each other's
 // latency; they are locals (written to `acc` once), as __m256 may alias anything.
@@ -69,14 +83,15 @@ inline void group_dot(const uint8_t* r, const float* x, int64_t K, int64_t k0, i
   }
 }
 
-template <int M, int Bits>
-void rows(const float* x, const float* xs, const uint8_t* q, const float* s, const float* b, float* y,
+template <int M, int Bits, typename S>
+void rows(const float* x, const float* xs, const uint8_t* q, const S* s, const S* b, float* y,
           int64_t N, int64_t K, int64_t g, int64_t n0, int64_t n1) {
   const int64_t G = K / g, row_bytes = K * Bits / 8;
+  float sbuf[kMaxGroups], bbuf[kMaxGroups];
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* r = q + n * row_bytes;
-    const float* sn = s + n * G;
-    const float* bn = b + n * G;
+    const float* sn = row_floats(s + n * G, sbuf, G);
+    const float* bn = row_floats(b + n * G, bbuf, G);
     __m256 acc[M];
     for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
     for (int64_t j = 0; j < G; ++j) group_dot<M, Bits>(r, x, K, j * g, g, _mm256_set1_ps(sn[j]), acc);
@@ -88,22 +103,93 @@ void rows(const float* x, const float* xs, const uint8_t* q, const float* s, con
   }
 }
 
-template <int M, int Bits>
-void run(const float* x, const float* xs, const uint8_t* q, const float* s, const float* b, float* y, int64_t N,
+template <int M, int Bits, typename S>
+void run(const float* x, const float* xs, const uint8_t* q, const S* s, const S* b, float* y, int64_t N,
          int64_t K, int64_t g) {
-  at::parallel_for(0, N, 64, [&](int64_t lo, int64_t hi) { rows<M, Bits>(x, xs, q, s, b, y, N, K, g, lo, hi); });
+  at::parallel_for(0, N, 64, [&](int64_t lo, int64_t hi) { rows<M, Bits, S>(x, xs, q, s, b, y, N, K, g, lo, hi); });
 }
 
-at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& biases,
-                   int64_t group_size) {
-  TORCH_CHECK(x.dim() == 2 && codes.dim() == 2 && codes.scalar_type() == at::kByte,
-              "qmatmul: x (M, K) and uint8 codes (N, K) or (N, K / 2) expected");
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && biases.scalar_type() == at::kFloat,
-              "qmatmul: float32 scales and biases expected");
-  const int64_t M = x.size(0), N = codes.size(0), K = x.size(1), g = group_size;
+#ifdef __AVX512BF16__
+// 4-bit codes times bf16 rows of x with AVX512-BF16, where the CPU has it: each code c becomes the
+// bf16 number 128 + c (the bits 0x4300 | c: exact), and _mm512_dpbf16_ps sums x * (128 + c) in
+// fp32, exactly as the fp32 path sums x * c (bf16 x times a small integer is exact), plus 128 * x,
+// which the bias term takes back: y = sum_g s (dot - 128 xs) + b xs. One 32-weight step is 16 code
+// bytes: low nibbles (weights 2i) in the first 16 lanes, high nibbles in the last, x reordered to
+// match (`reorder32`). Groups of a multiple of 32; up to 8 rows.
+namespace bf16dot {
+
+inline __m512i codes32(const uint8_t* p) {  // 16 bytes -> 32 bf16 words 0x4300 | c
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i m = _mm_set1_epi8(0x0F);
+  const __m256i lh = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m));
+  return _mm512_or_si512(_mm512_cvtepu8_epi16(lh), _mm512_set1_epi16(0x4300));
+}
+
+template <int M, typename S>
+void rows(const at::BFloat16* x, const float* xs, const uint8_t* q, const S* s, const S* b, float* y,
+          int64_t N, int64_t K, int64_t g, int64_t n0, int64_t n1) {
+  const int64_t G = K / g, row_bytes = K / 2;
+  float sbuf[kMaxGroups], bbuf[kMaxGroups];
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* r = q + n * row_bytes;
+    const float* sn = row_floats(s + n * G, sbuf, G);
+    const float* bn = row_floats(b + n * G, bbuf, G);
+    __m512 acc[M];
+    _Pragma("GCC unroll 8") for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < G; ++j) {
+      __m512 part[M];
+      _Pragma("GCC unroll 8") for (int m = 0; m < M; ++m) part[m] = _mm512_setzero_ps();
+      _mm_prefetch(reinterpret_cast<const char*>(r + (j + 1) * g / 2 + kPrefetchBytes), _MM_HINT_T0);
+      for (int64_t k = j * g; k < (j + 1) * g; k += 32) {
+        const __m512bh w = (__m512bh)codes32(r + k / 2);
+        _Pragma("GCC unroll 8") for (int m = 0; m < M; ++m)
+          part[m] = _mm512_dpbf16_ps(part[m], w, (__m512bh)_mm512_loadu_si512(x + m * K + k));
+      }
+      const __m512 sj = _mm512_set1_ps(sn[j]);
+      _Pragma("GCC unroll 8") for (int m = 0; m < M; ++m) acc[m] = _mm512_fmadd_ps(part[m], sj, acc[m]);
+    }
+    _Pragma("GCC unroll 8") for (int m = 0; m < M; ++m) {
+      float bias = 0.f;
+      for (int64_t j = 0; j < G; ++j) bias += (bn[j] - 128.f * sn[j]) * xs[m * G + j];
+      y[m * N + n] = _mm512_reduce_add_ps(acc[m]) + bias;
+    }
+  }
+}
+
+template <int M, typename S>
+void run(const at::BFloat16* x, const float* xs, const uint8_t* q, const S* s, const S* b, float* y,
+         int64_t N, int64_t K, int64_t g) {
+  at::parallel_for(0, N, 64, [&](int64_t lo, int64_t hi) { rows<M, S>(x, xs, q, s, b, y, N, K, g, lo, hi); });
+}
+
+// x (M, K) bf16 -> the same, each 32 reordered (x0, x2, ..., x30, x1, x3, ..., x31) as codes32 lays out
+at::Tensor reorder32(const at::Tensor& x) {
+  return x.view({x.size(0), x.size(1) / 32, 16, 2}).transpose(2, 3).contiguous().view({x.size(0), x.size(1)});
+}
+
+template <typename S>
+at::Tensor qmatmul4(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& biases,
+                    int64_t g, const std::vector<float>& xs) {
+  const int64_t M = x.size(0), N = codes.size(0), K = x.size(1);
+  const at::Tensor xr = reorder32(x.contiguous());
+  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  using Kernel = void (*)(const at::BFloat16*, const float*, const uint8_t*, const S*, const S*, float*,
+                          int64_t, int64_t, int64_t);
+  constexpr Kernel kernels[kMaxRows] = {run<1, S>, run<2, S>, run<3, S>, run<4, S>,
+                                        run<5, S>, run<6, S>, run<7, S>, run<8, S>};
+  kernels[M - 1](xr.const_data_ptr<at::BFloat16>(), xs.data(), codes.const_data_ptr<uint8_t>(),
+                 scales.const_data_ptr<S>(), biases.const_data_ptr<S>(), y.mutable_data_ptr<float>(), N, K, g);
+  return y.to(at::kBFloat16);
+}
+
+}  // namespace bf16dot
+#endif
+
+template <typename S>
+at::Tensor qmatmul_as(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+                      const at::Tensor& biases, int64_t g) {
+  const int64_t M = x.size(0), K = x.size(1);
   const bool nibbles = codes.size(1) * 2 == K;
-  TORCH_CHECK(nibbles || codes.size(1) == K, "qmatmul: codes hold K or K / 2 bytes a row");
-  TORCH_CHECK(M >= 1 && M <= kMaxRows && g % 32 == 0 && K % g == 0, "qmatmul: 1-8 rows, groups of a multiple of 32");
   at::Tensor xf = x.to(at::kFloat).contiguous();
   const int64_t G = K / g;
   std::vector<float> xs(M * G, 0.f);  // each row's sum per group: what the biases multiply
@@ -112,6 +198,10 @@ at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& codes, const at::Tenso
     for (int64_t m = 0; m < M; ++m)
       for (int64_t k = 0; k < K; ++k) xs[m * G + k / g] += xp[m * K + k];
   }
+#ifdef __AVX512BF16__
+  if (nibbles && x.scalar_type() == at::kBFloat16)
+    return bf16dot::qmatmul4<S>(x, codes.contiguous(), scales.contiguous(), biases.contiguous(), g, xs);
+#endif
   if (nibbles) {  // x reordered per 16 weights to (even, odd): the low and high nibbles of 8 bytes
     at::Tensor xr = at::empty_like(xf);
     const float* xp = xf.const_data_ptr<float>();
@@ -124,18 +214,35 @@ at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& codes, const at::Tenso
     xf = xr;
   }
   const at::Tensor qc = codes.contiguous(), sc = scales.contiguous(), bc = biases.contiguous();
-  at::Tensor y = at::empty({M, N}, xf.options());
-  using Kernel = void (*)(const float*, const float*, const uint8_t*, const float*, const float*, float*, int64_t,
+  at::Tensor y = at::empty({M, codes.size(0)}, xf.options());
+  using Kernel = void (*)(const float*, const float*, const uint8_t*, const S*, const S*, float*, int64_t,
                           int64_t, int64_t);
-  constexpr Kernel k8[kMaxRows] = {run<1, 8>, run<2, 8>, run<3, 8>, run<4, 8>,
-                                   run<5, 8>, run<6, 8>, run<7, 8>, run<8, 8>};
-  constexpr Kernel k4[kMaxRows] = {run<1, 4>, run<2, 4>, run<3, 4>, run<4, 4>,
-                                   run<5, 4>, run<6, 4>, run<7, 4>, run<8, 4>};
+  constexpr Kernel k8[kMaxRows] = {run<1, 8, S>, run<2, 8, S>, run<3, 8, S>, run<4, 8, S>,
+                                   run<5, 8, S>, run<6, 8, S>, run<7, 8, S>, run<8, 8, S>};
+  constexpr Kernel k4[kMaxRows] = {run<1, 4, S>, run<2, 4, S>, run<3, 4, S>, run<4, 4, S>,
+                                   run<5, 4, S>, run<6, 4, S>, run<7, 4, S>, run<8, 4, S>};
   (nibbles ? k4 : k8)[M - 1](xf.const_data_ptr<float>(), xs.data(), qc.const_data_ptr<uint8_t>(),
-                             sc.const_data_ptr<float>(), bc.const_data_ptr<float>(), y.mutable_data_ptr<float>(), N,
+                             sc.const_data_ptr<S>(), bc.const_data_ptr<S>(), y.mutable_data_ptr<float>(), codes.size(0),
                              K, g);
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
+
+at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& biases,
+                   int64_t group_size) {
+  TORCH_CHECK(x.dim() == 2 && codes.dim() == 2 && codes.scalar_type() == at::kByte,
+              "qmatmul: x (M, K) and uint8 codes (N, K) or (N, K / 2) expected");
+  TORCH_CHECK((scales.scalar_type() == at::kFloat || scales.scalar_type() == at::kHalf) &&
+                  biases.scalar_type() == scales.scalar_type(),
+              "qmatmul: float32 or float16 scales and biases (both alike) expected");
+  const int64_t M = x.size(0), K = x.size(1), g = group_size;
+  const bool nibbles = codes.size(1) * 2 == K;
+  TORCH_CHECK(nibbles || codes.size(1) == K, "qmatmul: codes hold K or K / 2 bytes a row");
+  TORCH_CHECK(M >= 1 && M <= kMaxRows && g % 32 == 0 && K % g == 0 && K / g <= kMaxGroups,
+              "qmatmul: 1-8 rows, groups of a multiple of 32, at most 4096 a row");
+  return scales.scalar_type() == at::kHalf ? qmatmul_as<at::Half>(x, codes, scales, biases, g)
+                                           : qmatmul_as<float>(x, codes, scales, biases, g);
+}
+
 
 }  // namespace
 
