@@ -70,7 +70,8 @@ def _hetpipe(model_dir, spec, dtype, tokens, compile=False):
     from engine.api import Generator, local_pipeline
 
     ids, long_ids = _ids(model_dir)
-    with Generator(model_dir, local_pipeline(model_dir, spec, dtype, compile=compile)) as gen:
+    # no prefix cache: each timed prefill of the long prompt computes it (a cache would serve the 2nd and 3rd)
+    with Generator(model_dir, local_pipeline(model_dir, spec, dtype, compile=compile), prefix_cache=False) as gen:
         gen.generate(ids, max_tokens=8)
         # ignore_eos: always decode `tokens` tokens
         rates = [gen.generate(ids, max_tokens=tokens, ignore_eos=True).decode_tokens_per_s for _ in range(3)]
