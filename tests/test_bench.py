@@ -120,6 +120,14 @@ def test_bench_pipeline_compares_four_ways_in_one_run(real_model, tmp_path):
     assert "95% interval" in (tmp_path / "pipeline.md").read_text()
     zmq_profile = r["last_profile"]["torch+torch zeromq"]
     assert [s["compute_ms"] > 0 for s in zmq_profile["stages"]] == [True, True] and zmq_profile["wire_ms"] > 0
+    # per hop (coordinator -> stage 1 -> stage 2 -> coordinator): within the step's wire time
+    for name, b in r["step_breakdown"].items():
+        hops = b["hop_ms_per_step"]
+        if "in-process" in name:
+            assert hops == []
+        else:
+            assert len(hops) == 3 and all(h > 0 for h in hops) and sum(hops) <= b["wire_ms_per_step"] * 1.05 + 0.2
+    assert "ms per hop" in (tmp_path / "pipeline.md").read_text()
     assert (tmp_path / "pipeline.png").read_bytes()[:4] == b"\x89PNG" and "| ratio |" in (
         tmp_path / "pipeline.md").read_text()
 

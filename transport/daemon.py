@@ -411,9 +411,11 @@ class StageDaemon:
             live = set(self.stage.live_sequences())
             if any(s.seq_id not in live for s in batch.seqs):
                 raise UserError("it is shutting down: it takes no new sequences")
-        t = time.perf_counter()
+        t, received = time.perf_counter(), time.time()
         result = self.stage.forward(batch)
-        timings = list(header.get("timings", [])) + [[self.address, (time.perf_counter() - t) * 1000]]
+        # [address, compute ms, wall clock at receipt, wall clock at sending on]: the coordinator's hop times
+        timings = list(header.get("timings", [])) + [[self.address, (time.perf_counter() - t) * 1000, received,
+                                                      time.time()]]
         fields = dict(req=header.get("req"), client=header.get("client"), timings=timings)
         if len(self.memo.params) > 2 * len(self.stage.live_sequences()) + 64:
             self.memo.keep_only(self.stage.live_sequences())

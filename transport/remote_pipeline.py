@@ -63,25 +63,24 @@ class RemotePipeline:
             self.client.forget(req)
             self.memo.forget(s.seq_id for s in batch.seqs)  # what it marked as sent was not
             raise
-        self._flying[req] = (tag, time.monotonic())
+        self._flying[req] = (tag, time.monotonic(), time.time())
 
     def poll(self, timeout_s: float) -> list[BatchOutcome]:
         out = []
         for req, (header, arrays) in self.client.poll(timeout_s).items():
-            tag, sent = self._flying.pop(req)
+            arrived = time.time()
+            tag, sent, sent_clock = self._flying.pop(req)
             try:
                 raise_if_error(header, self.stages[-1].address)
                 result = unpack_result(header, arrays)
             except Exception as e:
                 out.append(BatchOutcome(tag, error=e))
                 continue
-            by_stage: dict[str, float] = {}
-            for address, ms in header.get("timings", []):
-                by_stage[address] = by_stage.get(address, 0.0) + ms
-            timing = BatchTiming([by_stage.get(s.address, 0.0) for s in self.stages], (time.monotonic() - sent) * 1000)
+            timing = _timing(header.get("timings", []), self.stages, (time.monotonic() - sent) * 1000, sent_clock,
+                             arrived)
             out.append(BatchOutcome(tag, result.tokens, timing, prompt_logprobs=result.prompt_logprobs))
         now = time.monotonic()
-        for req, (tag, sent) in list(self._flying.items()):
+        for req, (tag, sent, _) in list(self._flying.items()):
             if now - sent > self.client.timeout_s:
                 del self._flying[req]
                 self.client.forget(req)
@@ -190,3 +189,21 @@ class RemotePipeline:
     def close(self) -> None:
         self.heartbeat.close()
         self.client.close()
+
+
+def _timing(timings: list, stages: list[RemoteStage], total_ms: float, sent: float, arrived: float) -> BatchTiming:
+    """Each stage's compute, and each hop's time when every stage on the route gave its clock
+    readings ([address, ms, received, sent on])."""
+    timings = [e for e in timings if isinstance(e, list) and len(e) in (2, 4) and isinstance(e[0], str)
+               and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in e[1:])]
+    by_stage: dict[str, float] = {}
+    for entry in timings:
+        by_stage[entry[0]] = by_stage.get(entry[0], 0.0) + entry[1]
+    hops = []
+    if len(timings) == len(stages) and all(len(e) == 4 for e in timings):
+        last = sent
+        for _, _, received, sent_on in timings:
+            hops.append((received - last) * 1000)
+            last = sent_on
+        hops.append((arrived - last) * 1000)
+    return BatchTiming([by_stage.get(s.address, 0.0) for s in stages], total_ms, hops)

@@ -24,6 +24,10 @@ class BatchTiming:
 
     stage_ms: list[float]
     total_ms: float  # from submit to its tokens back in the coordinator
+    # over stage daemons: each hop's time (coordinator -> first stage, stage -> stage, last stage ->
+    # coordinator), from wall-clock readings each process takes (meaningful on one machine, or
+    # clocks kept in step); empty in-process
+    hop_ms: list[float] = field(default_factory=list)
 
     @property
     def wire_ms(self) -> float:

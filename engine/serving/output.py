@@ -57,6 +57,8 @@ class Profile:
     steps: int = 0
     stage_ms: list[float] = field(default_factory=list)
     wire_ms: float = 0.0
+    hop_ms: list[float] = field(default_factory=list)  # each hop's, over the batches that timed them
+    hop_steps: int = 0
 
     def add(self, t: BatchTiming | None) -> None:
         if t is None:
@@ -66,6 +68,11 @@ class Profile:
         self.stage_ms = [a + b for a, b in zip(self.stage_ms, t.stage_ms)]
         self.wire_ms += t.wire_ms
         self.steps += 1
+        if t.hop_ms:
+            if len(self.hop_ms) != len(t.hop_ms):
+                self.hop_ms, self.hop_steps = [0.0] * len(t.hop_ms), 0
+            self.hop_ms = [a + b for a, b in zip(self.hop_ms, t.hop_ms)]
+            self.hop_steps += 1
 
     def to_json(self, stages: list[dict]) -> dict:
         """Totals and per-step means, each stage named by its address or backend and layers."""
@@ -73,7 +80,9 @@ class Profile:
         names = [d.get("address") or f"{d['backend']}:{d['layers'][0]}-{d['layers'][1]}" for d in stages]
         return {"steps": self.steps, "wire_ms": self.wire_ms, "wire_ms_per_step": self.wire_ms / n,
                 "stages": [{"stage": name, "compute_ms": ms, "compute_ms_per_step": ms / n}
-                           for name, ms in zip(names, self.stage_ms)]}
+                           for name, ms in zip(names, self.stage_ms)],
+                # coordinator -> first stage, each stage -> the next, last stage -> coordinator
+                "hop_ms_per_step": [ms / max(self.hop_steps, 1) for ms in self.hop_ms]}
 
 
 def percentiles(name: str, xs: list[float]) -> dict:

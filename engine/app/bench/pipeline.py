@@ -133,7 +133,9 @@ def _median_breakdown(profiles: list[dict]) -> dict:
     """Per-step compute of each stage and wire time, medians over the rounds (one round is noisy)."""
     return {"compute_ms_per_step": [statistics.median(p["stages"][i]["compute_ms_per_step"] for p in profiles)
                                     for i in range(len(profiles[0]["stages"]))],
-            "wire_ms_per_step": statistics.median(p["wire_ms_per_step"] for p in profiles)}
+            "wire_ms_per_step": statistics.median(p["wire_ms_per_step"] for p in profiles),
+            "hop_ms_per_step": [statistics.median(p["hop_ms_per_step"][i] for p in profiles)
+                                for i in range(len(profiles[0]["hop_ms_per_step"]))]}
 
 
 def _pipeline_ratios(rate: dict[str, float]) -> dict[str, float]:
@@ -146,11 +148,13 @@ def _pipeline_ratios(rate: dict[str, float]) -> dict[str, float]:
 
 
 def pipeline_table(r: dict) -> str:
-    lines = ["| configuration | decode tokens/s | compute ms/step per stage | wire ms/step |", "|---|---|---|---|"]
+    lines = ["| configuration | decode tokens/s | compute ms/step per stage | wire ms/step | ms per hop |",
+             "|---|---|---|---|---|"]
     for k, v in r["tokens_per_s"].items():
         b = r["step_breakdown"][k]
         stages = ", ".join(f"{ms:.1f}" for ms in b["compute_ms_per_step"])
-        lines.append(f"| {k} | {v:.2f} | {stages} | {b['wire_ms_per_step']:.2f} |")
+        hops = ", ".join(f"{ms:.2f}" for ms in b["hop_ms_per_step"]) or "-"
+        lines.append(f"| {k} | {v:.2f} | {stages} | {b['wire_ms_per_step']:.2f} | {hops} |")
     lines += ["", f"Medians over {r['rounds']} rounds of {r['tokens']} tokens.", "",
               "| ratio | of the medians | median of per-round ratios | per-round geometric mean [95% interval] |",
               "|---|---|---|---|"]
