@@ -118,5 +118,6 @@ class ShapeModel:
         codes = rng.integers(0, 1 << 32, (*lead, n, k * self.bits // 32), dtype=np.uint32)
         # float16 scales and biases, as a GGUF file's Q4_0/Q4_1/Q8_0 blocks hold them
         scales = np.resize(np.abs(block) * 0.01 + 1e-3, groups).astype(np.float16)
-        return QuantTensor(codes, TypedArray(scales, "float16"),
-                           TypedArray(np.resize(block, groups).astype(np.float16), "float16"), self.bits, self.group_size)
+        biases = np.resize(block, groups).astype(np.float16)
+        return QuantTensor(codes, TypedArray(scales, "float16"), TypedArray(biases, "float16"), self.bits,
+                           self.group_size)

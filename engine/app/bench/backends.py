@@ -140,13 +140,15 @@ def _floor(x: dict) -> str:
 
 
 def backends_table(rows: list[dict]) -> str:
-    lines = ["| model | backend | device | dtype | weights | layers | prefill tokens/s | decode tokens/s | ms per layer (decode) "
+    lines = ["| model | backend | device | dtype | weights | layers | prefill tokens/s | decode tokens/s "
+             "| ms per layer (decode) "
              "| weight MB per token | weights read GB/s | memory read GB/s | memory floor tokens/s | of floor | kernels |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for x in rows:
         floor = (f"{x['memory_read_gb_per_s']:.1f} | {x['floor_tokens_per_s']:.0f} | {x['of_floor']:.0%}"
                  if x["floor_tokens_per_s"] else "- | - | -")
-        lines.append(f"| {Path(x.get('model', '-')).name} | {x['backend']} | {x['device']} | {x['dtype']} | {x['weights']} | "
+        lines.append(f"| {Path(x.get('model', '-')).name} | {x['backend']} | {x['device']} | {x['dtype']} | "
+                     f"{x['weights']} | "
                      f"{x['layers'][0]}-{x['layers'][1]} | {x['prefill_tokens_per_s']:.0f} | "
                      f"{x['decode_tokens_per_s']:.1f} | {x['ms_per_layer']:.2f} | {x['weight_bytes_per_token'] / 1e6:.1f} | "
                      f"{x['weights_gb_per_s']:.1f} | {floor} | {x['kernels']} |")
