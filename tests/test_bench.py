@@ -126,7 +126,7 @@ def test_bench_pipeline_compares_four_ways_in_one_run(real_model, tmp_path):
         if "in-process" in name:
             assert hops == []
         else:
-            assert len(hops) == 3 and all(h > 0 for h in hops) and sum(hops) <= b["wire_ms_per_step"] * 1.05 + 0.2
+            assert len(hops) == 3 and all(h >= 0 for h in hops) and sum(hops) <= b["wire_ms_per_step"] * 1.05 + 0.2
     assert "ms per hop" in (tmp_path / "pipeline.md").read_text()
     assert (tmp_path / "pipeline.png").read_bytes()[:4] == b"\x89PNG" and "| ratio |" in (
         tmp_path / "pipeline.md").read_text()

@@ -57,13 +57,14 @@ class RemotePipeline:
         req = self.client.next_req()
         frames = pack_batch(batch, self.memo, req=req, client=self.client.id, route=self.route)
         self.client.expect(req)
+        sent = time.monotonic(), time.time()  # read before sending: the stage may take it before this thread runs on
         try:
             self.client.send(self.stages[0].address, frames)
         except Exception:
             self.client.forget(req)
             self.memo.forget(s.seq_id for s in batch.seqs)  # what it marked as sent was not
             raise
-        self._flying[req] = (tag, time.monotonic(), time.time())
+        self._flying[req] = (tag, *sent)
 
     def poll(self, timeout_s: float) -> list[BatchOutcome]:
         out = []
