@@ -233,8 +233,9 @@ def test_a_draft_model_drafts_and_the_output_is_unchanged(tiny_dirs):
 
 def test_a_draft_model_on_a_stage_daemon_of_its_own(tiny_dirs):
     """`--draft-stages`: the draft model on a daemon holding all its layers (one DRAFT message a
-    step); the output equals plain decoding's, the daemon lets go of every sequence, and the
-    command line takes it (and refuses it without a draft model)."""
+    step); the output equals plain decoding's, the daemon lets go of every sequence, a lost draft
+    daemon only stops the drafting, and the command line takes it (and refuses it without a draft
+    model)."""
     import json
     import subprocess
     import sys
@@ -256,6 +257,10 @@ def test_a_draft_model_on_a_stage_daemon_of_its_own(tiny_dirs):
             b = gen.generate("abcabcabc", max_tokens=32, ignore_eos=True, speculate=False)
             assert a.token_ids == b.token_ids and a.speculative["drafted"] >= 8
             assert draft_pipe.stages[0].live_sequences() == []  # the Generator closes the draft model with it
+            stop_stages([proc])  # the draft daemon lost: decoding goes on without drafts, unchanged
+            c = gen.generate("abcabcabc", max_tokens=32, ignore_eos=True)
+            assert c.token_ids == b.token_ids and remote.failed
+        proc, address = start_stage("torch", small, "float32")  # a fresh one for the command line
         cmd = [sys.executable, "-m", "engine.app.cli", "generate", "--model", str(target), "--local", "torch",
                "--max-tokens", "12", "--ignore-eos", "--json", "abcabc", "--draft-stages", address]
         out = subprocess.run(cmd + ["--speculative", f"draft:{small}"], capture_output=True, text=True, timeout=300)

@@ -38,6 +38,7 @@ DEAD_AFTER_S = 1.5  # no answer for this long: the stage is lost (killed, stoppe
 NEXT_HOP_WAIT_MS = 2000  # a stage waits this long for a connection to the next stage before failing the batch
 DRAIN_TIMEOUT_S = 30.0  # after SIGTERM, how long live sequences may keep a daemon up
 REPLY_TIMEOUT_S = 120.0  # a forward of a long prefill on a slow stage stays well under this
+DRAFT_TIMEOUT_S = 10.0  # a draft model's turn: the engine waits this long, then goes on without drafts
 HELLO_TIMEOUT_S = 30.0
 LOAD_TIMEOUT_S = 600.0  # a cold torch.compile of many layers on a small CPU
 DELIVERY_WINDOW = 8  # weight chunks in flight to one daemon

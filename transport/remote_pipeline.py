@@ -104,7 +104,7 @@ class RemotePipeline:
         req = self.client.next_req()
         self.client.send(stage.address, pack(P.DRAFT, [("int32", np.asarray(tokens, np.int32))], req=req,
                                              seq_id=seq_id, start=start, k=k))
-        tokens = self.client.wait(stage.address, req)[0].get("tokens")
+        tokens = self.client.wait(stage.address, req, P.DRAFT_TIMEOUT_S)[0].get("tokens")
         if not (isinstance(tokens, list) and len(tokens) == k and all(isinstance(t, int) for t in tokens)):
             raise StageError(f"stage {stage.address} answered a draft of {k} tokens with something else")
         return tokens

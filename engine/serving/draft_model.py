@@ -10,8 +10,10 @@ tokens greedily, one forward each, between the target's steps (`BaseStage.draft`
 
 from __future__ import annotations
 
+import sys
+
 from ..core.config import ModelConfig
-from ..core.errors import UserError
+from ..core.errors import StageFailure, UserError
 
 
 class DraftModel:
@@ -29,6 +31,7 @@ class DraftModel:
                             f"{vocab_size}: a draft model shares the target's vocabulary")
         self.pipeline, self.name = pipeline, name
         self.fed: dict[int, list[int]] = {}  # seq_id -> the tokens in the draft's cache, in order
+        self.failed: str | None = None  # why the draft model stopped drafting (its stage failed)
 
     def propose(self, seq_id: int, tokens: list[int], k: int) -> list[int]:
         """k greedy draft tokens after `tokens` (the sequence so far)."""
@@ -38,12 +41,19 @@ class DraftModel:
             if a != b:
                 break
             keep += 1
-        out = self.pipeline.draft(seq_id, keep, tokens[keep:], k)
+        if self.failed:
+            return []
+        try:
+            out = self.pipeline.draft(seq_id, keep, tokens[keep:], k)
+        except (StageFailure, ValueError) as e:  # its daemon lost, or its KV full: decoding goes on without drafts
+            self.failed = str(e) or type(e).__name__
+            print(f"hetpipe: the draft model {self.name} stopped drafting: {self.failed}", file=sys.stderr)
+            return []
         self.fed[seq_id] = list(tokens) + out[:-1]
         return out
 
     def release(self, seq_id: int) -> None:
-        if self.fed.pop(seq_id, None) is not None:
+        if self.fed.pop(seq_id, None) is not None and not self.failed:
             self.pipeline.release([seq_id])
 
     def close(self) -> None:
