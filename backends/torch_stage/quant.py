@@ -43,12 +43,11 @@ def _our_kernels() -> bool:
     return native.load() is None
 
 
-def compact(s: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scales and biases in float16 where both are exactly float16 (GGUF's Q4_0, Q4_1, Q5_x and
-    Q8_0 store their d and m so), else float32 as given: what a decode step reads per group."""
-    half = s.half(), b.half()
-    if torch.isfinite(half[0]).all() and torch.equal(half[0].float(), s) and torch.equal(half[1].float(), b):
-        return half
+def held(t: QuantTensor, s: torch.Tensor, b: torch.Tensor, device: torch.device):
+    """The scales and biases a CPU kernel reads: float16 where the checkpoint holds them so (exact:
+    GGUF's d and m, `core.quant.from_codes`), else the float32 `s` and `b`."""
+    if device.type == "cpu" and t.scales.dtype == t.biases.dtype == "float16":
+        return tuple(torch.from_numpy(np.ascontiguousarray(a.data)) for a in (t.scales, t.biases))
     return s, b
 
 
@@ -79,7 +78,7 @@ class QuantLinear(nn.Module):
         if self.kind == "codes":  # 4-bit codes two a byte, as MLX packs them; other widths a byte each
             q = np.array(t.codes).view(np.uint8) if t.bits == 4 else t.unpack()
             self.register_buffer("codes", torch.from_numpy(q).to(device))
-            s, b = compact(s, b) if device.type == "cpu" else (s, b)
+            s, b = held(t, s, b, device)
             self.register_buffer("scales", s.to(device))
             self.register_buffer("biases", b.to(device))
         else:  # (K / group, N, 2): scale and zero per group and output
@@ -126,7 +125,7 @@ class QuantEmbedding(nn.Module):
         s, b = (torch.from_numpy(np.ascontiguousarray(a)) for a in t.float_parts())
         q = np.array(t.codes).view(np.uint8) if t.bits == 4 else t.unpack()
         self.register_buffer("codes", torch.from_numpy(q).to(device))
-        s, b = compact(s, b) if device.type == "cpu" else (s, b)
+        s, b = held(t, s, b, device)
         self.register_buffer("scales", s.to(device))
         self.register_buffer("biases", b.to(device))
         self.in_features = t.shape[1]
