@@ -19,16 +19,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from transport.auth import Auth
-from transport.client import Client, RemoteStage, StageError
+from transport.client import Client, RemoteStage
 from transport.delivery import deliver
 from transport.protocol import REPLY_TIMEOUT_S
 from transport.remote_pipeline import RemotePipeline
 
-from .app.planner import StageCapacity, plan_layers
-from .app.specs import check_address, parse_local_spec, parse_stages_spec
-from .app.stages import import_backends, load_stage
+from .compose.planner import StageCapacity, plan_layers
+from .compose.specs import check_address, parse_local_spec, parse_stages_spec
+from .compose.stages import import_backends, load_stage
 from .core.config import ModelConfig
-from .core.errors import StageFailure, UserError
+from .core.errors import HetpipeError, StageFailure, UserError
 from .core.identity import config_hash, weights_hash
 from .core.layer_cost import calibration_layer, layer_cost, relative_costs
 from .core.partition import check_coverage
@@ -95,9 +95,9 @@ def connect_pipeline(model_dir: str | Path, spec: str, *, timeout_s: float = REP
                 deliver(client, s.address, model_dir, first, last, identity, log)
             s.load(first, last, stages[i + 1].address if i + 1 < len(stages) else None)
         return RemotePipeline(stages, identity, standby, model_dir=model_dir)
-    except StageError as e:  # setting up: a stage that refuses or does not answer is the user's to fix
+    except HetpipeError as e:  # setting up: a stage that refuses, fails or does not answer is the user's to fix
         client.close()
-        raise UserError(str(e)) from None
+        raise e if isinstance(e, UserError) else UserError(str(e)) from None
     except BaseException:
         client.close()
         raise

@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 WORKER = r"""
 import gc, json, sys
 sys.path.insert(0, sys.argv[1])
-from engine.app import allocator
-from engine.app.stages import load_stage
+from engine.compose import allocator
+from engine.compose.stages import load_stage
 from engine.core.shapes import ShapeModel
 
 name, last, bits, group = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])

@@ -4,8 +4,8 @@ prompt, for hetpipe's own paths beside the yardsticks, all in one run.
     hetpipe:SPEC:DTYPE          `hetpipe generate --local SPEC --dtype DTYPE` (Generator, compute thread)
     hetpipe-compiled:SPEC:DTYPE the same with --compile
     direct:torch:DTYPE          a bare loop of TorchStage.forward calls on the thread that loaded it
-    moved:torch:DTYPE           the same stage loaded on one thread and run on another (what the
-                                engine thread used to pay)
+    moved:torch:DTYPE           the same stage loaded on one thread and run on another (what a
+                                stage run off its loading thread pays)
     lean-torch:DTYPE            examples/lean_torch_loop.py: ~100 lines of plain torch
     transformers:DTYPE          transformers' `generate`
     mlx-lm:float32              mlx-lm's `stream_generate`
@@ -18,7 +18,7 @@ are medians over rounds and the table gives ratios to the lean loop and to llama
     .venv/bin/python examples/bench_model_core.py [--rounds 3] [--tokens 64] [--configs 'A;B'] [--json out.json]
 
 hetpipe's configurations run on tcmalloc where the system has it and with short spin-waits, as the
-`hetpipe` command does (`engine/app/allocator.py`, `engine/app/threads.py`).
+`hetpipe` command does (`engine/compose/allocator.py`, `engine/app/threads.py`).
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def _direct(model_dir, dtype, tokens, moved=False):
     """The stage's own calls with nothing around them: greedy, one sequence."""
     import numpy as np
 
-    from engine.app.stages import load_stage
+    from engine.compose.stages import load_stage
     from engine.core.sampling import SamplingParams
     from engine.core.stage import SeqChunk, StageBatch
 
@@ -220,7 +220,8 @@ def main():
     ap.add_argument("--llama-python", default=sys.executable, help="the Python that has llama-cpp-python")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    from engine.app import allocator, threads
+    from engine.app import threads
+    from engine.compose import allocator
     from engine.app.fetch import default_model_dir
 
     model_dir = args.model or str(default_model_dir())

@@ -9,7 +9,7 @@ import sys
 import pytest
 from safetensors import safe_open
 
-from engine.app import allocator
+from engine.compose import allocator
 from engine.app.bench.backends import decode_weight_bytes
 from engine.app.bench.stats import ratio_interval, t_quantile_975
 from engine.api import local_pipeline

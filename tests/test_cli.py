@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from engine.app.specs import parse_local_spec
+from engine.compose.specs import parse_local_spec
 from engine.core.partition import even_split
 from engine.core.errors import UserError
 

@@ -7,7 +7,8 @@ hidden states at a stage boundary, and a pipeline split across the two backends.
 import numpy as np
 import pytest
 
-from engine.app.stages import load_stage
+from engine.compose.stages import load_stage
+from engine.core.errors import UserError
 from engine.core.pipeline import run_stages
 from engine.core.sampling import SamplingParams
 from engine.core.stage import SeqChunk, Stage, StageBatch
@@ -152,16 +153,16 @@ def test_both_backends_satisfy_the_stage_protocol(tiny_dirs):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bad_offsets_and_shapes_are_refused(tiny_dirs, backend):
     stage = load_stage(backend, tiny_dirs["llama"], 0, 3)
-    with pytest.raises(ValueError, match="offset"):
+    with pytest.raises(UserError, match="offset"):
         stage.forward(StageBatch([SeqChunk(0, 3, np.array([1], np.int32), P5)]))
     stage.forward(StageBatch([SeqChunk(0, 0, np.array([1, 2], np.int32), P5)]))
-    with pytest.raises(ValueError, match="twice"):
+    with pytest.raises(UserError, match="twice"):
         stage.forward(StageBatch([SeqChunk(0, 2, np.array([1], np.int32), P5)] * 2))
     assert stage.live_sequences() == [0]
-    with pytest.raises(ValueError, match="token ids"):
+    with pytest.raises(UserError, match="token ids"):
         stage.forward(StageBatch([SeqChunk(1, 0, np.array([1, 99999], np.int32), P5)]))
     later = load_stage(backend, tiny_dirs["llama"], 2, 3)
-    with pytest.raises(ValueError, match="hidden"):
+    with pytest.raises(UserError, match="hidden"):
         later.forward(StageBatch([SeqChunk(0, 0, np.array([1], np.int32), P5)]))
 
 

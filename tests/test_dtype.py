@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from engine.app.procs import start_stage, stop_stages
-from engine.app.stages import load_stage, resolve_dtype
+from engine.compose.stages import load_stage, resolve_dtype
 from engine.core.weights import checkpoint_dtype
 from transport import protocol as P
 from transport.client import Client

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 
 from engine.api import Generator, local_pipeline
-from engine.app import hub
+from engine.compose import hub
 from engine.app.fetch import resolve_model
 from engine.app.procs import start_stage, stop_stages
-from engine.app.stages import load_stage
+from engine.compose.stages import load_stage
 from engine.core.config import ModelConfig
 from hub_server import HubServer
 

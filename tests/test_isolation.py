@@ -10,14 +10,14 @@ import pytest
 
 from engine.api import Generator, connect_pipeline, local_pipeline
 from engine.app.procs import start_stage, stop_stages
-from engine.app.stages import load_stage
-from engine.core.errors import BatchTooLarge, GrammarFailed, RequestFailed
+from engine.compose.stages import load_stage
+from engine.core.errors import BatchTooLarge, GrammarFailed, RequestFailed, UserError
 from engine.core.sampling import SamplingParams
 from engine.core.stage import SeqChunk, StageBatch
 from engine.serving.local_pipeline import LocalPipeline
 from engine.serving.structured import Constraint
 from transport import protocol as P
-from transport.client import Client, StageError
+from transport.client import Client
 from transport.wire import pack
 
 BIAS = tuple((i, 0.25) for i in range(2000, 3024))  # 1,024 entries, as many as a request may carry
@@ -83,12 +83,42 @@ def test_a_stage_names_the_request_it_refuses(daemon):
         req = client.next_req()
         client.send(daemon, pack(P.FORWARD, req=req, client=client.id, seqs=[[1] * 10] * 120_000))
         t = time.monotonic()
-        with pytest.raises(StageError, match="too large"):
+        with pytest.raises(UserError, match="too large"):
             client.wait(daemon, req)
         assert time.monotonic() - t < 5
     finally:
         client.close()
 
+
+
+def test_a_stage_error_crosses_the_wire_as_its_own_type(daemon):
+    """An ERROR frame names its kind and the coordinator raises the same type the stage raised in
+    process: bad input, capacity, a prefix-cache miss (no code matches on the message's text)."""
+    from engine.core.errors import CacheMiss, CapacityError
+    from engine.core.stage import MAX_DRAFT
+    from transport.wire import pack_batch
+
+    client = Client(timeout_s=30)
+
+    def forward(chunk):
+        req = client.next_req()
+        client.send(daemon, pack_batch(StageBatch([chunk]), req=req, client=client.id, route=[]))
+        return client.wait(daemon, req)
+
+    try:
+        with pytest.raises(UserError, match="token ids must be in"):
+            forward(SeqChunk(1, 0, np.array([1, 10**6], np.int32), SamplingParams()))
+        with pytest.raises(CacheMiss, match="prefix cache miss"):
+            forward(SeqChunk(2, 16, np.array([1], np.int32), SamplingParams(), prefix=(12345,)))
+        with pytest.raises(CapacityError, match="in one call|KV cache full"):
+            forward(SeqChunk(3, 0, np.ones(100_000, np.int32), SamplingParams()))
+        req = client.next_req()
+        client.send(daemon, pack(P.DRAFT, [("int32", np.ones(2, np.int32))], req=req, seq_id=4, start=0,
+                                 k=MAX_DRAFT + 1))
+        with pytest.raises(UserError, match="to draft"):
+            client.wait(daemon, req)
+    finally:
+        client.close()
 
 class BreaksAtStep(Constraint):
     """A real grammar state whose real llguidance matcher is driven into its error state at a given

@@ -75,7 +75,7 @@ def test_small_matmul_refuses_mismatched_shapes(kernels):
 
 
 def test_a_bf16_cpu_stage_runs_them(kernels, tiny_dirs):
-    from engine.app.stages import load_stage
+    from engine.compose.stages import load_stage
 
     assert load_stage("torch", tiny_dirs["llama"], 0, 3, dtype="bfloat16").kernels == native.running() != ""
     assert load_stage("torch", tiny_dirs["llama"], 0, 3, dtype="float32").kernels == native.running()
@@ -84,7 +84,7 @@ def test_a_bf16_cpu_stage_runs_them(kernels, tiny_dirs):
 STAGE_RUN = """
 import sys, numpy as np
 sys.path.insert(0, {root!r})
-from engine.app.stages import load_stage
+from engine.compose.stages import load_stage
 from engine.core.stage import SeqChunk, StageBatch
 from engine.core.sampling import SamplingParams
 st = load_stage("torch", {model!r}, 0, 3, dtype="bfloat16")

@@ -22,14 +22,17 @@ def test_engine_imports_neither_mlx_nor_torch():
 
 ROOT = Path(__file__).resolve().parent.parent
 # layer -> the layers it may import (besides itself). The contract imports nothing of ours; serving,
-# backends and transport import the contract; only the application layer (and its API) composes them.
+# backends and transport import the contract; `engine.compose` (specs, planner, loading a stage in
+# process) builds on the contract alone; the Python API composes serving, transport and compose;
+# the application (CLI, server, benchmarks) builds on the API. Nothing imports the application.
 MAY_IMPORT = {
     "engine.core": set(),
     "engine.serving": {"engine.core"},
     "backends": {"engine.core"},
     "transport": {"engine.core"},
-    "engine.app": {"engine.core", "engine.serving", "engine.api", "backends", "transport"},
-    "engine.api": {"engine.core", "engine.serving", "engine.app", "transport"},
+    "engine.compose": {"engine.core"},
+    "engine.api": {"engine.core", "engine.serving", "engine.compose", "transport"},
+    "engine.app": {"engine.core", "engine.serving", "engine.compose", "engine.api", "backends", "transport"},
 }
 
 
@@ -111,3 +114,25 @@ def test_sharded_checkpoint_reads_only_the_needed_shards(tiny_dirs):
     cfg = ModelConfig.load(tiny_dirs["sharded"])
     names = set(load_stage_tensors(tiny_dirs["sharded"], cfg, 1, 2))
     assert names and all(n.startswith(("model.layers.1.", "model.layers.2.")) for n in names)
+
+
+def test_no_function_passes_60_lines():
+    """Small pieces: every function in engine/, backends/ and transport/ fits a screen."""
+    long = []
+    for pkg in ("engine", "backends", "transport"):
+        for path in (ROOT / pkg).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    lines = node.end_lineno - node.lineno + 1
+                    if lines > 60:
+                        long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, long
+
+
+def test_the_readme_is_a_manual():
+    """The README is the manual, at most 300 lines; design, benchmarks and models have their own
+    documents under docs/."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= 300, len(lines)
+    for doc in ("design.md", "benchmarks.md", "models.md"):
+        assert (ROOT / "docs" / doc).is_file(), doc

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from engine.app.planner import StageCapacity, plan_layers
+from engine.compose.planner import StageCapacity, plan_layers
 from engine.core.config import ModelConfig
 from engine.core.errors import UserError
 from engine.core.layer_cost import LayerCost, calibration_layer, layer_cost, relative_costs

@@ -9,6 +9,7 @@ import threading
 import pytest
 
 from engine.api import Generator, local_pipeline
+from engine.core.errors import CacheMiss, UserError
 from engine.core.kv_blocks import BLOCK, BlockManager, block_hashes
 from engine.core.sampling import SamplingParams
 
@@ -49,7 +50,7 @@ def test_named_blocks_outlive_their_sequence_and_are_linked_by_the_next():
     assert m.refs[t1[0]] == 2
     m.release(2)
     assert m.cached_blocks == 1  # block 1; block 0 is still held by sequence 3
-    with pytest.raises(ValueError, match="prefix cache miss"):
+    with pytest.raises(CacheMiss, match="prefix cache miss"):
         m.link(4, [11, 99])
 
 
@@ -209,14 +210,14 @@ def test_a_failed_batch_leaves_the_stages_and_the_coordinator_agreeing(tiny_dirs
     from engine.api import load_stage
     from engine.core.stage import SeqChunk, StageBatch
     from engine.serving.prefix_cache import PrefixCache
-    from engine.serving.scheduler import Sequence
+    from engine.serving.scheduler import Seq
 
     stage = load_stage(backend, tiny_dirs["llama"], 0, 3)
     cache = PrefixCache(4096)
     p = SamplingParams()
 
     def seq(sid, ids):
-        return Sequence(sid, ids, 4, p, len(ids) + 4)
+        return Seq(sid, ids, 4, p, len(ids) + 4)
 
     def run(chunks, ok=True):
         batch = StageBatch([SeqChunk(s.seq_id, start, np.asarray(s.tokens(start, n), np.int32), p,
@@ -225,7 +226,7 @@ def test_a_failed_batch_leaves_the_stages_and_the_coordinator_agreeing(tiny_dirs
         if ok:
             stage.forward(batch)
         else:
-            with pytest.raises(ValueError):
+            with pytest.raises(UserError):
                 stage.forward(batch)
             cache.forget(chunks)
 

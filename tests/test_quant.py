@@ -12,7 +12,7 @@ import pytest
 
 from engine.app.gguf_import import import_gguf
 from engine.app.quantize import dequantize_dir, quantize_dir
-from engine.app.stages import load_stage
+from engine.compose.stages import load_stage
 from engine.core.pipeline import run_stages
 from engine.core.quant import QuantTensor, pack, quantize, unpack
 from engine.core.sampling import SamplingParams

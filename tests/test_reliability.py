@@ -21,7 +21,7 @@ import pytest
 import zmq
 
 from engine.app.procs import start_stage, stop_stages
-from engine.core.errors import StageFailure
+from engine.core.errors import CapacityError, StageFailure, UserError
 from engine.api import Generator, SpeculativeConfig
 from transport import protocol as P
 from transport.auth import init_keys
@@ -382,7 +382,6 @@ def test_fuzz_ten_thousand_malformed_messages(tiny_dirs):
 
 def test_engine_api_rejects_bad_inputs_cleanly(tiny_dirs, real_model):
     from engine.api import local_pipeline
-    from engine.core.errors import UserError
 
     gen = Generator(real_model, local_pipeline(str(real_model), "torch"))
     for bad in ([1, "x"], [[1]], 5, None, [1.5]):
@@ -454,16 +453,16 @@ def test_limits_and_sigterm_drain(real_model):
         c = Client(10)
         forward(c, address, 1, 0, 10)
         forward(c, address, 2, 0, 10)
-        with pytest.raises(StageError, match="limit of 2"):
+        with pytest.raises(CapacityError, match="limit of 2"):
             forward(c, address, 3, 0, 2)
-        with pytest.raises(StageError, match="at most 16"):
+        with pytest.raises(CapacityError, match="at most 16"):
             forward(c, address, 1, 10, 17)
-        with pytest.raises(StageError, match="KV cache full"):
+        with pytest.raises(CapacityError, match="KV cache full"):
             forward(c, address, 1, 10, 16)
         c.call(address, P.RELEASE, seq_ids=[2])
         proc.send_signal(signal.SIGTERM)  # drain: sequence 1 is live
         time.sleep(0.5)
-        with pytest.raises(StageError, match="shutting down"):
+        with pytest.raises(CapacityError, match="shutting down"):
             forward(c, address, 4, 0, 2)
         assert forward(c, address, 1, 10, 1)["kind"] == P.RESULT  # the live one is still served
         assert proc.poll() is None
@@ -511,7 +510,7 @@ def test_a_daemon_connects_only_where_it_was_told(tiny_dirs):
             return client.wait(address, req)
 
         client.call(address, P.LOAD, layers=[0, 1], next_hop=assigned_at)
-        with pytest.raises(StageError, match="does not connect"):
+        with pytest.raises(UserError, match="does not connect"):
             forward([stray_at])
         with pytest.raises(socket.timeout):
             stray.accept()  # not even a TCP connection was attempted
@@ -520,7 +519,7 @@ def test_a_daemon_connects_only_where_it_was_told(tiny_dirs):
                 forward([at])
             trap.accept()[0].close()
         client.call(address, P.LOAD, layers=[0, 1], next_hop=None)  # now the last hop it knows is gone
-        with pytest.raises(StageError, match="does not connect"):
+        with pytest.raises(UserError, match="does not connect"):
             forward([assigned_at])
     finally:
         client.close()

@@ -11,7 +11,7 @@ from engine.api import local_pipeline
 from engine.app.procs import start_stage, stop_stages
 from engine.core.errors import UserError
 from engine.api import Generator
-from engine.app.planner import StageCapacity, plan_layers
+from engine.compose.planner import StageCapacity, plan_layers
 from engine.api import connect_pipeline
 
 PROMPT = "Write a haiku about the sea."
@@ -135,7 +135,7 @@ def test_coordinator_imports_neither_framework(real_model, daemons):
     code = f"""
 import sys
 from engine.api import Generator
-from engine.app.planner import StageCapacity, plan_layers
+from engine.compose.planner import StageCapacity, plan_layers
 from engine.api import connect_pipeline
 pipe = connect_pipeline({str(real_model)!r}, "{daemons[0]}=0-14,{daemons[1]}=15-29")
 res = Generator({str(real_model)!r}, pipe).generate("Hi", chat=True, max_tokens=4)

@@ -4,11 +4,11 @@ import pytest
 
 from engine.core.errors import UserError
 from engine.core.sampling import SamplingParams
-from engine.serving.scheduler import Scheduler, Sequence
+from engine.serving.scheduler import Scheduler, Seq
 
 
 def seq(i, prompt_len, max_tokens=4):
-    return Sequence(i, list(range(prompt_len)), max_tokens, SamplingParams(), reserve=prompt_len + max_tokens)
+    return Seq(i, list(range(prompt_len)), max_tokens, SamplingParams(), reserve=prompt_len + max_tokens)
 
 
 def run(sched, slices):

@@ -67,7 +67,6 @@ def test_a_stage_keeps_only_the_taken_positions(tiny_dirs, backend):
     """A draft's rows are sampled in turn; the next chunk, starting past the taken drafts, drops the
     rest from the stage's cache (as its status reports, over the wire for a daemon); what follows
     equals plain decoding's."""
-    from engine.core.errors import StageFailure
 
     stage, stop = _stage(backend, tiny_dirs["llama"])
     greedy = SamplingParams()
@@ -89,7 +88,7 @@ def test_a_stage_keeps_only_the_taken_positions(tiny_dirs, backend):
     r = stage.forward(StageBatch([SeqChunk(3, len(prompt) + 3, np.asarray([truth[3]], np.int32), greedy)]))
     assert stage.kv_tokens_used() == len(prompt) + 4  # the rejected draft's position dropped, the new one kept
     assert r.tokens[0].token_id == truth[4]
-    with pytest.raises((ValueError, StageFailure), match="offset"):  # only the last chunk's drafts may be dropped
+    with pytest.raises(UserError, match="offset"):  # only the last chunk's drafts may be dropped
         stage.forward(StageBatch([SeqChunk(3, len(prompt), np.asarray([1], np.int32), greedy)]))
     stop()
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from engine.core.errors import StageFailure
+from engine.core.errors import HetpipeError, StageFailure, rebuild
 from engine.core.stage import StageBatch, StageReport, StageResult
 
 from . import protocol as P
@@ -183,8 +183,11 @@ class Client:
 
 
 def raise_if_error(header: dict, address: str) -> None:
+    """An ERROR reply raised as the type its `error` kind names (`errors.rebuild`): a lost stage, or
+    one without a kind, as `StageError`."""
     if header.get("kind") == P.ERROR:
-        raise StageError(f"stage {header.get('stage', address)}: {header.get('message')}")
+        raise rebuild(header.get("error"), f"stage {header.get('stage', address)}: {header.get('message')}",
+                      lost=StageError)
 
 
 class RemoteStage:
@@ -237,17 +240,17 @@ class RemoteStage:
 
 
 def health_reports(addresses: Sequence[str], auth: Auth | None = None, timeout_s: float = 5.0,
-                   kind: str = P.HEALTH, **fields) -> list[StageReport | StageError]:
+                   kind: str = P.HEALTH, **fields) -> list[StageReport | HetpipeError]:
     """Each stage's report after a real one-token forward through its layers (`kind` PING: without
     one; to a heartbeat socket, with `report=True`: at once, even from a stage busy computing), or
     why it gave none. On sockets of its own: safe beside a pipeline serving on another thread."""
     client = Client(timeout_s, auth)
-    out: list[StageReport | StageError] = []
+    out: list[StageReport | HetpipeError] = []
     try:
         for address in addresses:
             try:
                 out.append(unpack_report(client.call(address, kind, timeout_s=timeout_s, **fields).get("info")))
-            except StageError as e:
+            except HetpipeError as e:
                 out.append(e)
             except WireError as e:
                 out.append(StageError(f"stage {address} sent a bad report: {e}"))

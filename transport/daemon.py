@@ -23,7 +23,7 @@ import zmq
 
 from engine.core.base_stage import BaseStage, system_available_memory
 from engine.core.config import ModelConfig
-from engine.core.errors import UserError
+from engine.core.errors import CapacityError, HetpipeError, StageFailure, UserError, kind_of
 from engine.core.identity import config_hash, weights_hash
 from engine.core.layer_cost import calibration_layer, layer_cost, relative_costs
 from engine.core.partition import check_range
@@ -217,16 +217,14 @@ class StageDaemon:
         self.device, self.dtype = self.stage.info.device, self.stage.info.dtype
 
     def report(self, forward_ms: float | None = None) -> StageReport:
-        st = self.stage
-        return StageReport(
-            address=self.address, heartbeat=self.heartbeat_address, backend=self.backend, device=self.device,
-            dtype=self.dtype, num_layers=self.cfg.num_hidden_layers if self.cfg else 0,
-            layers=(st.info.first, st.info.last) if st else None, kv_tokens=st.info.kv_tokens if st else 0,
-            kv_tokens_used=st.kv_tokens_used() if st else 0, kv_tokens_cached=st.kv_tokens_cached() if st else 0,
-            live_sequences=st.live_sequences() if st else [],
-            max_seqs=self.max_seqs, draining=self.draining_since is not None, identity=self.identity,
-            ms_per_layer=self.ms_per_layer, head_ms=self.head_ms, layer_bytes=self.layer_bytes,
-            free_memory=system_available_memory(), resident_bytes=resident_bytes(), forward_ms=forward_ms)
+        own = dict(address=self.address, heartbeat=self.heartbeat_address, draining=self.draining_since is not None,
+                   identity=self.identity, ms_per_layer=self.ms_per_layer, head_ms=self.head_ms,
+                   layer_bytes=self.layer_bytes, free_memory=system_available_memory(),
+                   resident_bytes=resident_bytes(), forward_ms=forward_ms)
+        if self.stage is not None:
+            return self.stage.report(**own)
+        return StageReport(self.backend, self.device, self.dtype, self.cfg.num_hidden_layers if self.cfg else 0,
+                           None, 0, 0, 0, [], self.max_seqs, **own)
 
     def _info(self, header: dict, forward_ms: float | None = None) -> list:
         return pack(P.INFO, req=header.get("req"), info=pack_report(self.report(forward_ms)))
@@ -275,8 +273,8 @@ class StageDaemon:
             if not header and frames:  # not even read: still name the request it refuses
                 req, client = peek_envelope(frames[0])
                 header = {"req": req, "client": client}
-            known = isinstance(e, (WireError, UserError, ValueError))
-            self._error(sender, header, str(e) if known else f"{type(e).__name__}: {e}")
+            known = isinstance(e, (WireError, HetpipeError))
+            self._error(sender, header, str(e) if known else f"{type(e).__name__}: {e}", kind_of(e))
 
     def _reply_to(self, sender: bytes, header: dict) -> bytes:
         client = header.get("client")
@@ -288,10 +286,10 @@ class StageDaemon:
         except zmq.ZMQError as e:  # client gone (EHOSTUNREACH): nothing to deliver to
             print(f"stage {self.address}: cannot reach client: {e}", file=sys.stderr)
 
-    def _error(self, sender: bytes, header: dict, message: str) -> None:
+    def _error(self, sender: bytes, header: dict, message: str, kind: str = "internal") -> None:
         req = header.get("req") if isinstance(header, dict) else None
         self._send(self._reply_to(sender, header if isinstance(header, dict) else {}),
-                   pack(P.ERROR, req=req, message=message, stage=self.address))
+                   pack(P.ERROR, req=req, message=message, stage=self.address, error=kind))
 
     def handle_hello(self, sender, header, arrays) -> None:
         theirs = header.get("identity") or {}
@@ -393,7 +391,7 @@ class StageDaemon:
                 and arrays[0][1].ndim == 1):
             raise WireError("draft needs seq_id, start, k and one int32 frame of tokens")
         if self.draining_since is not None and seq_id not in self.stage.live_sequences():
-            raise UserError("it is shutting down: it takes no new sequences")
+            raise CapacityError("it is shutting down: it takes no new sequences")
         tokens = self.stage.draft(seq_id, start, arrays[0][1], k)
         self._send(sender, pack(P.OK, req=header.get("req"), tokens=tokens))
 
@@ -410,7 +408,7 @@ class StageDaemon:
         if self.draining_since is not None:
             live = set(self.stage.live_sequences())
             if any(s.seq_id not in live for s in batch.seqs):
-                raise UserError("it is shutting down: it takes no new sequences")
+                raise CapacityError("it is shutting down: it takes no new sequences")
         t, received = time.perf_counter(), time.time()
         result = self.stage.forward(batch)
         # [address, compute ms, wall clock at receipt, wall clock at sending on]: the coordinator's hop times
@@ -430,7 +428,7 @@ class StageDaemon:
                         raise
                     sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
             except zmq.Again:
-                raise UserError(f"it cannot reach the next stage {route[0]}") from None
+                raise StageFailure(f"it cannot reach the next stage {route[0]}") from None
         else:
             self._send(self._reply_to(sender, header), pack_result(result, **fields))
 

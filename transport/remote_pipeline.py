@@ -14,10 +14,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from engine.core.errors import UserError
+from engine.core.errors import HetpipeError
 from engine.core.partition import check_coverage
 from engine.core.pipeline import BatchOutcome, BatchTiming
-from engine.core.stage import StageBatch
+from engine.core.stage import StageBatch, StageStatus
 
 from . import protocol as P
 from .client import RemoteStage, StageError, health_reports, raise_if_error
@@ -115,22 +115,13 @@ class RemotePipeline:
     def describe(self) -> list[dict]:
         return [{**s.info.describe(), "address": s.address} for s in self.stages]
 
-    def status(self) -> list[dict]:
+    def status(self) -> list[StageStatus]:
         """Each stage as its heartbeat socket reports it now, on sockets of its own (any thread may
         ask): a stage busy with a long batch still answers; a stopped or dead one is "lost"."""
         reports = health_reports([s.report.heartbeat for s in self.stages], self.client.auth, STATUS_TIMEOUT_S,
                                  P.PING, report=True)
-        out = []
-        for s, r in zip(self.stages, reports):
-            entry = {**s.info.describe(), "address": s.address}
-            if isinstance(r, Exception):
-                out.append({**entry, "state": "lost", "error": str(r)})
-            else:
-                held = r.layers == (s.info.first, s.info.last)
-                out.append({**entry, "state": "ok" if held else "lost", "live_sequences": len(r.live_sequences),
-                            "kv_tokens_used": r.kv_tokens_used, "kv_tokens_cached": r.kv_tokens_cached,
-                            "kv_tokens": r.kv_tokens})
-        return out
+        return [StageStatus(s.address, None, s.info, str(r)) if isinstance(r, Exception) else
+                StageStatus(s.address, r, s.info) for s, r in zip(self.stages, reports)]
 
     def lost(self) -> list[int]:
         """Indices of stages whose heartbeat went silent."""
@@ -176,7 +167,7 @@ class RemotePipeline:
                     before = self.stages[index - 1]
                     before.load(before.info.first, before.info.last, address,
                                 timeout_s=max(deadline - time.monotonic(), 0.01))
-            except (UserError, StageError):
+            except HetpipeError:
                 self.client.reset(address)
                 continue
             self.stages[index] = new

@@ -20,7 +20,7 @@ import math
 import msgpack
 import numpy as np
 
-from engine.core.errors import BatchTooLarge
+from engine.core.errors import BatchTooLarge, UserError
 from engine.core.kv_blocks import BLOCK
 from engine.core.sampling import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_STOP_IDS, SamplingParams
 from engine.core.stage import PromptLogprobs, SampledToken, SeqChunk, StageBatch, StageReport, StageResult
@@ -35,8 +35,9 @@ _SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalt
                     "frequency_penalty", "logit_bias", "seed", "logprobs", "output_from", "min_tokens", "stop_ids")
 
 
-class WireError(ValueError):
-    """A message that breaks the protocol; the daemon answers it with an error and carries on."""
+class WireError(UserError):
+    """A message that breaks the protocol; the daemon answers it with an error (kind `input`) and
+    carries on."""
 
 
 ENVELOPE = ("req", "client")  # packed right after v and kind

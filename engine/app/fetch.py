@@ -39,7 +39,7 @@ def resolve_model(spec: str) -> Path:
     quantization kept) under the models directory, keyed by its path, size and time; a Hub id
     `ORG/NAME[@REVISION]` as the cache's snapshot of its config, tokenizer and index (`hub.py`:
     each stage fetches its own weight files)."""
-    from . import hub
+    from ..compose import hub
 
     path = Path(spec).expanduser()
     if path.is_dir():

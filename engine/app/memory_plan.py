@@ -23,7 +23,7 @@ from ..core.errors import UserError
 from ..core.layer_cost import head_read_bytes, layer_cost, per_weight
 from ..core.quant import QuantScheme
 from ..core.tensors import itemsize
-from .planner import StageCapacity, plan_layers
+from ..compose.planner import StageCapacity, plan_layers
 
 RESERVE = MEMORY_RESERVE  # of a stage's memory, kept for activations, the runtime and the OS (a daemon's rule too)
 GROUP = 64  # the group size of a plan at 4 or 8 bits (hetpipe quantize's default)

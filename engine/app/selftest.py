@@ -141,7 +141,7 @@ def compare(got: tuple[list[int], list[float]], want: dict, tol: float) -> tuple
 
 
 def check_model(backend: str, device: str, name: str, model_dir: Path, log) -> list[Check]:
-    from .stages import load_stage
+    from ..compose.stages import load_stage
 
     stage = load_stage(backend, model_dir, 0, _layers(model_dir) - 1, device=device)
     try:
@@ -165,7 +165,7 @@ def check_model(backend: str, device: str, name: str, model_dir: Path, log) -> l
 def check_quantized(backend: str, device: str, tiny: Path, work: Path, log) -> list[Check]:
     """The quantized kernels against the same weights dequantized (float32, greedy, logprobs)."""
     from .quantize import dequantize_dir, quantize_dir
-    from .stages import load_stage
+    from ..compose.stages import load_stage
 
     out = []
     for bits in (4, 8):
@@ -207,7 +207,7 @@ def decode_speed(backend: str, device: str, model_dir: Path) -> str:
     """Decode tokens/s of one stream against the floor the device's read bandwidth sets."""
     from ..core.config import ModelConfig
     from .bench.backends import decode_weight_bytes
-    from .stages import load_stage
+    from ..compose.stages import load_stage
 
     cfg = ModelConfig.load(model_dir)
     stage = load_stage(backend, model_dir, 0, cfg.num_hidden_layers - 1, device=device)
@@ -241,7 +241,7 @@ def devices(backend: str) -> list[str]:
 
 def run_selftest(backends: list[str] | None = None, device: str | None = None, log=print) -> list[Check]:
     from .fetch import default_model_dir, is_imported
-    from .stages import available_backends
+    from ..compose.stages import available_backends
 
     backends = backends or available_backends()
     if not backends:

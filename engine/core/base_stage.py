@@ -16,9 +16,9 @@ import numpy as np
 
 from .config import ModelConfig
 from .kv_blocks import BLOCK, BlockManager
-from .errors import UserError
+from .errors import CacheMiss, CapacityError, UserError
 from .sampling import SamplingParams, log_softmax, logsumexp, sample_token, top_logprobs
-from .stage import MAX_DRAFT, PromptLogprobs, SampledToken, SeqChunk, StageBatch, StageInfo, StageResult
+from .stage import MAX_DRAFT, PromptLogprobs, SampledToken, SeqChunk, StageBatch, StageInfo, StageReport, StageResult
 from .tensors import DTYPES, TypedArray, itemsize
 
 GREEDY = SamplingParams()  # what a draft model decodes with
@@ -167,7 +167,7 @@ class BaseStage:
         drop rejected drafts by their next chunk (`SeqChunk.draft`)."""
         st = self._seqs[seq_id]
         if not 0 <= length <= st.length or length < st.seen_from:
-            raise ValueError(f"sequence {seq_id}: cannot keep {length} of its {st.length} positions")
+            raise UserError(f"sequence {seq_id}: cannot keep {length} of its {st.length} positions")
         del st.seen[length - st.seen_from :]
         st.length, st.draft = length, 0
 
@@ -176,12 +176,12 @@ class BaseStage:
         positions (those it drafted past them were not taken), feed `tokens` from there, and decode
         k tokens greedily, one forward each. Returns them; the last is not fed (it may not be taken)."""
         if not (self.info.is_first and self.info.is_last):
-            raise ValueError("a draft model runs all its layers on one stage")
+            raise UserError("a draft model runs all its layers on one stage")
         if not 1 <= k <= MAX_DRAFT or len(tokens) == 0:
-            raise ValueError(f"a draft needs tokens to feed and 1 to {MAX_DRAFT} tokens to draft")
+            raise UserError(f"a draft needs tokens to feed and 1 to {MAX_DRAFT} tokens to draft")
         held = self._seqs[seq_id].length if seq_id in self._seqs else 0
         if start > held:
-            raise ValueError(f"sequence {seq_id}: holds {held} positions, not {start}")
+            raise UserError(f"sequence {seq_id}: holds {held} positions, not {start}")
         if start < held:
             self.truncate(seq_id, start)
         r = self.forward(StageBatch([SeqChunk(seq_id, start, np.asarray(tokens, np.int32), GREEDY)]))
@@ -200,60 +200,67 @@ class BaseStage:
     def live_sequences(self) -> list[int]:
         return sorted(self._seqs)
 
+    def report(self, **daemon) -> StageReport:
+        """What this stage says about itself now; `daemon`: the fields a stage daemon adds."""
+        i = self.info
+        return StageReport(i.backend, i.device, i.dtype, i.num_layers, (i.first, i.last), i.kv_tokens,
+                           self.kv_tokens_used(), self.kv_tokens_cached(), self.live_sequences(), self.max_seqs,
+                           **daemon)
+
     def close(self) -> None:
         self.release(list(self._seqs))
 
     def _check(self, batch: StageBatch) -> None:
         ids = [s.seq_id for s in batch.seqs]
         if not ids:
-            raise ValueError("empty batch")
+            raise UserError("empty batch")
         if len(set(ids)) != len(ids):
-            raise ValueError("a sequence appears twice in one batch")
+            raise UserError("a sequence appears twice in one batch")
         total = 0
         for s in batch.seqs:
             if s.seq_id < 0 and not WARMUP_ID <= s.seq_id < WARMUP_ID + WARMUP_IDS:
-                raise ValueError(f"sequence ids are non-negative, not {s.seq_id}")
+                raise UserError(f"sequence ids are non-negative, not {s.seq_id}")
             have = self._seqs[s.seq_id].length if s.seq_id in self._seqs else len(s.prefix) * BLOCK
             if s.offset != have:
-                raise ValueError(f"sequence {s.seq_id}: offset {s.offset} but {have} tokens cached")
+                raise UserError(f"sequence {s.seq_id}: offset {s.offset} but {have} tokens cached")
             if len(s.token_ids) == 0:
-                raise ValueError(f"sequence {s.seq_id}: no new tokens")
+                raise UserError(f"sequence {s.seq_id}: no new tokens")
             if (s.prefix or s.names) and self.blocks is None:
-                raise ValueError("this stage keeps no prefix cache")
+                raise UserError("this stage keeps no prefix cache")
             if s.prefix and self.blocks.match(s.prefix) != len(s.prefix):
-                raise ValueError(f"prefix cache miss: sequence {s.seq_id} starts with {len(s.prefix)} cached blocks, "
+                raise CacheMiss(f"prefix cache miss: sequence {s.seq_id} starts with {len(s.prefix)} cached blocks, "
                                  f"{self.blocks.match(s.prefix)} of them held here")
             if not (_is_count(s.draft) and s.draft < len(s.token_ids)):
-                raise ValueError(f"sequence {s.seq_id}: {s.draft} drafts in a chunk of {len(s.token_ids)} tokens")
+                raise UserError(f"sequence {s.seq_id}: {s.draft} drafts in a chunk of {len(s.token_ids)} tokens")
             if s.draft and (s.sampling is None or s.prompt_logprobs is not None):
-                raise ValueError(f"sequence {s.seq_id}: drafts are verified by sampling, never scored")
+                raise UserError(f"sequence {s.seq_id}: drafts are verified by sampling, never scored")
             if s.draft and s.allowed is not None and s.allowed.shape[:1] != (s.draft + 1,):
-                raise ValueError(f"sequence {s.seq_id}: {s.draft} drafts need {s.draft + 1} mask rows")
+                raise UserError(f"sequence {s.seq_id}: {s.draft} drafts need {s.draft + 1} mask rows")
             full = (s.offset + len(s.token_ids) - s.draft) // BLOCK - s.offset // BLOCK
             if s.names and len(s.names) != full:
-                raise ValueError(f"sequence {s.seq_id}: {len(s.names)} block names for the {full} blocks it fills")
+                raise UserError(f"sequence {s.seq_id}: {len(s.names)} block names for the {full} blocks it fills")
             if s.token_ids.min() < 0 or s.token_ids.max() >= self.cfg.vocab_size:
-                raise ValueError(f"sequence {s.seq_id}: token ids must be in 0..{self.cfg.vocab_size - 1}")
+                raise UserError(f"sequence {s.seq_id}: token ids must be in 0..{self.cfg.vocab_size - 1}")
             total += len(s.token_ids)
         if self.max_call_tokens and total > self.max_call_tokens:
-            raise ValueError(f"{total} tokens in one call; this stage takes at most {self.max_call_tokens}")
+            raise CapacityError(f"{total} tokens in one call; this stage takes at most {self.max_call_tokens}")
         new = sum(1 for i in ids if i not in self._seqs and i >= 0)
         if new and self.max_seqs and len(self._seqs) + new > self.max_seqs:
-            raise ValueError(f"stage holds {len(self._seqs)} sequences; {new} more would pass its limit "
+            raise CapacityError(f"stage holds {len(self._seqs)} sequences; {new} more would pass its limit "
                              f"of {self.max_seqs}")
         if self.info.is_first != (batch.hidden is None):
-            raise ValueError("the first stage takes token ids only; later stages take hidden rows")
+            raise UserError("the first stage takes token ids only; later stages take hidden rows")
         if batch.hidden is not None:
             shape = batch.hidden.data.shape
             if batch.hidden.dtype not in DTYPES or len(shape) != 2 or shape[1] != self.hidden_size:
-                raise ValueError(f"hidden rows must be (tokens, {self.hidden_size}) floats, not {shape} "
+                raise UserError(f"hidden rows must be (tokens, {self.hidden_size}) floats, not {shape} "
                                  f"{batch.hidden.dtype}")
             if shape[0] != total:
-                raise ValueError(f"hidden has {shape[0]} rows for {total} tokens")
+                raise UserError(f"hidden has {shape[0]} rows for {total} tokens")
         used = self.kv_tokens_used()
         more = total + sum(len(s.prefix) * BLOCK for s in batch.seqs if s.seq_id not in self._seqs)  # linked ones count
         if self.info.kv_tokens and used + more > self.info.kv_tokens:
-            raise ValueError(f"KV cache full: {used} tokens held, {more} more asked, budget {self.info.kv_tokens}")
+            raise CapacityError(f"KV cache full: {used} tokens held, {more} more asked, budget {self.info.kv_tokens}")
 
     def _sample(self, seqs: list[SeqChunk], logits: np.ndarray) -> list[SampledToken]:
         """One token per sampling sequence. A sequence whose sampling fails gets an error entry
@@ -331,7 +338,7 @@ class BaseStage:
         history = np.asarray(st.seen[: upto - st.seen_from], dtype=np.int64) if p.uses_history else _EMPTY
         if st.seen_from and p.uses_history:  # the output penalties read only what follows the prompt
             if p.repetition_penalty != 1.0:
-                raise ValueError(f"sequence {s.seq_id}: a repetition penalty reads the whole prompt, and it "
+                raise UserError(f"sequence {s.seq_id}: a repetition penalty reads the whole prompt, and it "
                                  "started from a cached prefix this stage never saw")
             p = p.copy_with(output_from=max(0, p.output_from - st.seen_from))
         tok = sample_token(chosen_from, p, st.rng, history, allowed)

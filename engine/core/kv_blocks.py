@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import CacheMiss
+
 BLOCK = 16  # token slots per block: the same on every backend (the coordinator names blocks of it)
 HASH_MASK = (1 << 63) - 1  # hashes are non-negative 63-bit ints (they travel as msgpack ints)
 
@@ -85,7 +87,7 @@ class BlockManager:
             raise ValueError(f"sequence {seq_id} already holds blocks")
         missing = len(hashes) - self.match(hashes)
         if missing:
-            raise ValueError(f"prefix cache miss: {missing} of {len(hashes)} prefix blocks are not held here")
+            raise CacheMiss(f"prefix cache miss: {missing} of {len(hashes)} prefix blocks are not held here")
         table = [self.by_hash[h] for h in hashes]
         for b in table:
             self._ref(b)
@@ -135,10 +137,6 @@ class BlockManager:
                     self.lru[b] = None
                 else:
                     self.free.append(b)
-
-    def clear_cache(self) -> None:
-        """Evict every unreferenced named block (and forget every name)."""
-        self.evict(list(self.by_hash))
 
     def _ref(self, b: int) -> None:
         if b in self.lru:

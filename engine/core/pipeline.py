@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from .stage import PromptLogprobs, SampledToken, Stage, StageBatch, StageResult
+from .stage import PromptLogprobs, SampledToken, Stage, StageBatch, StageResult, StageStatus
 
 
 @dataclass(slots=True)
@@ -75,10 +75,9 @@ class Pipeline(Protocol):
         """One `stages` entry per stage, for results and reports."""
         ...
 
-    def status(self) -> list[dict]:
-        """Each stage now, from any thread: its `describe()` entry with `state` ("ok" or "lost"),
-        `live_sequences` (a count), `kv_tokens_used` and `kv_tokens_cached`. May block briefly (a ping,
-        or a batch running)."""
+    def status(self) -> list[StageStatus]:
+        """Each stage now, from any thread: its report, or why it gave none. May block briefly (a
+        ping, or a batch running)."""
         ...
 
     def lost(self) -> list[int]:

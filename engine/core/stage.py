@@ -109,6 +109,10 @@ class StageInfo:
     def is_last(self) -> bool:
         return self.last == self.num_layers - 1
 
+    @property
+    def layer_range(self) -> str:
+        return f"{self.first}-{self.last}"
+
     def describe(self) -> dict:
         """The `stages` entry of `--json` output."""
         return {"backend": self.backend, "device": self.device, "dtype": self.dtype, "layers": [self.first, self.last],
@@ -117,11 +121,12 @@ class StageInfo:
 
 @dataclass(slots=True)
 class StageReport:
-    """What a stage daemon says about itself: sent on every hello, load, ping and health check,
-    validated on receipt (`transport.wire.unpack_report`), read by the client, planner and health."""
+    """What a stage says about itself: a stage daemon sends it on every hello, load, ping and health
+    check (validated on receipt, `transport.wire.unpack_report`), an in-process stage makes it with
+    `BaseStage.report`. Read by the client, the planner, `Pipeline.status()` and so `/health`,
+    `/metrics` and `hetpipe health`. The fields after `max_seqs` are a daemon's own (their defaults:
+    an in-process stage)."""
 
-    address: str
-    heartbeat: str  # where its heartbeat socket answers
     backend: str
     device: str
     dtype: str
@@ -132,14 +137,16 @@ class StageReport:
     kv_tokens_cached: int  # in cached blocks no sequence holds: reclaimable
     live_sequences: list[int]
     max_seqs: int | None
-    draining: bool  # after SIGTERM: serves its live sequences, takes no new ones
-    identity: dict[str, str | None]  # the model it serves: config and weights hashes
+    address: str = ""  # "": in process
+    heartbeat: str = ""  # where its heartbeat socket answers
+    draining: bool = False  # after SIGTERM: serves its live sequences, takes no new ones
+    identity: dict[str, str | None] = field(default_factory=dict)  # the model it serves: config and weights hashes
     # measured at start-up: what the planner splits layers by
-    ms_per_layer: float  # one layer, one decoded token
-    head_ms: float  # final norm and head, one token
-    layer_bytes: int  # one layer's weights in its dtype
-    free_memory: int
-    resident_bytes: int
+    ms_per_layer: float = 0.0  # one layer, one decoded token
+    head_ms: float = 0.0  # final norm and head, one token
+    layer_bytes: int = 0  # one layer's weights in its dtype
+    free_memory: int = 0
+    resident_bytes: int = 0
     forward_ms: float | None = None  # a health check's one-token forward through its layers
 
     @property
@@ -148,6 +155,49 @@ class StageReport:
             return None
         return StageInfo(self.backend, self.device, self.dtype, self.layers[0], self.layers[1], self.num_layers,
                          self.kv_tokens)
+
+
+@dataclass(slots=True)
+class StageStatus:
+    """One stage now, as `Pipeline.status()`, `hetpipe health`, `/health` and `/metrics` see it: its
+    report, or why it gave none. `expected`: the layers its pipeline gave it (None: asked on its own,
+    where a stage holding no layers is "idle")."""
+
+    address: str | None  # None: in process
+    report: StageReport | None  # None: it did not answer
+    expected: StageInfo | None = None
+    error: str | None = None
+    compute_ms_per_step: float | None = None  # the server's: per pipeline step, since its previous look
+
+    @property
+    def state(self) -> str:
+        """ok; lost (in a pipeline: silent, or holding other layers); down or idle (asked on its own)."""
+        if self.expected is None:
+            return "down" if self.report is None else "ok" if self.report.layers else "idle"
+        ok = self.report is not None and self.report.layers == (self.expected.first, self.expected.last)
+        return "ok" if ok else "lost"
+
+    @property
+    def name(self) -> str:
+        info = self.expected or (self.report.info if self.report else None)
+        return self.address or ("?" if info is None else f"{info.backend}:{info.layer_range}")
+
+    def to_json(self) -> dict:
+        """Its `/health` and `hetpipe health --json` entry."""
+        r, info = self.report, self.expected or (self.report.info if self.report else None)
+        out = {"stage": self.name, "state": self.state}
+        if self.address:
+            out["address"] = self.address
+        if info is not None:
+            out |= {**info.describe(), "kv_tokens": r.kv_tokens if r else info.kv_tokens}
+        if r is not None:
+            out |= {"live_sequences": len(r.live_sequences), "kv_tokens_used": r.kv_tokens_used,
+                    "kv_tokens_cached": r.kv_tokens_cached, "draining": r.draining, "forward_ms": r.forward_ms}
+        if self.error is not None:
+            out["error"] = self.error
+        if self.compute_ms_per_step is not None:
+            out["compute_ms_per_step"] = self.compute_ms_per_step
+        return out
 
 
 @runtime_checkable

@@ -15,7 +15,7 @@ from .errors import UserError
 # activation dtypes a stage computes in -> numpy storage dtype
 STORAGE = {"float32": np.float32, "bfloat16": np.uint16, "float16": np.float16}
 DTYPES = tuple(STORAGE)
-AUTO = "auto"  # asked for, never computed in: each stage's backend picks (`engine.app.stages.resolve_dtype`)
+AUTO = "auto"  # asked for, never computed in: each stage's backend picks (`engine.compose.stages.resolve_dtype`)
 
 
 def check_dtype(dtype: str, allow_auto: bool = False) -> str:

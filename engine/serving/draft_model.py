@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 
 from ..core.config import ModelConfig
-from ..core.errors import StageFailure, UserError
+from ..core.errors import HetpipeError, UserError
 
 
 class DraftModel:
@@ -23,7 +23,7 @@ class DraftModel:
     def __init__(self, pipeline, model_dir, vocab_size: int, name: str = "draft"):
         """`pipeline`: the draft model's, one stage; `model_dir`: its weights' directory here;
         `vocab_size`: the target's, which the draft's must equal."""
-        if len(pipeline.describe()) != 1:
+        if len(pipeline.stages) != 1:
             raise UserError("a draft model runs all its layers on one stage")
         draft_vocab = ModelConfig.load(model_dir).vocab_size
         if draft_vocab != vocab_size:
@@ -45,7 +45,7 @@ class DraftModel:
             return []
         try:
             out = self.pipeline.draft(seq_id, keep, tokens[keep:], k)
-        except (StageFailure, ValueError) as e:  # its daemon lost, or its KV full: decoding goes on without drafts
+        except HetpipeError as e:  # its daemon lost, or its KV full: decoding goes on without drafts
             self.failed = str(e) or type(e).__name__
             print(f"hetpipe: the draft model {self.name} stopped drafting: {self.failed}", file=sys.stderr)
             return []

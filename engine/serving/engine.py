@@ -27,11 +27,11 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from ..core.errors import GrammarFailed, QueueFull, RequestFailed, StageFailure, UserError
+from ..core.errors import CacheMiss, GrammarFailed, QueueFull, RequestFailed, StageFailure, UserError
 from ..core.kv_blocks import BLOCK
 from ..core.pipeline import BatchOutcome, Pipeline
 from ..core.sampling import MAX_LOGPROBS, MAX_STOP_IDS, SamplingParams
@@ -39,7 +39,8 @@ from ..core.stage import PromptLogprobs, SampledToken, SeqChunk, StageBatch
 from .output import GenerationChunk, Profile, Timing
 from .prefix_cache import PrefixCache
 from .recovery import RecoveryEvent, recover
-from .scheduler import Scheduler, Sequence as Seq, Slice
+from .request import Request
+from .scheduler import Scheduler, Seq, Slice
 from .speculative import Drafter, SpeculativeConfig
 from .structured import Constraint
 from .text import IncrementalDetokenizer, StopMatcher, Tokenizer
@@ -69,29 +70,6 @@ class EngineConfig:
                 raise UserError(f"{name} must be at least 1")
         if self.recovery_timeout_s < 0:
             raise UserError("the recovery timeout must be >= 0 seconds")
-
-
-@dataclass(eq=False)
-class Request:
-    """What the engine keeps per request besides the scheduler's `Sequence`."""
-
-    seq_id: int
-    deliver: Callable[[GenerationChunk | BaseException], None]
-    detok: IncrementalDetokenizer
-    stops: StopMatcher
-    timing: Timing
-    ignore_eos: bool = False
-    constraint: Constraint | None = None  # structured output's grammar state
-    cached_tokens: int = 0  # prompt tokens found in the prefix cache: not prefilled again
-    profile: Profile = field(default_factory=Profile)
-    # prompt log-probabilities asked: per prompt position, (logprob, alternatives) once scored
-    prompt_scores: list | None = None
-    drafter: Drafter | None = None  # speculative decoding: its drafts and how many were taken
-
-    @property
-    def speculative(self) -> dict | None:
-        """{"drafted", "accepted"}: draft tokens sent and taken (None: it did not speculate)."""
-        return None if self.drafter is None else {"drafted": self.drafter.drafted, "accepted": self.drafter.accepted}
 
 
 class Engine:
@@ -188,6 +166,11 @@ class Engine:
                 raise UserError(f"a prediction's token ids must be integers in 0..{self.vocab_size - 1}")
             return Drafter(self.config.speculative or SpeculativeConfig(), np.asarray(ids, np.int64))
         return Drafter(self.config.speculative) if self.config.speculative and speculate else None
+
+    def load(self) -> tuple[int, int, int]:
+        """(requests waiting, requests running, KV tokens reserved) now, read from any thread."""
+        s = self.scheduler
+        return len(s.waiting), len(s.running), s.reserved
 
     def cancel(self, seq_id: int) -> None:
         """Stop a request and free its KV caches on every stage (as soon as no batch of it is in flight)."""
@@ -455,7 +438,7 @@ class Engine:
             if lost:
                 self._recover(lost)
                 return
-        if "prefix cache miss" in str(error):  # a stage dropped a block this copy counts on (a daemon
+        if isinstance(error, CacheMiss):  # a stage dropped a block this copy counts on (a daemon
             self.log(f"{error}; every sequence is prefilled again")  # shared with another coordinator)
             self._restart(self._give_up_in_flight())
             return

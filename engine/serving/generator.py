@@ -27,7 +27,8 @@ from ..core.errors import StageFailure, UserError
 from ..core.pipeline import Pipeline
 from ..core.sampling import SamplingParams
 from .aio import get_within
-from .engine import Engine, EngineConfig, Request
+from .engine import Engine, EngineConfig
+from .request import Request
 from .output import GenerationChunk, Timing, percentiles
 from .structured import Constraint, Grammars, check_schema
 from .text import Tokenizer

@@ -3,11 +3,10 @@
 Why a thread of its own: torch's CPU wheel runs its kernels on libgomp, and libgomp cuts its
 spin-wait to almost nothing once a process holds more OpenMP threads than CPUs: a second thread
 that runs torch ops gets a second pool, and from then on every parallel region of either wakes
-sleeping workers (a halted vCPU here takes hundreds of microseconds). Measured: the same
-`TorchStage.forward` decode calls took 24-29 ms/step on the thread that loaded and warmed the stage
-and 55-58 ms/step on another; with import, load, warm-up and decode all on one worker thread,
-17-18 ms/step against 18.6 on the main thread. So one thread loads every stage and runs every batch
-and release; the engine thread only hands it work and reads outcomes, and never runs a framework op.
+sleeping workers (a halted vCPU takes hundreds of microseconds to wake): decode steps run on a
+second thread took twice as long (docs/benchmarks.md). So one thread loads every stage and runs
+every batch and release; the engine thread only hands it work and reads outcomes, and never runs a
+framework op.
 
 The thread waits for work without a timeout: a pipeline its owner never closed sits blocked until
 the process exits, never waking while Python finalizes (a thread that ends then runs MLX's
@@ -26,7 +25,7 @@ from concurrent.futures import Future
 
 from ..core.partition import check_coverage
 from ..core.pipeline import BatchOutcome, BatchTiming, kv_budget, run_stages
-from ..core.stage import Stage, StageBatch
+from ..core.stage import Stage, StageBatch, StageStatus
 
 _STOP = object()
 _WAKE = object()
@@ -98,12 +97,9 @@ class LocalPipeline:
     def describe(self) -> list[dict]:
         return [s.info.describe() for s in self.stages]
 
-    def status(self) -> list[dict]:
+    def status(self) -> list[StageStatus]:
         """Each stage now, read on the compute thread between batches."""
-        def read(stages):
-            return [{**s.info.describe(), "state": "ok", "live_sequences": len(s.live_sequences()),
-                     "kv_tokens_used": s.kv_tokens_used(), "kv_tokens_cached": s.kv_tokens_cached()} for s in stages]
-        return self.call(read)
+        return self.call(lambda stages: [StageStatus(None, s.report(), s.info) for s in stages])
 
     # in-process stages are never lost
     def lost(self) -> list[int]:

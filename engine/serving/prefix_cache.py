@@ -22,7 +22,7 @@ from __future__ import annotations
 import secrets
 
 from ..core.kv_blocks import BLOCK, BlockManager, block_hashes
-from .scheduler import Sequence
+from .scheduler import Seq
 
 
 class PrefixCache:
@@ -42,7 +42,7 @@ class PrefixCache:
 
     # -- the scheduler's and engine's calls ------------------------------------------------------
 
-    def admit(self, seq: Sequence) -> int:
+    def admit(self, seq: Seq) -> int:
         """A sequence starts running: link its cached prefix; returns the tokens it skips. The last
         prompt token is always computed (its logits sample the first token); a request whose
         repetition penalty reads the whole prompt, or whose prompt is scored, reuses nothing (the
@@ -55,7 +55,7 @@ class PrefixCache:
         self.hit_tokens += n * BLOCK
         return n * BLOCK
 
-    def chunk(self, seq: Sequence, start: int, n: int, drafts: int = 0) -> tuple[list[int], list[int]]:
+    def chunk(self, seq: Seq, start: int, n: int, drafts: int = 0) -> tuple[list[int], list[int]]:
         """The (prefix, names) of a chunk of tokens [start, start + n) about to be sent, and `drafts`
         draft tokens after them: they take blocks (as on every stage) but name none. A block that
         accepted drafts fill up is never named: the prefix cache holds only what chunks named."""
@@ -88,7 +88,7 @@ class PrefixCache:
         self.hashes.pop(seq_id, None)
         self.started.discard(seq_id)
 
-    def forget(self, chunks: list[tuple[Sequence, int, int]]) -> None:
+    def forget(self, chunks: list[tuple[Seq, int, int]]) -> None:
         """A batch of these (sequence, start, n) chunks failed: stages past the one that failed never
         named its blocks, those before it did. Every stage is told to forget those names."""
         for seq, start, n in chunks:
@@ -96,7 +96,7 @@ class PrefixCache:
             self.blocks.evict(names)
             self._evict += names
 
-    def unsent(self, chunks: list[tuple[Sequence, int, int, bool]], evict: list[int]) -> None:
+    def unsent(self, chunks: list[tuple[Seq, int, int, bool]], evict: list[int]) -> None:
         """A built batch of these (sequence, start, n, first chunk) was never sent: a first chunk's
         prefix goes with the sequence's next chunk again, the names it made are forgotten (made
         again when resent), and its evictions go with the next batch."""
@@ -115,7 +115,7 @@ class PrefixCache:
     def cached_tokens(self) -> int:
         return self.blocks.cached_blocks * BLOCK
 
-    def _hashes(self, seq: Sequence, upto: int) -> list[int]:
+    def _hashes(self, seq: Seq, upto: int) -> list[int]:
         """The hashes of the sequence's full blocks before token `upto` (computed once each)."""
         have = self.hashes.setdefault(seq.seq_id, [])
         blocks = upto // BLOCK

@@ -33,7 +33,7 @@ def recover(pipeline: Pipeline, lost: list[int], timeout_s: float, log=print) ->
     """Put a stage in place of each lost one within `timeout_s` in all; never raises."""
     t0 = time.monotonic()
     deadline = t0 + timeout_s
-    names = [_name(pipeline.describe()[i]) for i in lost]
+    names = [_name(pipeline.stages[i]) for i in lost]
     event = RecoveryEvent(names, t0)
     pipeline.abandon()  # the batches in flight are rebuilt from token ids, not waited for
     todo, replaced = list(lost), []
@@ -44,12 +44,12 @@ def recover(pipeline: Pipeline, lost: list[int], timeout_s: float, log=print) ->
                 break
             where = pipeline.replace(i, left)
             if where is not None:
-                log(f"recovered: layers {_layers(pipeline.describe()[i])} on {where}")
+                log(f"recovered: layers {pipeline.stages[i].info.layer_range} on {where}")
                 todo.remove(i)
                 replaced.append(where)
         left = deadline - time.monotonic()
         if todo and left <= 0:
-            gone = ", ".join(f"{names[lost.index(i)]} (layers {_layers(pipeline.describe()[i])})" for i in todo)
+            gone = ", ".join(f"{names[lost.index(i)]} (layers {pipeline.stages[i].info.layer_range})" for i in todo)
             event.error = f"lost {gone}; no stage took its place within {timeout_s:.0f} s"
             event.seconds, event.unreplaced = time.monotonic() - t0, todo
             return event
@@ -59,9 +59,6 @@ def recover(pipeline: Pipeline, lost: list[int], timeout_s: float, log=print) ->
     return event
 
 
-def _name(d: dict) -> str:
-    return d.get("address") or f"{d['backend']}:{_layers(d)}"
-
-
-def _layers(d: dict) -> str:
-    return f"{d['layers'][0]}-{d['layers'][1]}"
+def _name(stage) -> str:
+    """A remote stage's address; an in-process one's backend and layers."""
+    return getattr(stage, "address", None) or f"{stage.info.backend}:{stage.info.layer_range}"

@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 
 from ..core.errors import QueueFull, UserError
 from ..core.sampling import SamplingParams
+from .request import Request
 
 
 @dataclass(eq=False)
-class Sequence:
+class Seq:
     seq_id: int
     prompt: list[int]
     max_tokens: int
@@ -31,7 +32,7 @@ class Sequence:
     cached: int = 0  # tokens in the stages' KV caches
     in_flight: bool = False
     cancelled: bool = False
-    owner: object = None  # the engine's per-request state (output queue, detokenizer, timing)
+    owner: Request | None = None  # the engine's per-request state (output queue, detokenizer, timing)
     score_prompt: int | None = None  # prompt log-probabilities asked, with this many alternatives
     drafter: object = None  # speculative decoding's drafts for it (`speculative.Drafter`), if it speculates
 
@@ -55,7 +56,7 @@ class Sequence:
 class Slice:
     """One sequence's part of a micro-batch: tokens [start, start + n), sampling at the end or not."""
 
-    seq: Sequence
+    seq: Seq
     start: int
     n: int
     sample: bool
@@ -76,17 +77,17 @@ class Scheduler:
         self.max_batch_tokens = max_batch_tokens
         self.prefill_with_decode = prefill_with_decode  # prefill tokens riding along with decode steps
         self.on_admit = on_admit
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.waiting: deque[Seq] = deque()
+        self.running: list[Seq] = []
         self.reserved = 0
 
-    def check(self, seq: Sequence) -> None:
+    def check(self, seq: Seq) -> None:
         """Refuse at once a request no amount of waiting would let in."""
         if seq.reserve > self.kv_tokens:
             raise UserError(f"request needs {seq.reserve} KV tokens (prompt {len(seq.prompt)} + max tokens "
                             f"{seq.max_tokens}); the smallest stage holds {self.kv_tokens}")
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: Seq) -> None:
         self.check(seq)
         self.admit()  # the queue holds only what cannot run now
         if len(self.waiting) >= self.max_queue:
@@ -135,7 +136,7 @@ class Scheduler:
             sl.seq.in_flight = False
             sl.seq.cached += sl.n
 
-    def finish(self, seq: Sequence) -> None:
+    def finish(self, seq: Seq) -> None:
         """Take a sequence out, waiting or running; its KV reservation is free again."""
         seq.in_flight = False
         if seq in self.running:

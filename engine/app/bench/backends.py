@@ -22,8 +22,8 @@ from ...core.config import ModelConfig
 from ...core.layer_cost import head_read_bytes, layer_cost
 from ...core.partition import check_range
 from ...core.shapes import ShapeModel
-from .. import allocator
-from ..stages import available_backends
+from ...compose import allocator
+from ...compose.stages import available_backends
 from .report import pyplot
 
 
@@ -59,7 +59,7 @@ def time_stage(backend: str, model: str, first: int, last: int, dtype: str, prom
     from ...core.sampling import SamplingParams
     from ...core.stage import SeqChunk, StageBatch
     from ...core.tensors import TypedArray
-    from ..stages import load_stage
+    from ...compose.stages import load_stage
 
     source = ShapeModel.parse(model) if model.startswith("shape:") else model
     cfg = source.config if isinstance(source, ShapeModel) else ModelConfig.load(model)

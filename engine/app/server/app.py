@@ -35,10 +35,10 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from ...core.errors import GrammarFailed, QueueFull, RequestFailed, StageFailure, UserError
+from ...core.errors import CapacityError, GrammarFailed, InternalError, QueueFull, RequestFailed, StageFailure, UserError
 from ...serving.aio import get_within
 from ...serving.generator import Generator
-from ..allocator import release_free_memory
+from ...compose.allocator import release_free_memory
 from . import completions as C
 from . import messages as M
 from . import responses as R
@@ -46,9 +46,9 @@ from . import tools as T
 from .events import EventStream, until_disconnect
 from .guard import (BodyGuard, ModelNotFound, ParamError, ServerLimits, anthropic_error, parse_json,
                     validation_message)
-from .metrics import Metrics, stage_name
+from .metrics import Metrics
 from .schemas import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
-from .status import StageStatus
+from .status import StatusCache
 from .tokenize import detokenize, tokenize
 
 # an SSE comment this often while a stream waits (a long prefill); the environment may shorten it
@@ -74,7 +74,7 @@ def error_of(e: BaseException) -> tuple[int, str, str | None, str | None]:
         return 400, str(e), "response_format", "structured_output_failed"
     if isinstance(e, UserError):
         return 400, str(e), None, None
-    if isinstance(e, StageFailure):
+    if isinstance(e, (StageFailure, CapacityError, InternalError)):
         return 503, f"the pipeline cannot serve this request: {e}", None, "stage_unavailable"
     if isinstance(e, RequestFailed):  # logged where it happened
         return 500, f"this request failed: {e}", None, "request_failed"
@@ -113,7 +113,7 @@ class _Api:
 
     def __init__(self, gen: Generator, model_name: str, api_key: str | None):
         self.gen, self.model_name, self.api_key = gen, model_name, api_key
-        self.status = StageStatus(gen)
+        self.status = StatusCache(gen)
         self.metrics = Metrics(gen, self.status.cached)
         self.pool = ThreadPoolExecutor(PREPARE_WORKERS, thread_name_prefix="hetpipe-prepare")
         self.pool.submit(gen.grammars.warm)  # llguidance's view of the vocabulary, built now, not by a request
@@ -315,11 +315,10 @@ class _Api:
         self.metrics.watch_loop()
         stages = await asyncio.to_thread(self.status.refresh)
         engine_error = self.gen.engine.error
-        ok = engine_error is None and not self.gen.engine.lost_stages and all(s["state"] == "ok" for s in stages)
+        ok = engine_error is None and not self.gen.engine.lost_stages and all(s.state == "ok" for s in stages)
+        waiting, running, _ = self.gen.engine.load()
         body = {"status": "ok" if ok else "unavailable", "model": self.model_name,
-                "stages": [{"stage": stage_name(s), **s} for s in stages],
-                "queue_depth": len(self.gen.engine.scheduler.waiting),
-                "running": len(self.gen.engine.scheduler.running),
+                "stages": [s.to_json() for s in stages], "queue_depth": waiting, "running": running,
                 "tokens_per_s": self.metrics.tokens_per_s()}
         if engine_error is not None:
             body["error"] = f"the serving engine stopped: {engine_error!r}"

@@ -37,11 +37,11 @@ class Metrics:
                              registry=r, buckets=LATENCY_BUCKETS)
         engine = gen.engine
         Gauge("hetpipe_queue_depth", "requests waiting to be scheduled", registry=r).set_function(
-            lambda: len(engine.scheduler.waiting))
+            lambda: engine.load()[0])
         Gauge("hetpipe_running_requests", "requests being run", registry=r).set_function(
-            lambda: len(engine.scheduler.running))
+            lambda: engine.load()[1])
         Gauge("hetpipe_kv_tokens_reserved", "KV tokens the scheduler holds for running requests",
-              registry=r).set_function(lambda: engine.scheduler.reserved)
+              registry=r).set_function(lambda: engine.load()[2])
         self.loop_lag = Histogram("hetpipe_event_loop_lag_seconds", "how late the event loop ran a timer due now",
                                   registry=r, buckets=LATENCY_BUCKETS)
         self.max_loop_lag_s = 0.0
@@ -122,15 +122,11 @@ class _StageCollector:
         accepted.add_metric([], engine.accepted)
         status = self.m.stage_status()
         for i, s in enumerate(status):
-            name = stage_name(s)
-            compute.add_metric([name], profile.stage_ms[i] if i < len(profile.stage_ms) else 0.0)
-            if "kv_tokens_used" in s:
-                used.add_metric([name], s["kv_tokens_used"])
-                cached.add_metric([name], s["kv_tokens_cached"])
-            cap.add_metric([name], s["kv_tokens"])
+            compute.add_metric([s.name], profile.stage_ms[i] if i < len(profile.stage_ms) else 0.0)
+            if s.report is not None:
+                used.add_metric([s.name], s.report.kv_tokens_used)
+                cached.add_metric([s.name], s.report.kv_tokens_cached)
+                cap.add_metric([s.name], s.report.kv_tokens)
         steps.add_metric([], profile.steps)
         yield from (compute, steps, used, cap, cached, hits, evicted, drafted, accepted)
 
-
-def stage_name(s: dict) -> str:
-    return s.get("address") or f"{s['backend']}:{s['layers'][0]}-{s['layers'][1]}"
