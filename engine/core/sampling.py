@@ -131,8 +131,8 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def logsumexp(logits: np.ndarray) -> float:
-    """log(sum(exp(logits))) of one row: the exponentials in float32, their sum in float64 (over a
-    49k vocabulary 0.11 ms against 0.43 for `log_softmax`'s float64 pass, per sampled token)."""
+    """log(sum(exp(logits))) of one row: the exponentials in float32, their sum in float64 (a
+    quarter of `log_softmax`'s float64 pass, paid per sampled token)."""
     m = logits.max()
     return float(m) + float(np.log(np.exp(logits - m).sum(dtype=np.float64)))
 
@@ -214,9 +214,31 @@ def sample_token(logits: np.ndarray, p: SamplingParams, rng: np.random.Generator
     if p.greedy:
         return int(np.argmax(logits))
     x = filter_logits(logits, p)
-    probs = np.exp(x - x.max())
-    cdf = np.cumsum(probs)
-    return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), x.size - 1))
+    x -= x.max()
+    return draw(np.exp(x, out=x), rng.random())
+
+
+DRAW_BLOCK = 1024  # `draw` sums the weights in blocks this wide, and runs a sum only within one block
+
+
+def draw(weights: np.ndarray, u: float) -> int:
+    """The index i where the running sum of `weights` (non-negative floats) first passes u times
+    their total: a draw from the distribution they weigh, for u uniform in [0, 1). The running sum
+    goes over the block sums, then within the one block the draw lands in: a fraction of a running
+    sum over the whole vocabulary, which was the most of a sampled token's time."""
+    n = weights.size
+    full = n - n % DRAW_BLOCK
+    sums = weights[:full].reshape(-1, DRAW_BLOCK).sum(axis=1)
+    if full < n:
+        sums = np.append(sums, weights[full:].sum())
+    running = np.cumsum(sums)
+    target = u * running[-1]
+    b = min(int(np.searchsorted(running, target, side="right")), len(running) - 1)
+    block = weights[b * DRAW_BLOCK : (b + 1) * DRAW_BLOCK]
+    i = int(np.searchsorted(np.cumsum(block), target - (running[b - 1] if b else 0.0), side="right"))
+    if i >= block.size:  # the block's running sum rounded below its own sum: its last weighted token
+        i = int(np.flatnonzero(block)[-1])
+    return b * DRAW_BLOCK + i
 
 
 def top_logprobs(logprobs: np.ndarray, n: int, lse: float = 0.0) -> list[tuple[int, float]]:
