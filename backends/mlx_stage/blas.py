@@ -1,7 +1,7 @@
 """On Linux, make MLX's CPU matmuls use OpenBLAS instead of the reference BLAS its wheel bundles.
 
-The `mlx[cpu]` wheel links a bundled reference `libblas`; fp32 GEMM there is ~10-50x slower than
-OpenBLAS. Loading OpenBLAS with RTLD_GLOBAL before mlx is imported makes `cblas_sgemm` resolve to
+The `mlx[cpu]` wheel links a bundled reference `libblas`, an order of magnitude slower than
+OpenBLAS for fp32 GEMM. Loading OpenBLAS with RTLD_GLOBAL before mlx is imported makes `cblas_sgemm` resolve to
 it. This must run before the first `import mlx`. macOS uses Accelerate and needs none of this.
 """
 

@@ -4,11 +4,11 @@ The codes are MLX's own layout, so they load as they are: `mx.quantized_matmul` 
 `mx.dequantize` looks embedding rows up, on Metal and on the CPU alike. Scales and biases are
 held in the activation dtype (float32: the checkpoint's own; bfloat16: rounded).
 
-On the CPU backend (mlx 0.32.4 here) `quantized_matmul` has no fast path for many rows: 512 rows
-times a 4-bit 576 x 1536 weight took 522 ms against 12.9 ms to dequantize it and multiply with
-BLAS (and 7.9 ms dense). So on the CPU a call of more than `CPU_QMM_ROWS` rows (a prefill)
-dequantizes the weight for the call; decode rows keep `quantized_matmul` (1.0 ms a row against
-~5 ms to dequantize). On Metal every call is `quantized_matmul`, as in mlx-lm.
+On the CPU backend `quantized_matmul` has no fast path for many rows: for a prefill it is ~40x
+slower than dequantizing the weight and multiplying with BLAS. So on the CPU a call of more than
+`CPU_QMM_ROWS` rows dequantizes the weight for the call; decode rows keep `quantized_matmul`
+(cheaper than a dequantize). On Metal every call is `quantized_matmul`, as in mlx-lm. Figures:
+docs/benchmarks.md.
 """
 
 from __future__ import annotations

@@ -3,14 +3,13 @@ that runs them on this host; the weights stay quantized in memory.
 
 - Codes with float32 scales and biases (float16 on a CPU where both are exactly float16, as GGUF's
   d and m are): 4-bit codes two a byte as MLX packs them, other widths (8; 2, 3, 5, 6 unpacked)
-  one byte a weight. A decode step (up to 8 rows) on a CPU goes through
-  `hetpipe::qmatmul` (our AVX2 kernel, `kernels/quant_matmul.cpp`); more rows, or other devices,
+  one byte a weight. A decode step (a few rows) on a CPU goes through
+  `hetpipe::qmatmul` (our AVX2/AVX-512 kernel, `kernels/quant_matmul.cpp`); more rows, or other devices,
   dequantize the weight for the call and multiply (in fp32 on CPUs without bf16 arithmetic).
 - 4 bits on a CPU where our kernels do not run (HETPIPE_NATIVE=0, not x86-64...): torch's
   `_weight_int4pack_mm_for_cpu`, packed here with `_convert_weight_to_int4pack_for_cpu`. Where
-  ours run they are used instead, measured on this Zen 3 (one row, 576 -> 1536): ours 0.077 ms in
-  fp32 or bf16, int4pack 0.085-0.10 ms in bf16 and 1.1 ms in fp32; 512 rows: dequantize + fp32
-  GEMM 9.8 ms, int4pack in bf16 18.6 ms.
+  ours run they are used instead: no slower for a row in bf16, ~14x faster in fp32, and a
+  dequantized fp32 GEMM beats int4pack for a prefill (docs/benchmarks.md).
 - 4 bits, CUDA, bf16 activations: `_weight_int4pack_mm` (sm80+), packed with
   `_convert_weight_to_int4pack`. Not run here (no GPU): where packing fails, the codes path.
 

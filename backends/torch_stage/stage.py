@@ -119,13 +119,13 @@ class TorchStage(BaseStage):
 
     def compile_decode(self) -> None:
         """torch.compile the decode steps: inductor fuses the small ops within and across layers,
-        which are most of an eager step's time past the weight reads (a bf16 step of SmolLM2 here:
-        23.1 ms against 32.7 eager; compiling one layer for all of them, 31.2). Prefill stays eager:
-        its time is the GEMMs, and each prompt length would be a shape to compile (a first request
-        with a new prompt length took minutes when prefill was compiled too). Dynamic shapes: one
-        graph serves every batch size from 2 and every cache length; the warm-up compiles it and
-        the one-row graph. On a CPU the graph's calls between kernels run from C++ (cpp_wrapper):
-        1.11x on a compiled bf16 decode step (interleaved A/B), for a longer first compile."""
+        which are most of an eager step's time past the weight reads (the whole stage compiles as
+        one graph: compiling one layer for all of them fuses nothing across layers). Prefill stays
+        eager: its time is the GEMMs, and each prompt length would be a shape to compile (minutes
+        for a first request of a new length). Dynamic shapes: one graph serves every batch size
+        from 2 and every cache length; the warm-up compiles it and the one-row graph. On a CPU the
+        graph's calls between kernels run from C++ (cpp_wrapper): a faster step for a longer first
+        compile. Figures: docs/benchmarks.md."""
         options = {"cpp_wrapper": True} if self.device.type == "cpu" else None
         self.decode_model = torch.compile(self.model, dynamic=True, options=options)
 

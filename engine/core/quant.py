@@ -218,7 +218,3 @@ def checkpoint_entries(tensors: dict) -> tuple[dict, dict | None]:
     overrides = {m: v for m, v in specs.items() if v != default}
     return flat, QuantScheme(default[0], default[1], overrides).to_config()
 
-
-def weight_bytes(t) -> int:
-    """Bytes a weight (QuantTensor or TypedArray) holds as loaded."""
-    return t.nbytes if isinstance(t, QuantTensor) else t.data.nbytes

@@ -25,8 +25,8 @@ from ..quant import QuantEmbedding, QuantLinear
 def in_out(w: mx.array) -> mx.array:
     """A weight stored (out, in) as the (in, out) operand of `x @ w`: the transposed view, mlx-lm's
     layout, which MLX's Metal kernels are tuned for. On the CPU backend (OpenBLAS) it multiplies as
-    fast as a contiguous copy for a layer's projections and ~1.9x faster for a wide head (a row
-    against a 49152-token vocabulary): docs/benchmarks.md."""
+    fast as a contiguous copy for a layer's projections, and faster for a wide head
+    (docs/benchmarks.md)."""
     return w.T
 
 

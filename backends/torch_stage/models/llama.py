@@ -34,8 +34,8 @@ class RMSNorm(nn.Module):
 
 SMALL_ROWS = 16  # up to this many rows (a decode step, a draft's verification) go through `small_matmul`
 # Many bf16/fp16 rows (a prefill) on a CPU without native bf16 arithmetic: oneDNN's half-precision
-# GEMM ran 5-7x slower there than widening both operands and multiplying in fp32 (2-core Zen 3,
-# 512 rows; the same fp32 sums, rounded once). CPUs with AVX512-BF16 or AMX keep oneDNN's own.
+# GEMM emulates it, several times slower than widening both operands and multiplying in fp32 (the
+# same fp32 sums, rounded once). CPUs with AVX512-BF16 or AMX keep oneDNN's own.
 WIDEN_HALF_GEMM = native.lacks_half_gemm()
 
 
