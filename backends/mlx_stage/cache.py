@@ -27,7 +27,9 @@ class BatchSlots:
     decode_rows: mx.array | None  # (B,) rows of one-token sequences, attended together
     decode_index: mx.array | None  # (B, n_kv, Lmax) cache rows of their keys and values, padded
     decode_mask: mx.array | None  # (B, 1, 1, Lmax) bool: which of those are real (None: no padding)
-    # (start, length, (1, n_kv, offset + length) rows or None at offset 0, mask: "causal" or (1, 1, length, offset + length) bool)
+    # (start, length, (1, n_kv, offset + length) rows or None at offset 0, mask: None where plain causal
+    # (MLX's causal mask is aligned to the keys' end, so a later chunk needs none either), else
+    # (1, 1, length, offset + length) bool)
     prefill: list[tuple[int, int, mx.array | None, object]]
     all_decode: bool
     inverse: mx.array | None = None  # attention's rows (decode rows, then each chunk) back to batch order
@@ -61,7 +63,7 @@ class PagedKV:
         rows = lambda slots: mx.array((head + slots[None, :]).astype(np.int32))  # noqa: E731  (n_kv, len)
         prefill = []
         for start, n, off, slots in p.prefill:
-            mask = "causal"
+            mask = None
             if window is not None and off + n > window:
                 mask = mx.array(window_mask(off, n, window))[None, None]
             prefill.append((start, n, None if slots is None else rows(slots)[None], mask))

@@ -14,6 +14,7 @@ docs/benchmarks.md.
 from __future__ import annotations
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 
 from engine.core.quant import QuantTensor
@@ -21,39 +22,42 @@ from engine.core.quant import QuantTensor
 CPU_QMM_ROWS = 8
 
 
-class QuantLinear:
+class QuantLinear(nn.Module):
+    """`nn.QuantizedLinear`'s arrays (weight: the packed codes, scales, biases; bias), built from a
+    `QuantTensor` as it is, and its CPU prefill path."""
+
     def __init__(self, t: QuantTensor, dtype: mx.Dtype, bias: mx.array | None = None):
+        super().__init__()
         s, b = t.float_parts()
-        self.w = mx.array(np.ascontiguousarray(t.codes))
+        self.weight = mx.array(np.ascontiguousarray(t.codes))
         self.scales, self.biases = mx.array(s).astype(dtype), mx.array(b).astype(dtype)
         self.bits, self.group_size, self.bias = t.bits, t.group_size, bias
         self.max_qmm_rows = CPU_QMM_ROWS if mx.default_device() == mx.cpu else None
 
     def __call__(self, x: mx.array) -> mx.array:
-        y = self.matmul(x, self.w, self.scales, self.biases)
-        return y if self.bias is None else y + self.bias
+        return self.run(self, x)
 
     def key(self):
         """What a compiled graph over `run` depends on besides its inputs (`models/llama.py`)."""
         return ("q", self.bits, self.group_size, self.bias is not None)
 
     def run(self, p, x):
-        """The layer with its arrays `p` (this layer's `parameters()`) passed in, for a compiled graph."""
-        y = self.matmul(x, p[0], p[1], p[2])
-        return y + p[3] if len(p) > 3 else y
+        """The layer with its arrays `p` (its parameters) passed in, for a compiled graph."""
+        y = self.matmul(x, p["weight"], p["scales"], p["biases"])
+        return y + p["bias"] if "bias" in p else y
 
     def matmul(self, x, w, scales, biases) -> mx.array:
         if self.max_qmm_rows is not None and x.shape[0] > self.max_qmm_rows:
             return x @ mx.dequantize(w, scales, biases, group_size=self.group_size, bits=self.bits).T
         return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=self.group_size, bits=self.bits)
 
-    def parameters(self) -> list[mx.array]:
-        return [self.w, self.scales, self.biases] + ([self.bias] if self.bias is not None else [])
-
 
 class QuantEmbedding(QuantLinear):
-    """Rows looked up and dequantized; called as a linear layer it is the tied head (`as_linear`)."""
+    """`nn.QuantizedEmbedding`: called with token ids, their rows dequantized; `as_linear`, the tied head."""
 
-    def __getitem__(self, ids: mx.array) -> mx.array:
-        return mx.dequantize(self.w[ids], self.scales[ids], self.biases[ids], group_size=self.group_size,
+    def __call__(self, ids: mx.array) -> mx.array:
+        return mx.dequantize(self.weight[ids], self.scales[ids], self.biases[ids], group_size=self.group_size,
                              bits=self.bits)
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return self.run(self, x)

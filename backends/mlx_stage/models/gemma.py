@@ -11,14 +11,16 @@ layers' own RoPE base.
 from __future__ import annotations
 
 import mlx.core as mx
+import mlx.nn as nn
 
 from engine.core.config import ModelConfig
 
-from .llama import Attention, Block, LlamaStage, in_out
+from .llama import Attention, Block, LlamaStage
 
 
 class GemmaBlock(Block):
-    def __init__(self, cfg: ModelConfig, w: dict, i: int, rope_freqs: mx.array, graphs: dict, t=in_out):
+    def __init__(self, cfg: ModelConfig, w: dict, i: int, rope_freqs: mx.array, graphs: dict):
+        nn.Module.__init__(self)  # not Block.__init__: the layers are made here
         p = f"model.layers.{i}."
         self.eps = cfg.rms_norm_eps
         self.attn_norm = w[p + "input_layernorm.weight"]
@@ -26,11 +28,8 @@ class GemmaBlock(Block):
         self.mlp_norm = w[p + "pre_feedforward_layernorm.weight"]
         self.mlp_post_norm = w[p + "post_feedforward_layernorm.weight"]
         dtype = self.attn_norm.dtype
-        self.attn = Attention(cfg, w, p + "self_attn.", i, rope_freqs, dtype, graphs, t)
-        self.init_mlp(cfg, w, p + "mlp.", dtype, graphs, t, post_norm=True)
-
-    def parameters(self) -> list[mx.array]:
-        return super().parameters() + [self.attn_post_norm, self.mlp_post_norm]
+        self.attn = Attention(cfg, w, p + "self_attn.", i, rope_freqs, dtype, graphs)
+        self.init_mlp(cfg, w, p + "mlp.", dtype, graphs, post_norm=True)
 
     def __call__(self, x, positions, plans, keys, values):
         h = self.attn(mx.fast.rms_norm(x, self.attn_norm, self.eps), positions, plans, keys, values)

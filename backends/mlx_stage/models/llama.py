@@ -3,8 +3,9 @@
 The other families' files (`gemma.py`, `moe.py`) build on these layers: attention with per-layer
 windows, q/k norms, soft-capping and RoPE bases, and a gated MLP with either activation.
 
-Uses only `mx.fast.*` kernels and plain array ops, so the same code runs on Metal and on the
-CPU. Rows of all sequences are flattened for the projections and the rotary embedding (each row at
+Layers are `mlx.nn.Module`s, as in mlx-lm, and the torch backend's `models/llama.py` has the same
+classes in the same order. Uses only `mx.fast.*` kernels and plain array ops, so the same code runs
+on Metal and on the CPU. Rows of all sequences are flattened for the projections and the rotary embedding (each row at
 its own position); keys and values go to the paged cache (`..cache`) with one scatter per layer, the
 decode rows attend in one batched call, and each prefill chunk attends on its own.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import functools
 
 import mlx.core as mx
+import mlx.nn as nn
 
 from engine.core.config import ModelConfig
 from engine.core.quant import QuantTensor, concat_rows
@@ -22,38 +24,53 @@ from ..cache import BatchSlots, PagedKV
 from ..quant import QuantEmbedding, QuantLinear
 
 
-def in_out(w: mx.array) -> mx.array:
-    """A weight stored (out, in) as the (in, out) operand of `x @ w`: the transposed view, mlx-lm's
-    layout, which MLX's Metal kernels are tuned for. On the CPU backend (OpenBLAS) it multiplies as
-    fast as a contiguous copy for a layer's projections, and faster for a wide head
-    (docs/benchmarks.md)."""
-    return w.T
+def keep(module: nn.Module, name: str, value) -> None:
+    """An attribute that is not one of the module's parameters (a compiled graph, the arrays a graph
+    takes as inputs, gathered once at load rather than walked from the module on every call)."""
+    object.__setattr__(module, name, value)
 
 
-class Dense:
-    """x @ w for a float weight, stored as `t` lays it out (see `in_out`)."""
+class Dense(nn.Module):
+    """x @ weight.T for a float weight stored (out, in), as `nn.Linear` (the transposed view is the
+    operand MLX's kernels are tuned for; on the CPU backend it multiplies as fast as a contiguous
+    copy, and faster for a wide head: docs/benchmarks.md)."""
 
-    def __init__(self, w: mx.array, bias: mx.array | None = None, t=in_out):
-        self.w, self.bias = t(w), bias
+    def __init__(self, weight: mx.array, bias: mx.array | None = None):
+        super().__init__()
+        self.weight, self.bias = weight, bias
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.run(self.parameters(), x)
+        return self.run(self, x)
 
     def key(self):
         return ("dense", self.bias is not None)
 
-    def run(self, p, x):
-        y = x @ p[0]
-        return y + p[1] if len(p) > 1 else y
+    @staticmethod
+    def run(p, x):
+        """The layer with its arrays `p` (its parameters) passed in, for a compiled graph."""
+        y = x @ p["weight"].T
+        return y + p["bias"] if "bias" in p else y
 
-    def parameters(self) -> list[mx.array]:
-        return [self.w] + ([self.bias] if self.bias is not None else [])
+
+class Embedding(nn.Module):
+    """`nn.Embedding`: called with token ids, their rows; `as_linear`, the tied head."""
+
+    def __init__(self, weight: mx.array):
+        super().__init__()
+        self.weight = weight
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        return self.weight[ids]
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return x @ self.weight.T
 
 
-class Stacked:
+class Stacked(nn.Module):
     """Projections that cannot be one matrix (quantized differently): outputs side by side."""
 
     def __init__(self, parts, bias=None):
+        super().__init__()
         self.parts, self.bias = parts, bias
 
     def __call__(self, x):
@@ -63,23 +80,21 @@ class Stacked:
     def key(self):
         return None  # not compiled
 
-    def parameters(self):
-        return [a for p in self.parts for a in p.parameters()] + ([self.bias] if self.bias is not None else [])
 
-
-def projection(ws: list, dtype, bias=None, t=in_out):
+def projection(ws: list, dtype, bias=None) -> nn.Module:
     """One linear layer over the rows of `ws` stacked: float arrays or QuantTensors."""
     if all(isinstance(w, mx.array) for w in ws):
-        return Dense(mx.concatenate(ws) if len(ws) > 1 else ws[0], bias, t)
+        return Dense(mx.concatenate(ws) if len(ws) > 1 else ws[0], bias)
     fused = concat_rows(ws)
     if fused is not None:
         return QuantLinear(fused, dtype, bias)
-    return Stacked([projection([w], dtype, None, t) for w in ws], bias)
+    return Stacked([projection([w], dtype) for w in ws], bias)
 
 
-class Attention:
+class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, w: dict, p: str, layer: int, rope_freqs: mx.array, dtype,
-                 compiled_graphs: dict, t=in_out):
+                 compiled_graphs: dict):
+        super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.scale, self.softcap = cfg.attn_scale, cfg.attn_softcap
         self.window = cfg.layer_windows[layer]
@@ -87,19 +102,17 @@ class Attention:
         bqkv = mx.concatenate([w[p + f"{x}_proj.bias"] for x in "qkv"]) if cfg.attention_bias else None
         fused = [w.pop(p + "qkv_proj.weight")] if p + "qkv_proj.weight" in w else \
             [w.pop(p + f"{x}_proj.weight") for x in "qkv"]  # phi3 ships q/k/v fused
-        self.qkv = projection(fused, dtype, bqkv, t)  # fused q/k/v
-        self.o = projection([w.pop(p + "o_proj.weight")], dtype, w.get(p + "o_proj.bias"), t)
+        self.qkv = projection(fused, dtype, bqkv)  # fused q/k/v
+        self.o = projection([w.pop(p + "o_proj.weight")], dtype, w.get(p + "o_proj.bias"))
         self.norms = [w[p + "q_norm.weight"], w[p + "k_norm.weight"]] if cfg.qk_norm else []
         # decode steps run the projection, RoPE and the cache rows' layout as one compiled graph
         # (a 16-row step of SmolLM2 on the CPU backend: 0.93x the time); one graph per batch size,
         # so prefill, whose every prompt length would be another, runs it as it is
         spec = (self.n_heads, self.n_kv, self.head_dim, cfg.rms_norm_eps if cfg.qk_norm else None,
                 cfg.rope_attention_factor)
-        self._pre = functools.partial(_project_rotate, self.qkv, spec)
-        self._pre_decode = compiled(compiled_graphs, ("pre", self.qkv.key(), spec), self._pre)
-
-    def parameters(self) -> list[mx.array]:
-        return self.qkv.parameters() + self.o.parameters() + self.norms
+        keep(self, "_pre", functools.partial(_project_rotate, self.qkv, spec))
+        keep(self, "_pre_decode", compiled(compiled_graphs, ("pre", self.qkv.key(), spec), self._pre))
+        keep(self, "_qkv", dict(self.qkv.parameters()))  # the graph's inputs
 
     def __call__(self, x: mx.array, positions: mx.array, plans: dict[int | None, BatchSlots], keys: mx.array,
                  values: mx.array) -> mx.array:
@@ -108,7 +121,7 @@ class Attention:
         plan = plans[self.window]
         qd = self.n_heads * self.head_dim
         q, k, v, krows, vrows = (self._pre_decode if plan.all_decode else self._pre)(
-            x, positions, self.qkv.parameters(), self.rope_freqs, self.norms)
+            x, positions, self._qkv, self.rope_freqs, self.norms)
         keys[plan.write] = krows  # head-major rows (see ..cache)
         values[plan.write] = vrows
         outs = []
@@ -131,19 +144,21 @@ class Attention:
         return self.o(out)
 
     def attend(self, q, k, v, mask):
-        """q (B, heads, T, head_dim) against k, v (B, n_kv, L, head_dim); mask: None, "causal" or bool
-        (B or 1, 1, T, L). Soft-capped scores (gemma2) have no fused kernel: computed as transformers does."""
+        """q (B, heads, T, head_dim) against k, v (B, n_kv, L, head_dim); mask None: causal, as on the
+        torch side (the T rows are the last T of the L positions: a decode row sees them all), else
+        bool (B or 1, 1, T, L). Soft-capped scores (gemma2) have no fused kernel: computed as
+        transformers does."""
         if self.softcap is None:
-            return mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+            causal = mask is None and q.shape[2] > 1  # one row per sequence needs no mask at all
+            return mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask="causal" if causal else mask)
         b, h, n, d = q.shape
         rep = h // self.n_kv
         s = (q.reshape(b, self.n_kv, rep, n, d) @ k[:, :, None].swapaxes(-1, -2)) * self.scale
         s = mx.tanh(s / self.softcap) * self.softcap  # (B, n_kv, rep, T, L)
-        if isinstance(mask, str):
+        if mask is None:
             mask = mx.arange(k.shape[2])[None, :] <= mx.arange(n)[:, None] + (k.shape[2] - n)
-        if mask is not None:
-            s = mx.where(mask.reshape(mask.shape[0], 1, 1, *mask.shape[-2:]) if mask.ndim == 4 else mask,
-                         s, mx.array(-mx.inf, s.dtype))
+        s = mx.where(mask.reshape(mask.shape[0], 1, 1, *mask.shape[-2:]) if mask.ndim == 4 else mask,
+                     s, mx.array(-mx.inf, s.dtype))
         probs = mx.softmax(s.astype(mx.float32), axis=-1).astype(v.dtype)
         return (probs @ v[:, :, None]).reshape(b, h, n, d)
 
@@ -178,27 +193,25 @@ def compiled(cache: dict, key, fn):
     return cache[key]
 
 
-class Block:
-    def __init__(self, cfg: ModelConfig, w: dict, i: int, rope_freqs: mx.array, graphs: dict, t=in_out):
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, w: dict, i: int, rope_freqs: mx.array, graphs: dict):
+        super().__init__()
         p = f"model.layers.{i}."
         self.eps = cfg.rms_norm_eps
         self.attn_norm = w[p + "input_layernorm.weight"]
         self.mlp_norm = w[p + "post_attention_layernorm.weight"]
         dtype = self.attn_norm.dtype
-        self.attn = Attention(cfg, w, p + "self_attn.", i, rope_freqs, dtype, graphs, t)
-        self.init_mlp(cfg, w, p + "mlp.", dtype, graphs, t)
+        self.attn = Attention(cfg, w, p + "self_attn.", i, rope_freqs, dtype, graphs)
+        self.init_mlp(cfg, w, p + "mlp.", dtype, graphs)
 
-    def init_mlp(self, cfg: ModelConfig, w: dict, p: str, dtype, graphs: dict, t, post_norm: bool = False) -> None:
+    def init_mlp(self, cfg: ModelConfig, w: dict, p: str, dtype, graphs: dict, post_norm: bool = False) -> None:
         bias = lambda *xs: mx.concatenate([w[p + f"{x}_proj.bias"] for x in xs]) if cfg.mlp_bias else None  # noqa: E731
         fused = [w.pop(p + "gate_up_proj.weight")] if p + "gate_up_proj.weight" in w else \
             [w.pop(p + "gate_proj.weight"), w.pop(p + "up_proj.weight")]  # phi3 ships gate/up fused
-        self.gate_up = projection(fused, dtype, bias("gate", "up"), t)
-        self.down = projection([w.pop(p + "down_proj.weight")], dtype, bias("down"), t)
-        self.mlp = compiled_mlp(self.gate_up, self.down, self.eps, cfg.hidden_act, graphs, post_norm)
-        self.mlp_weights = (self.gate_up.parameters(), self.down.parameters())  # the compiled graph's inputs
-
-    def parameters(self) -> list[mx.array]:
-        return [self.attn_norm, self.mlp_norm] + self.attn.parameters() + [a for ws in self.mlp_weights for a in ws]
+        self.gate_up = projection(fused, dtype, bias("gate", "up"))
+        self.down = projection([w.pop(p + "down_proj.weight")], dtype, bias("down"))
+        keep(self, "mlp", compiled_mlp(self.gate_up, self.down, self.eps, cfg.hidden_act, graphs, post_norm))
+        keep(self, "mlp_weights", (dict(self.gate_up.parameters()), dict(self.down.parameters())))  # its inputs
 
     def __call__(self, x, positions, plans, keys, values):
         x = x + self.attn(mx.fast.rms_norm(x, self.attn_norm, self.eps), positions, plans, keys, values)
@@ -239,43 +252,44 @@ def _geglu(gate_up: mx.array) -> mx.array:
 GATED = {"silu": _swiglu, "gelu_tanh": _geglu}
 
 
-class LlamaStage:
+class LlamaStage(nn.Module):
     """Layers [first, last]; the embedding on the first stage, norm and head on the last."""
 
     block = Block  # what each layer is (another family's file swaps it)
 
     def __init__(self, cfg: ModelConfig, w: dict[str, mx.array], first: int, last: int,
-                 rope_freqs: dict[bool, mx.array], t=in_out):
-        """`rope_freqs`: RoPE periods by `cfg.local_rope(layer)`. `t` turns an (out, in) weight into the
-        right operand of `x @ w` (`in_out`)."""
+                 rope_freqs: dict[bool, mx.array]):
+        """`rope_freqs`: RoPE periods by `cfg.local_rope(layer)`."""
+        super().__init__()
         self.cfg, self.eps = cfg, cfg.rms_norm_eps
         is_last = last == cfg.num_hidden_layers - 1
         # compiled per stage, not at import: MLX keeps compiled graphs per thread, and a thread that
         # ends holding one while Python finalizes aborts the process in its destructor (which takes
         # the GIL). Dropped with the stage, on the thread that ran it, the graphs go with it.
-        self.compiled_mlps: dict = {}
+        keep(self, "compiled_mlps", {})
         emb = w.get("model.embed_tokens.weight")
         dtype = w[f"model.layers.{first}.input_layernorm.weight"].dtype
-        q_emb = QuantEmbedding(emb, dtype) if isinstance(emb, QuantTensor) else None
-        self.embed = (q_emb if q_emb is not None else emb) if first == 0 else None
+        table = None if emb is None else QuantEmbedding(emb, dtype) if isinstance(emb, QuantTensor) else Embedding(emb)
+        self.embed = table if first == 0 else None
         # projections are fused/re-laid copies: each layer is evaluated as it is built and its
         # originals popped from `w`, so loading never holds two copies of more than one layer
         self.layers = []
         for i in range(first, last + 1):
-            self.layers.append(self.block(cfg, w, i, rope_freqs[cfg.local_rope(i)], self.compiled_mlps, t))
+            self.layers.append(self.block(cfg, w, i, rope_freqs[cfg.local_rope(i)], self.compiled_mlps))
             mx.eval(self.layers[-1].parameters())
         self.norm = w["model.norm.weight"] if is_last else None
         self.lm_head = None
         if is_last and "lm_head.weight" in w:
-            self.lm_head = projection([w["lm_head.weight"]], dtype, None, t)
-        elif is_last:  # tied embeddings: the head is the embedding matrix (float: a copy in the (in, out) layout)
-            self.lm_head = q_emb if q_emb is not None else Dense(emb, None, t)
+            self.lm_head = projection([w["lm_head.weight"]], dtype)
+        elif is_last:  # tied embeddings: the head is the embedding matrix
+            self.lm_head = table
+        keep(self, "head", None if self.lm_head is None else getattr(self.lm_head, "as_linear", self.lm_head))
 
     def __call__(self, x, positions: mx.array, plans: dict, kv: PagedKV, sample_rows=None):
         """x: (N,) token ids on the first stage, else (N, hidden); positions: (N,) of every row; plans:
         the batch's cache slots by attention window."""
         if self.embed is not None:
-            x = self.embed[x]
+            x = self.embed(x)
             if self.cfg.embed_scale is not None:  # gemma: scaled in the activation dtype, as transformers
                 x = x * mx.array(self.cfg.embed_scale, x.dtype)
         for j, layer in enumerate(self.layers):
@@ -283,15 +297,10 @@ class LlamaStage:
         if self.lm_head is None:
             return x
         # only the rows that sample reach the head: never a (N, vocab) array
-        logits = self.lm_head(mx.fast.rms_norm(x[sample_rows], self.norm, self.eps)).astype(mx.float32)
+        logits = self.head(mx.fast.rms_norm(x[sample_rows], self.norm, self.eps)).astype(mx.float32)
         if self.cfg.final_softcap is not None:
             logits = mx.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap
         return logits
-
-    def parameters(self) -> list[mx.array]:
-        ends = [a for a in (self.embed, self.lm_head) if a is not None]
-        out = [a for e in ends for a in (e.parameters() if hasattr(e, "parameters") else [e])]
-        return out + ([self.norm] if self.norm is not None else []) + [a for b in self.layers for a in b.parameters()]
 
 
 StageModel = LlamaStage

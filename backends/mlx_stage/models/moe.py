@@ -10,52 +10,54 @@ so each expert's weights are read once per call.
 from __future__ import annotations
 
 import mlx.core as mx
+import mlx.nn as nn
 
 from engine.core.config import ModelConfig
 from engine.core.experts import moe_prefix
 from engine.core.quant import QuantTensor
 
-from .llama import GATED, Block, LlamaStage, in_out, projection
+from .llama import GATED, Block, LlamaStage, keep, projection
 
 SORT_ROWS = 64  # (rows x top_k) from which rows are sorted by expert (mlx-lm's threshold)
 
 
-class SwitchLinear:
-    """x @ w[e] for each row's experts e, over stacked (experts, out, in) weights, float or quantized."""
+class SwitchLinear(nn.Module):
+    """x @ weight[e] for each row's experts e, over stacked (experts, out, in) weights, float or
+    quantized (mlx-lm's SwitchLinear and QuantizedSwitchLinear)."""
 
     def __init__(self, w, dtype):
+        super().__init__()
         if isinstance(w, QuantTensor):
             s, b = w.float_parts()
-            self.w, self.scales, self.biases = mx.array(w.codes), mx.array(s).astype(dtype), mx.array(b).astype(dtype)
+            self.weight = mx.array(w.codes)
+            self.scales, self.biases = mx.array(s).astype(dtype), mx.array(b).astype(dtype)
             self.bits, self.group_size = w.bits, w.group_size
         else:  # (experts, in, out): contiguous on the CPU, a view on Metal
             cpu = mx.default_device() == mx.cpu
-            self.w = w.swapaxes(-1, -2)
-            self.w = mx.contiguous(self.w) if cpu else self.w
+            self.weight = w.swapaxes(-1, -2)
+            self.weight = mx.contiguous(self.weight) if cpu else self.weight
             self.scales = None
             # MLX's CPU GatherMM (0.32) multiplies float32 only: there, experts held in another dtype are
             # kept in float32 and the rows upcast around the call (twice the memory, on the CPU only)
-            self.upcast = cpu and self.w.dtype != mx.float32
+            self.upcast = cpu and self.weight.dtype != mx.float32
             if self.upcast:
-                self.w = self.w.astype(mx.float32)
+                self.weight = self.weight.astype(mx.float32)
 
     def __call__(self, x: mx.array, experts: mx.array, sorted_rows: bool) -> mx.array:
         if self.scales is None:
             if self.upcast:
-                return mx.gather_mm(x.astype(mx.float32), self.w, rhs_indices=experts,
+                return mx.gather_mm(x.astype(mx.float32), self.weight, rhs_indices=experts,
                                     sorted_indices=sorted_rows).astype(x.dtype)
-            return mx.gather_mm(x, self.w, rhs_indices=experts, sorted_indices=sorted_rows)
-        return mx.gather_qmm(x, self.w, self.scales, self.biases, rhs_indices=experts, transpose=True,
+            return mx.gather_mm(x, self.weight, rhs_indices=experts, sorted_indices=sorted_rows)
+        return mx.gather_qmm(x, self.weight, self.scales, self.biases, rhs_indices=experts, transpose=True,
                              group_size=self.group_size, bits=self.bits, sorted_indices=sorted_rows)
 
-    def parameters(self) -> list[mx.array]:
-        return [self.w] + ([self.scales, self.biases] if self.scales is not None else [])
 
-
-class SwitchMLP:
-    def __init__(self, cfg: ModelConfig, w: dict, p: str, dtype, t=in_out):
+class SwitchMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, w: dict, p: str, dtype):
+        super().__init__()
         self.top_k, self.norm_topk, self.gated = cfg.moe.top_k, cfg.moe.norm_topk, GATED[cfg.hidden_act]
-        self.router = projection([w.pop(p + "gate.weight")], dtype, None, t)
+        self.router = projection([w.pop(p + "gate.weight")], dtype)
         self.gate_up = SwitchLinear(w.pop(p + "experts.gate_up_proj"), dtype)
         self.down = SwitchLinear(w.pop(p + "experts.down_proj"), dtype)
 
@@ -81,19 +83,16 @@ class SwitchMLP:
             y = y[mx.argsort(order)].reshape(n, k, 1, -1)
         return (y[:, :, 0] * weights[..., None].astype(y.dtype)).sum(axis=1)
 
-    def parameters(self) -> list[mx.array]:
-        return self.router.parameters() + self.gate_up.parameters() + self.down.parameters()
-
 
 class MoEBlock(Block):
-    def init_mlp(self, cfg: ModelConfig, w: dict, p: str, dtype, graphs: dict, t, post_norm: bool = False) -> None:
+    def init_mlp(self, cfg: ModelConfig, w: dict, p: str, dtype, graphs: dict, post_norm: bool = False) -> None:
         layer = int(p.split(".")[2])
         if not cfg.moe.routed(layer):  # qwen3_moe's dense layers
-            return super().init_mlp(cfg, w, p, dtype, graphs, t)
-        self.switch = SwitchMLP(cfg, w, moe_prefix(cfg, layer), dtype, t)
+            return super().init_mlp(cfg, w, p, dtype, graphs)
+        self.switch = SwitchMLP(cfg, w, moe_prefix(cfg, layer), dtype)
         eps = self.eps
-        self.mlp = lambda x, norm, _weights: x + self.switch(mx.fast.rms_norm(x, norm, eps))
-        self.mlp_weights = (self.switch.parameters(),)
+        keep(self, "mlp", lambda x, norm: x + self.switch(mx.fast.rms_norm(x, norm, eps)))
+        keep(self, "mlp_weights", ())
 
 
 class MoEStage(LlamaStage):

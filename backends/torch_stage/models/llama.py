@@ -1,6 +1,9 @@
 """Llama-family layers in PyTorch (llama, mistral, qwen2, qwen3, phi3): a contiguous slice of the model.
 
-Rows of all sequences in a batch are flattened to (N, hidden) for every projection. Attention
+Layers are `torch.nn.Module`s, and the MLX backend's `models/llama.py` has the same classes in the
+same order (its MLP is a compiled graph its `Block` builds). Weights are popped from the loaded dict
+as each projection takes them, on both sides, so loading never holds a second copy of more than one
+layer. Rows of all sequences in a batch are flattened to (N, hidden) for every projection. Attention
 reads the paged KV cache (`cache.py`): all one-token (decode) rows attend in one padded call,
 each prefill chunk against its own sequence. q/k/v and gate/up are fused into one matmul each.
 The other families' files (`gemma.py`, `moe.py`) build on these layers: attention with per-layer
@@ -98,10 +101,10 @@ class Attention(nn.Module):
         self.scale, self.softcap, self.window = cfg.attn_scale, cfg.attn_softcap, cfg.layer_windows[layer]
         self.local_rope = cfg.local_rope(layer)
         bqkv = torch.cat([w[p + f"{x}_proj.bias"] for x in "qkv"]) if cfg.attention_bias else None
-        fused = [w[p + "qkv_proj.weight"]] if p + "qkv_proj.weight" in w else \
-            [w[p + f"{x}_proj.weight"] for x in "qkv"]  # phi3 ships q/k/v fused
+        fused = [w.pop(p + "qkv_proj.weight")] if p + "qkv_proj.weight" in w else \
+            [w.pop(p + f"{x}_proj.weight") for x in "qkv"]  # phi3 ships q/k/v fused
         self.qkv = projection(fused, like, bqkv)  # fused q/k/v
-        self.o = projection([w[p + "o_proj.weight"]], like, w.get(p + "o_proj.bias"))
+        self.o = projection([w.pop(p + "o_proj.weight")], like, w.get(p + "o_proj.bias"))
         self.q_norm = RMSNorm(w[p + "q_norm.weight"], cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(w[p + "k_norm.weight"], cfg.rms_norm_eps) if cfg.qk_norm else None
 
@@ -172,10 +175,10 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, w: dict[str, torch.Tensor], p: str, like: torch.Tensor):
         super().__init__()
         bias = lambda *xs: torch.cat([w[p + f"{x}_proj.bias"] for x in xs]) if cfg.mlp_bias else None  # noqa: E731
-        fused = [w[p + "gate_up_proj.weight"]] if p + "gate_up_proj.weight" in w else \
-            [w[p + "gate_proj.weight"], w[p + "up_proj.weight"]]  # phi3 ships gate/up fused
+        fused = [w.pop(p + "gate_up_proj.weight")] if p + "gate_up_proj.weight" in w else \
+            [w.pop(p + "gate_proj.weight"), w.pop(p + "up_proj.weight")]  # phi3 ships gate/up fused
         self.gate_up = projection(fused, like, bias("gate", "up"))  # fused
-        self.down = projection([w[p + "down_proj.weight"]], like, bias("down"))
+        self.down = projection([w.pop(p + "down_proj.weight")], like, bias("down"))
         self.act = ACT[cfg.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -33,8 +33,8 @@ class SwitchMLP(nn.Module):
     def __init__(self, cfg: ModelConfig, w: dict, p: str, like: torch.Tensor):
         super().__init__()
         self.top_k, self.norm_topk, self.act = cfg.moe.top_k, cfg.moe.norm_topk, ACT[cfg.hidden_act]
-        self.router = projection([w[p + "gate.weight"]], like)
-        gate_up, down = w[p + "experts.gate_up_proj"], w[p + "experts.down_proj"]
+        self.router = projection([w.pop(p + "gate.weight")], like)
+        gate_up, down = w.pop(p + "experts.gate_up_proj"), w.pop(p + "experts.down_proj")
         self.gate_up = nn.ModuleList(projection([expert(gate_up, e)], like) for e in range(cfg.moe.n_experts))
         self.down = nn.ModuleList(projection([expert(down, e)], like) for e in range(cfg.moe.n_experts))
 
