@@ -102,17 +102,17 @@ class TorchStage(BaseStage):
         # quantized weights stay QuantTensors: the model re-lays them for this host's kernels (quant.py)
         weights = {name: t if isinstance(t, QuantTensor) else to_torch(t, self.dtype, self.device)
                    for name, t in raw.items()}
+        # gemma3's windowed layers have a RoPE base of their own
+        inv_freq = {local: torch.from_numpy(rope_inv_freq(cfg, local)).to(self.device) for local in (False, True)
+                    if local is False or cfg.local_rope_theta is not None}
         model_cls = importlib.import_module(f"{__package__}.models.{cfg.family}").StageModel
-        self.model = model_cls(cfg, weights, first, last).eval()
+        self.model = model_cls(cfg, weights, first, last, inv_freq).eval()
         del weights
         if self.device.type == "cpu":
             huge_page_weights(self.model)
             if native.load() is None:  # our CPU kernels, where this CPU runs them (else torch's)
                 self.kernels = native.running()
         self.decode_model = self.model  # what runs steps of one-token rows: compiled with --compile
-        # gemma3's windowed layers have a RoPE base of their own
-        self.inv_freq = {local: torch.from_numpy(rope_inv_freq(cfg, local)).to(self.device) for local in (False, True)
-                         if local is False or cfg.local_rope_theta is not None}
         self.windows = cfg.windows(first, last)
         self.kv = PagedKV(last - first + 1, cfg.num_key_value_heads, cfg.head_dim, self.dtype, self.device)
         self.blocks = self.kv.blocks
@@ -179,22 +179,14 @@ class TorchStage(BaseStage):
         else:
             x = to_torch(hidden, self.dtype, self.device)
         pos = torch.from_numpy(lay.positions).to(self.device)
-        rope = {local: self._cos_sin(pos, inv) for local, inv in self.inv_freq.items()}
         plans = self.kv.plan([s.seq_id for s in seqs], lay.starts, lay.lengths, lay.offsets, self.windows)
         rows = torch.from_numpy(lay.sample_rows).to(self.device)
         model = self.decode_model if plans[None if None in plans else self.windows[0]].all_decode else self.model
-        out = model(x, rope, plans, self.kv, rows)
+        out = model(x, pos, plans, self.kv, rows)
         if self.info.is_last:
             return out.cpu().numpy()
         return to_hidden(out, self.info.dtype)
 
-
-    def _cos_sin(self, pos: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, 1, head_dim) cos and sin of every row's position (times LongRoPE's attention factor)."""
-        freqs = pos[:, None].float() * inv_freq[None, :]
-        emb = torch.cat([freqs, freqs], dim=-1)[:, None, :]
-        f = self.cfg.rope_attention_factor
-        return (emb.cos() * f).to(self.dtype), (emb.sin() * f).to(self.dtype)
 
 
 def auto_dtype(device: str | None, checkpoint: str) -> str:

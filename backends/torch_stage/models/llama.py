@@ -204,6 +204,22 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+class Rope(nn.Module):
+    """Each row's cos and sin at its own position, from RoPE's inverse frequencies (`engine.core.config.
+    rope_inv_freq`; the MLX side hands the same periods to `mx.fast.rope`), times LongRoPE's
+    attention factor."""
+
+    def __init__(self, inv_freq: torch.Tensor, factor: float, dtype: torch.dtype):
+        super().__init__()
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.factor, self.dtype = factor, dtype
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions[:, None].float() * self.inv_freq[None, :]
+        emb = torch.cat([freqs, freqs], dim=-1)[:, None, :]  # (N, 1, head_dim)
+        return (emb.cos() * self.factor).to(self.dtype), (emb.sin() * self.factor).to(self.dtype)
+
+
 class Embedding(nn.Module):
     def __init__(self, w: torch.Tensor):
         super().__init__()
@@ -218,11 +234,15 @@ class LlamaStage(nn.Module):
 
     block = Block  # what each layer is (another family's file swaps it)
 
-    def __init__(self, cfg: ModelConfig, w: dict[str, torch.Tensor], first: int, last: int):
+    def __init__(self, cfg: ModelConfig, w: dict[str, torch.Tensor], first: int, last: int,
+                 inv_freq: dict[bool, torch.Tensor]):
+        """`inv_freq`: RoPE's inverse frequencies by `cfg.local_rope(layer)`."""
         super().__init__()
         self.cfg, self.first, self.last = cfg, first, last
         is_last = last == cfg.num_hidden_layers - 1
         like = w[f"model.layers.{first}.input_layernorm.weight"]
+        self.ropes = nn.ModuleDict({"local" if local else "global": Rope(inv, cfg.rope_attention_factor, like.dtype)
+                                    for local, inv in inv_freq.items()})
         emb = w.get("model.embed_tokens.weight")
         q_emb = QuantEmbedding(emb, like.dtype, like.device) if isinstance(emb, QuantTensor) else None
         self.embed = None
@@ -238,9 +258,10 @@ class LlamaStage(nn.Module):
             else:  # tied embeddings: the head is the embedding matrix
                 self.lm_head = q_emb.as_linear() if q_emb is not None else Dense(emb)
 
-    def forward(self, x, rope: dict, plans: dict, kv: PagedKV, sample_rows=None):
-        """x: (N,) token ids on the first stage, else (N, hidden); rope: (cos, sin) of every row by
-        `cfg.local_rope`; plans: the batch's cache slots by attention window."""
+    def forward(self, x, positions: torch.Tensor, plans: dict, kv: PagedKV, sample_rows=None):
+        """x: (N,) token ids on the first stage, else (N, hidden); positions: (N,) of every row; plans:
+        the batch's cache slots by attention window."""
+        rope = {name == "local": r(positions) for name, r in self.ropes.items()}
         if self.embed is not None:
             x = self.embed(x)
             if self.cfg.embed_scale is not None:  # gemma: scaled in the activation dtype, as transformers
