@@ -84,7 +84,25 @@ def test_q6_k_is_requantized_to_8_bits_and_said_so(capsys):
     ref = dequantize(data, T.Q6_K).reshape(4, 512)
     step = np.abs(ref).max() / 31  # a Q6_K step, about
     assert np.sqrt(np.mean((t.dequantize() - ref) ** 2)) < 0.1 * step
+    assert (t.scales.dtype, t.biases.dtype) == ("float16", "float16")  # as the file's own d: 9 bits a weight
     assert capsys.readouterr().err.count("Q6_K") == 1
+
+
+def test_half_scales_still_span_each_group_and_fall_back_where_float16_is_too_coarse():
+    """`quantize(half=True)`: scales rounded up and minimums down to float16 before the codes are
+    chosen, so every weight is within half a step of its code; float32 where a group's scale would
+    be a subnormal float16."""
+    from engine.core.quant import quantize
+
+    w = np.random.default_rng(2).standard_normal((8, 256)).astype(np.float32) * 0.05
+    for bits in (4, 8):
+        t = quantize(w, bits, 32, half=True)
+        assert t.scales.dtype == "float16"
+        s = np.repeat(t.scales.data.astype(np.float32), 32, axis=1)
+        assert (np.abs(t.dequantize() - w) <= s / 2 + 1e-7).all()
+        assert quantize(w, bits, 32).scales.dtype == "float32"  # the default: float32
+    tiny = quantize(w * 1e-4, 8, 32, half=True)
+    assert tiny.scales.dtype == "float32"
 
 
 def _check_stage_against(ref_dir, qdir, backend, spec=None):

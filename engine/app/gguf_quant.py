@@ -12,7 +12,8 @@ rows), else in float32 (the K-quants' products):
 
 Other types have no exact affine form at group 32 (Q6_K has 16-weight groups with signed
 scales; Q2_K/Q3_K and the IQ types are codebooks): they are dequantized by gguf-py and
-requantized to 8 bits in groups of 32, which adds ~0.1 of a Q6_K step RMS, and stderr says so.
+requantized to 8 bits in groups of 32 with float16 scales and biases (as the file's own d),
+which adds ~0.1 of a Q6_K step RMS, and stderr says so.
 """
 
 from __future__ import annotations
@@ -103,4 +104,4 @@ def to_quant_tensor(data: np.ndarray, kind: str, rows: int, cols: int) -> QuantT
         print(f"hetpipe: {kind} has no exact affine form; its tensors are requantized to "
               f"{REQUANT_BITS} bits in groups of 32", file=sys.stderr)
     w = dequantize(data, GGMLQuantizationType[kind]).astype(np.float32).reshape(rows, cols)
-    return quantize(w, REQUANT_BITS, 32)
+    return quantize(w, REQUANT_BITS, 32, half=True)  # float16 scales, as the file's own d

@@ -134,8 +134,10 @@ def _exact_half(a: np.ndarray) -> bool:
     return bool(np.isfinite(h).all() and np.array_equal(h.astype(np.float32), a))
 
 
-def quantize(w: np.ndarray, bits: int, group_size: int) -> QuantTensor:
-    """Affine min/max quantization of a float (N, K) weight, float32 scales and biases."""
+def quantize(w: np.ndarray, bits: int, group_size: int, half: bool = False) -> QuantTensor:
+    """Affine min/max quantization of a float (N, K) weight, float32 scales and biases; with `half`,
+    float16 ones where every group's fit float16's normal range (each scale rounded up and each
+    minimum down to a float16 before the codes are chosen, so the codes still span the group)."""
     check_scheme(bits, group_size)
     n, k = w.shape
     if k % group_size:
@@ -144,8 +146,24 @@ def quantize(w: np.ndarray, bits: int, group_size: int) -> QuantTensor:
     lo, hi = g.min(axis=-1), g.max(axis=-1)
     levels = (1 << bits) - 1
     scales = np.maximum((hi - lo) / levels, np.float32(1e-12)).astype(np.float32)
+    if half and _half_normal(scales) and _half_normal(lo, zero=True):
+        scales, lo = _to_half(scales, up=True), _to_half(lo, up=False)
     q = np.clip(np.rint((g - lo[..., None]) / scales[..., None]), 0, levels).astype(np.uint8)
     return from_codes(q.reshape(n, k), scales, lo, bits, group_size)
+
+
+def _half_normal(a: np.ndarray, zero: bool = False) -> bool:
+    """Whether float16 holds `a` to its full precision: every magnitude in its normal range (or 0)."""
+    m = np.abs(a)
+    return bool((m <= 60000).all() and ((m >= 2.0**-14) | (zero & (m == 0))).all())
+
+
+def _to_half(a: np.ndarray, up: bool) -> np.ndarray:
+    """`a` rounded to the float16 at or above it (`up`), or at or below it, as float32."""
+    h = a.astype(np.float16)
+    off = h.astype(np.float32) < a if up else h.astype(np.float32) > a
+    h[off] = np.nextafter(h[off], np.float16(np.inf if up else -np.inf))
+    return h.astype(np.float32)
 
 
 @dataclass(frozen=True, slots=True)
