@@ -126,7 +126,9 @@ class _StageCollector:
             if s.report is not None:
                 used.add_metric([s.name], s.report.kv_tokens_used)
                 cached.add_metric([s.name], s.report.kv_tokens_cached)
-                cap.add_metric([s.name], s.report.kv_tokens)
+            budget = s.report.kv_tokens if s.report is not None else s.expected.kv_tokens if s.expected else None
+            if budget is not None:
+                cap.add_metric([s.name], budget)
         steps.add_metric([], profile.steps)
         yield from (compute, steps, used, cap, cached, hits, evicted, drafted, accepted)
 
