@@ -6,7 +6,7 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from engine.app.server.app import validation_message
+from engine.app.server.guard import validation_message
 from engine.app.server.guard import MAX_DEPTH, ParamError, parse_json
 from engine.app.server.schemas import ChatRequest, CompletionRequest
 

@@ -25,11 +25,13 @@ import json
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError
+from starlette.responses import JSONResponse
 
 from ...serving.generator import Generator
 from . import blocks as B
 from . import completions as C
-from .guard import ParamError, anthropic_error, validation_message
+from .guard import ParamError, anthropic_error, parse_json, validation_message
+from .request_path import ApiKind, RequestPath, framed
 from .schemas import FUNCTION_NAME, MAX_MESSAGES, MAX_NAME, MAX_PARTS, MAX_STOPS, MAX_TOOLS, Bool, ChatRequest, \
     StopString, Strict
 
@@ -237,3 +239,16 @@ async def events(plan: C.Plan, req: MessagesRequest, streams):
     yield _frame("message_delta", delta={"stop_reason": reason, "stop_sequence": sequence},
                  usage={"output_tokens": C.usage(plan)["completion_tokens"]})
     yield _frame("message_stop")
+
+
+def _prepare(raw: bytes, path: RequestPath):
+    p, req = plan(parse_json(raw), path.gen, path.model_name)
+    return p, path.check_model(req)
+
+
+def _error(status: int, message: str, param: str | None, code: str | None) -> JSONResponse:
+    return JSONResponse(anthropic_error(status, message), status)
+
+
+API = ApiKind("messages", _prepare, framed(events, lambda code, message, param, ecode: error_frame(code, message)),
+              lambda path, p, req: response_body(p, req), _error)

@@ -24,7 +24,8 @@ from pydantic import Field, ValidationError
 from ...serving.generator import Generator
 from . import completions as C
 from . import blocks as B
-from .guard import ParamError, validation_message
+from .guard import ParamError, parse_json, validation_message
+from .request_path import ApiKind, RequestPath, error_body, framed
 from .schemas import FUNCTION_NAME, MAX_MESSAGES, MAX_NAME, MAX_TOOLS, Bool, ChatRequest, Strict
 
 
@@ -224,3 +225,13 @@ async def events(plan: C.Plan, req: ResponsesRequest, streams):
     final = {**_shell(plan, req, status), "output": items, "usage": _usage(plan), "incomplete_details": why,
              "completed_at": int(time.time())}
     yield frame("response.completed" if status == "completed" else "response.incomplete", response=final)
+
+
+def _prepare(raw: bytes, path: RequestPath):
+    p, req = plan(parse_json(raw), path.gen, path.model_name)
+    return p, path.check_model(req)
+
+
+API = ApiKind("responses", _prepare,
+              framed(events, lambda code, message, param, ecode: error_frame(message, param, ecode)),
+              lambda path, p, req: response_body(p, req), error_body)
