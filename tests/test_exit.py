@@ -27,3 +27,22 @@ def test_a_mixed_moe_generate_exits_cleanly_under_load(tiny_dirs):
     assert not failed, failed
     outputs = {tuple(json.loads(r.stdout)["token_ids"]) for r in results}
     assert len(outputs) == 1 and len(next(iter(outputs))) == 8  # greedy: every run the same 8 tokens
+
+
+def test_a_server_stopped_with_ctrl_c_exits(tiny_dirs):
+    """Ctrl-C ends `hetpipe serve` within seconds: the exit waits for no idle worker thread."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "engine.app.cli", "serve", "--model", str(tiny_dirs["llama"]),
+                             "--local", "torch", "--port", "0"], stdout=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("serving http://"):
+                break
+        proc.send_signal(signal.SIGINT)
+        t = time.monotonic()
+        assert proc.wait(timeout=30) == 130 and time.monotonic() - t < 30
+    finally:
+        proc.kill()
+        proc.wait()

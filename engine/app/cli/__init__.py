@@ -60,18 +60,15 @@ def entry() -> None:
 
 
 def leave(code: int) -> None:
-    """Exit with `code` once everything Python-side is done (other threads joined, atexit run,
-    output flushed), without running the C++ static destructors of torch, MLX, OpenMP and OpenBLAS:
-    torn down at exit in no set order while their worker threads may still run, they aborted a
-    process now and then after its work was done ("terminate called without an active
-    exception"). Everything those destructors would free is the process's, which ends anyway."""
+    """Exit with `code` once the Python side is done (atexit run, output flushed), without running
+    the C++ static destructors of torch, MLX, OpenMP and OpenBLAS: torn down at exit in no set order
+    while their worker threads may still run, they aborted a process now and then after its work
+    was done ("terminate called without an active exception"). Threads still alive here are idle
+    workers (a server's thread pool, a library's); everything they hold is the process's, which
+    ends anyway. Joining them first would wait forever on a pool nobody shut down."""
     import atexit
     import os
-    import threading
 
-    for t in threading.enumerate():
-        if t is not threading.main_thread() and not t.daemon:
-            t.join()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
