@@ -49,6 +49,10 @@ def test_bench_backends_times_every_backend_and_writes_three_files(real_model, t
     assert table[0].startswith("| model | backend |") and sorted(line.split("|")[2].strip() for line in table[2:]) == [
         "mlx", "mlx", "torch", "torch"]
     assert (tmp_path / "backends.png").read_bytes()[:4] == b"\x89PNG"
+    # --backends picks which run, with a model as with --shape
+    only = run("backends", "--model", str(real_model), "--layers", "0-0", "--dtypes", "float32", "--backends",
+               "torch", "--prompt-len", "4", "--max-tokens", "2", "--quant", "", "--out", str(tmp_path / "o"), "--json")
+    assert [(r["backend"], r["weights"]) for r in only] == [("torch", "float")]
 
 
 def test_bench_backends_times_a_big_models_widths_made_in_memory(tmp_path):

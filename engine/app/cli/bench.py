@@ -221,7 +221,7 @@ def _bench_report(args, model_dir) -> None:
         else:
             layers = parse_layer_range(args.layers) if args.layers else None
             data = B.run_backends(model_dir, layers, dtypes, args.prompt_len, args.max_tokens, log,
-                                  quant=_parse_quant(args.quant))
+                                  quant=_parse_quant(args.quant), backends=backends)
         paths = report.write_outputs(Path(args.out), "backends", data, B.backends_table(data), B.backends_plot)
     else:
         from ...core.config import ModelConfig
