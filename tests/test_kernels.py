@@ -169,12 +169,23 @@ for m in range(1, 17):
         xb, wb = x.bfloat16(), w.bfloat16()
         torch.testing.assert_close(small_matmul(xb, wb).float(), (xb.float() @ wb.float().t()).bfloat16().float(),
                                    rtol=2**-7, atol=1e-3)
+from backends.torch_stage.ops import _qmatmul_rows8, interleave8, qmatmul_rows8
+for bits in (4, 8):  # vpmaddubsw on 8-bit codes: q = 0 (|q - 128| = 128) against negative x included
+    codes = torch.randint(0, 256, (64, 256 * bits // 8), dtype=torch.uint8, generator=g)
+    codes[:, ::7] = 0
+    s = (torch.rand(8, 8, 256 // 32, generator=g) * 0.01).transpose(1, 2).contiguous()
+    for m in range(1, 9):
+        x = torch.randn(m, 256, generator=g)
+        for b in (None, torch.randn(s.shape, generator=g)):
+            args = (x, interleave8(codes), s, b, 32, bits)
+            torch.testing.assert_close(qmatmul_rows8(*args), _qmatmul_rows8(*args), rtol=1e-5, atol=1e-4)
 print("ok")
 """
 
 
 def test_the_avx2_variant_where_avx512_runs_too(kernels, tmp_path):
-    """HETPIPE_KERNELS=avx2 builds the Zen 3 variant on this machine: every row count it blocks."""
+    """HETPIPE_KERNELS=avx2 builds the Zen 3 variant on this machine: every row count it blocks, and
+    its 8-bit-activation products (vpmaddubsw where AVX512-VNNI has vpdpbusd)."""
     if native.variant() is None or not native.running().startswith("avx512"):
         pytest.skip("the AVX2 variant is the one the other tests check here")
     r = subprocess.run([sys.executable, "-c", AVX2_CHECK.format(root=str(ROOT))], capture_output=True, text=True,

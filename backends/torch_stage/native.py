@@ -2,7 +2,8 @@
 
 They register CPU implementations of `hetpipe::` ops that the model defines with a plain-torch
 fallback, so the stage runs the same without them. One variant per instruction set, the first
-this CPU has: AVX512-BF16 (`_mm512_dpbf16_ps`; Intel Sapphire Rapids and later, AMD Zen 4), else
+this CPU has: AVX512-BF16 and VNNI (`_mm512_dpbf16_ps`, `vpdpbusd`; Intel Sapphire Rapids and
+later, AMD Zen 4), else
 AVX2 with FMA (bf16 widened to fp32; AMD Zen 2/3, Intel Haswell and later); HETPIPE_KERNELS=avx2
 picks the second where both run. None on other CPUs, without a C++ compiler, or with
 HETPIPE_NATIVE=0. The build (~10 s) happens once per torch version
@@ -37,11 +38,14 @@ class Variant:
 
 VARIANTS = (
     Variant("avx512-bf16 small matmul, fused norm and decode attention, quantized matmul",
-            ("avx512f", "avx512_bf16", "f16c"),
-            (KERNEL_DIR / "small_matmul.cpp", KERNEL_DIR / "layer_ops.cpp", KERNEL_DIR / "quant_matmul.cpp"),
-            ("-O3", "-mavx512f", "-mavx512bf16", "-mfma", "-mf16c", "-fopenmp", "-fno-math-errno")),
+            ("avx512f", "avx512_bf16", "avx512_vnni", "avx512vl", "avx512bw", "f16c"),
+            (KERNEL_DIR / "small_matmul.cpp", KERNEL_DIR / "layer_ops.cpp", KERNEL_DIR / "quant_matmul.cpp",
+             KERNEL_DIR / "quant_rows8.cpp"),
+            ("-O3", "-mavx512f", "-mavx512bf16", "-mavx512vnni", "-mavx512vl", "-mavx512bw", "-mfma", "-mf16c",
+             "-fopenmp", "-fno-math-errno")),
     Variant("avx2 small matmul, fused norm and decode attention, quantized matmul", ("avx2", "fma", "f16c"),
-            (KERNEL_DIR / "small_matmul_avx2.cpp", KERNEL_DIR / "layer_ops.cpp", KERNEL_DIR / "quant_matmul.cpp"),
+            (KERNEL_DIR / "small_matmul_avx2.cpp", KERNEL_DIR / "layer_ops.cpp", KERNEL_DIR / "quant_matmul.cpp",
+             KERNEL_DIR / "quant_rows8.cpp"),
             ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fno-math-errno")),
 )
 
@@ -111,7 +115,7 @@ def build_dir(v: Variant | None = None) -> Path:
     is always a first build (and says so) and never one of torch's renamed rebuilds."""
     v = v or variant()
     digest = hashlib.sha256(repr(v.cflags).encode())
-    for src in v.sources:
+    for src in (*v.sources, *sorted(KERNEL_DIR.glob("*.h"))):
         digest.update(src.read_bytes())
     return hetpipe_home() / "kernels" / f"torch-{torch.__version__}-{digest.hexdigest()[:12]}"
 

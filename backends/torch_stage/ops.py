@@ -52,6 +52,44 @@ def _qmatmul(x, codes, scales, biases, group_size: int) -> torch.Tensor:
     return F.linear(x.float(), w.view(n, k)).to(x.dtype)
 
 
+def quantize_blocks(x: torch.Tensor) -> torch.Tensor:
+    """x (M, K) in float32 rounded as 8-bit codes per block of 32 (GGUF's Q8_0, as llama.cpp quantizes
+    activations): dx = max|x| / 127 per block, x -> dx * round(x * 127 / max|x|), to nearest even."""
+    b = x.float().view(x.shape[0], -1, 32)
+    amax = b.abs().amax(dim=-1, keepdim=True)
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    return (torch.round(b * inv) * (amax / 127)).view(x.shape)
+
+
+def _qmatmul_q8act(x, codes, scales, biases, group_size: int) -> torch.Tensor:
+    # _qmatmul with x rounded to 8 bits per block for the codes' products; the biases meet x itself
+    if codes.shape[1] * 2 == x.shape[1]:
+        codes = unpack_nibbles(codes)
+    n, k = codes.shape
+    g = k // group_size
+    w = codes.view(n, g, group_size).float() * scales[..., None].float()
+    xs = x.float().view(x.shape[0], g, group_size).sum(-1)
+    return (F.linear(quantize_blocks(x), w.view(n, k)) + xs @ biases.float().t()).to(x.dtype)
+
+
+def interleave8(codes: torch.Tensor) -> torch.Tensor:
+    """(N, K * bits / 8) codes -> the `rows8` layout (N / 8, K * bits / 32, 8, 4): each run of 4 bytes of
+    8 rows side by side."""
+    n, nbytes = codes.shape
+    return codes.view(n // 8, 8, nbytes // 4, 4).transpose(1, 2).contiguous()
+
+
+def deinterleave8(codes: torch.Tensor) -> torch.Tensor:
+    return codes.transpose(1, 2).reshape(codes.shape[0] * 8, -1)
+
+
+def _qmatmul_rows8(x, codes, scales, biases, group_size: int, bits: int) -> torch.Tensor:
+    # codes, scales and biases back in row order; no biases: w = s * (q - 2^(bits - 1))
+    s = scales.transpose(1, 2).reshape(-1, scales.shape[1])
+    b = -(1 << (bits - 1)) * s.float() if biases is None else biases.transpose(1, 2).reshape(s.shape)
+    return _qmatmul_q8act(x, deinterleave8(codes), s, b, group_size)
+
+
 # A few rows times a weight matrix (decode steps of up to 8 sequences): y (M, N) = x (M, K) @ w^T.
 _define("small_matmul(Tensor x, Tensor w) -> Tensor", _small_matmul)
 # w * norm(x) over the last axis, the norm computed in float32.
@@ -64,9 +102,15 @@ _define("decode_attention(Tensor q, Tensor keys, Tensor values, Tensor slots, Te
 # A few rows times a weight held as uint8 codes (N, K), or 4-bit codes two a byte (N, K / 2), with
 # float32 scales and biases (N, K / group_size).
 _define("qmatmul(Tensor x, Tensor codes, Tensor scales, Tensor biases, int group_size) -> Tensor", _qmatmul)
+# The same with x rounded to 8 bits per block of 32 for the codes' products (`quantize_blocks`), over
+# codes of 4 or 8 bits interleaved by 8 rows (`interleave8`) and scales and biases (N / 8,
+# K / group_size, 8); no biases: w = s * (q - 2^(bits - 1)).
+_define("qmatmul_rows8(Tensor x, Tensor codes, Tensor scales, Tensor? biases, int group_size, int bits) -> Tensor",
+        _qmatmul_rows8)
 
 small_matmul = torch.ops.hetpipe.small_matmul
 qmatmul = torch.ops.hetpipe.qmatmul
+qmatmul_rows8 = torch.ops.hetpipe.qmatmul_rows8
 rms_norm = torch.ops.hetpipe.rms_norm
 decode_attention = torch.ops.hetpipe.decode_attention
 
@@ -89,3 +133,9 @@ def _(q, keys, values, slots, lengths, scale):
 @torch.library.register_fake("hetpipe::qmatmul")
 def _(x, codes, scales, biases, group_size):
     return x.new_empty((x.shape[0], codes.shape[0]))
+
+
+
+@torch.library.register_fake("hetpipe::qmatmul_rows8")
+def _(x, codes, scales, biases, group_size, bits):
+    return x.new_empty((x.shape[0], codes.shape[0] * 8))

@@ -3,9 +3,16 @@ that runs them on this host; the weights stay quantized in memory.
 
 - Codes with float32 scales and biases (float16 on a CPU where both are exactly float16, as GGUF's
   d and m are): 4-bit codes two a byte as MLX packs them, other widths (8; 2, 3, 5, 6 unpacked)
-  one byte a weight. A decode step (a few rows) on a CPU goes through
-  `hetpipe::qmatmul` (our AVX2/AVX-512 kernel, `kernels/quant_matmul.cpp`); more rows, or other devices,
-  dequantize the weight for the call and multiply (in fp32 on CPUs without bf16 arithmetic).
+  one byte a weight.
+- On a CPU where our kernels run, 4- and 8-bit weights with half activations (bf16, fp16) are held
+  with 8 rows interleaved (`rows8`), and a decode step (a few rows) goes through
+  `hetpipe::qmatmul_rows8` (`kernels/quant_rows8.cpp`): x rounded to 8 bits per block of 32 as
+  llama.cpp does (an error within 1/254 of the block's largest value, bf16's own rounding is 1/256
+  of each value), integer dot products with AVX512-VNNI or AVX2. Symmetric weights (GGUF's Q4_0 and
+  Q8_0: b = -2^(bits-1) s exactly) keep no biases. Float32 activations keep exact products through
+  `hetpipe::qmatmul` (`kernels/quant_matmul.cpp`), as do the other widths.
+- More rows, or other devices, dequantize the weight for the call and multiply (in fp32 on CPUs
+  without bf16 arithmetic).
 - 4 bits on a CPU where our kernels do not run (HETPIPE_NATIVE=0, not x86-64...): torch's
   `_weight_int4pack_mm_for_cpu`, packed here with `_convert_weight_to_int4pack_for_cpu`. Where
   ours run they are used instead: no slower for a row in bf16, ~14x faster in fp32, and a
@@ -28,7 +35,7 @@ from torch import nn
 from engine.core.quant import QuantTensor
 
 from . import native
-from .ops import qmatmul, unpack_nibbles
+from .ops import deinterleave8, interleave8, qmatmul, qmatmul_rows8, unpack_nibbles
 
 SMALL_ROWS = 8
 WIDEN_HALF_GEMM = native.lacks_half_gemm()  # as in models/llama.py: bf16 GEMMs in fp32 on such CPUs
@@ -46,8 +53,66 @@ def held(t: QuantTensor, s: torch.Tensor, b: torch.Tensor, device: torch.device)
     """The scales and biases a CPU kernel reads: float16 where the checkpoint holds them so (exact:
     GGUF's d and m, `core.quant.from_codes`), else the float32 `s` and `b`."""
     if device.type == "cpu" and t.scales.dtype == t.biases.dtype == "float16":
-        return tuple(torch.from_numpy(np.ascontiguousarray(a.data)) for a in (t.scales, t.biases))
+        return tuple(torch.from_numpy(np.array(a.data)) for a in (t.scales, t.biases))
     return s, b
+
+
+def rows8(t: QuantTensor, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether `t` is held in the `rows8` layout: see the module's docstring."""
+    return (device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and t.bits in (4, 8)
+            and t.shape[0] % 8 == 0 and t.group_size % 32 == 0 and _our_kernels())
+
+
+class Codes(nn.Module):
+    """A quantized matrix's codes, scales and biases as a CPU or GPU holds them: in row order, or
+    with 8 rows interleaved (`rows8`: codes (N / 8, K * bits / 32, 8, 4), scales and biases
+    (N / 8, K / group, 8), and no biases where b = -2^(bits-1) s)."""
+
+    def __init__(self, t: QuantTensor, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.bits, self.group_size, self.shape = t.bits, t.group_size, t.shape
+        q = torch.from_numpy(np.array(t.codes).view(np.uint8) if t.bits == 4 else t.unpack())
+        s, b = held(t, *(torch.from_numpy(np.ascontiguousarray(a)) for a in t.float_parts()), device)
+        self.rows8 = rows8(t, dtype, device)
+        if self.rows8:
+            n = t.shape[0]
+            q = interleave8(q)
+            s, b = (a.view(n // 8, 8, -1).transpose(1, 2).contiguous() for a in (s, b))
+            b = None if torch.equal(b.float(), -(1 << (t.bits - 1)) * s.float()) else b
+        self.register_buffer("codes", q.to(device))
+        self.register_buffer("scales", s.to(device))
+        self.register_buffer("biases", None if b is None else b.to(device))
+
+    def natural(self, rows: torch.Tensor | None = None):
+        """(codes, scales, biases) of `rows` (all by default) in row order, codes a byte a weight."""
+        q, s, b = self.codes, self.scales, self.biases
+        if self.rows8:
+            if rows is None:
+                q, s = deinterleave8(q), s.transpose(1, 2).reshape(-1, s.shape[1])
+                b = None if b is None else b.transpose(1, 2).reshape(s.shape)
+            else:
+                hi, lo = rows // 8, rows % 8
+                q, s = q[hi, :, lo].reshape(len(rows), -1), s[hi, :, lo]
+                b = None if b is None else b[hi, :, lo]
+            b = -(1 << (self.bits - 1)) * s.float() if b is None else b
+        elif rows is not None:
+            q, s, b = q[rows], s[rows], b[rows]
+        return (unpack_nibbles(q) if self.bits == 4 else q), s, b
+
+    def dequantized(self, dt: torch.dtype, rows: torch.Tensor | None = None) -> torch.Tensor:
+        q, s, b = self.natural(rows)
+        n, k = q.shape
+        g = self.group_size
+        return (q.view(n, k // g, g).to(dt) * s[..., None].to(dt) + b[..., None].to(dt)).view(n, k)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x (M, K) times the matrix: a decode step through our kernels, else dequantized."""
+        if x.device.type == "cpu" and x.shape[0] <= SMALL_ROWS:
+            if self.rows8:
+                return qmatmul_rows8(x, self.codes, self.scales, self.biases, self.group_size, self.bits)
+            return qmatmul(x, self.codes, self.scales, self.biases, self.group_size)
+        dt = torch.float32 if x.device.type == "cpu" and (WIDEN_HALF_GEMM or x.dtype == torch.float32) else x.dtype
+        return F.linear(x.to(dt), self.dequantized(dt)).to(x.dtype)
 
 
 class QuantLinear(nn.Module):
@@ -58,7 +123,6 @@ class QuantLinear(nn.Module):
         self.out_features, self.in_features = t.shape
         self.bits, self.group_size = t.bits, t.group_size
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        s, b = (torch.from_numpy(np.ascontiguousarray(a)) for a in t.float_parts())
         self.kind = "codes"
         if int4pack is None:
             int4pack = not _our_kernels()
@@ -74,13 +138,11 @@ class QuantLinear(nn.Module):
                 self.kind = "int4-cuda"
             except (RuntimeError, StopIteration):
                 pass
-        if self.kind == "codes":  # 4-bit codes two a byte, as MLX packs them; other widths a byte each
-            q = np.array(t.codes).view(np.uint8) if t.bits == 4 else t.unpack()
-            self.register_buffer("codes", torch.from_numpy(q).to(device))
-            s, b = held(t, s, b, device)
-            self.register_buffer("scales", s.to(device))
-            self.register_buffer("biases", b.to(device))
+        if self.kind == "codes":
+            self.weight = Codes(t, dtype, device)
+            self.kind = "rows8" if self.weight.rows8 else "codes"
         else:  # (K / group, N, 2): scale and zero per group and output
+            s, b = (torch.from_numpy(np.ascontiguousarray(a)) for a in t.float_parts())
             sz = torch.stack([s, b + 8 * s], dim=-1).transpose(0, 1).contiguous()
             self.register_buffer("scales_zeros", sz.to(device=device, dtype=dtype))
 
@@ -89,9 +151,10 @@ class QuantLinear(nn.Module):
         """A linear layer over an embedding's own codes (the tied head): no second copy."""
         head = cls.__new__(cls)
         nn.Module.__init__(head)
-        head.out_features, head.in_features = emb.codes.shape[0], emb.in_features
-        head.bits, head.group_size, head.kind, head.bias = emb.bits, emb.group_size, "codes", None
-        head.codes, head.scales, head.biases = emb.codes, emb.scales, emb.biases
+        head.out_features, head.in_features = emb.weight.shape
+        head.bits, head.group_size, head.bias = emb.weight.bits, emb.weight.group_size, None
+        head.weight = emb.weight
+        head.kind = "rows8" if head.weight.rows8 else "codes"
         return head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -99,43 +162,22 @@ class QuantLinear(nn.Module):
             y = torch._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_zeros)
         elif self.kind == "int4-cuda":
             y = torch._weight_int4pack_mm(x, self.packed, self.group_size, self.scales_zeros)
-        elif x.device.type == "cpu" and x.shape[0] <= SMALL_ROWS:
-            y = qmatmul(x, self.codes, self.scales, self.biases, self.group_size)
         else:
-            y = self._dequantized_linear(x)
+            y = self.weight.matmul(x)
         return y if self.bias is None else y + self.bias
-
-    def _dequantized_linear(self, x: torch.Tensor) -> torch.Tensor:
-        codes = self.codes if self.codes.shape[1] == self.in_features else unpack_nibbles(self.codes)
-        n, k = codes.shape
-        dt = torch.float32 if x.device.type == "cpu" and (WIDEN_HALF_GEMM or x.dtype == torch.float32) else x.dtype
-        w = codes.view(n, k // self.group_size, self.group_size).to(dt) * self.scales[..., None].to(dt) \
-            + self.biases[..., None].to(dt)
-        return F.linear(x.to(dt), w.view(n, k)).to(x.dtype)
 
 
 class QuantEmbedding(nn.Module):
     """Rows of a quantized embedding, dequantized as they are looked up; `as_linear` is the tied head,
-    on the same codes (4-bit ones two a byte)."""
+    on the same codes."""
 
     def __init__(self, t: QuantTensor, dtype: torch.dtype, device: torch.device):
         super().__init__()
-        self.group_size, self.dtype, self.bits = t.group_size, dtype, t.bits
-        s, b = (torch.from_numpy(np.ascontiguousarray(a)) for a in t.float_parts())
-        q = np.array(t.codes).view(np.uint8) if t.bits == 4 else t.unpack()
-        self.register_buffer("codes", torch.from_numpy(q).to(device))
-        s, b = held(t, s, b, device)
-        self.register_buffer("scales", s.to(device))
-        self.register_buffer("biases", b.to(device))
-        self.in_features = t.shape[1]
+        self.dtype = dtype
+        self.weight = Codes(t, dtype, device)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        q = self.codes[ids]
-        q = (unpack_nibbles(q) if self.bits == 4 else q).float()
-        n, k = q.shape
-        w = q.view(n, k // self.group_size, self.group_size) * self.scales[ids][..., None].float() \
-            + self.biases[ids][..., None].float()
-        return w.view(n, k).to(self.dtype)
+        return self.weight.dequantized(torch.float32, ids).to(self.dtype)
 
     def as_linear(self) -> nn.Module:
         return QuantLinear.sharing(self)
