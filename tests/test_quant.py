@@ -84,7 +84,10 @@ def test_q6_k_is_requantized_to_8_bits_and_said_so(capsys):
     ref = dequantize(data, T.Q6_K).reshape(4, 512)
     step = np.abs(ref).max() / 31  # a Q6_K step, about
     assert np.sqrt(np.mean((t.dequantize() - ref) ** 2)) < 0.1 * step
-    assert (t.scales.dtype, t.biases.dtype) == ("float16", "float16")  # as the file's own d: 9 bits a weight
+    assert (t.scales.dtype, t.biases.dtype) == ("float16", "float16")  # as the file's own d
+    s = t.scales.data.astype(np.float32)
+    assert np.array_equal(t.biases.data.astype(np.float32), -128 * s)  # symmetric, as Q6_K: 8.5 bits a weight
+    assert (np.abs(t.dequantize() - ref) <= np.repeat(s, 32, axis=1) / 2 + 1e-7).all()
     assert capsys.readouterr().err.count("Q6_K") == 1
 
 
@@ -101,6 +104,9 @@ def test_half_scales_still_span_each_group_and_fall_back_where_float16_is_too_co
         s = np.repeat(t.scales.data.astype(np.float32), 32, axis=1)
         assert (np.abs(t.dequantize() - w) <= s / 2 + 1e-7).all()
         assert quantize(w, bits, 32).scales.dtype == "float32"  # the default: float32
+        sym = quantize(w, bits, 32, half=True, symmetric=True)
+        s = np.repeat(sym.scales.data.astype(np.float32), 32, axis=1)
+        assert sym.scales.dtype == "float16" and (np.abs(sym.dequantize() - w) <= s / 2 + 1e-7).all()
     tiny = quantize(w * 1e-4, 8, 32, half=True)
     assert tiny.scales.dtype == "float32"
 

@@ -83,6 +83,7 @@ def _blocks_to_codes(kind: str, blocks: np.ndarray):
     raise KeyError(kind)
 
 
+SYMMETRIC = ("Q6_K", "Q3_K")  # types without a minimum: w = d * sc * q
 _BITS = {"Q4_0": 4, "Q4_1": 4, "Q5_0": 5, "Q5_1": 5, "Q8_0": 8, "Q4_K": 4, "Q5_K": 5}
 _warned: set[str] = set()
 
@@ -104,4 +105,5 @@ def to_quant_tensor(data: np.ndarray, kind: str, rows: int, cols: int) -> QuantT
         print(f"hetpipe: {kind} has no exact affine form; its tensors are requantized to "
               f"{REQUANT_BITS} bits in groups of 32", file=sys.stderr)
     w = dequantize(data, GGMLQuantizationType[kind]).astype(np.float32).reshape(rows, cols)
-    return quantize(w, REQUANT_BITS, 32, half=True)  # float16 scales, as the file's own d
+    # float16 scales, as the file's own d; symmetric where the type is (no biases to read)
+    return quantize(w, REQUANT_BITS, 32, half=True, symmetric=kind in SYMMETRIC)

@@ -134,15 +134,24 @@ def _exact_half(a: np.ndarray) -> bool:
     return bool(np.isfinite(h).all() and np.array_equal(h.astype(np.float32), a))
 
 
-def quantize(w: np.ndarray, bits: int, group_size: int, half: bool = False) -> QuantTensor:
+def quantize(w: np.ndarray, bits: int, group_size: int, half: bool = False, symmetric: bool = False) -> QuantTensor:
     """Affine min/max quantization of a float (N, K) weight, float32 scales and biases; with `half`,
     float16 ones where every group's fit float16's normal range (each scale rounded up and each
-    minimum down to a float16 before the codes are chosen, so the codes still span the group)."""
+    minimum down to a float16 before the codes are chosen, so the codes still span the group).
+    `symmetric`: w = s * (q - 2^(bits-1)), s = max|w| / (2^(bits-1) - 1), the bias -2^(bits-1) s (GGUF's
+    Q8_0 form, which kernels read without the biases)."""
     check_scheme(bits, group_size)
     n, k = w.shape
     if k % group_size:
         raise UserError(f"a row of {k} weights does not split into groups of {group_size}")
     g = np.asarray(w, np.float32).reshape(n, k // group_size, group_size)
+    if symmetric:
+        mid = 1 << (bits - 1)
+        scales = np.maximum(np.abs(g).max(axis=-1) / (mid - 1), np.float32(1e-12)).astype(np.float32)
+        if half and _half_normal(scales * mid):
+            scales = _to_half(scales, up=True)
+        q = np.clip(np.rint(g / scales[..., None]) + mid, 0, 2 * mid - 1).astype(np.uint8)
+        return from_codes(q.reshape(n, k), scales, -mid * scales, bits, group_size)
     lo, hi = g.min(axis=-1), g.max(axis=-1)
     levels = (1 << bits) - 1
     scales = np.maximum((hi - lo) / levels, np.float32(1e-12)).astype(np.float32)
