@@ -69,6 +69,35 @@ def test_gguf_blocks_map_exactly(kind):
     np.testing.assert_allclose(t.dequantize(), ref, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q6_K"])
+def test_a_bf16_torch_stage_decodes_gguf_weights_through_rows8(tmp_path, kind):
+    """bf16 activations on a CPU where our kernels run: GGUF weights held 8 rows interleaved,
+    symmetric types (Q4_0, Q6_K requantized) without biases; a prefill and greedy decode steps
+    follow the float32 stage (exact products, checked against transformers above) within bf16's
+    and 8-bit activations' rounding."""
+    from backends.torch_stage import native
+
+    if native.load() is not None:
+        pytest.skip(f"no CPU kernels here: {native.load()}")
+    shape = K_TINY if kind.endswith("_K") else {}
+    hf = make_tiny(tmp_path / "hf", "llama", **shape)
+    path = write_gguf(hf, tmp_path / "m.gguf", kind, embed_kind="Q8_0" if kind != "Q6_K" else kind)
+    q = import_gguf(path, tmp_path / "q", progress=False)
+    last = json.loads((q / "config.json").read_text())["num_hidden_layers"] - 1
+    half, exact = (load_stage("torch", q, 0, last, dtype=dt) for dt in ("bfloat16", "float32"))
+    held = [m for m in half.model.modules() if getattr(m, "kind", "") == "rows8"]
+    assert held and all((m.weight.biases is None) == (kind != "Q4_1") for m in held)
+    ids = list(IDS)
+    for step in range(4):
+        chunk = ids if step == 0 else ids[-1:]
+        out = [s.forward(StageBatch([SeqChunk(0, len(ids) - len(chunk), np.array(chunk, np.int32), P5)])).tokens[0]
+               for s in (half, exact)]
+        assert out[0].token_id == out[1].token_id and abs(out[0].logprob - out[1].logprob) < 0.05
+        ids.append(out[1].token_id)
+    for s in (half, exact):
+        s.close()
+
+
 def test_q6_k_is_requantized_to_8_bits_and_said_so(capsys):
     from gguf.constants import GGMLQuantizationType as T
     from gguf.quants import dequantize
