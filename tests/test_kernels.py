@@ -179,6 +179,13 @@ for bits in (4, 8):  # vpmaddubsw on 8-bit codes: q = 0 (|q - 128| = 128) agains
         for b in (None, torch.randn(s.shape, generator=g)):
             args = (x, interleave8(codes), s, b, 32, bits)
             torch.testing.assert_close(qmatmul_rows8(*args), _qmatmul_rows8(*args), rtol=1e-5, atol=1e-4)
+from backends.torch_stage.ops import _qmatmul_rows8_q6k, q6_planes, qmatmul_rows8_q6k
+low, high = q6_planes(torch.randint(0, 64, (64, 512), dtype=torch.uint8, generator=g))
+sc = torch.randint(-128, 128, (8, 32, 8), dtype=torch.int8, generator=g)
+d = (torch.rand(8, 2, 8, generator=g) * 1e-3).half()
+for m in range(1, 9):
+    args = (torch.randn(m, 512, generator=g), low, high, sc, d)
+    torch.testing.assert_close(qmatmul_rows8_q6k(*args), _qmatmul_rows8_q6k(*args), rtol=1e-5, atol=1e-4)
 print("ok")
 """
 

@@ -98,7 +98,10 @@ def test_a_bf16_torch_stage_decodes_gguf_weights_through_rows8(tmp_path, kind):
         s.close()
 
 
-def test_q6_k_is_requantized_to_8_bits_and_said_so(capsys):
+def test_q6_k_keeps_its_bits_and_requantizes_for_mlx_lm():
+    """Q6_K imports as mode q6_k: 6-bit codes, int8 sub-scales per 16 and float16 d per 256, 6.5625
+    bits a weight as the file, dequantizing as gguf-py does; `for_mlx_lm` (and every backend without a
+    kernel for it) requantizes it to symmetric 8-bit codes, each weight within half a step."""
     from gguf.constants import GGMLQuantizationType as T
     from gguf.quants import dequantize
 
@@ -106,18 +109,32 @@ def test_q6_k_is_requantized_to_8_bits_and_said_so(capsys):
     from tiny_gguf import _random_blocks
 
     data = _random_blocks("Q6_K", 4, 512, np.random.default_rng(1))
-    gguf_quant._warned.discard("Q6_K")
     t = gguf_quant.to_quant_tensor(data, "Q6_K", 4, 512)
-    gguf_quant.to_quant_tensor(data, "Q6_K", 4, 512)
-    assert (t.bits, t.group_size) == (8, 32)
+    assert (t.bits, t.group_size, t.mode, t.scales.dtype, t.super_scales.dtype) == (6, 16, "q6_k", "int8", "float16")
+    assert t.nbytes * 8 == 4 * 512 * 6.5625 and t.biases is None
     ref = dequantize(data, T.Q6_K).reshape(4, 512)
-    step = np.abs(ref).max() / 31  # a Q6_K step, about
-    assert np.sqrt(np.mean((t.dequantize() - ref) ** 2)) < 0.1 * step
-    assert (t.scales.dtype, t.biases.dtype) == ("float16", "float16")  # as the file's own d
-    s = t.scales.data.astype(np.float32)
-    assert np.array_equal(t.biases.data.astype(np.float32), -128 * s)  # symmetric, as Q6_K: 8.5 bits a weight
-    assert (np.abs(t.dequantize() - ref) <= np.repeat(s, 32, axis=1) / 2 + 1e-7).all()
-    assert capsys.readouterr().err.count("Q6_K") == 1
+    np.testing.assert_allclose(t.dequantize(), ref, rtol=1e-6, atol=0)
+    m = gguf_quant.for_mlx_lm(t)
+    assert (m.bits, m.group_size, m.mode, m.scales.dtype) == (8, 32, "affine", "float16")
+    s = m.scales.data.astype(np.float32)
+    assert np.array_equal(m.biases.data.astype(np.float32), -128 * s)
+    assert (np.abs(m.dequantize() - ref) <= np.repeat(s, 32, axis=1) / 2 + 1e-7).all()
+
+
+def test_symmetric_types_store_no_biases_unless_for_mlx_lm():
+    from engine.app import gguf_quant
+    from engine.core.quant import QuantScheme, checkpoint_entries
+    from tiny_gguf import _random_blocks
+
+    for kind, bits in (("Q4_0", 4), ("Q5_0", 5), ("Q8_0", 8)):
+        data = _random_blocks(kind, 8, 64, np.random.default_rng(2))
+        t = gguf_quant.to_quant_tensor(data, kind, 8, 64)
+        assert (t.mode, t.biases) == ("symmetric", None)
+        flat, block = checkpoint_entries({"model.x.weight": t})
+        assert "model.x.biases" not in flat and QuantScheme.from_config({"quantization": block}).mode == "symmetric"
+        m = gguf_quant.for_mlx_lm(t)
+        np.testing.assert_array_equal(m.dequantize(), t.dequantize())
+        assert m.mode == "affine" and "model.x.biases" in checkpoint_entries({"model.x.weight": m})[0]
 
 
 def test_half_scales_still_span_each_group_and_fall_back_where_float16_is_too_coarse():
@@ -244,12 +261,13 @@ def test_gguf_types_import_quantized_and_match(tmp_path, kind):
     hf = make_tiny(tmp_path / "hf", "llama", **shape)
     path = write_gguf(hf, tmp_path / "m.gguf", kind, embed_kind="Q8_0" if not kind.endswith("_K") else kind)
     q = import_gguf(path, tmp_path / "q", progress=False)
-    # Q6_K is requantized (its error is bounded above): the stages must match what they hold
-    ref = (dequantize_dir(q, tmp_path / "ref") if kind == "Q6_K"
-           else import_gguf(path, tmp_path / "ref", progress=False, dequantize=True))
+    # Q6_K is requantized to 8 bits by both stages in float32 (its error is bounded above): they must
+    # match what they hold, which is what an import for mlx-lm writes
+    ref = (dequantize_dir(import_gguf(path, tmp_path / "mlx", progress=False, mlx_lm=True), tmp_path / "ref")
+           if kind == "Q6_K" else import_gguf(path, tmp_path / "ref", progress=False, dequantize=True))
     cfg = json.loads((q / "config.json").read_text())
-    expect = {"Q4_0": 4, "Q4_1": 4, "Q5_0": 5, "Q5_1": 5, "Q8_0": 8, "Q4_K": 4, "Q5_K": 5, "Q6_K": 8}[kind]
-    assert (cfg["quantization"]["bits"], cfg["quantization"]["group_size"]) == (expect, 32)
+    expect = {"Q4_0": 4, "Q4_1": 4, "Q5_0": 5, "Q5_1": 5, "Q8_0": 8, "Q4_K": 4, "Q5_K": 5, "Q6_K": 6}[kind]
+    assert (cfg["quantization"]["bits"], cfg["quantization"]["group_size"]) == (expect, 16 if kind == "Q6_K" else 32)
     layers = cfg["num_hidden_layers"]
     for backend in ("mlx", "torch"):
         stage = load_stage(backend, q, 0, layers - 1)
@@ -353,6 +371,37 @@ def test_the_rows8_kernel_equals_its_torch_definition(rows, bits, group):
         torch.testing.assert_close(ours.float(), ref.float(), rtol=0, atol=tol)
         exact = _qmatmul(x.float(), codes, s.float(), b.float(), group)
         assert 0 < float((ref.float() - exact).abs().max()) < 0.02 * float(exact.abs().max())
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_the_q6k_kernel_equals_its_torch_definition(rows):
+    """Q6_K's codes in two planes (low nibbles, high 2 bits), int8 sub-scales and float16 scales:
+    the planes give the codes back, and the kernel equals `_qmatmul_rows8_q6k`."""
+    import torch
+
+    from backends.torch_stage import native
+    from backends.torch_stage.ops import _qmatmul, _qmatmul_rows8_q6k, q6_codes, q6_planes, qmatmul_rows8_q6k
+
+    if native.load() is not None:
+        pytest.skip(f"no CPU kernels here: {native.load()}")
+    g = torch.Generator().manual_seed(rows)
+    n, k = 64, 512
+    q = torch.randint(0, 64, (n, k), dtype=torch.uint8, generator=g)
+    low, high = q6_planes(q)
+    assert torch.equal(q6_codes(low, high), q) and torch.equal(q6_codes(low, high, torch.tensor([9, 0, 63])), q[[9, 0, 63]])
+    sc = torch.randint(-128, 128, (n, k // 16), dtype=torch.int8, generator=g)
+    d = (torch.rand(n, k // 256, generator=g) * 1e-3).half()
+    inter = lambda a: a.view(n // 8, 8, -1).transpose(1, 2).contiguous()  # noqa: E731
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(rows, k, generator=g).to(dtype)
+        args = (x, low, high, inter(sc), inter(d))
+        ours, ref = qmatmul_rows8_q6k(*args), _qmatmul_rows8_q6k(*args)
+        top = float(ref.float().abs().max())
+        torch.testing.assert_close(ours.float(), ref.float(), rtol=0,
+                                   atol=(1e-5 if dtype == torch.float32 else 2**-7) * top)
+        s = sc.float() * d.float().repeat_interleave(16, dim=1)
+        exact = _qmatmul(x.float(), q, s, -32 * s, 16)
+        assert float((ref.float() - exact).abs().max()) < 0.03 * float(exact.abs().max())
 
 
 def test_rows8_holds_what_row_order_holds():

@@ -1,6 +1,7 @@
 """Linear layers and embeddings over quantized weights (`engine/core/quant.py`) in MLX.
 
-The codes are MLX's own layout, so they load as they are: `mx.quantized_matmul` multiplies,
+The codes are MLX's own layout, so they load as they are (a symmetric tensor's biases made from its
+scales; Q6_K's groups of 16 requantized to 8 bits at load): `mx.quantized_matmul` multiplies,
 `mx.dequantize` looks embedding rows up, on Metal and on the CPU alike. Scales and biases are
 held in the activation dtype (float32: the checkpoint's own; bfloat16: rounded).
 
@@ -28,6 +29,8 @@ class QuantLinear(nn.Module):
 
     def __init__(self, t: QuantTensor, dtype: mx.Dtype, bias: mx.array | None = None):
         super().__init__()
+        if t.mode == "q6_k":  # groups of 16, which MLX's kernels do not take
+            t = t.affine8()
         s, b = t.float_parts()
         self.weight = mx.array(np.ascontiguousarray(t.codes))
         self.scales, self.biases = mx.array(s).astype(dtype), mx.array(b).astype(dtype)

@@ -92,6 +92,46 @@ def _qmatmul_rows8(x, codes, scales, biases, group_size: int, bits: int) -> torc
     return _qmatmul_q8act(x, deinterleave8(codes), s, b, group_size)
 
 
+# the weight position (within a block of 32) that nibble register 4c + j of the q6_k layout holds in
+# byte u: register t covers run t // 2, low (t even) or high nibbles: (c, u, j) -> position
+_Q6_HIGH = torch.tensor([[[8 * ((4 * c + j) // 2) + 2 * u + (4 * c + j) % 2 for j in range(4)] for u in range(4)]
+                         for c in range(2)])
+
+
+def q6_planes(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) 6-bit codes -> the q6_k rows8 layout: low 4 bits as 4-bit codes (N / 8, K / 8, 8, 4), high
+    2 bits (N / 8, K / 32, 2, 8, 4) (`kernels/quant_rows8.cpp`)."""
+    n, k = codes.shape
+    lo, hi = codes & 15, (codes >> 4).to(torch.int32)
+    low = interleave8(lo[:, 0::2] | (lo[:, 1::2] << 4))
+    fields = hi.view(n, k // 32, 32)[:, :, _Q6_HIGH] << torch.tensor([0, 2, 4, 6])  # (n, K/32, 2, 4, 4)
+    high = fields.sum(-1).to(torch.uint8).view(n // 8, 8, k // 32, 2, 4).permute(0, 2, 3, 1, 4).contiguous()
+    return low, high
+
+
+def q6_codes(low: torch.Tensor, high: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """The inverse of `q6_planes`: the (N, K) codes, or those of `rows`."""
+    if rows is None:
+        low, high = deinterleave8(low), high.permute(0, 3, 1, 2, 4)
+    else:
+        low, high = low[rows // 8, :, rows % 8].reshape(len(rows), -1), high[rows // 8, :, :, rows % 8]
+    lo = unpack_nibbles(low)
+    n, k = lo.shape
+    fields = (high.reshape(n, k // 32, 2, 4, 1) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8)) & 3
+    hi = torch.empty(n, k // 32, 32, dtype=torch.uint8)
+    hi[:, :, _Q6_HIGH] = fields
+    return lo | (hi.view(n, k) << 4)
+
+
+def _qmatmul_rows8_q6k(x, low, high, scales, super_scales) -> torch.Tensor:
+    # w = d * sc * (q - 32) per group of 16, in row order: _qmatmul_q8act's definition
+    q = q6_codes(low, high)
+    sc = scales.transpose(1, 2).reshape(q.shape[0], -1).float()
+    d = super_scales.transpose(1, 2).reshape(q.shape[0], -1).float()
+    s = sc * d.repeat_interleave(16, dim=1)
+    return _qmatmul_q8act(x, q, s, -32 * s, 16)
+
+
 # A few rows times a weight matrix (decode steps of up to 8 sequences): y (M, N) = x (M, K) @ w^T.
 _define("small_matmul(Tensor x, Tensor w) -> Tensor", _small_matmul)
 # w * norm(x) over the last axis, the norm computed in float32.
@@ -109,10 +149,15 @@ _define("qmatmul(Tensor x, Tensor codes, Tensor scales, Tensor biases, int group
 # K / group_size, 8); no biases: w = s * (q - 2^(bits - 1)).
 _define("qmatmul_rows8(Tensor x, Tensor codes, Tensor scales, Tensor? biases, int group_size, int bits) -> Tensor",
         _qmatmul_rows8)
+# The same over GGUF's Q6_K (`q6_planes`; int8 sub-scales (N / 8, K / 16, 8), float16 scales
+# (N / 8, K / 256, 8)): w = d * sc * (q - 32).
+_define("qmatmul_rows8_q6k(Tensor x, Tensor low, Tensor high, Tensor scales, Tensor super_scales) -> Tensor",
+        _qmatmul_rows8_q6k)
 
 small_matmul = torch.ops.hetpipe.small_matmul
 qmatmul = torch.ops.hetpipe.qmatmul
 qmatmul_rows8 = torch.ops.hetpipe.qmatmul_rows8
+qmatmul_rows8_q6k = torch.ops.hetpipe.qmatmul_rows8_q6k
 rms_norm = torch.ops.hetpipe.rms_norm
 decode_attention = torch.ops.hetpipe.decode_attention
 
@@ -141,3 +186,8 @@ def _(x, codes, scales, biases, group_size):
 @torch.library.register_fake("hetpipe::qmatmul_rows8")
 def _(x, codes, scales, biases, group_size, bits):
     return x.new_empty((x.shape[0], codes.shape[0] * 8))
+
+
+@torch.library.register_fake("hetpipe::qmatmul_rows8_q6k")
+def _(x, low, high, scales, super_scales):
+    return x.new_empty((x.shape[0], low.shape[0] * 8))

@@ -9,8 +9,10 @@ that runs them on this host; the weights stay quantized in memory.
   `hetpipe::qmatmul_rows8` (`kernels/quant_rows8.cpp`): x rounded to 8 bits per block of 32 as
   llama.cpp does (an error within 1/254 of the block's largest value, bf16's own rounding is 1/256
   of each value), integer dot products with AVX512-VNNI or AVX2. Symmetric weights (GGUF's Q4_0 and
-  Q8_0: b = -2^(bits-1) s exactly) keep no biases. Float32 activations keep exact products through
-  `hetpipe::qmatmul` (`kernels/quant_matmul.cpp`), as do the other widths.
+  Q8_0: b = -2^(bits-1) s exactly) keep no biases; GGUF's Q6_K keeps its 6 bits and two-level
+  scales (`hetpipe::qmatmul_rows8_q6k`). Float32 activations keep exact products through
+  `hetpipe::qmatmul` (`kernels/quant_matmul.cpp`), as do the other widths (Q6_K requantized to 8
+  bits for them).
 - More rows, or other devices, dequantize the weight for the call and multiply (in fp32 on CPUs
   without bf16 arithmetic).
 - 4 bits on a CPU where our kernels do not run (HETPIPE_NATIVE=0, not x86-64...): torch's
@@ -35,7 +37,7 @@ from torch import nn
 from engine.core.quant import QuantTensor
 
 from . import native
-from .ops import deinterleave8, interleave8, qmatmul, qmatmul_rows8, unpack_nibbles
+from .ops import deinterleave8, interleave8, q6_codes, q6_planes, qmatmul, qmatmul_rows8, qmatmul_rows8_q6k, unpack_nibbles
 
 SMALL_ROWS = 8
 WIDEN_HALF_GEMM = native.lacks_half_gemm()  # as in models/llama.py: bf16 GEMMs in fp32 on such CPUs
@@ -49,42 +51,70 @@ def _our_kernels() -> bool:
     return native.load() is None
 
 
-def held(t: QuantTensor, s: torch.Tensor, b: torch.Tensor, device: torch.device):
+def held(t: QuantTensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The scales and biases a CPU kernel reads: float16 where the checkpoint holds them so (exact:
-    GGUF's d and m, `core.quant.from_codes`), else the float32 `s` and `b`."""
-    if device.type == "cpu" and t.scales.dtype == t.biases.dtype == "float16":
-        return tuple(torch.from_numpy(np.array(a.data)) for a in (t.scales, t.biases))
-    return s, b
+    GGUF's d and m, `core.quant.from_codes`), else float32; no biases for a symmetric tensor."""
+    if device.type == "cpu" and t.scales.dtype == "float16" and (t.biases is None or t.biases.dtype == "float16"):
+        return tuple(None if a is None else torch.from_numpy(np.array(a.data)) for a in (t.scales, t.biases))
+    s, b = (torch.from_numpy(np.ascontiguousarray(a)) for a in t.float_parts())
+    return s, (None if t.biases is None else b)
 
 
 def rows8(t: QuantTensor, dtype: torch.dtype, device: torch.device) -> bool:
     """Whether `t` is held in the `rows8` layout: see the module's docstring."""
-    return (device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and t.bits in (4, 8)
-            and t.shape[0] % 8 == 0 and t.group_size % 32 == 0 and _our_kernels())
+    fits = t.bits in (4, 8) and t.group_size % 32 == 0 if t.mode != "q6_k" else t.shape[1] % 256 == 0
+    return (device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and t.shape[0] % 8 == 0 and fits
+            and _our_kernels())
+
+
+def _interleaved(a: torch.Tensor) -> torch.Tensor:  # (N, G) per-row parts -> (N / 8, G, 8)
+    return a.view(a.shape[0] // 8, 8, -1).transpose(1, 2).contiguous()
 
 
 class Codes(nn.Module):
     """A quantized matrix's codes, scales and biases as a CPU or GPU holds them: in row order, or
     with 8 rows interleaved (`rows8`: codes (N / 8, K * bits / 32, 8, 4), scales and biases
-    (N / 8, K / group, 8), and no biases where b = -2^(bits-1) s)."""
+    (N / 8, K / group, 8), and no biases where b = -2^(bits-1) s), or GGUF's Q6_K in that manner
+    (`q6`: the codes' low and high bits in two planes, `ops.q6_planes`; int8 sub-scales and float16
+    super-scales (N / 8, K / 16 or K / 256, 8)). Q6_K is requantized to 8 bits where `rows8` does
+    not apply (`QuantTensor.affine8`)."""
 
     def __init__(self, t: QuantTensor, dtype: torch.dtype, device: torch.device):
         super().__init__()
-        self.bits, self.group_size, self.shape = t.bits, t.group_size, t.shape
-        q = torch.from_numpy(np.array(t.codes).view(np.uint8) if t.bits == 4 else t.unpack())
-        s, b = held(t, *(torch.from_numpy(np.ascontiguousarray(a)) for a in t.float_parts()), device)
         self.rows8 = rows8(t, dtype, device)
+        self.q6 = self.rows8 and t.mode == "q6_k"
+        if t.mode == "q6_k" and not self.q6:
+            t = t.affine8()
+        self.bits, self.group_size, self.shape = t.bits, t.group_size, t.shape
+        if self.q6:
+            low, high = q6_planes(torch.from_numpy(t.unpack()))
+            self.register_buffer("codes", low)
+            self.register_buffer("high", high)
+            self.register_buffer("scales", _interleaved(torch.from_numpy(np.array(t.scales.data))))
+            self.register_buffer("super_scales", _interleaved(torch.from_numpy(np.array(t.super_scales.data))))
+            self.register_buffer("biases", None)
+            return
+        q = torch.from_numpy(np.array(t.codes).view(np.uint8) if t.bits == 4 else t.unpack())
+        s, b = held(t, device)
         if self.rows8:
-            n = t.shape[0]
-            q = interleave8(q)
-            s, b = (a.view(n // 8, 8, -1).transpose(1, 2).contiguous() for a in (s, b))
-            b = None if torch.equal(b.float(), -(1 << (t.bits - 1)) * s.float()) else b
+            q, s, b = interleave8(q), _interleaved(s), None if b is None else _interleaved(b)
+            if b is not None and torch.equal(b.float(), -(1 << (t.bits - 1)) * s.float()):
+                b = None  # symmetric in all but name (an affine checkpoint of Q4_0 or Q8_0 weights)
+        elif b is None:  # the float kernel and the dequantized path take biases
+            b = -(1 << (t.bits - 1)) * s
         self.register_buffer("codes", q.to(device))
         self.register_buffer("scales", s.to(device))
         self.register_buffer("biases", None if b is None else b.to(device))
 
     def natural(self, rows: torch.Tensor | None = None):
         """(codes, scales, biases) of `rows` (all by default) in row order, codes a byte a weight."""
+        if self.q6:
+            q = q6_codes(self.codes, self.high, rows)
+            sc, d = (a.transpose(1, 2).reshape(-1, a.shape[1]) for a in (self.scales, self.super_scales))
+            if rows is not None:
+                sc, d = sc[rows], d[rows]
+            s = sc.float() * d.float().repeat_interleave(256 // self.group_size, dim=1)
+            return q, s, -32 * s
         q, s, b = self.codes, self.scales, self.biases
         if self.rows8:
             if rows is None:
@@ -108,6 +138,8 @@ class Codes(nn.Module):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x (M, K) times the matrix: a decode step through our kernels, else dequantized."""
         if x.device.type == "cpu" and x.shape[0] <= SMALL_ROWS:
+            if self.q6:
+                return qmatmul_rows8_q6k(x, self.codes, self.high, self.scales, self.super_scales)
             if self.rows8:
                 return qmatmul_rows8(x, self.codes, self.scales, self.biases, self.group_size, self.bits)
             return qmatmul(x, self.codes, self.scales, self.biases, self.group_size)
@@ -142,7 +174,7 @@ class QuantLinear(nn.Module):
             self.weight = Codes(t, dtype, device)
             self.kind = "rows8" if self.weight.rows8 else "codes"
         else:  # (K / group, N, 2): scale and zero per group and output
-            s, b = (torch.from_numpy(np.ascontiguousarray(a)) for a in t.float_parts())
+            s, b = (torch.from_numpy(np.ascontiguousarray(a)) for a in t.float_parts())  # exact, any mode
             sz = torch.stack([s, b + 8 * s], dim=-1).transpose(0, 1).contiguous()
             self.register_buffer("scales_zeros", sz.to(device=device, dtype=dtype))
 

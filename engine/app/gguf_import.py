@@ -1,9 +1,11 @@
-"""Import a GGUF into a Hugging Face layout directory that transformers, mlx-lm and hetpipe all load.
+"""Import a GGUF into a Hugging Face layout directory that hetpipe loads (and, with `mlx_lm` or
+`dequantize`, mlx-lm or transformers too).
 
 Writes `config.json` (`gguf_config.py`), `model.safetensors`, `tokenizer.json` (`gguf_vocab.py`),
 `tokenizer_config.json` (with the chat template) and `generation_config.json`. Block-quantized
-tensors keep their quantization in MLX's affine layout (`gguf_quant.py`); with `dequantize` every
-tensor is written as float32 instead. The `gguf` package (llama.cpp's own reader) parses. What
+tensors keep their quantization in MLX's affine layout, or in the symmetric and Q6_K forms that
+hold exactly the file's bytes (`gguf_quant.py`); with `mlx_lm` in the affine layout only; with
+`dequantize` every tensor is written as float32 instead. The `gguf` package (llama.cpp's own reader) parses. What
 llama.cpp's converter changed is undone here:
 - llama (and Mixtral) q and k rows were permuted for its RoPE layout;
 - gemma's norms were stored with the +1 of Gemma's RMSNorm added;
@@ -25,7 +27,7 @@ from ..core.errors import UserError
 from ..core.experts import NAMES as EXPERT_NAMES
 from ..core.quant import QuantTensor, checkpoint_entries
 from .gguf_config import read_config
-from .gguf_quant import to_quant_tensor
+from .gguf_quant import for_mlx_lm, to_quant_tensor
 from .gguf_vocab import build_tokenizer
 
 _GLOBAL_NAMES = {
@@ -142,9 +144,11 @@ def _floats(data, shape) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(data).astype(np.float32).reshape(shape))
 
 
-def import_gguf(path: str | Path, out: str | Path, progress: bool = True, dequantize: bool = False) -> Path:
+def import_gguf(path: str | Path, out: str | Path, progress: bool = True, dequantize: bool = False,
+                mlx_lm: bool = False) -> Path:
     """Import GGUF `path` into directory `out` (written beside, then renamed into place): quantized
-    tensors kept quantized, or all of them float32 with `dequantize`."""
+    tensors kept quantized (in MLX's affine form only with `mlx_lm`), or all of them float32 with
+    `dequantize`."""
     import gguf
     from safetensors.numpy import save_file
 
@@ -161,7 +165,10 @@ def import_gguf(path: str | Path, out: str | Path, progress: bool = True, dequan
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    flat, block = checkpoint_entries(dict(read_tensors(reader, cfg, progress, dequantize)))
+    tensors = dict(read_tensors(reader, cfg, progress, dequantize))
+    if mlx_lm:
+        tensors = {n: for_mlx_lm(w) if isinstance(w, QuantTensor) else w for n, w in tensors.items()}
+    flat, block = checkpoint_entries(tensors)
     if block:
         cfg["quantization"] = cfg["quantization_config"] = block
     save_file(flat, str(tmp / "model.safetensors"), metadata={"format": "mlx" if block else "pt"})

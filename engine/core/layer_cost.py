@@ -19,12 +19,14 @@ from .tensors import itemsize
 
 def per_weight(cfg: ModelConfig, module: str, dtype: str) -> float:
     """Bytes per weight of `module` as a stage holds it: the dtype, or packed codes plus a scale
-    and a bias (in the activation dtype) per group."""
+    and a bias (in the activation dtype) per group (no bias where the mode is symmetric)."""
     spec = cfg.quantization.for_module(module) if cfg.quantization else None
     if spec is None:
         return itemsize(dtype)
-    bits, group = spec
-    return bits / 8 + 2 * itemsize(dtype) / group
+    bits, group, mode = spec
+    if mode == "q6_k":  # an int8 sub-scale per group, a float16 scale per 256
+        return bits / 8 + 1 / group + 2 / 256
+    return bits / 8 + (1 if mode == "symmetric" else 2) * itemsize(dtype) / group
 
 
 @dataclass(frozen=True, slots=True)

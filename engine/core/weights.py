@@ -21,7 +21,7 @@ import numpy as np
 from .config import ModelConfig
 from .errors import UserError
 from .experts import moe_prefix, stack_experts
-from .quant import QuantScheme, QuantTensor
+from .quant import SUPER, QuantScheme, QuantTensor
 from .shapes import ShapeModel
 from .tensors import TypedArray, itemsize
 
@@ -32,6 +32,7 @@ _DTYPES = {
     "BF16": (np.uint16, "bfloat16"),
     "F64": (np.float64, "float64"),
     "U32": (np.uint32, "uint32"),
+    "I8": (np.int8, "int8"),  # q6_k sub-scales
 }
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
@@ -154,19 +155,24 @@ def group_quantized(raw: dict[str, TypedArray], scheme: QuantScheme | None, wher
 
 
 def _quant_tensor(raw: dict[str, TypedArray], module: str, scheme: QuantScheme, where) -> QuantTensor:
-    codes, scales, biases = (raw.get(f"{module}.{x}") for x in ("weight", "scales", "biases"))
-    if codes is None or biases is None:
-        raise UserError(f"{where}: quantized module {module} needs weight, scales and biases")
     spec = scheme.for_module(module)
     if spec is None:
         raise UserError(f"{where}: {module} has scales but its quantization entry is false")
-    bits, group = spec
+    bits, group, mode = spec
+    need = {"affine": ("weight", "scales", "biases"), "symmetric": ("weight", "scales"),
+            "q6_k": ("weight", "scales", "super_scales")}[mode]
+    got = {x: raw.get(f"{module}.{x}") for x in need}
+    if any(v is None for v in got.values()):
+        raise UserError(f"{where}: quantized module {module} ({mode}) needs {', '.join(need)}")
+    codes, scales = got["weight"], got["scales"]
     n, words = codes.data.shape
-    if codes.dtype != "uint32" or scales.data.shape != (n, words * 32 // bits // group) \
-            or biases.data.shape != scales.data.shape:
-        raise UserError(f"{where}: {module} does not match {bits} bits in groups of {group}: "
+    k = words * 32 // bits
+    shapes = {"scales": (n, k // group), "biases": (n, k // group), "super_scales": (n, k // SUPER)}
+    if codes.dtype != "uint32" or any(got[x].data.shape != shapes[x] for x in need[1:]) \
+            or (mode == "q6_k" and (scales.dtype, got["super_scales"].dtype) != ("int8", "float16")):
+        raise UserError(f"{where}: {module} does not match {bits} bits in groups of {group} ({mode}): "
                         f"weight {codes.dtype} {list(codes.data.shape)}, scales {list(scales.data.shape)}")
-    return QuantTensor(codes.data, scales, biases, bits, group)
+    return QuantTensor(codes.data, scales, got.get("biases"), bits, group, got.get("super_scales"))
 
 
 def _required_names(cfg: ModelConfig, first: int, last: int) -> list[str]:

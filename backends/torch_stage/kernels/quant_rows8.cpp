@@ -202,8 +202,109 @@ at::Tensor qmatmul_rows8(const at::Tensor& x, const at::Tensor& codes, const at:
   return half ? rows8_as<8, at::Half>(x, codes, scales, biases, g) : rows8_as<8, float>(x, codes, scales, biases, g);
 }
 
+// ---- Q6_K (mode "q6_k") in the rows8 layout: the low 4 bits of each code as 4-bit codes are held
+// (N / 8, K / 8, 8, 4); the high 2 bits (N / 8, K / 32, 2, 8, 4): per block of 32, register c (0, 1)
+// holds in byte u of a row's lane, at bits 2j, the high bits of the weight that nibble register
+// 4c + j holds in byte u; int8 sub-scales per 16 (N / 8, K / 16, 8) and float16 scales per 256
+// (N / 8, K / 256, 8). w = d * sc * (q - 32), so per super-block of 256:
+//   y += d * (sum_blocks dx * (sc0 * dot(first 16) + sc1 * dot(last 16)) - 32 * sum_16 sc * xs16)
+// The codes are below 64, so vpmaddubsw's pair sums cannot saturate either.
+
+inline __m256i dot16(const __m256i* w, const int8_t* xb) {  // 4 registers: 16 weights of 8 rows
+  const __m256i a = dot4(dot4(_mm256_setzero_si256(), w[0], xb), w[1], xb + 4);
+  const __m256i b = dot4(dot4(_mm256_setzero_si256(), w[2], xb + 8), w[3], xb + 12);
+  return _mm256_add_epi32(a, b);
+}
+
+inline void add_high(__m256i* w, __m256i h) {  // the high 2 bits of 4 registers' codes, into bits 4-5
+  const __m256i m = _mm256_set1_epi8(0x30);  // (16-bit shifts: what crosses a byte lands outside 0x30)
+  w[0] = _mm256_or_si256(w[0], _mm256_and_si256(_mm256_slli_epi16(h, 4), m));
+  w[1] = _mm256_or_si256(w[1], _mm256_and_si256(_mm256_slli_epi16(h, 2), m));
+  w[2] = _mm256_or_si256(w[2], _mm256_and_si256(h, m));
+  w[3] = _mm256_or_si256(w[3], _mm256_and_si256(_mm256_srli_epi16(h, 2), m));
+}
+
+inline __m256i subscales(const int8_t* p) {  // 8 rows' int8 sub-scales as int32
+  return _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+
+template <int M>
+void rows8_q6(const int8_t* xi, const float* dx, const float* xs, const uint8_t* low, const uint8_t* high,
+              const int8_t* sc, const at::Half* d, float* y, int64_t N, int64_t K, int64_t r0, int64_t r1) {
+  const int64_t B = K / kBlock, G = K / 16, S = K / 256;
+  for (int64_t R = r0; R < r1; ++R) {
+    const uint8_t* lo = low + R * 8 * K / 2;
+    const uint8_t* hi = high + R * 8 * K / 4;
+    const int8_t* sr = sc + R * G * 8;
+    __m256 acc[M];
+    _Pragma("GCC unroll 8") for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+    for (int64_t sb = 0; sb < S; ++sb) {
+      __m256 part[M], bias[M];
+      _Pragma("GCC unroll 8") for (int m = 0; m < M; ++m) part[m] = bias[m] = _mm256_setzero_ps();
+      for (int64_t blk = sb * 8; blk < (sb + 1) * 8; ++blk) {
+        _Pragma("GCC unroll 2") for (int64_t o = 0; o < 128; o += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(lo + (blk + kAhead) * 128 + o), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(hi + (blk + kAhead) * 64), _MM_HINT_T0);
+        __m256i w[8];
+        block_codes8<4>(lo + blk * 128, w);
+        add_high(w, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(hi + blk * 64)));
+        add_high(w + 4, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(hi + blk * 64 + 32)));
+        const __m256i s0 = subscales(sr + 2 * blk * 8), s1 = subscales(sr + (2 * blk + 1) * 8);
+        const __m256 f0 = _mm256_cvtepi32_ps(s0), f1 = _mm256_cvtepi32_ps(s1);
+        _Pragma("GCC unroll 8") for (int m = 0; m < M; ++m) {
+          const int8_t* xb = xi + m * K + blk * kBlock;
+          const __m256i t = _mm256_add_epi32(_mm256_mullo_epi32(s0, dot16(w, xb)), _mm256_mullo_epi32(s1, dot16(w + 4, xb + 16)));
+          part[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_set1_ps(dx[m * B + blk]), part[m]);
+          bias[m] = _mm256_fmadd_ps(f0, _mm256_set1_ps(xs[m * G + 2 * blk]), bias[m]);
+          bias[m] = _mm256_fmadd_ps(f1, _mm256_set1_ps(xs[m * G + 2 * blk + 1]), bias[m]);
+        }
+      }
+      const __m256 dv = load8(d + (R * S + sb) * 8);
+      _Pragma("GCC unroll 8") for (int m = 0; m < M; ++m)
+        acc[m] = _mm256_fmadd_ps(dv, _mm256_fmadd_ps(bias[m], _mm256_set1_ps(-32.f), part[m]), acc[m]);
+    }
+    _Pragma("GCC unroll 8") for (int m = 0; m < M; ++m) _mm256_storeu_ps(y + m * N + R * 8, acc[m]);
+  }
+}
+
+template <int M>
+void run8_q6(const int8_t* xi, const float* dx, const float* xs, const uint8_t* low, const uint8_t* high,
+             const int8_t* sc, const at::Half* d, float* y, int64_t N, int64_t K) {
+  at::parallel_for(0, N / 8, 8,
+                   [&](int64_t a, int64_t b) { rows8_q6<M>(xi, dx, xs, low, high, sc, d, y, N, K, a, b); });
+}
+
+at::Tensor qmatmul_rows8_q6k(const at::Tensor& x, const at::Tensor& low, const at::Tensor& high,
+                             const at::Tensor& scales, const at::Tensor& super_scales) {
+  TORCH_CHECK(x.dim() == 2 && low.dim() == 4 && high.dim() == 5 && low.scalar_type() == at::kByte &&
+                  high.scalar_type() == at::kByte && scales.scalar_type() == at::kChar &&
+                  super_scales.scalar_type() == at::kHalf,
+              "qmatmul_rows8_q6k: x (M, K), uint8 low (N / 8, K / 8, 8, 4) and high (N / 8, K / 32, 2, 8, 4), "
+              "int8 scales and float16 super-scales expected");
+  const int64_t M = x.size(0), K = x.size(1), N = low.size(0) * 8;
+  TORCH_CHECK(M >= 1 && M <= kMaxRows && K % 256 == 0 && low.size(1) * 8 == K && high.size(1) * 32 == K &&
+                  scales.numel() == N * K / 16 && super_scales.numel() == N * K / 256,
+              "qmatmul_rows8_q6k: 1-8 rows, K a multiple of 256, planes and scales of the same weight");
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  const float* xp = xf.const_data_ptr<float>();
+  std::vector<int8_t> xi(M * K);
+  std::vector<float> dx(M * K / kBlock);
+  quantize_rows(xp, M, K, 8, xi.data(), dx.data());
+  const std::vector<float> xs = group_sums(xp, M, K, 16);
+  const at::Tensor lc = low.contiguous(), hc = high.contiguous(), sc = scales.contiguous(), dc = super_scales.contiguous();
+  at::Tensor y = at::empty({M, N}, xf.options());
+  using Kernel = void (*)(const int8_t*, const float*, const float*, const uint8_t*, const uint8_t*, const int8_t*,
+                          const at::Half*, float*, int64_t, int64_t);
+  constexpr Kernel kernels[kMaxRows] = {run8_q6<1>, run8_q6<2>, run8_q6<3>, run8_q6<4>,
+                                        run8_q6<5>, run8_q6<6>, run8_q6<7>, run8_q6<8>};
+  kernels[M - 1](xi.data(), dx.data(), xs.data(), lc.const_data_ptr<uint8_t>(), hc.const_data_ptr<uint8_t>(),
+                 sc.const_data_ptr<int8_t>(), dc.const_data_ptr<at::Half>(), y.mutable_data_ptr<float>(), N, K);
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(hetpipe, CPU, m) {
   m.impl("qmatmul_rows8", &qmatmul_rows8);
+  m.impl("qmatmul_rows8_q6k", &qmatmul_rows8_q6k);
 }

@@ -16,17 +16,13 @@ from torch import nn
 from engine.core.config import ModelConfig
 from engine.core.experts import moe_prefix
 from engine.core.quant import QuantTensor
-from engine.core.tensors import TypedArray
 
 from .llama import ACT, Block, LlamaStage, projection
 
 
 def expert(stack, e: int):
     """Expert `e` of a stacked (experts, out, in) tensor or QuantTensor."""
-    if isinstance(stack, QuantTensor):
-        return QuantTensor(stack.codes[e], TypedArray(stack.scales.data[e], stack.scales.dtype),
-                           TypedArray(stack.biases.data[e], stack.biases.dtype), stack.bits, stack.group_size)
-    return stack[e]
+    return stack.rows(e) if isinstance(stack, QuantTensor) else stack[e]
 
 
 class SwitchMLP(nn.Module):

@@ -22,6 +22,9 @@ def add_parsers(sub) -> None:
     g.add_argument("file")
     g.add_argument("--out", required=True)
     g.add_argument("--dequantize", action="store_true", help="write every tensor as float32 instead")
+    g.add_argument("--mlx-lm", action="store_true",
+                   help="write MLX's affine form only (biases written out, Q6_K requantized to 8 bits), "
+                        "which mlx-lm loads; larger than the file")
     q = sub.add_parser("quantize", help="quantize a float checkpoint directory (MLX affine; mlx-lm loads it)")
     q.add_argument("model_dir", metavar="DIR")
     q.add_argument("--out", required=True, metavar="DIR2")
@@ -66,7 +69,8 @@ def cmd_fetch(args) -> int:
 def cmd_import_gguf(args) -> int:
     from ..gguf_import import import_gguf
 
-    print(import_gguf(args.file, args.out, progress=sys.stderr.isatty(), dequantize=args.dequantize))
+    print(import_gguf(args.file, args.out, progress=sys.stderr.isatty(), dequantize=args.dequantize,
+                      mlx_lm=args.mlx_lm))
     return 0
 
 
