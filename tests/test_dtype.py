@@ -45,6 +45,17 @@ def test_the_checkpoint_dtype_is_read_from_the_config_then_the_headers(tiny_dirs
     assert checkpoint_dtype(tmp_path / "m") == "bfloat16"  # from the embedding's safetensors header
 
 
+def test_a_quantized_checkpoint_counts_as_half_precision(tiny_dirs, tmp_path):
+    """Its norms may be float32 (a GGUF import's are): auto still gives the torch CPU stage bf16 where
+    the CPU computes it, so decode takes the 8-bit-activation kernels; MLX's CPU backend float32."""
+    from engine.app.quantize import quantize_dir
+
+    q = quantize_dir(tiny_dirs["llama"], tmp_path / "q4", bits=4, group_size=32)
+    assert checkpoint_dtype(q) == "float32"
+    assert resolve_dtype("torch", q, "auto", "cpu") == ("bfloat16" if cpu_has_bf16() else "float32")
+    assert resolve_dtype("mlx", q, "auto", "cpu") == "float32"
+
+
 def test_auto_follows_each_backends_rule_here(tiny_dirs, bf16_dir):
     torch_bf16 = "bfloat16" if cpu_has_bf16() else "float32"
     assert resolve_dtype("torch", bf16_dir, "auto", "cpu") == torch_bf16

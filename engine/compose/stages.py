@@ -66,12 +66,16 @@ def load_stage(backend: str, model_dir: str | Path, first: int, last: int, *, de
 
 def resolve_dtype(backend: str, model_dir: str | Path, dtype: str, device: str | None) -> str:
     """The dtype a stage of `backend` computes in: `dtype`, or for "auto" the backend's choice for
-    this device and the checkpoint's own dtype (each backend's `auto_dtype` states its rule)."""
+    this device and the checkpoint's own dtype, bf16 for a quantized one (each backend's
+    `auto_dtype` states its rule)."""
     check_dtype(dtype, allow_auto=True)
     import_backends({backend})
     if dtype != AUTO:
         return dtype
-    checkpoint = "bfloat16" if isinstance(model_dir, ShapeModel) else checkpoint_dtype(model_dir)
+    # a quantized checkpoint's weights are not float32 whatever its norms are: it counts as half
+    # precision (its decode products run on 8-bit activations where the torch kernels run)
+    half = isinstance(model_dir, ShapeModel) or ModelConfig.load(model_dir).quantization is not None
+    checkpoint = "bfloat16" if half else checkpoint_dtype(model_dir)
     return importlib.import_module(BACKENDS[backend]).auto_dtype(device, checkpoint)
 
 

@@ -18,8 +18,8 @@ def add_parsers(sub) -> None:
                     "Hub id); without it, the coordinator sends its layers' weights")
     st.add_argument("--listen", default="tcp://127.0.0.1:5555", help="address to bind (port 0: any free port)")
     st.add_argument("--device", default=None)
-    st.add_argument("--dtype", default=AUTO, help=f"auto (the default: the checkpoint's own dtype where the device "
-                    f"computes it natively, else float32) or one of {', '.join(DTYPES)}")
+    st.add_argument("--dtype", default=AUTO, help=f"auto (the default: the checkpoint's own dtype, bf16 for a quantized "
+                    f"one, where the device computes it natively, else float32) or one of {', '.join(DTYPES)}")
     st.add_argument("--threads", type=count, default=None, help="CPU threads for the backend")
     st.add_argument("--layers", default=None, metavar="FIRST-LAST", help="load these layers at start")
     st.add_argument("--kv-tokens", type=count, default=None,
