@@ -80,8 +80,8 @@ def test_llama_cpps_q8_0_experts_stay_quantized_and_match_their_dequantized_impo
     ref = import_gguf(path, tmp_path / "ref", progress=False, dequantize=True)
     assert json.loads((q / "config.json").read_text())["quantization"]["bits"] == 8
     want, _ = hf_greedy(hf_model(ref), IDS, 6)
-    for spec in ("mlx:0-3", "torch:0-3", SPLIT):
-        with Generator(q, local_pipeline(q, spec)) as gen:
+    for spec in ("mlx:0-3", "torch:0-3", SPLIT):  # float32: a 49152-token random head ties in bf16
+        with Generator(q, local_pipeline(q, spec, dtype="float32")) as gen:
             assert gen.generate(IDS, max_tokens=6, ignore_eos=True).token_ids == want, spec
 
 

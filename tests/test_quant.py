@@ -160,7 +160,9 @@ def test_half_scales_still_span_each_group_and_fall_back_where_float16_is_too_co
 def _check_stage_against(ref_dir, qdir, backend, spec=None):
     ref = hf_model(ref_dir)
     lp = hf_logprobs(ref, IDS)
-    stages = [load_stage(backend, qdir, 0, 3)] if spec is None else [load_stage(b, qdir, a, z) for b, a, z in spec]
+    # float32: exact products, the dequantized weights' own (bf16 takes 8-bit activations, checked below)
+    spec = spec or [(backend, 0, 3)]
+    stages = [load_stage(b, qdir, a, z, dtype="float32") for b, a, z in spec]
     n = len(IDS)
     # a prefill of 6, then decode steps, each token and its log-probability against the reference
     chunks = [(0, IDS[:6])] + [(i, [IDS[i]]) for i in range(6, n)]
@@ -270,7 +272,7 @@ def test_gguf_types_import_quantized_and_match(tmp_path, kind):
     assert (cfg["quantization"]["bits"], cfg["quantization"]["group_size"]) == (expect, 16 if kind == "Q6_K" else 32)
     layers = cfg["num_hidden_layers"]
     for backend in ("mlx", "torch"):
-        stage = load_stage(backend, q, 0, layers - 1)
+        stage = load_stage(backend, q, 0, layers - 1, dtype="float32")
         lp = hf_logprobs(hf_model(ref), IDS)
         (tok,) = stage.forward(StageBatch([SeqChunk(0, 0, np.array(IDS, np.int32), P5)])).tokens
         assert tok.token_id == int(np.argmax(lp[-1])) and abs(tok.logprob - lp[-1][tok.token_id]) < TOL

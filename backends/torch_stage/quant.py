@@ -7,8 +7,9 @@ that runs them on this host; the weights stay quantized in memory.
 - On a CPU where our kernels run, 4- and 8-bit weights with half activations (bf16, fp16) are held
   with 8 rows interleaved (`rows8`), and a decode step (a few rows) goes through
   `hetpipe::qmatmul_rows8` (`kernels/quant_rows8.cpp`): x rounded to 8 bits per block of 32 as
-  llama.cpp does (an error within 1/254 of the block's largest value, bf16's own rounding is 1/256
-  of each value), integer dot products with AVX512-VNNI or AVX2. Symmetric weights (GGUF's Q4_0 and
+  llama.cpp does (an error within 1/254 of the block's largest value: coarser than bf16 for values
+  well below it; on SmolLM2 Q4_1 a token's log-probability moves up to ~0.3 from float32's, against
+  ~0.07 for bf16 products of exact x), integer dot products with AVX512-VNNI or AVX2. Symmetric weights (GGUF's Q4_0 and
   Q8_0: b = -2^(bits-1) s exactly) keep no biases; GGUF's Q6_K keeps its 6 bits and two-level
   scales (`hetpipe::qmatmul_rows8_q6k`). Float32 activations keep exact products through
   `hetpipe::qmatmul` (`kernels/quant_matmul.cpp`), as do the other widths (Q6_K requantized to 8
