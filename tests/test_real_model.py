@@ -118,8 +118,9 @@ def test_q4_1_at_the_default_dtype_follows_transformers_step_by_step(real_q4, re
     assert stage.info.dtype == ("float32" if native.lacks_half_gemm() else "bfloat16")
     for sid, (_, text) in enumerate(PROMPTS):
         ids, ref_toks, ref_lps = references[text]
-        step = lambda off, toks: stage.forward(StageBatch([SeqChunk(  # noqa: E731
-            sid, off, np.asarray(toks, np.int32), SamplingParams())])).tokens[0]
+        def step(off, toks, sid=sid):
+            return stage.forward(StageBatch([SeqChunk(sid, off, np.asarray(toks, np.int32), SamplingParams())])).tokens[0]
+
         got = [step(0, ids)] + [step(len(ids) + i, [t]) for i, t in enumerate(ref_toks[:-1])]
         stage.release([sid])
         same = [g.token_id == r for g, r in zip(got, ref_toks)]
