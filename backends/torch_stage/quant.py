@@ -9,9 +9,9 @@ that runs them on this host; the weights stay quantized in memory.
   `hetpipe::qmatmul_rows8` (`kernels/quant_rows8.cpp`): x rounded to 8 bits per block of 32 as
   llama.cpp does (an error within 1/254 of the block's largest value: coarser than bf16 for values
   well below it; on SmolLM2 Q4_1 a token's log-probability moves up to ~0.3 from float32's, against
-  ~0.07 for bf16 products of exact x), integer dot products with AVX512-VNNI or AVX2. Symmetric weights (GGUF's Q4_0 and
-  Q8_0: b = -2^(bits-1) s exactly) keep no biases; GGUF's Q6_K keeps its 6 bits and two-level
-  scales (`hetpipe::qmatmul_rows8_q6k`). Float32 activations keep exact products through
+  ~0.07 for bf16 products of exact x), integer dot products with AVX512-VNNI or AVX2. Symmetric
+  weights (GGUF's Q4_0 and Q8_0: b = -2^(bits-1) s exactly) keep no biases; GGUF's Q6_K keeps its
+  6 bits and two-level scales (`hetpipe::qmatmul_rows8_q6k`). Float32 activations keep exact products through
   `hetpipe::qmatmul` (`kernels/quant_matmul.cpp`), as do the other widths (Q6_K requantized to 8
   bits for them).
 - More rows, or other devices, dequantize the weight for the call and multiply (in fp32 on CPUs
@@ -38,7 +38,8 @@ from torch import nn
 from engine.core.quant import QuantTensor
 
 from . import native
-from .ops import deinterleave8, interleave8, q6_codes, q6_planes, qmatmul, qmatmul_rows8, qmatmul_rows8_q6k, unpack_nibbles
+from .ops import (deinterleave8, interleave8, q6_codes, q6_planes, qmatmul, qmatmul_rows8, qmatmul_rows8_q6k,
+                  unpack_nibbles)
 
 SMALL_ROWS = 8
 WIDEN_HALF_GEMM = native.lacks_half_gemm()  # as in models/llama.py: bf16 GEMMs in fp32 on such CPUs

@@ -10,7 +10,7 @@
 // 4 of x; with AVX2, vpmaddubsw + vpmaddwd do the same: 4-bit codes as they are (pair sums cannot
 // saturate int16), 8-bit ones as |q - 128| against x with q - 128's signs (sum q xi = sum (q - 128)
 // xi + 128 sum xi; |q - 128| <= 128 and |xi| <= 127, so neither the sign flip nor the int16 pair sums
-// overflow). Parallel over groups of 8 rows.
+// overflow). Parallel over groups of 8 rows. Below, the same for GGUF's Q6_K (hetpipe::qmatmul_rows8_q6k).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -106,7 +106,8 @@ inline __m256i block_dot<8>(const __m256i* w, const int8_t* xb) {  // w holds q 
   _Pragma("GCC unroll 8") for (int t = 0; t < 8; ++t) {
     const __m256i xv = _mm256_set1_epi32(*reinterpret_cast<const int32_t*>(xb + 4 * t));
     a[t % 2] = _mm256_add_epi32(a[t % 2],
-                                _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w[t]), _mm256_sign_epi8(xv, w[t])), ones));
+                                _mm256_madd_epi16(
+                                    _mm256_maddubs_epi16(_mm256_abs_epi8(w[t]), _mm256_sign_epi8(xv, w[t])), ones));
   }
   return _mm256_add_epi32(a[0], a[1]);
 }
@@ -253,7 +254,8 @@ void rows8_q6(const int8_t* xi, const float* dx, const float* xs, const uint8_t*
         const __m256 f0 = _mm256_cvtepi32_ps(s0), f1 = _mm256_cvtepi32_ps(s1);
         _Pragma("GCC unroll 8") for (int m = 0; m < M; ++m) {
           const int8_t* xb = xi + m * K + blk * kBlock;
-          const __m256i t = _mm256_add_epi32(_mm256_mullo_epi32(s0, dot16(w, xb)), _mm256_mullo_epi32(s1, dot16(w + 4, xb + 16)));
+          const __m256i t = _mm256_add_epi32(_mm256_mullo_epi32(s0, dot16(w, xb)),
+                                             _mm256_mullo_epi32(s1, dot16(w + 4, xb + 16)));
           part[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_set1_ps(dx[m * B + blk]), part[m]);
           bias[m] = _mm256_fmadd_ps(f0, _mm256_set1_ps(xs[m * G + 2 * blk]), bias[m]);
           bias[m] = _mm256_fmadd_ps(f1, _mm256_set1_ps(xs[m * G + 2 * blk + 1]), bias[m]);
@@ -291,7 +293,8 @@ at::Tensor qmatmul_rows8_q6k(const at::Tensor& x, const at::Tensor& low, const a
   std::vector<float> dx(M * K / kBlock);
   quantize_rows(xp, M, K, 8, xi.data(), dx.data());
   const std::vector<float> xs = group_sums(xp, M, K, 16);
-  const at::Tensor lc = low.contiguous(), hc = high.contiguous(), sc = scales.contiguous(), dc = super_scales.contiguous();
+  const at::Tensor lc = low.contiguous(), hc = high.contiguous();
+  const at::Tensor sc = scales.contiguous(), dc = super_scales.contiguous();
   at::Tensor y = at::empty({M, N}, xf.options());
   using Kernel = void (*)(const int8_t*, const float*, const float*, const uint8_t*, const uint8_t*, const int8_t*,
                           const at::Half*, float*, int64_t, int64_t);
