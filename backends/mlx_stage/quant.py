@@ -30,7 +30,7 @@ class QuantLinear(nn.Module):
     def __init__(self, t: QuantTensor, dtype: mx.Dtype, bias: mx.array | None = None):
         super().__init__()
         if t.mode == "q6_k":  # groups of 16, which MLX's kernels do not take
-            t = t.affine8()
+            t = t.requantized8()
         s, b = t.float_parts()
         self.weight = mx.array(np.ascontiguousarray(t.codes))
         self.scales, self.biases = mx.array(s).astype(dtype), mx.array(b).astype(dtype)

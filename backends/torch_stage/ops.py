@@ -182,7 +182,6 @@ def _(x, codes, scales, biases, group_size):
     return x.new_empty((x.shape[0], codes.shape[0]))
 
 
-
 @torch.library.register_fake("hetpipe::qmatmul_rows8")
 def _(x, codes, scales, biases, group_size, bits):
     return x.new_empty((x.shape[0], codes.shape[0] * 8))

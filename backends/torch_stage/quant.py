@@ -79,14 +79,14 @@ class Codes(nn.Module):
     (N / 8, K / group, 8), and no biases where b = -2^(bits-1) s), or GGUF's Q6_K in that manner
     (`q6`: the codes' low and high bits in two planes, `ops.q6_planes`; int8 sub-scales and float16
     super-scales (N / 8, K / 16 or K / 256, 8)). Q6_K is requantized to 8 bits where `rows8` does
-    not apply (`QuantTensor.affine8`)."""
+    not apply (`QuantTensor.requantized8`)."""
 
     def __init__(self, t: QuantTensor, dtype: torch.dtype, device: torch.device):
         super().__init__()
         self.rows8 = rows8(t, dtype, device)
         self.q6 = self.rows8 and t.mode == "q6_k"
         if t.mode == "q6_k" and not self.q6:
-            t = t.affine8()
+            t = t.requantized8()
         self.bits, self.group_size, self.shape = t.bits, t.group_size, t.shape
         if self.q6:
             low, high = q6_planes(torch.from_numpy(t.unpack()))

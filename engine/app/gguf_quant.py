@@ -106,7 +106,7 @@ def _q6_k(blocks: np.ndarray, rows: int, cols: int) -> QuantTensor:
 
 def for_mlx_lm(t: QuantTensor) -> QuantTensor:
     """`t` in MLX's affine form, which mlx-lm loads: biases written out (exact), Q6_K requantized."""
-    t = t.affine8() if t.mode == "q6_k" else t
+    t = t.requantized8() if t.mode == "q6_k" else t
     return t if t.mode == "affine" else from_codes(t.unpack(), *t.float_parts(), t.bits, t.group_size)
 
 

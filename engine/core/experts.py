@@ -54,11 +54,12 @@ def _stack(per_expert: list[list]):
         if any(not isinstance(t, QuantTensor) or t.scheme != first.scheme for parts in per_expert for t in parts):
             raise UserError("a MoE layer's experts must all be quantized alike (one bits, group size and mode)")
         if first.mode == "q6_k":  # experts are multiplied as one stack: in the form every backend has
-            per_expert = [[t.affine8() for t in parts] for parts in per_expert]
+            per_expert = [[t.requantized8() for t in parts] for parts in per_expert]
             first = per_expert[0][0]
+        floats = {id(t): t.float_parts() for parts in per_expert for t in parts}  # exact, whatever the mode
         cat = lambda get: np.stack([np.concatenate([get(t) for t in parts]) for parts in per_expert])  # noqa: E731
-        return QuantTensor(cat(lambda t: t.codes), TypedArray(cat(lambda t: t.float_parts()[0]), "float32"),
-                           TypedArray(cat(lambda t: t.float_parts()[1]), "float32"), first.bits, first.group_size)
+        return QuantTensor(cat(lambda t: t.codes), TypedArray(cat(lambda t: floats[id(t)][0]), "float32"),
+                           TypedArray(cat(lambda t: floats[id(t)][1]), "float32"), first.bits, first.group_size)
     if any(isinstance(t, QuantTensor) for parts in per_expert for t in parts):
         raise UserError("a MoE layer's experts must all be quantized alike (some are float)")
     data = np.stack([np.concatenate([t.data for t in parts]) for parts in per_expert])

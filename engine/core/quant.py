@@ -15,7 +15,7 @@ On disk (and in `QuantTensor.codes`) the codes are packed into uint32 words (N, 
 as one little-endian bit stream per row, least significant bit first: the layout `mx.quantize`
 writes, so a directory of affine tensors loads in mlx-lm. Each backend re-lays the codes for its own
 kernels when it loads them (`backends/*/quant.py`); where a backend has no kernel for a form it
-requantizes it at load (`QuantTensor.affine8`).
+requantizes it at load (`QuantTensor.requantized8`).
 
 The config block, as mlx-lm writes it (mirrored as `quantization_config`):
     "quantization": {"group_size": 64, "bits": 4, "<module path>": {"group_size": .., "bits": ..,
@@ -105,7 +105,7 @@ class QuantTensor:
         return QuantTensor(self.codes[index], take(self.scales), take(self.biases), self.bits, self.group_size,
                            take(self.super_scales))
 
-    def affine8(self) -> QuantTensor:
+    def requantized8(self) -> QuantTensor:
         """Requantized to 8-bit symmetric codes in groups of 32 with float16 scales where they fit
         (every weight within half a step of its code): for a backend without a kernel for this form."""
         return quantize(self.dequantize(), 8, 32, half=True, symmetric=True)

@@ -43,6 +43,31 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int order, int8_t* xi, 
   }
 }
 
+// x as the kernels read it: float32 (M, K), its int8 codes and block scales, its sums per group of g
+struct QuantizedX {
+  at::Tensor xf;
+  std::vector<int8_t> xi;
+  std::vector<float> dx, xs;
+
+  QuantizedX(const at::Tensor& x, int order, int64_t g)
+      : xf(x.to(at::kFloat).contiguous()), xi(x.numel()), dx(x.numel() / kBlock) {
+    const int64_t M = x.size(0), K = x.size(1);
+    quantize_rows(xf.const_data_ptr<float>(), M, K, order, xi.data(), dx.data());
+    xs = group_sums(xf.const_data_ptr<float>(), M, K, g);
+  }
+
+  // each row's sum per group of g of its quantized values: dx times its codes' sum
+  std::vector<float> quantized_sums(int64_t g) const {
+    std::vector<float> out(xs.size(), 0.f);
+    for (size_t i = 0; i < dx.size(); ++i) {
+      int t = 0;
+      for (int k = 0; k < kBlock; ++k) t += xi[i * kBlock + k];
+      out[i * kBlock / g] += dx[i] * static_cast<float>(t);
+    }
+    return out;
+  }
+};
+
 #ifdef __AVX512VNNI__
 constexpr bool kShifted8 = false;
 #else
@@ -158,27 +183,16 @@ template <int Bits, typename S>
 at::Tensor rows8_as(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
                     const c10::optional<at::Tensor>& biases, int64_t g) {
   const int64_t M = x.size(0), K = x.size(1), N = codes.size(0) * 8;
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
-  const float* xp = xf.const_data_ptr<float>();
-  std::vector<int8_t> xi(M * K);
-  std::vector<float> dx(M * K / kBlock);
-  quantize_rows(xp, M, K, Bits == 4 ? 8 : 0, xi.data(), dx.data());
-  const std::vector<float> xs = group_sums(xp, M, K, g);
-  std::vector<float> xq(xs.size(), 0.f);  // sum of the quantized x per group: dx times its codes' sum
-  if (Bits == 8 && kShifted8)
-    for (int64_t i = 0; i < M * K / kBlock; ++i) {
-      int t = 0;
-      for (int k = 0; k < kBlock; ++k) t += xi[i * kBlock + k];
-      xq[i * kBlock / g] += dx[i] * static_cast<float>(t);
-    }
+  const QuantizedX q(x, Bits == 4 ? 8 : 0, g);
+  const std::vector<float> xq = Bits == 8 && kShifted8 ? q.quantized_sums(g) : std::vector<float>();
   const at::Tensor qc = codes.contiguous(), sc = scales.contiguous();
   const at::Tensor bc = biases ? biases->contiguous() : at::Tensor();
-  at::Tensor y = at::empty({M, N}, xf.options());
+  at::Tensor y = at::empty({M, N}, q.xf.options());
   using Kernel = void (*)(const int8_t*, const float*, const float*, const float*, const uint8_t*, const S*,
                           const S*, float*, int64_t, int64_t, int64_t);
   constexpr Kernel kernels[kMaxRows] = {run8<1, Bits, S>, run8<2, Bits, S>, run8<3, Bits, S>, run8<4, Bits, S>,
                                         run8<5, Bits, S>, run8<6, Bits, S>, run8<7, Bits, S>, run8<8, Bits, S>};
-  kernels[M - 1](xi.data(), dx.data(), xs.data(), xq.data(), qc.const_data_ptr<uint8_t>(), sc.const_data_ptr<S>(),
+  kernels[M - 1](q.xi.data(), q.dx.data(), q.xs.data(), xq.data(), qc.const_data_ptr<uint8_t>(), sc.const_data_ptr<S>(),
                  biases ? bc.const_data_ptr<S>() : nullptr, y.mutable_data_ptr<float>(), N, K, g);
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
@@ -287,20 +301,15 @@ at::Tensor qmatmul_rows8_q6k(const at::Tensor& x, const at::Tensor& low, const a
   TORCH_CHECK(M >= 1 && M <= kMaxRows && K % 256 == 0 && low.size(1) * 8 == K && high.size(1) * 32 == K &&
                   scales.numel() == N * K / 16 && super_scales.numel() == N * K / 256,
               "qmatmul_rows8_q6k: 1-8 rows, K a multiple of 256, planes and scales of the same weight");
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
-  const float* xp = xf.const_data_ptr<float>();
-  std::vector<int8_t> xi(M * K);
-  std::vector<float> dx(M * K / kBlock);
-  quantize_rows(xp, M, K, 8, xi.data(), dx.data());
-  const std::vector<float> xs = group_sums(xp, M, K, 16);
+  const QuantizedX q(x, 8, 16);
   const at::Tensor lc = low.contiguous(), hc = high.contiguous();
   const at::Tensor sc = scales.contiguous(), dc = super_scales.contiguous();
-  at::Tensor y = at::empty({M, N}, xf.options());
+  at::Tensor y = at::empty({M, N}, q.xf.options());
   using Kernel = void (*)(const int8_t*, const float*, const float*, const uint8_t*, const uint8_t*, const int8_t*,
                           const at::Half*, float*, int64_t, int64_t);
   constexpr Kernel kernels[kMaxRows] = {run8_q6<1>, run8_q6<2>, run8_q6<3>, run8_q6<4>,
                                         run8_q6<5>, run8_q6<6>, run8_q6<7>, run8_q6<8>};
-  kernels[M - 1](xi.data(), dx.data(), xs.data(), lc.const_data_ptr<uint8_t>(), hc.const_data_ptr<uint8_t>(),
+  kernels[M - 1](q.xi.data(), q.dx.data(), q.xs.data(), lc.const_data_ptr<uint8_t>(), hc.const_data_ptr<uint8_t>(),
                  sc.const_data_ptr<int8_t>(), dc.const_data_ptr<at::Half>(), y.mutable_data_ptr<float>(), N, K);
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
