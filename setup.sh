@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fresh-machine setup: system BLAS for MLX on Linux, a venv, torch (CPU wheel pinned first so
-# pip never picks a multi-GB CUDA build), hetpipe with its test extras, the SmolLM2 model, and
-# llama.cpp's GGUF converter for the tests.
+# pip never picks a multi-GB CUDA build), hetpipe with its test extras, the SmolLM2 model, a
+# selftest (which builds the CPU kernels), and llama.cpp's GGUF converter for the tests.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
@@ -32,5 +32,8 @@ fi
 .venv/bin/python -m pip install -q "torch==${HETPIPE_TORCH:-2.13.0}"
 .venv/bin/python -m pip install -q -e ".[torch,mlx,bench,test]"
 .venv/bin/hetpipe fetch smollm2
+# does this machine compute what transformers computes? This also builds the torch stage's CPU
+# kernels once, so that the first stage (or test) does not wait ~20 s for the compiler
+.venv/bin/hetpipe selftest
 # the tests' reference GGUF writer: llama.cpp's own converter, from llama-cpp-python's source package
 .venv/bin/python tests/llama_cpp_convert.py
