@@ -40,12 +40,12 @@ def _sync(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-def to_torch(a, dtype: torch.dtype, device) -> torch.Tensor:
-    """A typed numpy array to a torch tensor of `dtype`; bfloat16 words are viewed, not converted."""
-    if a.dtype == "bfloat16":
-        t = torch.from_numpy(np.array(a.data).view(np.int16)).view(torch.bfloat16)
-    else:
-        t = torch.from_numpy(np.array(a.data))
+def to_torch(a, dtype: torch.dtype, device, copy: bool = True) -> torch.Tensor:
+    """A typed numpy array to a torch tensor of `dtype`; bfloat16 words are viewed, not converted.
+    `copy=False`: a writable array is used in place (a weight loaded for the stage alone; its
+    memory is then held once, not twice); a read-only one is always copied."""
+    data = np.array(a.data) if copy or not a.data.flags.writeable else a.data
+    t = torch.from_numpy(data.view(np.int16)).view(torch.bfloat16) if a.dtype == "bfloat16" else torch.from_numpy(data)
     return t.to(device=device, dtype=dtype)
 
 
@@ -100,7 +100,7 @@ class TorchStage(BaseStage):
         self.dtype = TORCH_DTYPES[dtype]
         raw = load_stage_tensors(model_dir, cfg, first, last)
         # quantized weights stay QuantTensors: the model re-lays them for this host's kernels (quant.py)
-        weights = {name: t if isinstance(t, QuantTensor) else to_torch(t, self.dtype, self.device)
+        weights = {name: t if isinstance(t, QuantTensor) else to_torch(t, self.dtype, self.device, copy=False)
                    for name, t in raw.items()}
         # gemma3's windowed layers have a RoPE base of their own
         inv_freq = {local: torch.from_numpy(rope_inv_freq(cfg, local)).to(self.device) for local in (False, True)

@@ -77,11 +77,12 @@ class ShapeModel:
         """Layers [first, last] (and the embedding on the first stage, norm and head on the last)."""
         cfg, rng = self.config, np.random.default_rng(first)
         block = (rng.standard_normal(_BLOCK) * 0.02).astype(np.float32)
+        block16 = TypedArray.from_float32(block, "bfloat16").data
         H, hd, V = cfg.hidden_size, cfg.head_dim, cfg.vocab_size
         out = {}
 
         def weight(name: str, *shape: int) -> None:  # the last two axes (out, in); a leading one: experts
-            out[name] = self._weight(block, rng, shape)
+            out[name] = self._weight(block, block16, rng, shape)
 
         for i in range(first, last + 1):
             p = f"model.layers.{i}."
@@ -110,9 +111,9 @@ class ShapeModel:
             weight("lm_head.weight", V, H)
         return out
 
-    def _weight(self, block: np.ndarray, rng, shape: tuple[int, ...]):
-        if self.bits is None:
-            return TypedArray(np.resize(block, shape), "float32")
+    def _weight(self, block: np.ndarray, block16: np.ndarray, rng, shape: tuple[int, ...]):
+        if self.bits is None:  # bfloat16, as the models these shapes stand for ship (and at half float32's memory)
+            return TypedArray(np.resize(block16, shape), "bfloat16")
         *lead, n, k = shape
         groups = (*lead, n, k // self.group_size)
         codes = rng.integers(0, 1 << 32, (*lead, n, k * self.bits // 32), dtype=np.uint32)
