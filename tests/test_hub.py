@@ -6,7 +6,6 @@ gated repo is one line and exit code 2; two daemons started with the Hub id hold
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
