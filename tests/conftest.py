@@ -1,5 +1,7 @@
+import fcntl
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -8,7 +10,30 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from engine.app import threads  # noqa: E402
+
+# the short spin-waits `hetpipe` sets for itself and its daemons, before torch or MLX load here:
+# in-process stages then share the cores with the daemons a test starts, as `hetpipe` does
+threads.apply()
+
 from tiny import VARIANTS, make_tiny  # noqa: E402
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Under pytest-xdist (`-n 2`), a test marked `alone` runs, fixtures and all, while no other
+    worker runs one: it bounds a time (a stall, an answer "at once") that a neighbour's load would
+    stretch. Every other test holds the run's lock shared, so workers otherwise run side by side."""
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if not run:
+        yield
+        return
+    base = Path(tempfile.gettempdir()) / f"hetpipe-tests-{run}"
+    with open(f"{base}.lock", "a") as lock, open(f"{base}.turn", "a") as turn:
+        fcntl.flock(turn, fcntl.LOCK_EX)  # a turnstile: a test waiting to run alone lets none start meanwhile
+        fcntl.flock(lock, fcntl.LOCK_EX if item.get_closest_marker("alone") else fcntl.LOCK_SH)
+        fcntl.flock(turn, fcntl.LOCK_UN)
+        yield
 
 
 @pytest.fixture(scope="session")

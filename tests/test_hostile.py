@@ -63,6 +63,7 @@ def server(request):
     return request.getfixturevalue("local" if request.param == "local" else "staged")
 
 
+@pytest.mark.alone
 def test_every_hostile_case_gets_its_status_and_no_stall(server):
     url, proc = server
     client = Client(url, None)
@@ -130,6 +131,7 @@ def test_memory_returns_after_big_bodies(local):
     client.close()
 
 
+@pytest.mark.alone
 def test_a_stage_lost_beyond_recovery_is_503_until_it_is_back(real_model):
     """Recovery gives up after --recovery-timeout: requests and /health are 503 at once, and once a
     daemon is back at the address, serving resumes by itself."""
